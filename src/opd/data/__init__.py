@@ -1,0 +1,1 @@
+"""Prompts in, rendered prompt text out."""

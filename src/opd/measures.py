@@ -1,0 +1,94 @@
+"""The study's dynamic measures (SPEC §3), per position and aggregated.
+
+`token_measures` maps one chunk of positions to a value per position for every measure;
+`summarise` averages them over valid positions, overall and by response-position bins.
+Pure functions: no model, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from opd.distributions import entropy, masked_sum, renormalise, topk_mask
+
+MEASURES = (
+    "overlap_ratio",
+    "overlap_token_advantage",
+    "entropy_gap",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "student_entropy",
+    "teacher_entropy",
+    "reverse_kl",
+)
+
+
+@torch.no_grad()
+def token_measures(
+    student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor, k: int
+) -> dict[str, torch.Tensor]:
+    """Each measure per position [N] from log-probs [N, V] and sampled tokens [N].
+
+    `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
+    `summarise` leaves such positions out of its mean.
+    """
+    student_lp, teacher_lp = student_lp.detach().float(), teacher_lp.float()
+    k = min(k, student_lp.shape[-1])
+    shared = topk_mask(student_lp, k) & topk_mask(teacher_lp, k)
+    n_shared = shared.sum(-1)
+    student_bar = renormalise(student_lp, shared)
+    teacher_bar = renormalise(teacher_lp, shared)
+    advantage = masked_sum(student_bar.exp() * (teacher_bar - student_bar), shared)
+    advantage = torch.where(n_shared > 0, advantage / n_shared.clamp(min=1), math.nan)
+    student_h, teacher_h = entropy(student_lp), entropy(teacher_lp)
+    tokens = targets[:, None]
+    return {
+        "overlap_ratio": n_shared.float() / k,
+        "overlap_token_advantage": advantage,
+        "entropy_gap": (teacher_h - student_h).abs(),
+        "overlap_mass_student": masked_sum(student_lp.exp(), shared),
+        "overlap_mass_teacher": masked_sum(teacher_lp.exp(), shared),
+        "student_entropy": student_h,
+        "teacher_entropy": teacher_h,
+        "reverse_kl": (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),
+    }
+
+
+def position_bin_edges(max_len: int, n_bins: int) -> list[int]:
+    """Start position of each of `n_bins` equal bins over [0, max_len)."""
+    n_bins = max(1, min(n_bins, max_len))
+    return [math.floor(i * max_len / n_bins) for i in range(n_bins)]
+
+
+def position_totals(
+    values: dict[str, torch.Tensor], positions: torch.Tensor, bin_edges: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts [len(values), 1 + bins] of each measure: column 0 over all positions,
+    then one column per position bin; NaN entries are left out. Totals (not means) so that
+    processes and micro-batches can be added up before dividing."""
+    edges = torch.tensor(bin_edges)
+    bins = torch.bucketize(positions.cpu(), edges, right=True) - 1
+    onehot = torch.nn.functional.one_hot(bins, len(bin_edges)).bool()
+    columns = torch.cat([torch.ones_like(onehot[:, :1]), onehot], dim=1)  # [M, 1 + bins]
+    sums, counts = [], []
+    for value in values.values():
+        value = value.float().cpu()
+        valid = (~value.isnan())[:, None] & columns
+        sums.append(torch.where(valid, value[:, None], 0.0).sum(0))
+        counts.append(valid.sum(0).float())
+    return torch.stack(sums).double(), torch.stack(counts).double()
+
+
+def means_from_totals(
+    names: list[str] | tuple[str, ...], sums: torch.Tensor, counts: torch.Tensor
+) -> tuple[dict[str, float | None], dict[str, list[float | None]]]:
+    """Overall and per-bin means from `position_totals` (None where nothing was counted)."""
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+    overall: dict[str, float | None] = {}
+    by_position: dict[str, list[float | None]] = {}
+    for name, row in zip(names, means.tolist(), strict=True):
+        cleaned = [None if math.isnan(v) else v for v in row]
+        overall[name], by_position[name] = cleaned[0], cleaned[1:]
+    return overall, by_position

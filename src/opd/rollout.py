@@ -1,0 +1,209 @@
+"""Student rollouts: sample n responses per prompt with a KV cache.
+
+Every rollout draws its randomness from its own generator, seeded by (seed, prompt id,
+rollout index). A rollout is therefore the same whether its prompt is generated alone, in
+another batch, or on another process: resumed and multi-process runs see the very same
+samples as a single uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+MIX = 0x9E3779B97F4A7C15
+
+
+@dataclass
+class Rollouts:
+    """Prompt + response token rows, left-padded prompts and right-padded responses.
+
+    Shapes: `input_ids`, `attention_mask`, `response_mask` are [N, P + R]; `response_mask`
+    is True on the response tokens that count (up to and including EOS).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_index: torch.Tensor  # [N] index into the prompt list given
+    truncated: torch.Tensor  # [N] bool: no EOS before max_new_tokens
+    response_ids: list[list[int]]
+    texts: list[str]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+def rollout_seed(seed: int, prompt_id: int, rollout: int) -> int:
+    """A well-mixed 63-bit seed for one rollout."""
+    value = (seed * MIX + prompt_id * 0xBF58476D1CE4E5B9 + rollout * 0x94D049BB133111EB) & (
+        (1 << 64) - 1
+    )
+    value ^= value >> 31
+    return value & ((1 << 63) - 1)
+
+
+def sample_next(
+    logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float
+) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else Gumbel-max over the nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        outside = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    uniform = torch.stack(
+        [torch.rand(logits.shape[-1], generator=g, device=g.device) for g in generators]
+    ).to(logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+    return (logits + gumbel).argmax(-1)
+
+
+def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
+    """Keyword arguments for a cached forward, across transformers versions."""
+    params = inspect.signature(model.forward).parameters
+    options = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if "logits_to_keep" in params:
+        options["logits_to_keep"] = 1
+    return options
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def pack(
+    prompt_rows: Sequence[Sequence[int]], response_rows: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, P + R] ids, attention mask and response mask from ragged prompts and responses."""
+    prompt_ids, prompt_mask = left_pad(prompt_rows, pad_id)
+    width = max((len(r) for r in response_rows), default=0)
+    resp = torch.full((len(response_rows), width), pad_id, dtype=torch.long)
+    resp_mask = torch.zeros((len(response_rows), width), dtype=torch.long)
+    for i, row in enumerate(response_rows):
+        if row:
+            resp[i, : len(row)] = torch.tensor(row)
+            resp_mask[i, : len(row)] = 1
+    input_ids = torch.cat([prompt_ids, resp], dim=1)
+    attention = torch.cat([prompt_mask, resp_mask], dim=1)
+    response_mask = torch.cat([torch.zeros_like(prompt_mask), resp_mask], dim=1).bool()
+    return input_ids, attention, response_mask
+
+
+@torch.no_grad()
+def _sample_batch(
+    model: torch.nn.Module,
+    prompt_rows: list[list[int]],
+    generators: list[torch.Generator],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_ids: set[int],
+    pad_id: int,
+) -> list[list[int]]:
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    options = _forward_options(model, DynamicCache())
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **options).logits[:, -1]
+    eos = torch.tensor(sorted(eos_ids), device=device)
+    finished = torch.zeros(len(prompt_rows), dtype=torch.bool, device=device)
+    tokens: list[torch.Tensor] = []
+    next_position = position[:, -1:] + 1
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, generators, temperature, top_p)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=next_position, **options
+        ).logits[:, -1]
+        next_position = next_position + 1
+    generated = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in prompt_rows]
+    responses = []
+    for row in generated:
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), None)
+        responses.append(row if cut is None else row[: cut + 1])
+    return responses
+
+
+def generate_rollouts(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    n: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    prompt_ids: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> Rollouts:
+    """Sample `n` responses for each prompt text (already rendered with its template).
+
+    `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
+    than `max_prompt_tokens` keeps its last tokens.
+    """
+    was_training = model.training
+    model.eval()
+    prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    if tokenizer.bos_token_id is not None:
+        encoded = [e if e[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *e]
+                   for e in encoded]
+    if max_prompt_tokens is not None:
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = {tokenizer.eos_token_id}
+    rows = [(i, r) for i in range(len(prompts)) for r in range(n)]
+    batch_size = batch_size or len(rows)
+    device = next(model.parameters()).device
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    responses: list[list[int]] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        generators = [
+            torch.Generator(device=gen_device).manual_seed(rollout_seed(seed, prompt_ids[i], r))
+            for i, r in chunk
+        ]
+        responses += _sample_batch(
+            model, [encoded[i] for i, _ in chunk], generators,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            eos_ids=eos_ids, pad_id=pad_id,
+        )
+    model.train(was_training)
+    input_ids, attention, response_mask = pack([encoded[i] for i, _ in rows], responses, pad_id)
+    truncated = torch.tensor([not r or r[-1] not in eos_ids for r in responses])
+    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return Rollouts(
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
+        prompt_index=torch.tensor([i for i, _ in rows]),
+        truncated=truncated,
+        response_ids=responses,
+        texts=texts,
+    )

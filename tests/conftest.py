@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny word-level tokenizer and tiny random Llama models saved as HF
+folders, so the core tests exercise the real loading path without the model organisms."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_WORDS = [str(i) for i in range(20)] + ["+", "=", "answer", "a", "b", "c", "d", "e"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *TINY_WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2):
+    """A random tiny LlamaForCausalLM saved with its tokenizer in `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    """Student and teacher folders (different random inits) and prompt files."""
+    root = tmp_path_factory.mktemp("tiny")
+    student = make_model(root / "student", seed=1)
+    teacher = make_model(root / "teacher", seed=2, hidden=48)
+    rows = [{"prompt": f"{a} + {b} =", "answer": str((a + b) % 20)}
+            for a in range(5) for b in range(4)]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"student": student, "teacher": teacher, "prompts": prompts, "root": root}
