@@ -7,6 +7,7 @@ OPDError that names the field and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -112,8 +113,6 @@ class TrainConfig:
     """Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank instead of all weights (needs peft); 0 = full."""
-    rollout_backend: str = "hf"
-    """hf (built-in KV-cache sampler) or vllm (optional extra)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -228,7 +227,6 @@ CHOICES = {
     "lr_schedule": ("constant", "linear", "cosine"),
     "teacher_prompt": ("student", "own"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "rollout_backend": ("hf", "vllm"),
 }
 
 
@@ -266,7 +264,7 @@ def describe_fields() -> str:
     source = inspect.getsource(TrainConfig)
     docs: dict[str, str] = {}
     body = ast.parse(source).body[0].body
-    for node, following in zip(body, body[1:], strict=False):
+    for node, following in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
             docs[node.target.id] = " ".join(str(following.value.value).split())
     lines = []

@@ -34,7 +34,8 @@ def token_measures(
     `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
     `summarise` leaves such positions out of its mean.
     """
-    student_lp, teacher_lp = student_lp.detach().float(), teacher_lp.float()
+    dtype = torch.promote_types(student_lp.dtype, torch.float32)
+    student_lp, teacher_lp = student_lp.detach().to(dtype), teacher_lp.to(dtype)
     k = min(k, student_lp.shape[-1])
     shared = topk_mask(student_lp, k) & topk_mask(teacher_lp, k)
     n_shared = shared.sum(-1)

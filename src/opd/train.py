@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class Processes:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = self.state.device
         self.is_main = self.state.is_main_process
+        if self.world > 1 and self.device.type == "cpu":
+            # Processes sharing a few cores must not each spin up all of them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -145,7 +149,8 @@ def load_models(config: TrainConfig, device: torch.device, student_path: str) ->
     if config.distill_weight:
         teacher = load_model(config.teacher, "teacher", trainable=False, **common)
     reference = (
-        load_model(config.student, "student", trainable=False, **common) if config.kl_penalty else None
+        load_model(config.student, "reference", trainable=False, **common)
+        if config.kl_penalty else None
     )
     return Models(student, teacher, reference, tokenizer, teacher_tokenizer)
 
@@ -258,13 +263,7 @@ class Trainer:
     def _rollouts(self, step: int, indices: list[int]) -> Rollouts:
         config, tok = self.config, self.models.tokenizer
         texts = [render_prompt(self.records[i].messages, tok, config.template) for i in indices]
-        if config.rollout_backend == "vllm":
-            from opd.backends.vllm import generate_rollouts_vllm
-
-            generate = generate_rollouts_vllm
-        else:
-            generate = generate_rollouts
-        return generate(
+        return generate_rollouts(
             self.models.student, tok, texts, n=config.rollouts_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed * 1_000_003 + step, prompt_ids=indices,
@@ -451,7 +450,8 @@ class Trainer:
         for step in bar:
             metrics = self.train_step(step)
             last = step == config.max_steps
-            if self.eval_records and ((config.eval_every and step % config.eval_every == 0) or last):
+            due = bool(config.eval_every) and step % config.eval_every == 0
+            if self.eval_records and (due or last):
                 with timed("eval", metrics):
                     metrics["accuracy"] = self.evaluate()
             stop = any(hook(metrics) for hook in self.hooks)

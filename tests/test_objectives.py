@@ -1,0 +1,180 @@
+"""Objectives against brute-force references on random distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opd.errors import OPDError
+from opd.objectives import (
+    CANDIDATE_SETS,
+    OBJECTIVES,
+    WEIGHTINGS,
+    ObjectiveConfig,
+    aggregation_weights,
+    distillation_loss,
+    group_advantages,
+    reference_kl_penalty,
+    validate_objective,
+)
+
+
+def random_log_probs(seed: int, n: int, v: int, ties: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
+    if ties:  # few distinct values: many exact ties inside and at the top-k boundary
+        logits = logits.round()
+    return logits.log_softmax(-1)
+
+
+def brute_topk(row: list[float], k: int) -> set[int]:
+    return set(sorted(range(len(row)), key=lambda v: (-row[v], v))[:k])
+
+
+def brute_candidates(p: list[float], q: list[float], k: int, strategy: str) -> set[int]:
+    s, t = brute_topk(p, k), brute_topk(q, k)
+    return {"student": s, "teacher": t, "intersection": s & t, "union": s | t,
+            "symmetric-difference": s ^ t}[strategy]
+
+
+def brute_topk_loss_and_grad(logits, teacher_lp, k, strategy, weighting):
+    """Loss value and d loss / d logits, one position at a time with plain Python sets."""
+    values, grads = [], []
+    for row_logits, q in zip(logits, teacher_lp, strict=True):
+        x = row_logits.clone().requires_grad_(True)
+        lp = x.log_softmax(-1)
+        c = sorted(brute_candidates(lp.tolist(), q.tolist(), k, strategy))
+        if weighting == "student_p":
+            w = {v: math.exp(lp[v].item()) for v in c}
+        elif weighting == "teacher_p":
+            w = {v: math.exp(q[v].item()) for v in c}
+        else:
+            w = {v: 1.0 for v in c}
+        total = sum(w.values()) or 1.0
+        loss = sum(-(w[v] / total) * (q[v].item() - lp[v].item()) * lp[v] for v in c)
+        loss = loss if c else x.sum() * 0
+        loss.backward()
+        values.append(float(loss.detach()))
+        grads.append(x.grad)
+    return torch.tensor(values, dtype=torch.float64), torch.stack(grads)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    v=st.integers(2, 12),
+    k=st.integers(1, 14),
+    strategy=st.sampled_from(sorted(CANDIDATE_SETS)),
+    weighting=st.sampled_from(sorted(WEIGHTINGS)),
+    ties=st.booleans(),
+)
+def test_topk_loss_and_gradient_match_brute_force(seed, v, k, strategy, weighting, ties):
+    logits = random_log_probs(seed, 3, v, ties)
+    teacher = random_log_probs(seed + 1, 3, v, ties)
+    config = ObjectiveConfig(name="topk", k=k, strategy=strategy, weighting=weighting)
+    x = logits.clone().requires_grad_(True)
+    loss = distillation_loss(x.log_softmax(-1), teacher, torch.zeros(3, dtype=torch.long), config)
+    loss.sum().backward()
+    want_loss, want_grad = brute_topk_loss_and_grad(logits, teacher, k, strategy, weighting)
+    torch.testing.assert_close(loss.detach(), want_loss)
+    torch.testing.assert_close(x.grad, want_grad)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_over_whole_vocabulary_has_the_full_reverse_kl_gradient(seed):
+    v = 17
+    logits = torch.randn(6, v, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    teacher = random_log_probs(seed + 100, 6, v)
+    targets = torch.zeros(6, dtype=torch.long)
+    grads = []
+    for config in (ObjectiveConfig(name="topk", k=v), ObjectiveConfig(name="full_reverse_kl")):
+        x = logits.clone().requires_grad_(True)
+        distillation_loss(x.log_softmax(-1), teacher, targets, config).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_sampled_token_reward_is_an_unbiased_reverse_kl_estimate():
+    p = random_log_probs(3, 1, 6)
+    q = random_log_probs(4, 1, 6)
+    targets = torch.arange(6)
+    per_token = OBJECTIVES["sampled"](p.expand(6, 6), q.expand(6, 6), targets, ObjectiveConfig())
+    # loss = −r·log p(ŷ); E_ŷ[−r] = KL(p‖q), so weight each token's −r by p(ŷ).
+    minus_reward = p[0] - q[0]
+    exact_kl = (p.exp() * (p - q)).sum()
+    torch.testing.assert_close((p[0].exp() * minus_reward).sum(), exact_kl)
+    torch.testing.assert_close(per_token, -(q[0] - p[0]) * p[0])
+
+
+def test_full_forward_subset_and_jsd_match_direct_formulas():
+    p, q = random_log_probs(7, 4, 9), random_log_probs(8, 4, 9)
+    t = torch.zeros(4, dtype=torch.long)
+    rkl = (p.exp() * (p - q)).sum(-1)
+    fkl = (q.exp() * (q - p)).sum(-1)
+    torch.testing.assert_close(OBJECTIVES["full_reverse_kl"](p, q, t, ObjectiveConfig()), rkl)
+    torch.testing.assert_close(OBJECTIVES["forward_kl"](p, q, t, ObjectiveConfig()), fkl)
+    torch.testing.assert_close(OBJECTIVES["jsd"](p, q, t, ObjectiveConfig(beta=0.0)), fkl)
+    torch.testing.assert_close(OBJECTIVES["jsd"](p, q, t, ObjectiveConfig(beta=1.0)), rkl)
+    beta = 0.3
+    m = torch.log((1 - beta) * p.exp() + beta * q.exp())
+    jsd = beta * (q.exp() * (q - m)).sum(-1) + (1 - beta) * (p.exp() * (p - m)).sum(-1)
+    torch.testing.assert_close(OBJECTIVES["jsd"](p, q, t, ObjectiveConfig(beta=beta)), jsd)
+    # subset KL on the student's top-3, renormalised.
+    config = ObjectiveConfig(name="subset_kl", k=3)
+    got = OBJECTIVES["subset_kl"](p, q, t, config)
+    for row in range(4):
+        c = sorted(brute_topk(p[row].tolist(), 3))
+        pb = p[row, c].exp() / p[row, c].exp().sum()
+        qb = q[row, c].exp() / q[row, c].exp().sum()
+        torch.testing.assert_close(got[row], (pb * (pb.log() - qb.log())).sum())
+
+
+def test_k_larger_than_vocabulary_uses_the_whole_vocabulary():
+    p, q = random_log_probs(1, 2, 5), random_log_probs(2, 2, 5)
+    t = torch.zeros(2, dtype=torch.long)
+    big = OBJECTIVES["subset_kl"](p, q, t, ObjectiveConfig(name="subset_kl", k=50))
+    torch.testing.assert_close(big, (p.exp() * (p - q)).sum(-1))
+
+
+def test_group_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = group_advantages(rewards, groups)
+    torch.testing.assert_close(adv[:4].mean(), torch.tensor(0.0))
+    assert adv[0] > 0 > adv[1]
+    torch.testing.assert_close(adv[4:], torch.zeros(4))  # all equal: no signal
+
+
+def test_aggregations_weight_tokens_and_sequences():
+    mask = torch.tensor([[0, 1, 1, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    token = aggregation_weights(mask, "token-mean", total_tokens=4, total_sequences=2)
+    torch.testing.assert_close(token.sum(), torch.tensor(1.0))
+    seq = aggregation_weights(mask, "sequence-mean", total_tokens=4, total_sequences=2)
+    torch.testing.assert_close(seq.sum(-1), torch.tensor([0.5, 0.5]))
+    with pytest.raises(OPDError, match="loss_aggregation"):
+        aggregation_weights(mask, "sum", 4, 2)
+
+
+def test_reference_penalty_is_zero_at_the_reference_and_positive_elsewhere():
+    lp = torch.tensor([-1.0, -2.0])
+    torch.testing.assert_close(reference_kl_penalty(lp, lp), torch.zeros(2))
+    assert (reference_kl_penalty(lp, lp - 0.5) > 0).all()
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (ObjectiveConfig(name="kl"), "objective"),
+        (ObjectiveConfig(strategy="both"), "topk_strategy"),
+        (ObjectiveConfig(weighting="uniform"), "topk_weighting"),
+        (ObjectiveConfig(k=0), "topk"),
+        (ObjectiveConfig(beta=2.0), "jsd_beta"),
+    ],
+)
+def test_bad_objective_settings_name_the_field(config, field):
+    with pytest.raises(OPDError, match=f"^{field}:"):
+        validate_objective(config)

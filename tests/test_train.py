@@ -1,0 +1,112 @@
+"""End to end on tiny models: metrics, checkpoints, resume, GRPO, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from opd.checkpoints import complete_checkpoints
+from opd.cli import main
+from opd.config import build_config
+from opd.train import load_metrics, prompt_order, run_training
+
+REQUIRED_KEYS = {
+    "step", "loss", "overlap_ratio", "overlap_token_advantage", "entropy_gap",
+    "overlap_mass_student", "overlap_mass_teacher", "student_entropy", "teacher_entropy",
+    "reverse_kl", "grad_norm", "response_length", "truncation_rate", "time_rollout",
+    "time_score", "time_update",
+}
+
+
+def tiny_config(tiny_pair, out, **overrides):
+    settings = {
+        "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
+        "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 6,
+        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
+        "save_every": 2, "topk": 4, "measure_k": 4, "progress": False,
+    }
+    settings.update(overrides)
+    return build_config(settings)
+
+
+def without_times(records):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
+
+
+def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
+    config = tiny_config(tiny_pair, tmp_path / "run", eval_prompts=str(tiny_pair["prompts"]),
+                         eval_every=3, eval_temperature=0.0)
+    summary = run_training(config)
+    records = load_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for record in records:
+        assert set(record) >= REQUIRED_KEYS
+        assert 0 <= record["overlap_ratio"] <= 1
+        assert set(record["by_position"]) >= {"overlap_ratio", "student_entropy"}
+    assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
+    assert summary["initial_accuracy"] is not None
+    checkpoints = complete_checkpoints(tmp_path / "run")
+    assert [c.name for c in checkpoints] == ["step-000004", "step-000006"]  # keep 2
+    for name in ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+        assert (checkpoints[-1] / name).exists()
+    assert records[0]["loss"] != records[-1]["loss"]
+
+
+def test_killed_run_resumes_to_the_same_metrics(tiny_pair, tmp_path):
+    run_training(tiny_config(tiny_pair, tmp_path / "whole"))
+
+    def kill_at_step_4(metrics):
+        if metrics["step"] == 4:
+            raise KeyboardInterrupt  # step 3 is logged, the last checkpoint is step 2
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(tiny_pair, tmp_path / "killed"), hooks=[kill_at_step_4])
+    assert [r["step"] for r in load_metrics(tmp_path / "killed")] == [1, 2, 3]
+    run_training(tiny_config(tiny_pair, tmp_path / "killed"), resume=True)
+    whole = without_times(load_metrics(tmp_path / "whole"))
+    resumed = without_times(load_metrics(tmp_path / "killed"))
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert json.dumps(resumed) == json.dumps(whole)
+
+
+def test_grpo_is_the_same_loop_without_a_teacher(tiny_pair, tmp_path):
+    config = tiny_config(tiny_pair, tmp_path / "grpo", teacher="", distill_weight=0.0,
+                         outcome_weight=1.0, max_steps=2)
+    run_training(config)
+    record = load_metrics(tmp_path / "grpo")[-1]
+    assert record["train_reward"] is not None
+    assert record["overlap_ratio"] is None and record["student_entropy"] > 0
+
+
+@pytest.mark.parametrize("objective", ["sampled", "subset_kl", "forward_kl"])
+def test_other_objectives_and_options_run(tiny_pair, tmp_path, objective):
+    config = tiny_config(tiny_pair, tmp_path / objective, objective=objective, max_steps=1,
+                         loss_aggregation="sequence-mean", kl_penalty=0.1, micro_batch=3,
+                         teacher_prompt="own", chunk_size=5)
+    run_training(config)
+    (record,) = load_metrics(tmp_path / objective)
+    assert math.isfinite(record["loss"]) and record["grad_norm"] > 0
+
+
+def test_prompt_order_covers_each_epoch_once():
+    order = prompt_order(5, seed=0, start=0, count=10)
+    assert sorted(order[:5]) == sorted(order[5:]) == list(range(5))
+    assert prompt_order(5, 0, 3, 4) == order[3:7]
+
+
+def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = main(["train", "--student", str(tiny_pair["student"]), "--teacher",
+                 str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out",
+                 str(out), "--max-steps", "2", "--prompts-per-step", "2",
+                 "--rollouts-per-prompt", "2", "--max-new-tokens", "6",
+                 "--set", "progress=false", "--set", "lr=1e-3"])
+    assert code == 0
+    assert len(load_metrics(out)) == 2
+    for verb in ("train", "grpo", "eval"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--help"])
+        assert exit_info.value.code == 0
+    assert "topk_strategy" in (main(["train", "--help-config"]) == 0 and capsys.readouterr().out)
