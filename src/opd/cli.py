@@ -57,24 +57,27 @@ def _print_config_help() -> None:
     print("Config fields (YAML keys, or --set key=value):\n" + describe_fields())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _train_and_report(config, resume: bool) -> int:
+    from accelerate import PartialState
+
     from opd.train import run_training
 
-    config = config_from_args(args)
-    summary = run_training(config, resume=args.resume)
-    print(json.dumps(summary, indent=2))
+    summary = run_training(config, resume=resume)
+    if PartialState().is_main_process:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
-def cmd_grpo(args: argparse.Namespace) -> int:
-    from opd.train import run_training
+def cmd_train(args: argparse.Namespace) -> int:
+    return _train_and_report(config_from_args(args), args.resume)
 
+
+def cmd_grpo(args: argparse.Namespace) -> int:
     forced = {"distill_weight": 0.0}
     config = config_from_args(args, forced)
     if config.outcome_weight == 0:
         config = config_from_args(args, {**forced, "outcome_weight": 1.0})
-    print(json.dumps(run_training(config, resume=args.resume), indent=2))
-    return 0
+    return _train_and_report(config, args.resume)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -148,10 +148,22 @@ def _sample_batch(
     return responses
 
 
+def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None = None):
+    """Token ids of rendered prompts, BOS first when the tokenizer has one, at most
+    `max_prompt_tokens` (the last ones) each."""
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    bos = tokenizer.bos_token_id
+    if bos is not None:
+        encoded = [e if e[:1] == [bos] else [bos, *e] for e in encoded]
+    if max_prompt_tokens is not None:
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    return encoded
+
+
 def generate_rollouts(
     model: torch.nn.Module,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[list[int]],
     *,
     n: int = 1,
     max_new_tokens: int = 256,
@@ -162,7 +174,8 @@ def generate_rollouts(
     batch_size: int | None = None,
     max_prompt_tokens: int | None = None,
 ) -> Rollouts:
-    """Sample `n` responses for each prompt text (already rendered with its template).
+    """Sample `n` responses for each prompt: a rendered prompt text, or token ids as they
+    are (e.g. a prompt followed by the first tokens of another model's response).
 
     `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
     than `max_prompt_tokens` keeps its last tokens.
@@ -170,12 +183,10 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if tokenizer.bos_token_id is not None:
-        encoded = [e if e[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *e]
-                   for e in encoded]
-    if max_prompt_tokens is not None:
-        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    if all(isinstance(p, str) for p in prompts):
+        encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    else:
+        encoded = [list(p)[-max_prompt_tokens:] if max_prompt_tokens else list(p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = {tokenizer.eos_token_id}
     rows = [(i, r) for i in range(len(prompts)) for r in range(n)]

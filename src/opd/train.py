@@ -46,7 +46,7 @@ from opd.evaluate import evaluate
 from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
 from opd.objectives import aggregation_weights, group_advantages
-from opd.rollout import Rollouts, generate_rollouts, pack
+from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
 from opd.scoring import ResponseStates, TokenTerms, output_head, response_states, score_and_loss
 from opd.verify import get_verifier
 
@@ -276,13 +276,9 @@ class Trainer:
             return (rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows])
         tok = self.models.teacher_tokenizer
-        prompts = []
-        for i in rollouts.prompt_index[rows].tolist():
-            text = render_prompt(self.records[indices[i]].messages, tok)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
-                ids = [tok.bos_token_id, *ids]
-            prompts.append(ids[-self.config.max_prompt_tokens :])
+        texts = [render_prompt(self.records[indices[i]].messages, tok)
+                 for i in rollouts.prompt_index[rows].tolist()]
+        prompts = encode_prompts(tok, texts, self.config.max_prompt_tokens)
         return pack(prompts, rollouts.response_ids[rows], tok.pad_token_id)
 
     def train_step(self, step: int) -> dict[str, Any]:
