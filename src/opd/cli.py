@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -126,12 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=cmd_eval)
 
-    for register in EXTRA_VERBS:
+    for target in EXTRA_VERBS:
+        module, function = target.split(":")
+        register: Callable[[Any, argparse.ArgumentParser], None] = getattr(
+            importlib.import_module(module), function
+        )
         register(verbs, parent)
     return parser
 
 
-EXTRA_VERBS: list[Callable[[Any, argparse.ArgumentParser], None]] = []
+# Verbs that live beside the code they run: "module:function", each function called with the
+# subparsers object and the shared training-flags parent.
+EXTRA_VERBS: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> int:
