@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Verbs that live beside the code they run: "module:function", each function called with the
 # subparsers object and the shared training-flags parent.
-EXTRA_VERBS: tuple[str, ...] = ()
+EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register",)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,508 @@
+"""Measure a teacher–student pair before training, on the student's own rollouts (SPEC §3, §4, §7).
+
+Stages, in order: the student samples `n` rollouts per prompt (as OPD would); both models
+score them (the step-0 measures of SPEC §3, overall and by position, for several k); the
+teacher scores them again under its own chat template (template check); the student's
+rollouts are cut at several depths and the teacher and the student each continue from the
+same prefix with the same random numbers (continuation advantage by depth: novelty and
+horizon); the sequence-mean reward is compared across correct and wrong rollouts (AUROC).
+The result is one JSON-ready dict; `rules.decide` turns it into a verdict and `report` draws
+it. The teacher sees the prompt as OPD would show it (`teacher_prompt`, as in TrainConfig).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
+from opd.errors import OPDError
+from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals
+from opd.models import check_same_vocabulary, default_device, load_model, load_tokenizer
+from opd.objectives import ObjectiveConfig
+from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
+from opd.scoring import TokenTerms, output_head, response_states, score_and_loss
+from opd.train import timed
+from opd.verify import get_verifier
+
+
+@dataclass(frozen=True)
+class DiagnoseConfig:
+    """Inputs and sampling settings of one diagnosis."""
+
+    student: str
+    teacher: str
+    prompts: str
+    teacher2: str | None = None
+    """A second teacher: measured the same way, and compared with the first."""
+    student_template: str | None = None
+    """Format string with {prompt} instead of the student tokenizer's chat template."""
+    teacher_template: str | None = None
+    """Format string with {prompt} instead of the teacher tokenizer's chat template."""
+    teacher_prompt: str = "student"
+    """How OPD will show the prompt to the teacher: `student` rendering or its `own`."""
+    num_prompts: int = 64
+    """Prompts sampled (seeded) from the file: take them from the set you plan to train on."""
+    n: int = 4
+    """Student rollouts per prompt."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    """Rollout temperature (as in training: the states OPD will see)."""
+    top_p: float = 1.0
+    capability_temperature: float = 0.0
+    """Decoding of the continuations and of the teacher's own attempts: 0 = greedy, so that a
+    capability is what a model does at its mode, not what sampling noise lets it miss."""
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
+    """Cuts of each rollout: below 1 a share of its response, from 1 up a token count."""
+    ks: tuple[int, ...] = (1, 4, 16)
+    """Top-k sizes of the overlap measures (the pattern check uses Thresholds.pattern_k)."""
+    position_bins: int = 8
+    verifier: str = "exact"
+    seed: int = 0
+    batch_size: int = 64
+    dtype: str = "auto"
+    train_steps: int = 200
+    """Steps of the training run being judged (for the cost share)."""
+    train_rollouts: int = 256
+    """Rollouts per step of that run (the study: 64 prompts × 4)."""
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    progress: bool = True
+
+
+@dataclass
+class Pair:
+    """A loaded model with its tokenizer and how it renders the prompts."""
+
+    name: str
+    path: str
+    model: torch.nn.Module
+    tokenizer: Any
+    prompt_rows: list[list[int]]
+
+
+@dataclass
+class Context:
+    """What every teacher is measured against: the student, its rollouts and continuations."""
+
+    config: DiagnoseConfig
+    records: list[PromptRecord]
+    student: Pair
+    rollouts: Rollouts
+    correct: list[bool] | None
+    cuts: list[list[int | None]]  # [depth][rollout] cut in tokens, None = not cut there
+    student_continuations: list[list[bool] | None]
+    cost: dict[str, Any]
+
+
+def parse_depths(text: str) -> tuple[float, ...]:
+    """'0,0.25,0.5' → (0.0, 0.25, 0.5): shares below 1, token counts from 1 up, increasing."""
+    try:
+        depths = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise OPDError(f"--depths: {text!r} is not a comma-separated list of numbers") from None
+    if not depths or any(d < 0 for d in depths) or list(depths) != sorted(set(depths)):
+        raise OPDError(f"--depths: {text!r} must be increasing non-negative numbers, e.g. 0,0.25,0.5")
+    return depths
+
+
+def cut_at(depth: float, length: int) -> int | None:
+    """Prefix length of a response of `length` tokens (its EOS excluded) at `depth`."""
+    if depth < 1:
+        return int(depth * length)
+    return int(depth) if depth < length else None
+
+
+def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
+    if not config.prompts:
+        raise OPDError("prompts: no prompt file given; pass --prompts FILE (the prompts you plan "
+                       "to train on)")
+    records = load_prompts(config.prompts)
+    if config.num_prompts < len(records):
+        records = random.Random(config.seed).sample(records, config.num_prompts)
+    return records
+
+
+def _load(path: str, role: str, config: DiagnoseConfig, template: str | None,
+          records: Sequence[PromptRecord], student_tokenizer: Any = None,
+          student_path: str = "") -> Pair:
+    tokenizer = load_tokenizer(path, role)
+    if student_tokenizer is not None:
+        check_same_vocabulary(student_tokenizer, tokenizer, student_path, path)
+    model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device())
+    texts = [render_prompt(r.messages, tokenizer, template) for r in records]
+    return Pair(role, path, model, tokenizer, encode_prompts(tokenizer, texts))
+
+
+def _decode_correct(ctx_tok: Any, records: Sequence[PromptRecord], verifier: str,
+                    responses: Sequence[list[int]], prompt_index: Sequence[int]) -> list[bool]:
+    check = get_verifier(verifier)
+    texts = ctx_tok.batch_decode(list(responses), skip_special_tokens=True)
+    return [bool(check(t, records[i].answer)) for t, i in zip(texts, prompt_index, strict=True)]
+
+
+def _body_length(ids: list[int], eos: int) -> int:
+    return len(ids) - 1 if ids and ids[-1] == eos else len(ids)
+
+
+def _continue(pair: Pair, ctx: Context, depth_index: int) -> tuple[list[bool], int]:
+    """Correctness of `pair` continuing every cut rollout at one depth, and tokens generated.
+    Seeds depend only on (rollout, depth), so every model draws the same random numbers."""
+    config, rollouts = ctx.config, ctx.rollouts
+    rows = [j for j, c in enumerate(ctx.cuts[depth_index]) if c is not None]
+    if not rows:
+        return [], 0
+    prefixes = [rollouts.response_ids[j][: ctx.cuts[depth_index][j]] for j in rows]
+    index = rollouts.prompt_index.tolist()
+    inputs = [pair.prompt_rows[index[j]] + p for j, p in zip(rows, prefixes, strict=True)]
+    budget = config.max_new_tokens - min(len(p) for p in prefixes)
+    out = generate_rollouts(
+        pair.model, pair.tokenizer, inputs, n=1, max_new_tokens=max(budget, 1),
+        temperature=config.capability_temperature, top_p=config.top_p, seed=config.seed + 1,
+        prompt_ids=[j * len(config.depths) + depth_index for j in rows],
+        batch_size=config.batch_size,
+    )
+    full = [p + r for p, r in zip(prefixes, out.response_ids, strict=True)]
+    correct = _decode_correct(pair.tokenizer, ctx.records, config.verifier, full,
+                              [index[j] for j in rows])
+    return correct, sum(len(r) for r in out.response_ids)
+
+
+def _teacher_inputs(pair: Pair, ctx: Context, rows: slice):
+    """The teacher's rows for scoring: its prompt rendering around the student's responses."""
+    index = ctx.rollouts.prompt_index[rows].tolist()
+    return pack([pair.prompt_rows[i] for i in index], ctx.rollouts.response_ids[rows],
+                pair.tokenizer.pad_token_id)
+
+
+SHARES = ("overlap_share_student", "overlap_share_teacher")
+"""Per token, the share of each model's own top-k probability that sits on tokens both rank in
+their top-k: the SPEC's overlap mass divided by the model's top-k mass, so 1 for a model
+against itself whatever its entropy."""
+
+
+@torch.no_grad()
+def _score(left: Pair, right: Pair, ctx: Context, k: Sequence[int]) -> dict[str, Any]:
+    """Per-token measures of `right` against `left` (left plays the student in SPEC §3) on the
+    student's rollouts, for each k: a dict k → {measure: [M] tensor} (MEASURES and SHARES),
+    plus positions and rows. Rows are scored `batch_size` at a time."""
+    rollouts, size = ctx.rollouts, ctx.config.batch_size
+    left_head, right_head = output_head(left.model), output_head(right.model)
+    per_k: dict[int, dict[str, list[torch.Tensor]]] = {
+        kk: {m: [] for m in (*MEASURES, *SHARES)} for kk in k
+    }
+    positions, rows = [], []
+    for start in range(0, rollouts.input_ids.shape[0], size):
+        part = slice(start, start + size)
+        left_states = response_states(left.model, *_teacher_inputs(left, ctx, part))
+        right_states = response_states(right.model, *_teacher_inputs(right, ctx, part))
+        terms = TokenTerms(weight=torch.zeros_like(left_states.targets, dtype=torch.float32))
+
+        def measures(a, b, head_a, head_b, kk, terms=terms):
+            return score_and_loss(a, b, student_head=head_a, teacher_head=head_b, terms=terms,
+                                  objective=ObjectiveConfig(), measure_k=kk)[2]
+
+        for kk in k:
+            values = measures(left_states, right_states, left_head, right_head, kk)
+            own_left = measures(left_states, left_states, left_head, left_head, kk)
+            own_right = measures(right_states, right_states, right_head, right_head, kk)
+            values["overlap_share_student"] = (
+                values["overlap_mass_student"] / own_left["overlap_mass_student"]
+            )
+            values["overlap_share_teacher"] = (
+                values["overlap_mass_teacher"] / own_right["overlap_mass_student"]
+            )
+            for name, value in values.items():
+                per_k[kk][name].append(value.cpu())
+        positions.append(left_states.positions.cpu())
+        rows.append(left_states.rows.cpu() + start)
+    ctx.cost["scored_tokens"] += 2 * int(sum(p.numel() for p in positions))
+    return {
+        "measures": {kk: {m: torch.cat(v) for m, v in cols.items()} for kk, cols in per_k.items()},
+        "positions": torch.cat(positions),
+        "rows": torch.cat(rows),
+    }
+
+
+def _row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
+    sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, values.double())
+    ones = torch.ones(rows.shape[0], dtype=torch.float64)
+    counts = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, ones)
+    return (sums / counts.clamp(min=1)).tolist()
+
+
+def _pattern(scored: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Overall and by-position means of every measure, for each k."""
+    max_len = int(ctx.rollouts.response_lengths.max())
+    edges = position_bin_edges(max(max_len, 1), ctx.config.position_bins)
+    out: dict[str, Any] = {"bin_edges": edges, "by_k": {}}
+    for k, values in scored["measures"].items():
+        sums, counts = position_totals(values, scored["positions"], edges)
+        overall, by_position = means_from_totals(list(values), sums, counts)
+        out["by_k"][str(k)] = {"overall": overall, "by_position": by_position}
+    return out
+
+
+def _template_check(teacher: Pair, ctx: Context) -> dict[str, Any]:
+    """The teacher's log-prob of the student's responses under its own template (`teacher`'s
+    prompt rows) minus under the student's rendering: a mean over each rollout's tokens, then
+    mean and prompt-clustered SE over rollouts. It applies when OPD shows the teacher the
+    student's rendering (teacher_prompt student)."""
+    asked = _as_student_rendering(teacher, ctx)
+    applies = ctx.config.teacher_prompt == "student"
+    if teacher.prompt_rows == asked.prompt_rows:
+        return {"identical": True, "applies": False, "gap": 0.0, "se": 0.0,
+                "note": "the teacher's template renders the prompts exactly as the student's"}
+    k = ctx.config.thresholds.pattern_k
+    scored = _score(teacher, asked, ctx, [k])
+    gap_tokens = scored["measures"][k]["reverse_kl"]  # log p_own(ŷ) − log p_asked(ŷ)
+    per_row = _row_means(gap_tokens, scored["rows"], ctx.rollouts.input_ids.shape[0])
+    stats = clustered_mean_se(per_row, ctx.rollouts.prompt_index.tolist())
+    decode = teacher.tokenizer.decode
+    return {"identical": False, "applies": applies, "gap": stats["mean"], "se": stats["se"],
+            "example_own": decode(teacher.prompt_rows[0]), "example_student": decode(asked.prompt_rows[0])}
+
+
+def _as_student_rendering(teacher: Pair, ctx: Context) -> Pair:
+    return Pair(teacher.name, teacher.path, teacher.model, teacher.tokenizer, ctx.student.prompt_rows)
+
+
+def _continuation_curve(pair: Pair, ctx: Context) -> tuple[list[dict[str, Any]], list[list[bool]]]:
+    """Per depth: accuracies and the paired advantage (all prompts; prompts the student never
+    solved), with prompt-clustered standard errors."""
+    index = ctx.rollouts.prompt_index.tolist()
+    solved = _solved(ctx)
+    eos = ctx.student.tokenizer.eos_token_id
+    lengths = [_body_length(r, eos) for r in ctx.rollouts.response_ids]
+    curve, teacher_correct = [], []
+    for d, depth in enumerate(ctx.config.depths):
+        correct, generated = _continue(pair, ctx, d)
+        ctx.cost["continuations"] += len(correct)
+        ctx.cost["generated_tokens"] += generated
+        rows = [j for j, c in enumerate(ctx.cuts[d]) if c is not None]
+        student = ctx.student_continuations[d]
+        diffs = [float(t) - float(s) for t, s in zip(correct, student, strict=True)]
+        clusters = [index[j] for j in rows]
+        hard = [i for i, c in enumerate(clusters) if c not in solved]
+        cuts = sorted(ctx.cuts[d][j] for j in rows)
+        fractions = sorted(ctx.cuts[d][j] / max(lengths[j], 1) for j in rows)
+        curve.append({
+            "depth": depth,
+            "tokens": cuts[len(cuts) // 2] if rows else None,
+            "fraction": fractions[len(fractions) // 2] if rows else None,
+            "rollouts": len(rows),
+            "teacher_accuracy": sum(correct) / len(correct) if rows else None,
+            "student_accuracy": sum(student) / len(student) if rows else None,
+            "advantage": clustered_mean_se(diffs, clusters),
+            "advantage_unsolved": clustered_mean_se([diffs[i] for i in hard], [clusters[i] for i in hard]),
+        })
+        teacher_correct.append(correct)
+    return curve, teacher_correct
+
+
+def _solved(ctx: Context) -> set[int]:
+    """Prompts the student solved at least once: in a rollout or continuing from the prompt
+    (the shallowest cut). The others are what the student cannot do."""
+    index = ctx.rollouts.prompt_index.tolist()
+    solved = {i for i, ok in zip(index, ctx.correct or [], strict=True) if ok}
+    rows = [j for j, c in enumerate(ctx.cuts[0]) if c is not None]
+    return solved | {index[j] for j, ok in zip(rows, ctx.student_continuations[0], strict=True) if ok}
+
+
+def _accuracy_own(pair: Pair, ctx: Context) -> float:
+    """The teacher's accuracy from scratch on the prompts, with its own template."""
+    config = ctx.config
+    texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
+    out = generate_rollouts(pair.model, pair.tokenizer, texts, n=config.n,
+                            max_new_tokens=config.max_new_tokens,
+                            temperature=config.capability_temperature,
+                            top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
+    ctx.cost["teacher_rollouts"] += len(out.response_ids)
+    ctx.cost["generated_tokens"] += int(out.response_lengths.sum())
+    correct = _decode_correct(pair.tokenizer, ctx.records, config.verifier, out.response_ids,
+                              out.prompt_index.tolist())
+    return sum(correct) / len(correct)
+
+
+def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, float]) -> dict[str, Any]:
+    """Everything about one teacher on the student's states, with its verdict."""
+    config, t = ctx.config, ctx.config.thresholds
+    asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
+    out: dict[str, Any] = {"path": teacher.path}
+    with timed(f"{teacher.name}_scoring", times):
+        bar.set_postfix_str(f"{teacher.name}: step-0 measures")
+        scored = _score(ctx.student, asked, ctx, sorted({*config.ks, t.pattern_k}))
+        out["pattern"] = _pattern(scored, ctx)
+        reward = [-v for v in _row_means(scored["measures"][t.pattern_k]["reverse_kl"], scored["rows"],
+                                         ctx.rollouts.input_ids.shape[0])]
+        bar.update()
+        bar.set_postfix_str(f"{teacher.name}: template check")
+        out["template"] = _template_check(teacher, ctx)
+        bar.update()
+    out["sequence_reward"] = reward
+    out["global_signal"] = None
+    out["continuation"], out["horizon"] = None, None
+    novelty = advantage = fraction = None
+    if ctx.correct is not None:
+        out["global_signal"] = {"auroc": auroc(reward, ctx.correct)}
+        with timed(f"{teacher.name}_continuations", times):
+            bar.set_postfix_str(f"{teacher.name}: continuations")
+            out["accuracy_own_template"] = _accuracy_own(teacher, ctx)
+            curve, correct = _continuation_curve(asked, ctx)
+            bar.update()
+        out["continuation"], out["continuation_correct"] = curve, correct
+        out["horizon"] = horizon(curve, t.z)
+        novelty, advantage = curve[0]["advantage_unsolved"], curve[0]["advantage"]
+        if novelty["n"] == 0:
+            novelty = {"mean": None, "se": None}
+        fraction = out["horizon"]["fraction"] if out["horizon"] else None
+        out["recommended_max_new_tokens"] = _recommended_length(out["horizon"], ctx)
+    else:
+        bar.update()
+    shares = out["pattern"]["by_k"][str(t.pattern_k)]["overall"]
+    out["summary"] = {
+        "overlap_share": min(shares["overlap_share_student"], shares["overlap_share_teacher"]),
+        "novelty": novelty, "advantage": advantage, "horizon_fraction": fraction,
+        "template": out["template"],
+    }
+    out["decision"] = decide(out["summary"], t).as_dict()
+    return out
+
+
+def _recommended_length(point: dict[str, Any] | None, ctx: Context) -> int | None:
+    """The horizon in tokens, rounded up to a multiple of 8 (None: no cap suggested)."""
+    if point is None:
+        return None
+    return max(8, -(-int(point["tokens"]) // 8) * 8)
+
+
+def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored: dict[str, Any],
+                     ctx: Context) -> dict[str, Any]:
+    """Whether two teachers differ from the student's states: top-k agreement between them and
+    their continuation accuracies from the same prefixes."""
+    t = ctx.config.thresholds
+    values = pair_scored["measures"][t.pattern_k]
+    mass = min(float(values["overlap_share_student"].mean()),
+               float(values["overlap_share_teacher"].mean()))
+    out: dict[str, Any] = {"overlap_share": mass, "overlap_ratio": float(values["overlap_ratio"].mean()),
+                           "reverse_kl": float(values["reverse_kl"].mean()), "by_depth": []}
+    differs = mass < t.min_overlap_share
+    if first.get("continuation_correct") and second.get("continuation_correct"):
+        index = ctx.rollouts.prompt_index.tolist()
+        for d, (a, b) in enumerate(zip(first["continuation_correct"], second["continuation_correct"],
+                                       strict=True)):
+            rows = [j for j, c in enumerate(ctx.cuts[d]) if c is not None]
+            stats = clustered_mean_se([float(x) - float(y) for x, y in zip(a, b, strict=True)],
+                                      [index[j] for j in rows])
+            out["by_depth"].append({"depth": ctx.config.depths[d], **stats})
+            differs |= abs(stats["mean"]) > t.z * stats["se"]
+    out["distinguishable"] = differs
+    return out
+
+
+def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
+    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict."""
+    start = time.perf_counter()
+    times: dict[str, float] = {}
+    records = _sample_records(config)
+    if config.teacher_prompt not in {"student", "own"}:
+        raise OPDError(f"--teacher-prompt: {config.teacher_prompt!r}; choose student or own")
+    stages = 2 + 3 * (1 + bool(config.teacher2))
+    bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)
+    with timed("load", times):
+        bar.set_postfix_str("loading models")
+        student = _load(config.student, "student", config, config.student_template, records)
+        teachers = [_load(config.teacher, "teacher", config, config.teacher_template, records,
+                          student.tokenizer, config.student)]
+        if config.teacher2:
+            teachers.append(_load(config.teacher2, "teacher2", config, config.teacher_template,
+                                  records, student.tokenizer, config.student))
+        bar.update()
+    warnings: list[str] = []
+    has_answers = all(r.answer is not None for r in records)
+    if not has_answers:
+        missing = sum(r.answer is None for r in records)
+        warnings.append(f"prompts: {missing} of {len(records)} sampled prompts have no 'answer'; "
+                        "accuracy, novelty, horizon and AUROC are skipped (pattern and template "
+                        "checks still run)")
+    cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
+            "generated_tokens": 0, "scored_tokens": 0}
+    with timed("student_rollouts", times):
+        bar.set_postfix_str("student rollouts")
+        rollouts = generate_rollouts(
+            student.model, student.tokenizer, student.prompt_rows, n=config.n,
+            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+            top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+        )
+        cost["student_rollouts"] = len(rollouts.response_ids)
+        cost["generated_tokens"] += int(rollouts.response_lengths.sum())
+        eos = student.tokenizer.eos_token_id
+        cuts = [[cut_at(d, _body_length(r, eos)) for r in rollouts.response_ids] for d in config.depths]
+        ctx = Context(config, records, student, rollouts, None, cuts, [], cost)
+        if has_answers:
+            ctx.correct = _decode_correct(student.tokenizer, records, config.verifier,
+                                          rollouts.response_ids, rollouts.prompt_index.tolist())
+            for d in range(len(config.depths)):
+                correct, generated = _continue(student, ctx, d)
+                ctx.student_continuations.append(correct)
+                cost["continuations"] += len(correct)
+                cost["generated_tokens"] += generated
+        bar.update()
+    results = [measure_teacher(teacher, ctx, bar, times) for teacher in teachers]
+    diagnosis: dict[str, Any] = {
+        "verdict": results[0]["decision"]["verdict"],
+        "inputs": {k: v for k, v in asdict(config).items() if k not in {"thresholds", "progress"}},
+        "thresholds": asdict(config.thresholds),
+        "student": _student_summary(ctx),
+        "teacher": results[0],
+        "teacher2": None,
+        "warnings": warnings + results[0]["decision"]["warnings"],
+    }
+    if len(results) > 1:
+        with timed("teacher_vs_teacher2", times):
+            scored = _score(_as_student_rendering(teachers[0], ctx),
+                            _as_student_rendering(teachers[1], ctx), ctx, [config.thresholds.pattern_k])
+        results[1]["versus_teacher"] = _distinguishable(results[0], results[1], scored, ctx)
+        diagnosis["teacher2"] = results[1]
+    for result in results:
+        result.pop("continuation_correct", None)
+    bar.close()
+    diagnosis["cost"] = _cost(ctx, times, time.perf_counter() - start)
+    return diagnosis
+
+
+def _student_summary(ctx: Context) -> dict[str, Any]:
+    rollouts = ctx.rollouts
+    out = {"path": ctx.student.path, "prompts": len(ctx.records), "rollouts": len(rollouts.response_ids),
+           "mean_response_length": float(rollouts.response_lengths.float().mean()),
+           "truncation_rate": float(rollouts.truncated.float().mean()),
+           "accuracy": None, "unsolved_prompts": None, "correct": ctx.correct}
+    if ctx.correct is not None:
+        out["accuracy"] = sum(ctx.correct) / len(ctx.correct)
+        out["unsolved_prompts"] = len(ctx.records) - len(_solved(ctx))
+    return out
+
+
+def _cost(ctx: Context, times: dict[str, float], wall: float) -> dict[str, Any]:
+    """What the diagnosis cost and its share of the training run it judges, in token passes:
+    a training step generates R rollouts of mean length L, scores them with the teacher and runs
+    the student forward and backward (≈ 3 passes): ≈ 5·R·L token passes per step."""
+    config, cost = ctx.config, dict(ctx.cost)
+    length = float(ctx.rollouts.response_lengths.float().mean())
+    spent = cost["generated_tokens"] + cost["scored_tokens"]
+    run = 5 * config.train_steps * config.train_rollouts * max(length, 1.0)
+    cost.update({
+        "wall_seconds": round(wall, 2),
+        "stage_seconds": {k.removeprefix("time_"): round(v, 2) for k, v in times.items()},
+        "token_passes": spent,
+        "training_run": {"steps": config.train_steps, "rollouts_per_step": config.train_rollouts,
+                         "token_passes_estimate": round(run)},
+        "percent_of_training_run": round(100 * spent / run, 2),
+    })
+    return cost

@@ -1,0 +1,198 @@
+"""`opd diagnose`: pure rules against brute force, an end-to-end run on the tiny pair, and the
+errors a user can meet."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+
+import pytest
+
+from opd.cli import main
+from opd.diagnose.measure import cut_at, parse_depths
+from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
+from opd.errors import OPDError
+from tests.conftest import make_model
+
+
+def brute_auroc(scores, labels):
+    pos = [s for s, y in zip(scores, labels, strict=True) if y]
+    neg = [s for s, y in zip(scores, labels, strict=True) if not y]
+    wins = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p, q in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_pairwise_count_with_ties(seed):
+    rng = random.Random(seed)
+    scores = [rng.choice([0.0, 0.5, 1.0, rng.random()]) for _ in range(40)]
+    labels = [rng.random() < 0.4 for _ in scores]
+    assert auroc(scores, labels) == pytest.approx(brute_auroc(scores, labels))
+
+
+def test_auroc_extremes_and_one_class():
+    assert auroc([1, 2, 3, 4], [False, False, True, True]) == 1.0
+    assert auroc([1, 2, 3, 4], [True, True, False, False]) == 0.0
+    assert auroc([1, 2], [True, True]) is None
+
+
+def test_mean_se_and_clustering():
+    mean, se = mean_se([1.0, 2.0, 3.0])
+    assert mean == 2.0 and se == pytest.approx(math.sqrt(1.0 / 3))
+    assert mean_se([]) == (None, None) and mean_se([5.0]) == (5.0, 0.0)
+    # Two clusters: the SE is that of the two cluster means, not of the four values.
+    stats = clustered_mean_se([1.0, 1.0, 0.0, 0.0], [0, 0, 1, 1])
+    assert stats["mean"] == 0.5 and stats["se"] == pytest.approx(0.5) and stats["clusters"] == 2
+
+
+def point(depth, mean, se, fraction=None, tokens=0):
+    return {"depth": depth, "tokens": tokens, "fraction": depth if fraction is None else fraction,
+            "advantage": {"mean": mean, "se": se}}
+
+
+def test_horizon_is_the_first_depth_where_the_advantage_is_not_significant():
+    curve = [point(0, 0.4, 0.05), point(0.25, 0.3, 0.05), point(0.5, 0.08, 0.05), point(0.75, 0.0, 0.0)]
+    assert horizon(curve, z=2.0)["depth"] == 0.5
+    assert horizon(curve[:2], z=2.0) is None
+    assert horizon([point(0, -0.1, 0.01)], z=2.0)["depth"] == 0
+
+
+def summary(share=0.9, novelty=(0.3, 0.05), advantage=(0.2, 0.05), fraction=0.75, template=None):
+    return {
+        "overlap_share": share,
+        "novelty": None if novelty is None else {"mean": novelty[0], "se": novelty[1]},
+        "advantage": None if advantage is None else {"mean": advantage[0], "se": advantage[1]},
+        "horizon_fraction": fraction,
+        "template": template,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "verdict"),
+    [
+        ({}, "go"),
+        ({"fraction": None}, "go"),
+        ({"share": 0.3}, "pattern-mismatch"),
+        ({"share": 0.3, "novelty": (0.0, 0.01)}, "pattern-mismatch"),
+        ({"novelty": (0.0, 0.02)}, "no-novelty"),
+        ({"novelty": (0.04, 0.001)}, "no-novelty"),  # significant but below min_novelty
+        ({"novelty": (0.2, 0.15)}, "no-novelty"),  # large but within noise
+        ({"novelty": (None, None)}, "no-novelty"),  # the student solved every prompt
+        ({"fraction": 0.25}, "horizon-risk"),
+        ({"novelty": None, "advantage": None}, "go"),  # no answers: pattern only
+    ],
+)
+def test_verdict_rules_on_hand_made_measures(kwargs, verdict):
+    assert decide(summary(**kwargs), Thresholds()).verdict == verdict
+
+
+def test_reverse_distillation_is_no_novelty_with_a_warning():
+    decision = decide(summary(novelty=(0.0, 0.0), advantage=(-0.3, 0.05)), Thresholds())
+    assert decision.verdict == "no-novelty"
+    assert any("pull the student back" in w for w in decision.warnings)
+
+
+def test_checks_record_value_threshold_and_margin():
+    decision = decide(summary(share=0.8), Thresholds())
+    pattern = decision.checks["pattern"]
+    assert pattern["threshold"] == 0.5 and pattern["margin"] == pytest.approx(0.3)
+    assert decision.checks["novelty"]["threshold"] == pytest.approx(0.1)  # z·SE above min_novelty
+
+
+def test_template_check_fires_only_beyond_noise_and_minimum():
+    fires = {"applies": True, "gap": 0.5, "se": 0.05}
+    noisy = {"applies": True, "gap": 0.5, "se": 0.3}
+    tiny = {"applies": True, "gap": 0.03, "se": 0.001}
+    for template, expected in ((fires, True), (noisy, False), (tiny, False)):
+        decision = decide(summary(template=template), Thresholds())
+        assert (decision.checks["template"]["passed"] is False) == expected
+        assert any("own template" in a for a in decision.advice) == expected
+
+
+def test_depths_and_cuts():
+    assert parse_depths("0, 0.25,0.5,8") == (0.0, 0.25, 0.5, 8.0)
+    for bad in ("a,b", "0.5,0.25", "-1", ""):
+        with pytest.raises(OPDError, match="--depths"):
+            parse_depths(bad)
+    assert cut_at(0.5, 10) == 5 and cut_at(0.0, 10) == 0
+    assert cut_at(4, 10) == 4 and cut_at(12, 10) is None
+
+
+def diagnose_args(tiny_pair, out, *extra):
+    return ["diagnose", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
+            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "6",
+            "--n", "2", "--max-new-tokens", "6", "--no-progress", *extra]
+
+
+def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, tmp_path, capsys):
+    out = tmp_path / "diag"
+    assert main(diagnose_args(tiny_pair, out, "--teacher2", str(tiny_pair["student"]))) == 0
+    printed = capsys.readouterr().out
+    diagnosis = json.loads((out / "diagnosis.json").read_text())
+    assert diagnosis["verdict"] in {"go", "pattern-mismatch", "no-novelty", "horizon-risk"}
+    assert diagnosis["verdict"] in printed and "cost:" in printed
+    for name in ("report.md", "overlap_by_position.png", "continuation_by_depth.png",
+                 "reward_distributions.png"):
+        assert (out / name).stat().st_size > 0
+    assert not list(out.glob(".*tmp*"))
+    teacher, twin = diagnosis["teacher"], diagnosis["teacher2"]
+    assert set(teacher["pattern"]["by_k"]) == {"1", "4", "16"}
+    assert len(teacher["continuation"]) == 4 and teacher["template"]["identical"]
+    # The student as its own second teacher: full overlap, identical continuations (same seeds).
+    assert twin["pattern"]["by_k"]["4"]["overall"]["overlap_share_teacher"] == pytest.approx(1.0)
+    assert all(p["advantage"]["mean"] == 0 for p in twin["continuation"])
+    assert twin["decision"]["verdict"] == "no-novelty"
+    cost = diagnosis["cost"]
+    assert cost["student_rollouts"] == 12 and cost["wall_seconds"] > 0
+    assert 0 < cost["percent_of_training_run"] < 100
+    assert "# OPD diagnosis" in (out / "report.md").read_text()
+
+
+def test_template_check_compares_the_teachers_own_template(tiny_pair, tmp_path):
+    out = tmp_path / "diag"
+    assert main(diagnose_args(tiny_pair, out, "--teacher-template", "a b {prompt}",
+                              "--depths", "0")) == 0
+    template = json.loads((out / "diagnosis.json").read_text())["teacher"]["template"]
+    assert not template["identical"] and template["applies"]
+    assert template["example_own"].startswith("<bos> a b") and math.isfinite(template["gap"])
+
+
+def test_prompts_without_answers_skip_the_accuracy_checks(tiny_pair, tmp_path, capsys):
+    prompts = tmp_path / "no-answers.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a} + 1 ="}) + "\n" for a in range(4)))
+    args = diagnose_args(tiny_pair, tmp_path / "diag")
+    args[args.index("--prompts") + 1] = str(prompts)
+    assert main(args) == 0
+    diagnosis = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert diagnosis["teacher"]["continuation"] is None
+    assert any("no 'answer'" in w for w in diagnosis["warnings"])
+    assert "novelty" not in diagnosis["teacher"]["decision"]["checks"]
+
+
+def test_missing_teacher_and_prompts_are_explained(tiny_pair, tmp_path, capsys):
+    args = diagnose_args(tiny_pair, tmp_path / "diag")
+    del args[args.index("--teacher") : args.index("--teacher") + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "teacher: no model given; pass --teacher" in err and "Traceback" not in err
+    args = diagnose_args(tiny_pair, tmp_path / "diag")
+    del args[args.index("--prompts") : args.index("--prompts") + 2]
+    assert main(args) == 2
+    assert "pass --prompts" in capsys.readouterr().err
+    assert not (tmp_path / "diag").exists()
+
+
+def test_tokenizer_mismatch_stops_before_measuring(tiny_pair, tmp_path, capsys):
+    other = make_model(tmp_path / "other", seed=3)
+    vocab_file = json.loads((other / "tokenizer.json").read_text())
+    vocab = vocab_file["model"]["vocab"]
+    vocab["zebra"], vocab["answer"] = vocab.pop("answer"), len(vocab)
+    (other / "tokenizer.json").write_text(json.dumps(vocab_file))
+    args = diagnose_args(tiny_pair, tmp_path / "diag")
+    args[args.index("--teacher") + 1] = str(other)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "tokenizer mismatch" in err and "'answer' vs 'zebra'" in err
+    assert not (tmp_path / "diag").exists()
