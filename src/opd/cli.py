@@ -58,19 +58,19 @@ def _print_config_help() -> None:
     print("Config fields (YAML keys, or --set key=value):\n" + describe_fields())
 
 
-def _train_and_report(config, resume: bool) -> int:
+def print_from_main(result: dict[str, Any]) -> int:
+    """Print a JSON result once, from the main process of a multi-process launch."""
     from accelerate import PartialState
 
-    from opd.train import run_training
-
-    summary = run_training(config, resume=resume)
     if PartialState().is_main_process:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result, indent=2))
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    return _train_and_report(config_from_args(args), args.resume)
+    from opd.recipes.cold_start import train_with_repair
+
+    return print_from_main(train_with_repair(config_from_args(args), resume=args.resume))
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
@@ -78,7 +78,9 @@ def cmd_grpo(args: argparse.Namespace) -> int:
     config = config_from_args(args, forced)
     if config.outcome_weight == 0:
         config = config_from_args(args, {**forced, "outcome_weight": 1.0})
-    return _train_and_report(config, args.resume)
+    from opd.train import run_training
+
+    return print_from_main(run_training(config, resume=args.resume))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -97,6 +99,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       "n": result.n, "n_prompts": result.n_prompts,
                       "mean_response_length": result.mean_response_length,
                       "truncation_rate": result.truncation_rate}, indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from opd.checkpoints import read_jsonl
+    from opd.report import plot_curves, write_run_report
+
+    for run in args.runs:
+        if not (Path(run) / "metrics.jsonl").exists():
+            raise OPDError(f"report: {run!r} is not a run folder (no metrics.jsonl in it)")
+    for run in args.runs:
+        print(write_run_report(run))
+    if args.compare:
+        runs = {Path(r).name: read_jsonl(Path(r) / "metrics.jsonl") for r in args.runs}
+        print(plot_curves(runs, Path(args.compare)))
     return 0
 
 
@@ -127,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=cmd_eval)
 
+    report = verbs.add_parser("report", help="figures and a markdown report from run folders")
+    report.add_argument("runs", nargs="+", help="run folders (each gets report.md + PNGs)")
+    report.add_argument("--compare", help="also write one PNG with all runs' curves here")
+    report.set_defaults(func=cmd_report)
+
     for target in EXTRA_VERBS:
         module, function = target.split(":")
         register: Callable[[Any, argparse.ArgumentParser], None] = getattr(
@@ -138,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Verbs that live beside the code they run: "module:function", each function called with the
 # subparsers object and the shared training-flags parent.
-EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register",)
+EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register", "opd.recipes.cli:register")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from opd.errors import OPDError
+from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig, validate_objective
 
 
@@ -113,6 +114,9 @@ class TrainConfig:
     """Model dtype: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank instead of all weights (needs peft); 0 = full."""
+    on_failure: str = "warn"
+    """What the live monitor does when a run shows a failure signature: warn, stop, or
+    cold-start (stop, then run the off-policy cold-start recipe into OUT/cold-start)."""
     progress: bool = True
     """Show a progress bar."""
 
@@ -227,6 +231,7 @@ CHOICES = {
     "lr_schedule": ("constant", "linear", "cosine"),
     "teacher_prompt": ("student", "own"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "on_failure": ON_FAILURE,
 }
 
 

@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
+from opd.monitor import Monitor
 from opd.objectives import aggregation_weights, group_advantages
+from opd.report import write_run_report
 from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
 from opd.scoring import ResponseStates, TokenTerms, output_head, response_states, score_and_loss
 from opd.verify import get_verifier
@@ -187,7 +189,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, resume: bool = False,
                  hooks: Sequence[StepHook] = ()) -> None:
-        self.config, self.hooks = config, list(hooks)
+        self.config = config
+        self.monitor = Monitor(config.on_failure, echo=tqdm.write)
+        self.hooks = [self.monitor, *hooks]
         self.procs = Processes()
         self.out = Path(config.out)
         self.metrics_path = self.out / "metrics.jsonl"
@@ -469,9 +473,11 @@ class Trainer:
             "skipped_steps": self.state["skipped_steps"],
             "final_checkpoint": str(complete_checkpoints(self.out)[-1])
             if complete_checkpoints(self.out) else None,
+            "alerts": [asdict(a) for a in self.monitor.fired.values()],
         }
         if self.procs.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            write_run_report(self.out)
         return summary
 
 

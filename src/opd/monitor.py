@@ -1,0 +1,128 @@
+"""A live monitor of the study's success/failure signatures (SPEC §3, §7) for `opd train`.
+
+`check_signatures` is a pure function of the metrics so far; `Monitor` is the step hook that
+calls it, records each alert in the step's metrics (key `alerts`) once, names the likely
+cause and the recipe, and asks the loop to stop when `on_failure` is stop or cold-start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from opd.errors import OPDError
+
+ON_FAILURE = ("warn", "stop", "cold-start")
+
+
+@dataclass(frozen=True)
+class MonitorThresholds:
+    """When a signature counts as failing. Window statistics are means over `window` steps."""
+
+    window: int = 8
+    """Steps per window; nothing is judged before two windows have passed."""
+    low_overlap: float = 0.5
+    """Overlap ratio below this, and not rising, means the student's states are foreign to
+    the teacher (a same-pattern pair sits near 0.75–0.8 at k=4–16, a foreign one near 0.1–0.3)."""
+    min_overlap_rise: float = 0.05
+    """Rise of the windowed overlap ratio from the first window that counts as recovering."""
+    truncation_jump: float = 0.3
+    """Truncation-rate rise over the first window that counts as the format breaking."""
+    tail_entropy_ratio: float = 1.5
+    """Tail-of-response student entropy over its first-window level that counts as a spike
+    (when the front of the response does not rise as much)."""
+
+
+@dataclass(frozen=True)
+class Alert:
+    rule: str
+    step: int
+    evidence: dict[str, float]
+    cause: str
+    recipe: str
+
+
+def _window_mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in records if isinstance(r.get(key), int | float)]
+    return sum(values) / len(values) if values else None
+
+
+def _tail_and_front(records: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
+    """Mean student entropy in the last and first non-empty position bins."""
+    tails, fronts = [], []
+    for record in records:
+        bins = [v for v in record.get("by_position", {}).get("student_entropy", []) if v is not None]
+        if len(bins) >= 2:
+            tails.append(bins[-1])
+            fronts.append(bins[0])
+    if not tails:
+        return None, None
+    return sum(tails) / len(tails), sum(fronts) / len(fronts)
+
+
+def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) -> list[Alert]:
+    """Every failing signature visible in the metrics history (oldest first)."""
+    if len(history) < 2 * t.window:
+        return []
+    first, recent = history[: t.window], history[-t.window :]
+    step = history[-1]["step"]
+    alerts: list[Alert] = []
+    overlap_now, overlap_then = _window_mean(recent, "overlap_ratio"), _window_mean(first, "overlap_ratio")
+    if overlap_now is not None and overlap_then is not None and overlap_now < t.low_overlap \
+            and overlap_now - overlap_then < t.min_overlap_rise:
+        alerts.append(Alert(
+            "pattern-mismatch", step,
+            {"overlap_ratio": overlap_now, "overlap_ratio_first_window": overlap_then,
+             "overlap_token_advantage": _window_mean(recent, "overlap_token_advantage") or 0.0},
+            "the teacher's top tokens rarely overlap the student's on the student's own states "
+            "and the overlap is not growing: their thinking patterns differ (SPEC §4.1)",
+            "off-policy cold start on teacher responses (`opd cold-start`), and/or prompts in the "
+            "teacher's template (`opd select-prompts`)",
+        ))
+    trunc_now, trunc_then = _window_mean(recent, "truncation_rate"), _window_mean(first, "truncation_rate")
+    if trunc_now is not None and trunc_then is not None and trunc_now - trunc_then > t.truncation_jump:
+        alerts.append(Alert(
+            "format-collapse", step,
+            {"truncation_rate": trunc_now, "truncation_rate_first_window": trunc_then},
+            "responses increasingly run to the length cap: the student's format is breaking",
+            "stop and restart from an earlier checkpoint with a lower lr, an off-policy cold "
+            "start, or an outcome reward mixed in (outcome_weight)",
+        ))
+    tail_now, front_now = _tail_and_front(recent)
+    tail_then, front_then = _tail_and_front(first)
+    if None not in (tail_now, front_now, tail_then, front_then) and tail_then > 0 and front_then > 0:
+        tail_ratio, front_ratio = tail_now / tail_then, front_now / front_then
+        if tail_ratio > t.tail_entropy_ratio and tail_ratio > front_ratio:
+            alerts.append(Alert(
+                "tail-entropy", step,
+                {"tail_entropy_ratio": tail_ratio, "front_entropy_ratio": front_ratio},
+                "student entropy is rising at the end of responses first: dense rewards are "
+                "least reliable deep into long responses (SPEC §7)",
+                "cap max_new_tokens near the diagnosed horizon (`opd diagnose`) or mix in an "
+                "outcome reward",
+            ))
+    return alerts
+
+
+class Monitor:
+    """Step hook: records new alerts in the step's metrics and decides whether to stop."""
+
+    def __init__(self, on_failure: str = "warn", thresholds: MonitorThresholds | None = None,
+                 echo: Callable[[str], None] = print) -> None:
+        if on_failure not in ON_FAILURE:
+            raise OPDError(f"on_failure: unknown value {on_failure!r}; choose one of {list(ON_FAILURE)}")
+        self.on_failure, self.thresholds, self.echo = on_failure, thresholds or MonitorThresholds(), echo
+        self.history: list[dict[str, Any]] = []
+        self.fired: dict[str, Alert] = {}
+
+    def __call__(self, metrics: dict[str, Any]) -> bool:
+        self.history.append(metrics)
+        new = [a for a in check_signatures(self.history, self.thresholds) if a.rule not in self.fired]
+        for alert in new:
+            self.fired[alert.rule] = alert
+            self.echo(f"[opd monitor] step {alert.step}: {alert.rule}: {alert.cause}. "
+                      f"Recipe: {alert.recipe}.")
+        if new:
+            metrics["alerts"] = [asdict(a) for a in new]
+        return bool(new) and self.on_failure != "warn"

@@ -1,0 +1,39 @@
+"""The cold-start recipe end to end on tiny models: three kept, resumable stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opd.errors import OPDError
+from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+from tests.test_train import tiny_config
+
+
+def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):
+    out = tmp_path / "cold"
+    config = tiny_config(tiny_pair, out, max_steps=2)
+    cold = ColdStartConfig(keep="all", samples_per_prompt=2, sft_steps=3, sft_batch_size=4)
+    report = run_cold_start(config, cold)
+    rows = [json.loads(line) for line in (out / "teacher_data.jsonl").read_text().splitlines()]
+    assert rows and {"messages", "response", "prompt_index"} <= set(rows[0])
+    assert len({(r["prompt_index"], r["response"]) for r in rows}) == len(rows)  # deduplicated
+    assert (out / "sft" / "config.json").exists()
+    assert report["sft"]["steps"] == 3 and report["opd"]["steps"] == 2
+    assert json.loads((out / "cold_start.json").read_text())["stages"]["sft"] == str(out / "sft")
+    # A second call without --resume refuses; with it, finished stages are skipped.
+    with pytest.raises(OPDError, match="already holds a cold-start run"):
+        run_cold_start(config, cold)
+    before = (out / "teacher_data.jsonl").read_text()
+    again = run_cold_start(tiny_config(tiny_pair, out, max_steps=3), cold, resume=True)
+    assert (out / "teacher_data.jsonl").read_text() == before
+    assert again["opd"]["steps"] == 3
+
+
+def test_keep_correct_needs_answers(tiny_pair, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1 + 2 ="}\n')
+    config = tiny_config(tiny_pair, tmp_path / "cold", prompts=str(prompts))
+    with pytest.raises(OPDError, match="keep=correct needs an 'answer'"):
+        run_cold_start(config, ColdStartConfig(keep="correct"))
