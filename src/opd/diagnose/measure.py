@@ -140,10 +140,10 @@ def _load(path: str, role: str, config: DiagnoseConfig, template: str | None,
     return Pair(role, path, model, tokenizer, encode_prompts(tokenizer, texts))
 
 
-def _decode_correct(ctx_tok: Any, records: Sequence[PromptRecord], verifier: str,
+def _decode_correct(tokenizer: Any, records: Sequence[PromptRecord], verifier: str,
                     responses: Sequence[list[int]], prompt_index: Sequence[int]) -> list[bool]:
     check = get_verifier(verifier)
-    texts = ctx_tok.batch_decode(list(responses), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(list(responses), skip_special_tokens=True)
     return [bool(check(t, records[i].answer)) for t, i in zip(texts, prompt_index, strict=True)]
 
 
@@ -362,7 +362,7 @@ def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, flo
         if novelty["n"] == 0:
             novelty = {"mean": None, "se": None}
         fraction = out["horizon"]["fraction"] if out["horizon"] else None
-        out["recommended_max_new_tokens"] = _recommended_length(out["horizon"], ctx)
+        out["recommended_max_new_tokens"] = _recommended_length(out["horizon"])
     else:
         bar.update()
     shares = out["pattern"]["by_k"][str(t.pattern_k)]["overall"]
@@ -375,9 +375,10 @@ def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, flo
     return out
 
 
-def _recommended_length(point: dict[str, Any] | None, ctx: Context) -> int | None:
-    """The horizon in tokens, rounded up to a multiple of 8 (None: no cap suggested)."""
-    if point is None:
+def _recommended_length(point: dict[str, Any] | None) -> int | None:
+    """The horizon in tokens, rounded up to a multiple of 8; None when there is no horizon
+    within the measured depths or no advantage even from the prompt (nothing to cap)."""
+    if point is None or not point["tokens"]:
         return None
     return max(8, -(-int(point["tokens"]) // 8) * 8)
 
