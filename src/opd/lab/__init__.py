@@ -1,0 +1,20 @@
+"""Model organisms: a small world of addition problems, a shared tokenizer and a zoo of tiny
+models (a student and teachers with planted properties) to study OPD on a CPU in minutes."""
+
+from opd.lab.tokenizer import build_tokenizer
+from opd.lab.world import DIALECTS, SKILLS, Problem, sample_problems, sft_examples, solve
+from opd.lab.zoo import PROFILES, build_zoo, load_model, load_sets
+
+__all__ = [
+    "DIALECTS",
+    "PROFILES",
+    "SKILLS",
+    "Problem",
+    "build_tokenizer",
+    "build_zoo",
+    "load_model",
+    "load_sets",
+    "sample_problems",
+    "sft_examples",
+    "solve",
+]

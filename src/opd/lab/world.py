@@ -1,0 +1,234 @@
+"""The task family of the model-organism world: n-digit addition with a written-out chain of thought.
+
+A problem is `a + b` with two `digits`-digit numbers. Its solution works column by column from the
+right, writing each column's sum, the digit kept and the carry passed on, then ends with
+`answer d d d d` (digits as separate words) so that `opd.verify.exact_match` checks it against the
+gold answer stored the same way.
+
+Sub-skills are carry patterns, so that one model can be given a sub-skill another never saw:
+- `nocarry`: no column carries;
+- `carry`: some columns carry, but never two in a row (a column that receives a carry never
+  passes one on);
+- `chain`: a carry chain — a column that receives a carry also passes one on (the withheld skill).
+
+Two dialects say the same reasoning differently (order of steps, words, separators). Each slot
+that does not decide the answer draws from a few synonyms or an optional filler word, so that
+next-token distributions are broad there, while the tokens that decide the answer (column sums,
+digits, carries, the answer) stay deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opd.data.prompts import PromptRecord
+from opd.errors import OPDError
+
+SKILLS = ("nocarry", "carry", "chain")
+DIALECTS = ("A", "B")
+
+# Dialect A: `a + b + c = s , write d carry c' ;`  Dialect B: `col b a c c gives s -> digit d next c' |`
+_A_WRITE = ("write", "put", "note")
+_A_CARRY = ("carry", "keep", "hold")
+_A_FILLER = ("now", "then", "ok")
+_B_DIGIT = ("digit", "emit", "out")
+_B_NEXT = ("next", "pass", "fwd")
+_B_FILLER = ("hmm", "well", "right")
+_FILLER_P = 0.25
+
+TEMPLATE_WORDS = ("user", "assistant", ":", "question", "add", "and", "solution", ".")
+NUMBERS = tuple(str(i) for i in range(20))  # a column sum is at most 9 + 9 + 1
+VOCAB: tuple[str, ...] = (
+    *NUMBERS,
+    "+",
+    "=",
+    ",",
+    ";",
+    "answer",
+    *_A_WRITE,
+    *_A_CARRY,
+    *_A_FILLER,
+    "col",
+    "c",
+    "gives",
+    "->",
+    "|",
+    *_B_DIGIT,
+    *_B_NEXT,
+    *_B_FILLER,
+    *TEMPLATE_WORDS,
+)
+
+# Prompt templates, as Jinja chat templates stored in each model's tokenizer. The user message is
+# the problem as written ("123 + 459"); the templates spell it out one character per word so that
+# a word-level tokenizer sees single digits. Template 2 poses the same problem in other words.
+_SPELL_USER = (
+    "{% for ch in message['content'] %}{% if ch == '+' %}{{ plus }} "
+    "{% elif ch != ' ' %}{{ ch }} {% endif %}{% endfor %}"
+)
+_TEMPLATE = (
+    "{{ bos_token }} {% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ user_prefix }}" + _SPELL_USER + "{{ user_suffix }}"
+    "{% elif message['role'] == 'assistant' %}{{ assistant_prefix }}"
+    "{{ message['content'] }} {{ eos_token }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ assistant_prefix }}{% endif %}"
+)
+TEMPLATES: dict[int, str] = {
+    1: "{% set user_prefix = 'user : ' %}{% set user_suffix = '' %}{% set plus = '+' %}"
+    "{% set assistant_prefix = 'assistant : ' %}" + _TEMPLATE,
+    2: "{% set user_prefix = 'question : add ' %}{% set user_suffix = '. ' %}"
+    "{% set plus = 'and' %}{% set assistant_prefix = 'solution : ' %}" + _TEMPLATE,
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the written addition, right to left: digits, carry in, sum, digit, carry out."""
+
+    top: int
+    bottom: int
+    carry_in: int
+    total: int
+    digit: int
+    carry_out: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """`a + b` with two `digits`-digit numbers."""
+
+    a: int
+    b: int
+    digits: int
+
+    @property
+    def columns(self) -> list[Column]:
+        """The columns from the units up, with the carries passed between them."""
+        cols, carry = [], 0
+        for i in range(self.digits):
+            top, bottom = self.a // 10**i % 10, self.b // 10**i % 10
+            total = top + bottom + carry
+            cols.append(Column(top, bottom, carry, total, total % 10, total // 10))
+            carry = total // 10
+        return cols
+
+    @property
+    def chain(self) -> int:
+        """Length of the longest run of consecutive carrying columns (0 = no carry)."""
+        best = run = 0
+        for col in self.columns:
+            run = run + 1 if col.carry_out else 0
+            best = max(best, run)
+        return best
+
+    @property
+    def skill(self) -> str:
+        """The sub-skill the problem needs: `nocarry`, `carry` or `chain`."""
+        return SKILLS[min(self.chain, 2)]
+
+    @property
+    def answer(self) -> str:
+        """The gold answer as digits separated by spaces, e.g. "1 0 1 3"."""
+        return " ".join(str(self.a + self.b))
+
+    @property
+    def question(self) -> str:
+        """The user message: the problem as written, e.g. "123 + 459"."""
+        return f"{self.a} + {self.b}"
+
+    def record(self) -> PromptRecord:
+        """The problem as a prompt with its answer and meta (skill, digits, chain, operands)."""
+        meta = {"skill": self.skill, "digits": self.digits, "chain": self.chain,
+                "a": self.a, "b": self.b}
+        return PromptRecord([{"role": "user", "content": self.question}], self.answer, meta)
+
+
+def problem_from_record(record: PromptRecord) -> Problem:
+    """Recover the problem from a prompt record written by `Problem.record`."""
+    try:
+        return Problem(int(record.meta["a"]), int(record.meta["b"]), int(record.meta["digits"]))
+    except (KeyError, ValueError) as err:
+        raise OPDError(
+            "lab: the prompt record has no addition meta (a, b, digits); use records made by "
+            "opd.lab.world"
+        ) from err
+
+
+def sample_problems(
+    n: int,
+    *,
+    digits: Iterable[int],
+    skills: Iterable[str],
+    seed: int,
+    exclude: Iterable[tuple[int, int]] = (),
+) -> list[Problem]:
+    """`n` distinct problems whose digit count is in `digits` and whose skill is in `skills`,
+    drawn uniformly by rejection, skipping any `(a, b)` in `exclude` (held-out sets)."""
+    digits, skills = tuple(digits), set(skills)
+    if not digits or min(digits) < 1:
+        raise OPDError(f"lab: digits must be positive integers, got {digits}")
+    if not skills or not skills <= set(SKILLS):
+        raise OPDError(f"lab: skills must be a non-empty subset of {SKILLS}, got {sorted(skills)}")
+    rng = random.Random(seed)
+    seen = set(exclude)
+    out: list[Problem] = []
+    for _ in range(200 * n + 10_000):
+        if len(out) == n:
+            return out
+        d = rng.choice(digits)
+        a, b = rng.randrange(10 ** (d - 1), 10**d), rng.randrange(10 ** (d - 1), 10**d)
+        problem = Problem(a, b, d)
+        if (a, b) not in seen and problem.skill in skills:
+            seen.add((a, b))
+            out.append(problem)
+    raise OPDError(
+        f"lab: could not draw {n} distinct problems with digits {digits} and skills "
+        f"{sorted(skills)}; ask for fewer or allow more digits"
+    )
+
+
+def solve(problem: Problem, dialect: str, rng: random.Random | None = None) -> str:
+    """A correct chain-of-thought solution in `dialect` ("A" or "B").
+
+    With `rng`, the non-deciding slots draw synonyms and optional fillers (training data);
+    without it, the canonical wording (first synonym, no filler).
+    """
+
+    def pick(options: tuple[str, ...]) -> str:
+        return rng.choice(options) if rng else options[0]
+
+    def filler(options: tuple[str, ...]) -> list[str]:
+        return [rng.choice(options)] if rng and rng.random() < _FILLER_P else []
+
+    words: list[str] = []
+    for col in problem.columns:
+        if dialect == "A":
+            words += filler(_A_FILLER)
+            words += [str(col.top), "+", str(col.bottom), "+", str(col.carry_in), "=",
+                      str(col.total), ",", pick(_A_WRITE), str(col.digit),
+                      pick(_A_CARRY), str(col.carry_out), ";"]
+        elif dialect == "B":
+            words += ["col", str(col.bottom), str(col.top), "c", str(col.carry_in), "gives",
+                      str(col.total), "->", pick(_B_DIGIT), str(col.digit),
+                      pick(_B_NEXT), str(col.carry_out)]
+            words += filler(_B_FILLER)
+            words += ["|"]
+        else:
+            raise OPDError(f"lab: unknown dialect {dialect!r}; choose one of {DIALECTS}")
+    return " ".join([*words, "answer", problem.answer])
+
+
+def sft_examples(
+    records: Iterable[PromptRecord], dialect: str, seed: int
+) -> list[tuple[PromptRecord, str]]:
+    """(prompt, solution) pairs in `dialect`, with seeded synonyms and fillers, for `train_sft`."""
+    rng = random.Random(seed)
+    return [(record, solve(problem_from_record(record), dialect, rng)) for record in records]
+
+
+def max_new_tokens(digits: int) -> int:
+    """A generation budget that fits any solution of a `digits`-digit problem in either dialect
+    (at most 14 words per column, then `answer` and up to `digits + 1` digits), with slack."""
+    return 14 * digits + digits + 10

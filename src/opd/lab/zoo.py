@@ -1,0 +1,404 @@
+"""The zoo: a student and teachers with planted properties, built in minutes on a CPU.
+
+`build_zoo(root)` runs a list of named stages — prompt sets, then one stage per model — and
+writes `zoo.json`: each model's folder, role, dialect, template, training and its accuracy on
+every evaluation set. Each stage is cached under `root/<name>` with a fingerprint of the
+profile, the stages it builds on and the code; a stage is built in a temporary folder and
+renamed when complete, so an interrupted build never leaves a folder that looks finished.
+
+Planted properties (see `world` for the task):
+- `student` (dialect A, template 1) never saw a carry chain: decent on `eval-nochain-*`, poor
+  on `eval-chain-*`;
+- `teacher-aligned` (dialect A) has the chain sub-skill: new capability, same thinking pattern;
+- `teacher-foreign` (dialect B) is as good, but reasons in other words and order;
+- `teacher-same-pipeline` saw exactly the student's data, only larger and longer: a higher
+  score on the student's own sets and nothing new;
+- `teacher-aligned-template2` is teacher-aligned post-trained with prompt template 2, which its
+  tokenizer carries;
+- `student-rl` is `student-prerl` (a copy of the student) improved by GRPO with the
+  exact-match reward (`opd.train`), for reverse distillation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import opd
+from opd.data.prompts import PromptRecord, load_prompts, save_prompts
+from opd.errors import OPDError
+from opd.lab.tokenizer import build_tokenizer
+from opd.lab.world import max_new_tokens, sample_problems, sft_examples
+from opd.sft import SFTConfig, train_sft
+
+ZOO_FILE = "zoo.json"
+STAGE_FILE = "stage.json"
+DATA = "data"
+
+
+@dataclass(frozen=True)
+class Size:
+    """Shape of a from-scratch Llama model."""
+
+    layers: int
+    hidden: int
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class ModelStage:
+    """One model trained with `train_sft` on prompt sets solved in a dialect."""
+
+    name: str
+    role: str
+    dialect: str
+    template: int
+    data: tuple[str, ...]
+    steps: int
+    seed: int
+    size: Size
+    lr: float = 3e-3
+    init_from: str | None = None
+    """Start from this model of the zoo (post-training) instead of a fresh initialisation."""
+
+
+@dataclass(frozen=True)
+class RLStage:
+    """GRPO (outcome reward only) of a zoo model with `opd.train`."""
+
+    name: str
+    role: str
+    init_from: str
+    data: str
+    steps: int
+    seed: int
+    lr: float
+    prompts_per_step: int = 16
+    rollouts_per_prompt: int = 8
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of the data sets and the models of one build of the zoo."""
+
+    name: str
+    digits: tuple[int, ...]
+    train_size: int
+    eval_size: int
+    post_size: int
+    models: tuple[ModelStage | RLStage, ...]
+
+
+def _profile(
+    name: str,
+    digits: tuple[int, ...],
+    sizes: tuple[int, int, int],
+    steps: tuple[int, int, int, int, int, int],
+    student: Size,
+    big: Size,
+) -> Profile:
+    """The zoo's stages; `sizes` = (train, eval, post-training) prompts per set, `steps` =
+    student, teacher-aligned, teacher-foreign, teacher-same-pipeline, template-2 post-training
+    and RL steps."""
+    s_student, s_aligned, s_foreign, s_same, s_template2, s_rl = steps
+    student_data, teacher_data = ("student-train",), ("teacher-train",)
+    models: tuple[ModelStage | RLStage, ...] = (
+        ModelStage("student", "student", "A", 1, student_data, s_student, 11, student),
+        ModelStage("teacher-aligned", "teacher", "A", 1, teacher_data, s_aligned, 12, student),
+        ModelStage("teacher-foreign", "teacher", "B", 1, teacher_data, s_foreign, 13, student),
+        ModelStage("teacher-same-pipeline", "teacher", "A", 1, student_data, s_same, 14, big),
+        ModelStage(
+            "teacher-aligned-template2", "teacher", "A", 2, ("template2-train",), s_template2,
+            15, student, lr=1e-3, init_from="teacher-aligned",
+        ),
+        ModelStage("student-prerl", "student", "A", 1, (), 0, 11, student, init_from="student"),
+        RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=3e-4),
+    )
+    return Profile(name, digits, *sizes, models)
+
+
+PROFILES: dict[str, Profile] = {
+    "full": _profile(
+        "full", (2, 3), (20_000, 200, 4_000), (400, 500, 700, 700, 120, 60),
+        Size(3, 128), Size(4, 160),
+    ),
+    # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
+    # about three minutes, for tests.
+    "quick": _profile(
+        "quick", (2,), (3_000, 150, 1_000), (300, 350, 450, 500, 40, 8),
+        Size(3, 128), Size(3, 160),
+    ),
+}
+
+
+def data_sets(profile: Profile) -> dict[str, list[PromptRecord]]:
+    """The prompt sets: held-out evaluation sets per sub-skill and length, then training sets
+    drawn without them. `nochain` = the student's distribution (no carry or lone carries)."""
+    nochain, every = ("nocarry", "carry"), ("nocarry", "carry", "chain")
+    sets: dict[str, list] = {}
+    for d in profile.digits:
+        sets[f"eval-nochain-d{d}"] = sample_problems(
+            profile.eval_size, digits=[d], skills=nochain, seed=1000 + d
+        )
+        sets[f"eval-chain-d{d}"] = sample_problems(
+            profile.eval_size, digits=[d], skills=["chain"], seed=2000 + d
+        )
+    held_out = {(p.a, p.b) for problems in sets.values() for p in problems}
+    draws = {
+        "student-train": (profile.train_size, nochain, 1),
+        "teacher-train": (profile.train_size, every, 2),
+        "template2-train": (profile.post_size, every, 3),
+        "rl-train": (profile.post_size, ["chain"], 4),
+    }
+    for name, (n, skills, seed) in draws.items():
+        sets[name] = sample_problems(
+            n, digits=profile.digits, skills=skills, seed=seed, exclude=held_out
+        )
+    return {name: [p.record() for p in problems] for name, problems in sets.items()}
+
+
+def build_model(size: Size, tokenizer: Any, seed: int) -> LlamaForCausalLM:
+    """A fresh Llama model for the world's vocabulary, initialised from `seed`."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        intermediate_size=4 * size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_model(root: str | Path, name: str) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) of the zoo model `name` under `root`."""
+    folder = Path(root) / name
+    if not (folder / STAGE_FILE).exists():
+        raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; run build_zoo first")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def load_sets(root: str | Path) -> dict[str, list[PromptRecord]]:
+    """Every prompt set of a built zoo, by name."""
+    return {p.stem: load_prompts(p) for p in sorted((Path(root) / DATA).glob("*.jsonl"))}
+
+
+def _code_version() -> str:
+    """Hash of the code that decides what the zoo contains."""
+    lab = Path(__file__).parent
+    files = [*sorted(lab.glob("*.py")), lab.parent / "sft.py"]
+    digest = hashlib.sha256(opd.__version__.encode())
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached(root: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
+    marker = root / name / STAGE_FILE
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            return saved["meta"]
+    return None
+
+
+def _run_stage(
+    root: Path, name: str, fingerprint: str, build: Callable[[Path], dict[str, Any]]
+) -> dict[str, Any]:
+    """The stage's meta: loaded when its folder is complete with the same fingerprint, else
+    built into a temporary folder that is renamed into place once complete."""
+    cached = _cached(root, name, fingerprint)
+    if cached is not None:
+        return cached
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    tmp.chmod(0o755)
+    try:
+        start = time.perf_counter()
+        meta = build(tmp)
+        meta["build_seconds"] = round(time.perf_counter() - start, 1)
+        (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "meta": meta}))
+        shutil.rmtree(root / name, ignore_errors=True)
+        tmp.rename(root / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]]
+) -> dict[str, float]:
+    """Greedy exact-match accuracy on every `eval-*` set, with the model's own template."""
+    from opd.evaluate import evaluate
+
+    out = {}
+    for name, records in sets.items():
+        if name.startswith("eval-"):
+            digits = max(int(r.meta["digits"]) for r in records)
+            result = evaluate(model, tokenizer, records, max_new_tokens=max_new_tokens(digits))
+            out[name] = round(result.accuracy, 4)
+    return out
+
+
+def _sft_stage(
+    spec: ModelStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool
+) -> Callable[[Path], dict[str, Any]]:
+    def build(folder: Path) -> dict[str, Any]:
+        tokenizer = build_tokenizer(spec.template)
+        if spec.init_from:
+            model = AutoModelForCausalLM.from_pretrained(root / spec.init_from)
+        else:
+            model = build_model(spec.size, tokenizer, spec.seed)
+        examples = [
+            ex for name in spec.data for ex in sft_examples(sets[name], spec.dialect, spec.seed)
+        ]
+        losses: list[float] = []
+        if spec.steps:
+            config = SFTConfig(
+                steps=spec.steps, lr=spec.lr, seed=spec.seed, progress=progress, desc=spec.name
+            )
+            losses = train_sft(model, tokenizer, examples, config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return {
+            "trained_on": {"sets": list(spec.data), "dialect": spec.dialect, "steps": spec.steps,
+                           "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
+                           "final_loss": round(losses[-1], 4) if losses else None},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "accuracy": evaluate_model(model, tokenizer, sets),
+        }
+
+    return build
+
+
+def _rl_stage(
+    spec: RLStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool
+) -> Callable[[Path], dict[str, Any]]:
+    def build(folder: Path) -> dict[str, Any]:
+        from opd.config import build_config
+        from opd.train import run_training
+
+        run = folder / "run"
+        config = build_config(
+            {
+                "student": str(root / spec.init_from), "prompts": str(root / DATA / f"{spec.data}.jsonl"),
+                "out": str(run), "max_steps": spec.steps, "lr": spec.lr, "seed": spec.seed,
+                "distill_weight": 0.0, "outcome_weight": 1.0,
+                "prompts_per_step": spec.prompts_per_step,
+                "rollouts_per_prompt": spec.rollouts_per_prompt,
+                "max_new_tokens": max_new_tokens(max(int(r.meta["digits"]) for r in sets[spec.data])),
+                "save_every": spec.steps, "keep_checkpoints": 1, "progress": progress,
+            },
+            profile="cpu-small",
+        )
+        summary = run_training(config)
+        checkpoint = Path(summary["final_checkpoint"])
+        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        shutil.copy(run / "metrics.jsonl", folder / "rl_metrics.jsonl")
+        shutil.rmtree(run)
+        return {
+            "trained_on": {"sets": [spec.data], "method": "grpo", "steps": spec.steps,
+                           "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
+                           "prompts_per_step": spec.prompts_per_step,
+                           "rollouts_per_prompt": spec.rollouts_per_prompt},
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "accuracy": evaluate_model(model, tokenizer, sets),
+        }
+
+    return build
+
+
+def _data_stage(profile: Profile) -> Callable[[Path], dict[str, Any]]:
+    def build(folder: Path) -> dict[str, Any]:
+        sets = data_sets(profile)
+        for name, records in sets.items():
+            save_prompts(records, folder / f"{name}.jsonl")
+        return {"sets": {name: len(records) for name, records in sets.items()}}
+
+    return build
+
+
+def build_zoo(
+    root: str | Path, profile: str = "full", progress: bool = True
+) -> dict[str, Any]:
+    """Build (or load from cache) every stage of the zoo under `root`; returns and writes
+    `root/zoo.json`."""
+    if profile not in PROFILES:
+        raise OPDError(f"zoo: unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    spec = PROFILES[profile]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    code = _code_version()
+    prints = {DATA: _fingerprint(code, asdict(spec) | {"models": None})}
+    stages = [s.name for s in spec.models]
+    bar = tqdm([DATA, *stages], desc=f"zoo ({profile})", disable=not progress)
+    metas: dict[str, dict[str, Any]] = {}
+    sets: dict[str, list[PromptRecord]] = {}
+    for name in bar:
+        bar.set_postfix_str(name)
+        if name == DATA:
+            metas[DATA] = _run_stage(root, DATA, prints[DATA], _data_stage(spec))
+            sets = load_sets(root)
+            continue
+        stage = next(s for s in spec.models if s.name == name)
+        parents = [DATA, *([stage.init_from] if stage.init_from else [])]
+        prints[name] = _fingerprint(code, asdict(stage), [prints[p] for p in parents])
+        make = _rl_stage if isinstance(stage, RLStage) else _sft_stage
+        metas[name] = _run_stage(root, name, prints[name], make(stage, root, sets, progress))
+    zoo = {
+        "profile": profile,
+        "code_version": code,
+        "sets": {
+            name: {"path": f"{DATA}/{name}.jsonl", "size": size}
+            for name, size in metas[DATA]["sets"].items()
+        },
+        "eval_groups": {
+            "student": [f"eval-nochain-d{d}" for d in spec.digits],
+            "subskill": [f"eval-chain-d{d}" for d in spec.digits],
+        },
+        "build_seconds": {name: meta["build_seconds"] for name, meta in metas.items()},
+        "models": {},
+    }
+    for stage in spec.models:
+        meta = metas[stage.name]
+        accuracy = meta["accuracy"]
+        for group, names in zoo["eval_groups"].items():
+            accuracy[group] = round(sum(accuracy[n] for n in names) / len(names), 4)
+        # An RL stage keeps the dialect and template of the model it starts from.
+        like = zoo["models"][stage.init_from] if isinstance(stage, RLStage) else asdict(stage)
+        zoo["models"][stage.name] = {
+            "folder": stage.name,
+            "role": stage.role,
+            "dialect": like["dialect"],
+            "template": like["template"],
+            **{k: v for k, v in meta.items() if k != "build_seconds"},
+        }
+    tmp = root / f"{ZOO_FILE}.tmp"
+    tmp.write_text(json.dumps(zoo, indent=2))
+    tmp.replace(root / ZOO_FILE)
+    return zoo

@@ -1,0 +1,138 @@
+"""Supervised fine-tuning of any Hugging Face causal LM on (prompt, response) pairs.
+
+Used to build the model-organism world and for the off-policy cold start (SPEC §6.1): the prompt
+is rendered with `render_prompt` (the tokenizer's chat template when it has one), the EOS token is
+appended to the response, and the cross-entropy loss covers the response tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from opd.data.prompts import Messages, PromptRecord, render_prompt
+from opd.errors import OPDError
+
+IGNORE_INDEX = -100
+Example = tuple[Messages | PromptRecord, str]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Settings of one supervised fine-tuning run."""
+
+    steps: int = 500
+    """Optimizer steps; the examples are reshuffled each time they have all been used."""
+    batch_size: int = 64
+    """Examples per step."""
+    lr: float = 3e-3
+    """Peak learning rate of AdamW."""
+    warmup_steps: int = 20
+    """Steps of linear warm-up from 0 to `lr`; a cosine decay to `min_lr_ratio * lr` follows."""
+    min_lr_ratio: float = 0.05
+    """Final learning rate as a share of `lr`."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm (clipped before each step)."""
+    max_length: int | None = None
+    """Truncate prompt + response to this many tokens (None: keep everything)."""
+    template: str | None = None
+    """Prompt template with `{prompt}`, passed to `render_prompt` (None: the chat template)."""
+    seed: int = 0
+    """Seed of the shuffling."""
+    progress: bool = True
+    """Show a tqdm progress bar with the running loss."""
+    desc: str = "sft"
+    """Label of the progress bar."""
+
+
+def _encode(
+    tokenizer: Any, example: Example, config: SFTConfig
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one example: prompt tokens masked with IGNORE_INDEX."""
+    prompt, response = example
+    messages = prompt.messages if isinstance(prompt, PromptRecord) else prompt
+    text = render_prompt(messages, tokenizer, config.template)
+    # As `opd.rollout` encodes prompts: no added special tokens, then BOS first if there is one.
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and prompt_ids[:1] != [bos]:
+        prompt_ids = [bos, *prompt_ids]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    response_ids = [*response_ids, tokenizer.eos_token_id]
+    ids = [*prompt_ids, *response_ids]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    if config.max_length is not None:
+        ids, labels = ids[: config.max_length], labels[: config.max_length]
+    return ids, labels
+
+
+def collate(
+    encoded: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of (ids, labels) into input_ids, attention_mask and labels tensors."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def lr_factor(step: int, config: SFTConfig) -> float:
+    """Learning-rate multiplier at `step`: linear warm-up, then cosine decay to `min_lr_ratio`."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
+
+
+def train_sft(
+    model: Any, tokenizer: Any, examples: Sequence[Example], config: SFTConfig = SFTConfig()
+) -> list[float]:
+    """Fine-tune `model` in place on `examples` ((messages or PromptRecord, response) pairs);
+    returns the loss of every step. The model is left in eval mode."""
+    if not examples:
+        raise OPDError("sft: no examples; give at least one (prompt, response) pair")
+    if tokenizer.eos_token_id is None:
+        raise OPDError("sft: the tokenizer has no EOS token; set tokenizer.eos_token first")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [_encode(tokenizer, example, config) for example in examples]
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(config.steps), desc=config.desc, disable=not config.progress, leave=False)
+    for _ in bar:
+        batch_idx = []
+        while len(batch_idx) < min(config.batch_size, len(encoded)):
+            if not order:
+                order = list(range(len(encoded)))
+                rng.shuffle(order)
+            batch_idx.append(order.pop())
+        batch = {k: v.to(device) for k, v in collate([encoded[i] for i in batch_idx], pad_id).items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
