@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Verbs that live beside the code they run: "module:function", each function called with the
 # subparsers object and the shared training-flags parent.
-EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register", "opd.recipes.cli:register")
+EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register", "opd.recipes.cli:register",
+                               "opd.recipes.select_cli:register")
 
 
 def main(argv: list[str] | None = None) -> int:

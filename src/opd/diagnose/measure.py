@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -129,15 +129,20 @@ def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
     return records
 
 
-def _load(path: str, role: str, config: DiagnoseConfig, template: str | None,
-          records: Sequence[PromptRecord], student_tokenizer: Any = None,
-          student_path: str = "") -> Pair:
+def load_pair(path: str, role: str, config: DiagnoseConfig, student: Pair | None = None) -> Pair:
+    """A model and its tokenizer, no prompts rendered yet; a teacher's vocabulary is checked
+    against the `student`'s first (OPDError on a mismatch)."""
     tokenizer = load_tokenizer(path, role)
-    if student_tokenizer is not None:
-        check_same_vocabulary(student_tokenizer, tokenizer, student_path, path)
+    if student is not None:
+        check_same_vocabulary(student.tokenizer, tokenizer, student.path, path)
     model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device())
-    texts = [render_prompt(r.messages, tokenizer, template) for r in records]
-    return Pair(role, path, model, tokenizer, encode_prompts(tokenizer, texts))
+    return Pair(role, path, model, tokenizer, [])
+
+
+def _render(pair: Pair, records: Sequence[PromptRecord], template: str | None) -> Pair:
+    """`pair` with its prompt rows for `records` (chat template, or the format string)."""
+    texts = [render_prompt(r.messages, pair.tokenizer, template) for r in records]
+    return replace(pair, prompt_rows=encode_prompts(pair.tokenizer, texts))
 
 
 def _decode_correct(tokenizer: Any, records: Sequence[PromptRecord], verifier: str,
@@ -407,6 +412,69 @@ def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored:
     return out
 
 
+def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair) -> Context:
+    """The student's rollouts of its prompt rows; with an answer on every record, their
+    correctness and the student's own continuations at every depth."""
+    cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
+            "generated_tokens": 0, "scored_tokens": 0}
+    rollouts = generate_rollouts(
+        student.model, student.tokenizer, student.prompt_rows, n=config.n,
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
+    )
+    cost["student_rollouts"] = len(rollouts.response_ids)
+    cost["generated_tokens"] += int(rollouts.response_lengths.sum())
+    eos = student.tokenizer.eos_token_id
+    cuts = [[cut_at(d, _body_length(r, eos)) for r in rollouts.response_ids] for d in config.depths]
+    ctx = Context(config, list(records), student, rollouts, None, cuts, [], cost)
+    if all(r.answer is not None for r in records):
+        ctx.correct = _decode_correct(student.tokenizer, records, config.verifier,
+                                      rollouts.response_ids, rollouts.prompt_index.tolist())
+        for d in range(len(config.depths)):
+            correct, generated = _continue(student, ctx, d)
+            ctx.student_continuations.append(correct)
+            cost["continuations"] += len(correct)
+            cost["generated_tokens"] += generated
+    return ctx
+
+
+def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
+                        teacher: Pair, k: int) -> dict[str, Any]:
+    """The step-0 measures of SPEC §3 at top-`k` per prompt, on the student's `config.n`
+    rollouts of each of `records` (rendered with the config's templates; the teacher sees them
+    as `config.teacher_prompt` says). Per prompt: `tokens` scored, a token mean of every
+    measure, `overlap_share` (the min of both sides, as in the diagnosis) and, with
+    answers and `config.depths`, `advantage`: the teacher's minus the student's accuracy
+    continuing from the first depth (else None). `overall`: token means over all prompts."""
+    student = _render(student, records, config.student_template)
+    teacher = _render(teacher, records, config.teacher_template)
+    ctx = _student_context(config, records, student)
+    asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
+    scored = _score(student, asked, ctx, [k])
+    values = scored["measures"][k]
+    token_prompt = ctx.rollouts.prompt_index[scored["rows"]]
+    tokens = torch.bincount(token_prompt, minlength=len(records)).tolist()
+    means = {m: _row_means(v, token_prompt, len(records)) for m, v in values.items()}
+    prompts = [{"tokens": n, **{m: means[m][i] for m in means}, "advantage": None}
+               for i, n in enumerate(tokens)]
+    for row in prompts:
+        row["overlap_share"] = min(row["overlap_share_student"], row["overlap_share_teacher"])
+    if ctx.correct is not None and config.depths:
+        _, teacher_correct = _continuation_curve(asked, ctx)
+        index = ctx.rollouts.prompt_index.tolist()
+        rows = [j for j, c in enumerate(ctx.cuts[0]) if c is not None]
+        diffs = [float(t) - float(s) for t, s in
+                 zip(teacher_correct[0], ctx.student_continuations[0], strict=True)]
+        prompt_of_row = torch.tensor([index[j] for j in rows], dtype=torch.long)
+        advantage = _row_means(torch.tensor(diffs), prompt_of_row, len(records))
+        counts = torch.bincount(prompt_of_row, minlength=len(records)).tolist()
+        for row, value, n in zip(prompts, advantage, counts, strict=True):
+            row["advantage"] = value if n else None
+    overall = {m: float(v.mean()) for m, v in values.items()}
+    overall["overlap_share"] = min(overall["overlap_share_student"], overall["overlap_share_teacher"])
+    return {"k": k, "overall": overall, "prompts": prompts, "cost": ctx.cost}
+
+
 def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
     """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict."""
     start = time.perf_counter()
@@ -418,42 +486,20 @@ def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)
     with timed("load", times):
         bar.set_postfix_str("loading models")
-        student = _load(config.student, "student", config, config.student_template, records)
-        teachers = [_load(config.teacher, "teacher", config, config.teacher_template, records,
-                          student.tokenizer, config.student)]
-        if config.teacher2:
-            teachers.append(_load(config.teacher2, "teacher2", config, config.teacher_template,
-                                  records, student.tokenizer, config.student))
+        student = _render(load_pair(config.student, "student", config), records, config.student_template)
+        paths = [("teacher", config.teacher), *([("teacher2", config.teacher2)] if config.teacher2 else [])]
+        teachers = [_render(load_pair(path, role, config, student), records, config.teacher_template)
+                    for role, path in paths]
         bar.update()
     warnings: list[str] = []
-    has_answers = all(r.answer is not None for r in records)
-    if not has_answers:
+    if any(r.answer is None for r in records):
         missing = sum(r.answer is None for r in records)
         warnings.append(f"prompts: {missing} of {len(records)} sampled prompts have no 'answer'; "
                         "accuracy, novelty, horizon and AUROC are skipped (pattern and template "
                         "checks still run)")
-    cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
-            "generated_tokens": 0, "scored_tokens": 0}
     with timed("student_rollouts", times):
         bar.set_postfix_str("student rollouts")
-        rollouts = generate_rollouts(
-            student.model, student.tokenizer, student.prompt_rows, n=config.n,
-            max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-            top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
-        )
-        cost["student_rollouts"] = len(rollouts.response_ids)
-        cost["generated_tokens"] += int(rollouts.response_lengths.sum())
-        eos = student.tokenizer.eos_token_id
-        cuts = [[cut_at(d, _body_length(r, eos)) for r in rollouts.response_ids] for d in config.depths]
-        ctx = Context(config, records, student, rollouts, None, cuts, [], cost)
-        if has_answers:
-            ctx.correct = _decode_correct(student.tokenizer, records, config.verifier,
-                                          rollouts.response_ids, rollouts.prompt_index.tolist())
-            for d in range(len(config.depths)):
-                correct, generated = _continue(student, ctx, d)
-                ctx.student_continuations.append(correct)
-                cost["continuations"] += len(correct)
-                cost["generated_tokens"] += generated
+        ctx = _student_context(config, records, student)
         bar.update()
     results = [measure_teacher(teacher, ctx, bar, times) for teacher in teachers]
     diagnosis: dict[str, Any] = {

@@ -1,0 +1,426 @@
+"""Teacher-aligned prompts (SPEC §6.2): the teacher's template, then prompts ranked by alignment.
+
+(a) Template: every candidate prompt is rendered with the teacher's prompt template (its
+tokenizer's chat template, or a format string) and written as plain text; OPD then uses that
+text as is (`template: "{prompt}"`, `teacher_prompt: student`), so the student rolls out, and
+the teacher scores, under the template the teacher was post-trained with.
+(b) Content: the student rolls out every candidate, the teacher scores those rollouts, and each
+prompt gets the step-0 measures of SPEC §3 (`opd.diagnose.measure.alignment_by_prompt`); the
+top fraction by the chosen measures is kept and a share of other prompts is mixed in, since
+aligned content alone drives student entropy down. A short OPD trial on the selected and the
+unselected prompts shows that entropy effect.
+
+Outputs in the out folder: prompts.jsonl (kept + mixed in, rendered), selection.json (per-prompt
+scores, what was kept and why, step-0 measures before and after), train.yaml (the settings OPD
+needs to use the rendered prompts), report.md and selection.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm.auto import tqdm
+
+from opd.config import build_config
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
+from opd.diagnose.report import _atomic
+from opd.errors import OPDError
+from opd.train import load_metrics, run_training
+
+RANKABLE = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
+            "overlap_token_advantage", "advantage")
+"""Per-prompt measures a selection can rank by; higher is more aligned for each."""
+STEP0 = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
+         "overlap_token_advantage", "student_entropy")
+"""The step-0 measures reported for each prompt set."""
+USE_WITH = {"template": "{prompt}", "teacher_prompt": "student"}
+"""Training settings under which the rendered prompts reach the student verbatim."""
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    """Inputs and settings of one prompt selection."""
+
+    student: str
+    teacher: str
+    prompts: str
+    """Candidate prompts (.jsonl or .parquet)."""
+    out: str
+    template: str = "teacher"
+    """Whose prompt template the output uses: teacher or student."""
+    student_template: str | None = None
+    """Format string with {prompt} instead of the student tokenizer's chat template."""
+    teacher_template: str | None = None
+    """Format string with {prompt} instead of the teacher tokenizer's chat template."""
+    keep_fraction: float = 0.5
+    """Share of the candidates kept, best first, in (0, 1]."""
+    mix_share: float = 0.2
+    """Share of the output made of other prompts, in [0, 1)."""
+    other_prompts: str | None = None
+    """Where the mixed-in prompts come from (default: the candidates not kept)."""
+    rank_by: tuple[str, ...] = ("overlap_ratio",)
+    """Measures of RANKABLE; several are combined as the mean of their percentile ranks."""
+    num_prompts: int = 256
+    """Candidates sampled (seeded) from the file."""
+    n: int = 4
+    """Student rollouts per candidate."""
+    max_new_tokens: int = 256
+    k: int = 16
+    """Top-k of the overlap measures."""
+    trial_steps: int = 20
+    """OPD steps of the trial on each prompt set (0 = no trial)."""
+    trial_profile: str = "study"
+    """Defaults profile of the trial runs (study or cpu-small)."""
+    trial_settings: dict[str, Any] = field(default_factory=dict)
+    """Further TrainConfig fields for the trial runs."""
+    seed: int = 0
+    batch_size: int = 64
+    dtype: str = "auto"
+    progress: bool = True
+
+
+# -- pure selection ---------------------------------------------------------------------------
+def check_settings(config: SelectConfig) -> None:
+    """Raise OPDError for the first setting that cannot work."""
+    if not 0 < config.keep_fraction <= 1:
+        raise OPDError(f"--keep-fraction must be in (0, 1], got {config.keep_fraction}")
+    if not 0 <= config.mix_share < 1:
+        raise OPDError(f"--mix-share must be in [0, 1) (a share of the output), got {config.mix_share}")
+    if config.template not in {"teacher", "student"}:
+        raise OPDError(f"--template: {config.template!r}; choose teacher or student")
+    unknown = [m for m in config.rank_by if m not in RANKABLE]
+    if unknown or not config.rank_by:
+        raise OPDError(f"--rank-by: unknown measure(s) {unknown}; choose from {', '.join(RANKABLE)}")
+    for name in ("num_prompts", "n", "max_new_tokens", "k"):
+        if getattr(config, name) < 1:
+            raise OPDError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if config.trial_steps < 0:
+        raise OPDError(f"--trial-steps must be 0 (no trial) or more, got {config.trial_steps}")
+
+
+def percentile_ranks(values: Sequence[float]) -> list[float]:
+    """Each value's rank among `values` scaled to [0, 1]; ties share their mean rank."""
+    n = len(values)
+    order = sorted(range(n), key=values.__getitem__)
+    ranks = [1.0] * n
+    start = 0
+    while start < n:
+        end = start
+        while end + 1 < n and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 / (n - 1) if n > 1 else 1.0
+        start = end + 1
+    return ranks
+
+
+def combined_scores(rows: Sequence[dict[str, Any]], by: Sequence[str]) -> list[float]:
+    """One measure: its values. Several: the mean of their percentile ranks."""
+    columns = [[row[m] for row in rows] for m in by]
+    for name, column in zip(by, columns, strict=True):
+        if any(v is None for v in column):
+            raise OPDError(f"--rank-by {name}: not measured for every prompt (advantage needs an "
+                           "'answer' on every candidate row)")
+    if len(columns) == 1:
+        return [float(v) for v in columns[0]]
+    ranked = [percentile_ranks(c) for c in columns]
+    return [sum(r[i] for r in ranked) / len(ranked) for i in range(len(rows))]
+
+
+def top_fraction(scores: Sequence[float], fraction: float) -> list[int]:
+    """Indices of the ceil(fraction · N) highest scores (at least one), best first; ties go to
+    the earlier index."""
+    count = max(1, math.ceil(fraction * len(scores) - 1e-9))
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:count]
+
+
+def mix_count(kept: int, share: float) -> int:
+    """Other prompts to add to `kept` so that they make `share` of the output (nearest count)."""
+    return math.floor(share * kept / (1 - share) + 0.5)
+
+
+def mix_in(pool: Sequence[int], kept: int, share: float, seed: int) -> list[int]:
+    """A seeded sample of `pool` of mix_count(kept, share) items (all of `pool` if fewer)."""
+    return random.Random(seed).sample(list(pool), min(mix_count(kept, share), len(pool)))
+
+
+def subset_means(prompts: Sequence[dict[str, Any]], indices: Sequence[int],
+                 measures: Sequence[str] = STEP0) -> dict[str, float]:
+    """Token means of per-prompt measures over the prompts `indices` (weighted by tokens)."""
+    tokens = sum(prompts[i]["tokens"] for i in indices)
+    return {m: sum(prompts[i]["tokens"] * prompts[i][m] for i in indices) / tokens for m in measures}
+
+
+def entropy_effect(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Student entropy (and overlap) over a trial run's steps: first, last, mean of the last
+    half, and the change from the first step to that mean."""
+    entropy = [r["student_entropy"] for r in records]
+    late = entropy[len(entropy) // 2 :]
+    return {"steps": len(entropy), "student_entropy": entropy,
+            "overlap_ratio": [r.get("overlap_ratio") for r in records],
+            "first": entropy[0], "last": entropy[-1], "late_mean": sum(late) / len(late),
+            "change": sum(late) / len(late) - entropy[0]}
+
+
+# -- rendering and files ----------------------------------------------------------------------
+def as_text(records: Sequence[PromptRecord], texts: Sequence[str]) -> list[PromptRecord]:
+    """Each record as its rendered text (one user message), the original messages in meta."""
+    return [PromptRecord([{"role": "user", "content": t}], r.answer,
+                         {**r.meta, "source_messages": r.messages})
+            for r, t in zip(records, texts, strict=True)]
+
+
+def write_prompts(path: Path, records: Sequence[PromptRecord], info: Sequence[dict[str, Any]]) -> None:
+    """Rows `{"prompt": rendered text, "answer", meta…, "selection": info}`, atomically."""
+    rows = [{"prompt": r.messages[-1]["content"], "answer": r.answer, **r.meta, "selection": i}
+            for r, i in zip(records, info, strict=True)]
+    _atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
+
+
+# -- the recipe -------------------------------------------------------------------------------
+def _candidates(config: SelectConfig) -> tuple[list[int], list[PromptRecord]]:
+    records = load_prompts(config.prompts)
+    indices = list(range(len(records)))
+    if config.num_prompts < len(records):
+        indices = sorted(random.Random(config.seed).sample(indices, config.num_prompts))
+    return indices, [records[i] for i in indices]
+
+
+def _trial(config: SelectConfig, name: str, records: Sequence[PromptRecord], folder: Path) -> dict[str, Any]:
+    """A short OPD run on `records`; its checkpoints are removed, its metrics kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_prompts(folder / f"{name}.jsonl", records, [{"set": name}] * len(records))
+    forced = {"student": config.student, "teacher": config.teacher,
+              "prompts": str(folder / f"{name}.jsonl"), "out": str(folder / name),
+              "max_steps": config.trial_steps, "max_new_tokens": config.max_new_tokens,
+              "seed": config.seed, "save_every": config.trial_steps, "keep_checkpoints": 1,
+              "progress": config.progress, **USE_WITH}
+    run_training(build_config(config.trial_settings, forced, profile=config.trial_profile))
+    shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
+    return {"prompts": len(records), "run": str(folder / name),
+            **entropy_effect(load_metrics(folder / name))}
+
+
+def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
+    """Select, write every output into `config.out` and return the selection (selection.json)."""
+    check_settings(config)
+    out = Path(config.out)
+    if (out / "selection.json").exists():
+        raise OPDError(f"--out: {str(out)!r} already holds a selection; choose a new folder "
+                       "(nothing was changed)")
+    indices, records = _candidates(config)
+    others = load_prompts(config.other_prompts) if config.other_prompts else None
+    ranking_needs_answers = "advantage" in config.rank_by
+    if ranking_needs_answers and any(r.answer is None for r in records):
+        raise OPDError("--rank-by advantage needs an 'answer' on every candidate row")
+    trial_runs = 3 if config.mix_share else 2
+    bar = tqdm(total=4 + trial_runs * bool(config.trial_steps), desc="opd select-prompts",
+               disable=not config.progress)
+    bar.set_postfix_str("loading models")
+    measure = DiagnoseConfig(
+        student=config.student, teacher=config.teacher, prompts=config.prompts,
+        student_template="{prompt}", teacher_template="{prompt}", teacher_prompt="student",
+        n=config.n, max_new_tokens=config.max_new_tokens,
+        depths=(0.0,) if ranking_needs_answers else (), seed=config.seed,
+        batch_size=config.batch_size, dtype=config.dtype, progress=False,
+    )
+    student = load_pair(config.student, "student", measure)
+    teacher = load_pair(config.teacher, "teacher", measure, student)
+    bar.update()
+
+    def rendered(pair: Pair, template: str | None, rows: Sequence[PromptRecord]) -> list[PromptRecord]:
+        return as_text(rows, [render_prompt(r.messages, pair.tokenizer, template) for r in rows])
+
+    by_template = {"student": rendered(student, config.student_template, records),
+                   "teacher": rendered(teacher, config.teacher_template, records)}
+    step0: dict[str, Any] = {}
+    ranking: dict[str, Any] = {}
+    for name, rows in by_template.items():
+        bar.set_postfix_str(f"step-0 measures, {name} template")
+        result = alignment_by_prompt(measure, rows, student, teacher, config.k)
+        step0[f"{name}_template"] = {m: result["overall"][m] for m in STEP0} | {"prompts": len(rows)}
+        if name == config.template:
+            ranking = result
+        bar.update()
+
+    scores = combined_scores(ranking["prompts"], config.rank_by)
+    kept = top_fraction(scores, config.keep_fraction)
+    dropped = sorted(set(range(len(records))) - set(kept))
+    chosen = by_template[config.template]
+    if others is None:
+        pool, pool_index = [chosen[i] for i in dropped], dropped
+    else:
+        owner = student if config.template == "student" else teacher
+        own_template = config.student_template if config.template == "student" else config.teacher_template
+        pool, pool_index = rendered(owner, own_template, others), []
+    mixed = mix_in(range(len(pool)), len(kept), config.mix_share, config.seed)
+    warnings = []
+    if len(mixed) < mix_count(len(kept), config.mix_share):
+        warnings.append(f"only {len(mixed)} other prompts to mix in (asked for "
+                        f"{mix_count(len(kept), config.mix_share)}): the output's share of other "
+                        f"prompts is {len(mixed) / (len(kept) + len(mixed)):.3f}")
+    output = [chosen[i] for i in kept] + [pool[i] for i in mixed]
+    info = [{"role": "kept", "rank": r + 1, "score": scores[i], "candidate": indices[i]}
+            for r, i in enumerate(kept)]
+    info += [{"role": "mixed", "candidate": indices[pool_index[i]] if others is None else None}
+             for i in mixed]
+    out.mkdir(parents=True, exist_ok=True)
+    write_prompts(out / "prompts.jsonl", output, info)
+
+    bar.set_postfix_str("step-0 measures, fresh rollouts")
+    # Fresh rollouts (another seed) of every candidate and of the other prompts mixed in.
+    extra = [] if others is None else [pool[i] for i in mixed]
+    fresh = alignment_by_prompt(replace(measure, seed=config.seed + 1, depths=()),
+                                [*chosen, *extra], student, teacher, config.k)["prompts"]
+    mixed_rows = [pool_index[i] for i in mixed] if others is None else range(len(chosen), len(fresh))
+    step0["fresh_rollouts"] = {
+        "all_candidates": subset_means(fresh, range(len(chosen))),
+        "selected": subset_means(fresh, kept),
+        "dropped": subset_means(fresh, dropped) if dropped else None,
+        "output": subset_means(fresh, [*kept, *mixed_rows]),
+    }
+    bar.update()
+
+    trial: dict[str, Any] = {}
+    if config.trial_steps:
+        sets = {"selected": output, "kept_only": [chosen[i] for i in kept] if config.mix_share else None,
+                "unselected": [chosen[i] for i in dropped]}
+        for name, rows in sets.items():
+            if rows is None:
+                continue
+            bar.set_postfix_str(f"trial on the {name} prompts")
+            if rows:
+                trial[name] = _trial(config, name, rows, out / "trial")
+            else:
+                warnings.append(f"trial: no {name} prompts (keep fraction 1), nothing to compare with")
+            bar.update()
+    if "selected" in trial and "unselected" in trial:
+        trial["entropy_effect"] = trial["selected"]["late_mean"] - trial["unselected"]["late_mean"]
+
+    kept_set, mixed_set = set(kept), {pool_index[i] for i in mixed} if others is None else set()
+    selection = {
+        "inputs": {k: v for k, v in asdict(config).items() if k != "progress"},
+        "k": config.k, "rank_by": list(config.rank_by),
+        "counts": {"candidates": len(records), "kept": len(kept), "dropped": len(dropped),
+                   "mixed_in": len(mixed), "output": len(output)},
+        "use_with": USE_WITH,
+        "step0": step0,
+        "trial": trial or None,
+        "warnings": warnings,
+        "prompts": [
+            {"candidate": indices[i], "text": records[i].messages[-1]["content"], "score": scores[i],
+             "kept": i in kept_set, "mixed_in": i in mixed_set,
+             "measures": {m: row[m] for m in (*STEP0, "advantage", "tokens")}}
+            for i, row in enumerate(ranking["prompts"])
+        ],
+    }
+    _write_outputs(selection, out)
+    bar.close()
+    return selection
+
+
+# -- report -----------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _markdown(selection: dict[str, Any], out: Path) -> str:
+    counts, step0, inputs = selection["counts"], selection["step0"], selection["inputs"]
+    lines = [
+        "# Teacher-aligned prompt selection", "",
+        f"Student `{inputs['student']}`, teacher `{inputs['teacher']}`, candidates `{inputs['prompts']}`.",
+        f"Template: **{inputs['template']}**. Ranked by {', '.join(selection['rank_by'])} "
+        f"(top-{selection['k']}, {inputs['n']} student rollouts per prompt); kept "
+        f"{counts['kept']} of {counts['candidates']} (fraction {inputs['keep_fraction']}), mixed in "
+        f"{counts['mixed_in']} other prompts (share {inputs['mix_share']}): {counts['output']} prompts "
+        "in `prompts.jsonl`.", "",
+        "## Train on them", "",
+        "The prompts are written already rendered; OPD must use the text as is:", "",
+        "```",
+        f"opd train --config {out / 'train.yaml'} --student {inputs['student']} "
+        f"--teacher {inputs['teacher']} --out RUN",
+        "```", "",
+        "`train.yaml` sets `prompts`, `template: \"{prompt}\"` and `teacher_prompt: student` "
+        "(with the student's chat template or `teacher_prompt: own` the text would be wrapped again).",
+        "", "## Step-0 measures", "",
+        "| prompt set | rollouts | overlap ratio | overlap share | mass s | mass t | student entropy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    table = [("candidates, student template", "seed", step0["student_template"]),
+             ("candidates, teacher template", "seed", step0["teacher_template"])]
+    table += [(name.replace("_", " "), "fresh", values)
+              for name, values in step0["fresh_rollouts"].items() if values]
+    for name, rollouts, v in table:
+        lines.append(f"| {name} | {rollouts} | {_fmt(v['overlap_ratio'])} | {_fmt(v['overlap_share'])} | "
+                     f"{_fmt(v['overlap_mass_student'])} | {_fmt(v['overlap_mass_teacher'])} | "
+                     f"{_fmt(v['student_entropy'])} |")
+    lines += ["", "The first two rows score the rollouts the ranking used; the others score fresh "
+              "rollouts (another seed), so the selected prompts' gain is not their sampling luck.", ""]
+    trial = selection["trial"]
+    if trial:
+        lines += ["## Short OPD trial: student entropy", "",
+                  "| prompts | set size | first step | last step | mean of last half | change |",
+                  "|---|---|---|---|---|---|"]
+        for name, run in trial.items():
+            if isinstance(run, dict):
+                lines.append(f"| {name} | {run['prompts']} | {_fmt(run['first'])} | {_fmt(run['last'])} | "
+                             f"{_fmt(run['late_mean'])} | {_fmt(run['change'])} |")
+        if trial.get("entropy_effect") is not None:
+            lines += ["", f"Selected minus unselected (mean of the last half of the trial): "
+                      f"**{trial['entropy_effect']:+.3f}** nats. A large fall on the selected prompts "
+                      "is the entropy collapse of aligned content: raise --mix-share."]
+    if selection["warnings"]:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in selection["warnings"]]]
+    lines += ["", "![selection](selection.png)", ""]
+    return "\n".join(lines)
+
+
+def _figure(selection: dict[str, Any], path: Path) -> None:
+    from opd.report import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    prompts = selection["prompts"]
+    span = (min(p["score"] for p in prompts), max(p["score"] for p in prompts))
+    for kept, label in ((True, "kept"), (False, "dropped")):
+        axes[0].hist([p["score"] for p in prompts if p["kept"] == kept], bins=20, range=span, alpha=0.6,
+                     label=label)
+    axes[0].set_title(f"score ({' + '.join(selection['rank_by'])})", fontsize=10)
+    axes[0].legend()
+    step0 = selection["step0"]
+    bars = {"student\ntemplate": step0["student_template"], "teacher\ntemplate": step0["teacher_template"]}
+    bars |= {name.replace("_", "\n"): v for name, v in step0["fresh_rollouts"].items() if v}
+    axes[1].bar(list(bars), [v["overlap_ratio"] for v in bars.values()], color="tab:blue")
+    low = min(v["overlap_ratio"] for v in bars.values())
+    axes[1].set_ylim(max(0.0, low - 0.1), 1.0)
+    axes[1].set_title(f"step-0 overlap ratio (top-{selection['k']})", fontsize=10)
+    axes[1].tick_params(axis="x", labelsize=8)
+    for name, run in (selection["trial"] or {}).items():
+        if isinstance(run, dict):
+            axes[2].plot(range(1, run["steps"] + 1), run["student_entropy"], marker="o", ms=3, label=name)
+    axes[2].set_title("student entropy in the trial", fontsize=10)
+    axes[2].set_xlabel("step")
+    if selection["trial"]:
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+
+
+def _write_outputs(selection: dict[str, Any], out: Path) -> None:
+    train = {"prompts": str((out / "prompts.jsonl").resolve()), **USE_WITH}
+    _atomic(out / "train.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(train)))
+    _figure(selection, out / "selection.png")
+    _atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(selection, out)))
+    _atomic(out / "selection.json", lambda tmp: tmp.write_text(json.dumps(selection, indent=2)))
