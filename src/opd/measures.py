@@ -46,7 +46,7 @@ def token_measures(
     student_h, teacher_h = entropy(student_lp), entropy(teacher_lp)
     tokens = targets[:, None]
     return {
-        "overlap_ratio": n_shared.float() / k,
+        "overlap_ratio": n_shared.to(dtype) / k,
         "overlap_token_advantage": advantage,
         "entropy_gap": (teacher_h - student_h).abs(),
         "overlap_mass_student": masked_sum(student_lp.exp(), shared),
