@@ -57,7 +57,7 @@ def test_token_measures_equal_direct_computation(seed, v, k, ties):
 def test_identical_distributions_overlap_fully_with_zero_advantage():
     p = random_log_probs(0, 3, 20)
     got = token_measures(p, p, torch.zeros(3, dtype=torch.long), 4)
-    torch.testing.assert_close(got["overlap_ratio"], torch.ones(3, dtype=torch.float32))
+    torch.testing.assert_close(got["overlap_ratio"], torch.ones(3, dtype=torch.float64))
     assert got["overlap_token_advantage"].abs().max() < 1e-12
     assert got["entropy_gap"].abs().max() < 1e-12
 
