@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from opd.lab.zoo import build_zoo
 
@@ -14,6 +13,5 @@ from opd.lab.zoo import build_zoo
 @pytest.fixture(scope="session")
 def quick_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """(root folder, zoo.json contents) of a quick-profile zoo."""
-    torch.set_num_threads(2)
     root = tmp_path_factory.mktemp("zoo")
     return root, build_zoo(root, profile="quick", progress=False)

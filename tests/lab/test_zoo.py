@@ -37,8 +37,9 @@ def test_zoo_json_describes_every_model(quick_zoo: Zoo) -> None:
     assert zoo["models"]["teacher-foreign"]["dialect"] == "B"
     assert zoo["models"]["teacher-aligned-template2"]["template"] == 2
     assert zoo["models"]["teacher-same-pipeline"]["trained_on"]["sets"] == ["student-train"]
-    assert (zoo["models"]["teacher-same-pipeline"]["parameters"]
-            > zoo["models"]["student"]["parameters"])
+    same, student = zoo["models"]["teacher-same-pipeline"], zoo["models"]["student"]
+    assert (same["parameters"], same["trained_on"]["steps"]) > (
+        student["parameters"], student["trained_on"]["steps"])  # larger, or as large and longer
     for name, info in zoo["sets"].items():
         assert len(load_prompts(root / info["path"])) == info["size"], name
 
@@ -107,3 +108,19 @@ def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
     assert set(PROFILES) == {"full", "quick"}
     with pytest.raises(OPDError, match="unknown profile"):
         build_zoo(tmp_path, profile="huge")
+
+
+def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
+    """The gap is learnable: a short SFT on teacher-aligned's data lifts the chain accuracy."""
+    from opd.lab.world import sft_examples
+    from opd.lab.zoo import evaluate_model
+    from opd.sft import SFTConfig, train_sft
+
+    root, zoo = quick_zoo
+    model, tokenizer = load_model(root, "student")
+    sets = load_sets(root)
+    examples = sft_examples(sets["teacher-train"], "A", seed=0)
+    train_sft(model, tokenizer, examples, SFTConfig(steps=40, lr=3e-4, warmup_steps=5,
+                                                    progress=False))
+    after = evaluate_model(model, tokenizer, {"eval-chain-d2": sets["eval-chain-d2"]})
+    assert after["eval-chain-d2"] >= acc(zoo, "student", "subskill") + 0.3

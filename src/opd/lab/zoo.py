@@ -123,7 +123,7 @@ def _profile(
             15, student, lr=1e-3, init_from="teacher-aligned",
         ),
         ModelStage("student-prerl", "student", "A", 1, (), 0, 11, student, init_from="student"),
-        RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=3e-4),
+        RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=1e-4),
     )
     return Profile(name, digits, *sizes, models)
 
@@ -134,17 +134,18 @@ PROFILES: dict[str, Profile] = {
         Size(3, 128), Size(4, 160),
     ),
     # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
-    # about three minutes, for tests.
+    # about three minutes, for tests. The same-pipeline teacher is "longer", not larger.
     "quick": _profile(
-        "quick", (2,), (3_000, 150, 1_000), (300, 350, 450, 500, 40, 8),
-        Size(3, 128), Size(3, 160),
+        "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40, 8),
+        Size(3, 128), Size(3, 128),
     ),
 }
 
 
 def data_sets(profile: Profile) -> dict[str, list[PromptRecord]]:
     """The prompt sets: held-out evaluation sets per sub-skill and length, then training sets
-    drawn without them. `nochain` = the student's distribution (no carry or lone carries)."""
+    drawn without them. `nochain` = the student's distribution (no carry or lone carries);
+    `rl-train` holds the harder problems (every one carries) for the RL stage."""
     nochain, every = ("nocarry", "carry"), ("nocarry", "carry", "chain")
     sets: dict[str, list] = {}
     for d in profile.digits:
@@ -159,7 +160,7 @@ def data_sets(profile: Profile) -> dict[str, list[PromptRecord]]:
         "student-train": (profile.train_size, nochain, 1),
         "teacher-train": (profile.train_size, every, 2),
         "template2-train": (profile.post_size, every, 3),
-        "rl-train": (profile.post_size, ["chain"], 4),
+        "rl-train": (profile.post_size, ["carry", "chain"], 4),
     }
     for name, (n, skills, seed) in draws.items():
         sets[name] = sample_problems(
