@@ -48,17 +48,26 @@ def _window_mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _tail_and_front(records: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
-    """Mean student entropy in the last and first non-empty position bins."""
-    tails, fronts = [], []
-    for record in records:
-        bins = [v for v in record.get("by_position", {}).get("student_entropy", []) if v is not None]
-        if len(bins) >= 2:
-            tails.append(bins[-1])
-            fronts.append(bins[0])
-    if not tails:
-        return None, None
-    return sum(tails) / len(tails), sum(fronts) / len(fronts)
+def _bin_means(records: Sequence[dict[str, Any]], bins: Sequence[int]) -> list[float | None]:
+    """Window mean of the student entropy in each of the given position bins."""
+    means = []
+    for b in bins:
+        values = [r["by_position"]["student_entropy"][b] for r in records
+                  if r.get("by_position", {}).get("student_entropy", [None] * (b + 1))[b] is not None]
+        means.append(sum(values) / len(values) if values else None)
+    return means
+
+
+def _tail_bin(records: Sequence[dict[str, Any]]) -> int | None:
+    """The last position bin that every record of the window reached (a fixed bin, so that a
+    rare long response does not make the 'tail' jump between bins)."""
+    reached = [
+        max((i for i, v in enumerate(r.get("by_position", {}).get("student_entropy", []))
+             if v is not None), default=-1)
+        for r in records
+    ]
+    last = min(reached, default=-1)
+    return last if last >= 1 else None
 
 
 def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) -> list[Alert]:
@@ -89,8 +98,9 @@ def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) ->
             "stop and restart from an earlier checkpoint with a lower lr, an off-policy cold "
             "start, or an outcome reward mixed in (outcome_weight)",
         ))
-    tail_now, front_now = _tail_and_front(recent)
-    tail_then, front_then = _tail_and_front(first)
+    tail = _tail_bin(first)
+    front_then, tail_then = _bin_means(first, [0, tail]) if tail else (None, None)
+    front_now, tail_now = _bin_means(recent, [0, tail]) if tail else (None, None)
     if None not in (tail_now, front_now, tail_then, front_then) and tail_then > 0 and front_then > 0:
         tail_ratio, front_ratio = tail_now / tail_then, front_now / front_then
         if tail_ratio > t.tail_entropy_ratio and tail_ratio > front_ratio:

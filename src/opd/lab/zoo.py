@@ -26,7 +26,7 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -344,11 +344,27 @@ def _data_stage(profile: Profile) -> Callable[[Path], dict[str, Any]]:
     return build
 
 
+def _with_ancestors(spec: Profile, names: Sequence[str]) -> list[str]:
+    """The named stages and every stage they start from, in build order."""
+    by_name = {s.name: s for s in spec.models}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise OPDError(f"zoo: unknown model {unknown[0]!r}; choose from {sorted(by_name)}")
+    wanted: set[str] = set()
+    for name in names:
+        while name and name not in wanted:
+            wanted.add(name)
+            name = by_name[name].init_from
+    return [s.name for s in spec.models if s.name in wanted]
+
+
 def build_zoo(
-    root: str | Path, profile: str = "full", progress: bool = True
+    root: str | Path, profile: str = "full", progress: bool = True,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build (or load from cache) every stage of the zoo under `root`; returns and writes
-    `root/zoo.json`."""
+    `root/zoo.json`. With `only`, just those models (and those they start from) are built and
+    returned, and zoo.json is left as it was."""
     if profile not in PROFILES:
         raise OPDError(f"zoo: unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     spec = PROFILES[profile]
@@ -356,7 +372,7 @@ def build_zoo(
     root.mkdir(parents=True, exist_ok=True)
     code = _code_version()
     prints = {DATA: _fingerprint(code, asdict(spec) | {"models": None})}
-    stages = [s.name for s in spec.models]
+    stages = _with_ancestors(spec, only) if only else [s.name for s in spec.models]
     bar = tqdm([DATA, *stages], desc=f"zoo ({profile})", disable=not progress)
     metas: dict[str, dict[str, Any]] = {}
     sets: dict[str, list[PromptRecord]] = {}
@@ -386,6 +402,8 @@ def build_zoo(
         "models": {},
     }
     for stage in spec.models:
+        if stage.name not in metas:
+            continue
         meta = metas[stage.name]
         accuracy = meta["accuracy"]
         for group, names in zoo["eval_groups"].items():
@@ -399,7 +417,8 @@ def build_zoo(
             "template": like["template"],
             **{k: v for k, v in meta.items() if k != "build_seconds"},
         }
-    tmp = root / f"{ZOO_FILE}.tmp"
-    tmp.write_text(json.dumps(zoo, indent=2))
-    tmp.replace(root / ZOO_FILE)
+    if only is None:
+        tmp = root / f"{ZOO_FILE}.tmp"
+        tmp.write_text(json.dumps(zoo, indent=2))
+        tmp.replace(root / ZOO_FILE)
     return zoo
