@@ -163,10 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 # Verbs that live beside the code they run: "module:function", each function called with the
 # subparsers object and the shared training-flags parent.
 EXTRA_VERBS: tuple[str, ...] = ("opd.diagnose.cli:register", "opd.recipes.cli:register",
-                               "opd.recipes.select_cli:register")
+                               "opd.recipes.select_cli:register", "opd.lab.cli:register")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "help_config", False):

@@ -1,0 +1,131 @@
+"""`opd demo`, the embedded default: OPD on the model organisms, before and after.
+
+It builds (or loads from the cache) the student and `teacher-aligned` of the zoo, measures
+the student on its own evaluation set and on the withheld sub-skill (carry chains), runs OPD
+from the teacher on the teacher's post-training prompts, measures again, and prints a
+before/after table with the study's measures. The run folder holds metrics.jsonl, the run
+report with its figures, and demo.md. Re-running continues (or re-reports) the same run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opd.checkpoints import complete_checkpoints, read_jsonl
+from opd.config import build_config
+from opd.data.prompts import PromptRecord
+from opd.evaluate import evaluate
+from opd.lab.world import max_new_tokens
+from opd.lab.zoo import PROFILES as ZOO_PROFILES
+from opd.lab.zoo import build_zoo, load_sets
+from opd.models import load_model, load_tokenizer
+from opd.train import run_training
+
+MEASURES = ("overlap_ratio", "overlap_token_advantage", "entropy_gap", "reverse_kl",
+            "student_entropy", "grad_norm")
+
+
+@dataclass(frozen=True)
+class DemoProfile:
+    """How big a demo: which zoo, how many OPD steps, how often to evaluate."""
+
+    zoo: str
+    steps: int
+    eval_every: int
+
+
+DEMO_PROFILES = {
+    "full": DemoProfile(zoo="full", steps=150, eval_every=25),
+    "quick": DemoProfile(zoo="quick", steps=40, eval_every=20),
+}
+
+
+def _accuracy(path: str, records: list[PromptRecord], digits: int) -> float:
+    tokenizer = load_tokenizer(path, "model")
+    model = load_model(path, "model", trainable=False)
+    return evaluate(model, tokenizer, records, max_new_tokens=max_new_tokens(digits)).accuracy
+
+
+def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed: int = 0,
+             progress: bool = True) -> dict[str, Any]:
+    """Build what is needed into `zoo_root`, run OPD from teacher-aligned into `out`, return
+    (and write) the results."""
+    spec = DEMO_PROFILES[profile]
+    root = Path(zoo_root)
+    build_zoo(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
+    sets = load_sets(root)
+    digits = max(ZOO_PROFILES[spec.zoo].digits)
+    own, subskill = f"eval-nochain-d{digits}", f"eval-chain-d{digits}"
+    student, teacher = str(root / "student"), str(root / "teacher-aligned")
+    out = Path(out)
+    config = build_config({
+        "student": student, "teacher": teacher,
+        "prompts": str(root / "data" / "teacher-train.jsonl"), "out": str(out),
+        "max_steps": spec.steps, "max_new_tokens": max_new_tokens(digits),
+        "eval_prompts": str(root / "data" / f"{subskill}.jsonl"), "eval_every": spec.eval_every,
+        "seed": seed, "progress": progress,
+    }, profile="cpu-small")
+    run_training(config, resume=(out / "metrics.jsonl").exists())
+    trained = str(complete_checkpoints(out)[-1])
+    table = {
+        name: {
+            "prompts": len(sets[name]),
+            "before": _accuracy(student, sets[name], digits),
+            "after": _accuracy(trained, sets[name], digits),
+            "teacher": _accuracy(teacher, sets[name], digits),
+        }
+        for name in (subskill, own)
+    }
+    records = read_jsonl(out / "metrics.jsonl")
+    result = {
+        "profile": profile, "seed": seed, "steps": spec.steps, "accuracy": table,
+        "measures": {m: {"first": records[0].get(m), "last": records[-1].get(m)} for m in MEASURES},
+        "seconds": round(sum(r["time_rollout"] + r["time_score"] + r["time_update"]
+                             + r.get("time_eval", 0.0) for r in records), 1),
+    }
+    (out / "demo.json").write_text(json.dumps(result, indent=2))
+    (out / "demo.md").write_text(demo_markdown(result))
+    return result
+
+
+def demo_markdown(result: dict[str, Any]) -> str:
+    """The before/after table, the measures and the figures, as markdown."""
+    lines = [f"# opd demo ({result['profile']}, seed {result['seed']}, {result['steps']} OPD steps)",
+             "", "Greedy exact-match accuracy of the student, before and after OPD from "
+             "teacher-aligned.", "",
+             "| evaluation set | prompts | before | after | teacher |", "|---|---|---|---|---|"]
+    for name, row in result["accuracy"].items():
+        lines.append(f"| {name} | {row['prompts']} | {row['before']:.3f} | {row['after']:.3f} | "
+                     f"{row['teacher']:.3f} |")
+    lines += ["", "| measure | first step | last step |", "|---|---|---|"]
+    for name, row in result["measures"].items():
+        first, last = row["first"], row["last"]
+        lines.append(f"| {name} | {'–' if first is None else f'{first:.4g}'} | "
+                     f"{'–' if last is None else f'{last:.4g}'} |")
+    lines += ["", f"Training time: {result['seconds']} s.", "", "![curves](curves.png)", "",
+              "![student entropy by position](entropy_heatmap.png)", ""]
+    return "\n".join(lines)
+
+
+def print_demo(result: dict[str, Any], out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"opd demo: OPD from teacher-aligned, {result['steps']} steps")
+    for column in ("evaluation set", "prompts", "before", "after", "teacher"):
+        table.add_column(column, justify="right" if column != "evaluation set" else "left")
+    for name, row in result["accuracy"].items():
+        table.add_row(name, str(row["prompts"]), f"{row['before']:.3f}", f"{row['after']:.3f}",
+                      f"{row['teacher']:.3f}")
+    measures = Table(title="the study's measures on the student's rollouts")
+    for column in ("measure", "first step", "last step"):
+        measures.add_column(column)
+    for name, row in result["measures"].items():
+        measures.add_row(name, *("–" if v is None else f"{v:.4g}" for v in row.values()))
+    console = Console()
+    console.print(table)
+    console.print(measures)
+    console.print(f"run folder: {out} (metrics.jsonl, report.md, demo.md, curves.png)")
