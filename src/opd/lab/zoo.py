@@ -107,6 +107,7 @@ def _profile(
     steps: tuple[int, int, int, int, int, int],
     student: Size,
     big: Size,
+    template2_lr: float,
 ) -> Profile:
     """The zoo's stages; `sizes` = (train, eval, post-training) prompts per set, `steps` =
     student, teacher-aligned, teacher-foreign, teacher-same-pipeline, template-2 post-training
@@ -120,7 +121,7 @@ def _profile(
         ModelStage("teacher-same-pipeline", "teacher", "A", 1, student_data, s_same, 14, big),
         ModelStage(
             "teacher-aligned-template2", "teacher", "A", 2, ("template2-train",), s_template2,
-            15, student, lr=1e-3, init_from="teacher-aligned",
+            15, student, lr=template2_lr, init_from="teacher-aligned",
         ),
         ModelStage("student-prerl", "student", "A", 1, (), 0, 11, student, init_from="student"),
         RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=1e-4),
@@ -130,14 +131,14 @@ def _profile(
 
 PROFILES: dict[str, Profile] = {
     "full": _profile(
-        "full", (2, 3), (20_000, 200, 4_000), (400, 500, 700, 700, 120, 60),
-        Size(3, 128), Size(4, 160),
+        "full", (2, 3), (20_000, 200, 4_000), (400, 500, 700, 700, 200, 60),
+        Size(3, 128), Size(4, 160), template2_lr=3e-4,
     ),
     # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
     # about three minutes, for tests. The same-pipeline teacher is "longer", not larger.
     "quick": _profile(
-        "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40, 8),
-        Size(3, 128), Size(3, 128),
+        "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40, 30),
+        Size(3, 128), Size(3, 128), template2_lr=1e-3,
     ),
 }
 

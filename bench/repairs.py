@@ -1,0 +1,101 @@
+"""Gap recovery of OPD on the model organisms: a compatible teacher, a foreign one, and the
+foreign one after an off-policy cold start (SPEC §4, §6.1), over several seeds.
+
+gap recovery = (acc_after − acc_before) / (acc_teacher − acc_before) on the withheld
+sub-skill's evaluation set (greedy exact match). Prints a table and writes results.json.
+
+    python bench/repairs.py --zoo .opd-cache/zoo/quick --out runs/repairs --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from opd.checkpoints import complete_checkpoints, read_jsonl
+from opd.config import build_config
+from opd.data.prompts import load_prompts
+from opd.evaluate import evaluate
+from opd.lab.world import max_new_tokens
+from opd.lab.zoo import PROFILES, build_zoo
+from opd.models import load_model, load_tokenizer
+from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+from opd.train import run_training
+
+
+def accuracy(path: str, eval_file: Path, tokens: int) -> float:
+    model = load_model(path, "model", trainable=False)
+    return evaluate(model, load_tokenizer(path, "model"), load_prompts(eval_file),
+                    max_new_tokens=tokens).accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", default=".opd-cache/zoo/quick")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--out", default="runs/repairs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args()
+    zoo_root, out = Path(args.zoo), Path(args.out)
+    build_zoo(zoo_root, args.profile, progress=False,
+              only=["student", "teacher-aligned", "teacher-foreign"])
+    digits = max(PROFILES[args.profile].digits)
+    tokens = max_new_tokens(digits)
+    eval_file = zoo_root / "data" / f"eval-chain-d{digits}.jsonl"
+    student = str(zoo_root / "student")
+    before = accuracy(student, eval_file, tokens)
+    rows = []
+    for seed in args.seeds:
+        for name, teacher, cold in (("aligned", "teacher-aligned", False),
+                                    ("foreign", "teacher-foreign", False),
+                                    ("foreign + cold start", "teacher-foreign", True)):
+            run = out / f"{name.replace(' + ', '-').replace(' ', '-')}-seed{seed}"
+            config = build_config({
+                "student": student, "teacher": str(zoo_root / teacher),
+                "prompts": str(zoo_root / "data" / "teacher-train.jsonl"), "out": str(run),
+                "max_steps": args.steps, "max_new_tokens": tokens, "seed": seed,
+                "progress": False, "eval_every": 10_000,
+            }, profile="cpu-small")
+            resume = run.exists()
+            if cold:
+                report = run_cold_start(config, ColdStartConfig(sft_steps=150, sft_lr=1e-3),
+                                        resume=resume)
+                trained = report["opd"]["final_checkpoint"]
+                records = read_jsonl(run / "opd" / "metrics.jsonl")
+                after_sft = accuracy(str(run / "sft"), eval_file, tokens)
+            else:
+                run_training(config, resume=resume)
+                trained = str(complete_checkpoints(run)[-1])
+                records = read_jsonl(run / "metrics.jsonl")
+                after_sft = None
+            teacher_acc = accuracy(str(zoo_root / teacher), eval_file, tokens)
+            after = accuracy(trained, eval_file, tokens)
+            rows.append({
+                "run": name, "seed": seed, "before": before, "after_sft": after_sft,
+                "after": after, "teacher": teacher_acc,
+                "gap_recovery": (after - before) / (teacher_acc - before),
+                "overlap_first": records[0]["overlap_ratio"],
+                "overlap_last": records[-1]["overlap_ratio"],
+                "truncation_last": records[-1]["truncation_rate"],
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{'run':<22} {'seeds':>5} {'before':>7} {'after':>13} {'teacher':>7} "
+          f"{'gap recovery':>16} {'overlap first→last':>19}")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name]
+        recov = [r["gap_recovery"] for r in mine]
+        after = [r["after"] for r in mine]
+        spread = statistics.pstdev(recov) if len(recov) > 1 else 0.0
+        print(f"{name:<22} {len(mine):>5} {before:>7.3f} "
+              f"{statistics.mean(after):>7.3f}±{statistics.pstdev(after):.3f} "
+              f"{mine[0]['teacher']:>7.3f} {statistics.mean(recov):>9.1%} ± {spread:.1%} "
+              f"{statistics.mean(r['overlap_first'] for r in mine):>8.3f} → "
+              f"{statistics.mean(r['overlap_last'] for r in mine):.3f}")
+
+
+if __name__ == "__main__":
+    main()
