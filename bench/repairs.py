@@ -61,7 +61,8 @@ def main() -> None:
             }, profile="cpu-small")
             resume = run.exists()
             if cold:
-                report = run_cold_start(config, ColdStartConfig(sft_steps=150, sft_lr=1e-3),
+                report = run_cold_start(config, ColdStartConfig(sft_steps=400, sft_lr=1e-3,
+                                                                sft_batch_size=64),
                                         resume=resume)
                 trained = report["opd"]["final_checkpoint"]
                 records = read_jsonl(run / "opd" / "metrics.jsonl")

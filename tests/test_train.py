@@ -105,6 +105,14 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
                  "--set", "progress=false", "--set", "lr=1e-3"])
     assert code == 0
     assert len(load_metrics(out)) == 2
+    grpo_out = tmp_path / "grpo"
+    code = main(["grpo", "--student", str(tiny_pair["student"]), "--prompts",
+                 str(tiny_pair["prompts"]), "--out", str(grpo_out), "--max-steps", "1",
+                 "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "4",
+                 "--set", "progress=false"])
+    assert code == 0
+    (record,) = load_metrics(grpo_out)
+    assert record["train_reward"] is not None and record["overlap_ratio"] is None
     for verb in ("train", "grpo", "eval"):
         with pytest.raises(SystemExit) as exit_info:
             main([verb, "--help"])

@@ -74,13 +74,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
-    forced = {"distill_weight": 0.0}
-    config = config_from_args(args, forced)
-    if config.outcome_weight == 0:
-        config = config_from_args(args, {**forced, "outcome_weight": 1.0})
+    from opd.config import load_yaml, parse_set
     from opd.train import run_training
 
-    return print_from_main(run_training(config, resume=args.resume))
+    given = {**(load_yaml(args.config) if args.config else {}), **parse_set(args.set)}
+    forced = {"distill_weight": 0.0, "outcome_weight": given.get("outcome_weight", 1.0)}
+    return print_from_main(run_training(config_from_args(args, forced), resume=args.resume))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

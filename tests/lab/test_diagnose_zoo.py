@@ -32,10 +32,10 @@ def planted_or_xfail(zoo: dict[str, Any], teacher: str) -> None:
     if teacher == "teacher-same-pipeline" and accuracy["student"]["student"] < 0.5:
         pytest.xfail(f"this zoo's student scores {accuracy['student']['student']} on its own sets: "
                      "the same-pipeline teacher does know what it does not")
-    rl, prerl = (sum(accuracy[name][group] for group in ("student", "subskill"))
-                 for name in ("student-rl", "student-prerl"))
-    if teacher == "student-prerl" and rl <= prerl:
-        pytest.xfail("this zoo's RL stage did not improve the student: nothing to pull back")
+    gain = accuracy["student-rl"]["subskill"] - accuracy["student-prerl"]["subskill"]
+    if teacher == "student-prerl" and gain < 0.3:
+        pytest.xfail(f"this zoo's RL stage raised the sub-skill by only {gain:.3f}: too little to "
+                     "tell apart from the pre-RL teacher on 64 prompts (the full zoo: +0.50)")
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,8 @@ class RLStage:
     lr: float
     prompts_per_step: int = 16
     rollouts_per_prompt: int = 8
+    temperature: float = 1.0
+    """Rollout temperature of the RL run."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def _profile(
     student: Size,
     big: Size,
     template2_lr: float,
+    rl_temperature: float,
 ) -> Profile:
     """The zoo's stages; `sizes` = (train, eval, post-training) prompts per set, `steps` =
     student, teacher-aligned, teacher-foreign, teacher-same-pipeline, template-2 post-training
@@ -124,7 +127,8 @@ def _profile(
             15, student, lr=template2_lr, init_from="teacher-aligned",
         ),
         ModelStage("student-prerl", "student", "A", 1, (), 0, 11, student, init_from="student"),
-        RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=1e-4),
+        RLStage("student-rl", "student", "student-prerl", "rl-train", s_rl, 16, lr=1e-4,
+                temperature=rl_temperature),
     )
     return Profile(name, digits, *sizes, models)
 
@@ -132,13 +136,13 @@ def _profile(
 PROFILES: dict[str, Profile] = {
     "full": _profile(
         "full", (2, 3), (20_000, 200, 4_000), (400, 500, 700, 700, 200, 60),
-        Size(3, 128), Size(4, 160), template2_lr=3e-4,
+        Size(3, 128), Size(4, 160), template2_lr=3e-4, rl_temperature=1.0,
     ),
     # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
     # about three minutes, for tests. The same-pipeline teacher is "longer", not larger.
     "quick": _profile(
-        "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40, 30),
-        Size(3, 128), Size(3, 128), template2_lr=1e-3,
+        "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40, 60),
+        Size(3, 128), Size(3, 128), template2_lr=1e-3, rl_temperature=0.7,
     ),
 }
 
@@ -307,7 +311,7 @@ def _rl_stage(
             {
                 "student": str(root / spec.init_from), "prompts": str(root / DATA / f"{spec.data}.jsonl"),
                 "out": str(run), "max_steps": spec.steps, "lr": spec.lr, "seed": spec.seed,
-                "distill_weight": 0.0, "outcome_weight": 1.0,
+                "distill_weight": 0.0, "outcome_weight": 1.0, "temperature": spec.temperature,
                 "prompts_per_step": spec.prompts_per_step,
                 "rollouts_per_prompt": spec.rollouts_per_prompt,
                 "max_new_tokens": max_new_tokens(max(int(r.meta["digits"]) for r in sets[spec.data])),
