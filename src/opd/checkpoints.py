@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd.io import write_text_atomic
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -82,6 +84,4 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records of steps after `last_step` (logged by a run killed before it checkpointed)."""
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))

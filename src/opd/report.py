@@ -21,7 +21,8 @@ CURVES = (
 )
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +40,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path,
                 initial_accuracy: dict[str, float | None] | None = None) -> Path:
     """One panel per measure, one line per run (label → records)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
         for label, records in runs.items():
@@ -64,7 +65,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path,
 
 def entropy_heatmap(records: list[dict[str, Any]], path: Path, key: str = "student_entropy") -> Path:
     """Position bin × step heat map of a by-position measure (SPEC §3)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in records if key in r.get("by_position", {})]
     grid = [[math.nan if v is None else v for v in r["by_position"][key]] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 3.6))

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from opd.data.prompts import Messages, PromptRecord, render_prompt
 from opd.errors import OPDError
+from opd.rollout import encode_prompts
 
 IGNORE_INDEX = -100
 Example = tuple[Messages | PromptRecord, str]
@@ -59,12 +60,8 @@ def _encode(
     """Token ids and labels of one example: prompt tokens masked with IGNORE_INDEX."""
     prompt, response = example
     messages = prompt.messages if isinstance(prompt, PromptRecord) else prompt
-    text = render_prompt(messages, tokenizer, config.template)
-    # As `opd.rollout` encodes prompts: no added special tokens, then BOS first if there is one.
-    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    if bos is not None and prompt_ids[:1] != [bos]:
-        prompt_ids = [bos, *prompt_ids]
+    # Encoded exactly as rollouts encode their prompts, so SFT and OPD see the same tokens.
+    (prompt_ids,) = encode_prompts(tokenizer, [render_prompt(messages, tokenizer, config.template)])
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     response_ids = [*response_ids, tokenizer.eos_token_id]
     ids = [*prompt_ids, *response_ids]

@@ -8,21 +8,12 @@ temporary name first and renamed into place, so a reader never sees a half-writt
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from opd.io import write_atomic
+
 FIGURES = ("overlap_by_position.png", "continuation_by_depth.png", "reward_distributions.png")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -214,7 +205,7 @@ def _figures(diagnosis: dict[str, Any], out: Path) -> None:
 def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -222,7 +213,7 @@ def write_outputs(diagnosis: dict[str, Any], out: str | Path) -> Path:
     """diagnosis.json, report.md and the figures in `out`; returns the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "diagnosis.json", lambda tmp: tmp.write_text(json.dumps(diagnosis, indent=2)))
+    write_atomic(out / "diagnosis.json", lambda tmp: tmp.write_text(json.dumps(diagnosis, indent=2)))
     _figures(diagnosis, out)
-    _atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(diagnosis)))
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(diagnosis)))
     return out

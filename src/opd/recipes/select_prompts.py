@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 from opd.config import build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
-from opd.diagnose.report import _atomic
 from opd.errors import OPDError
+from opd.io import write_atomic
 from opd.train import load_metrics, run_training
 
 RANKABLE = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
@@ -183,7 +183,7 @@ def write_prompts(path: Path, records: Sequence[PromptRecord], info: Sequence[di
     """Rows `{"prompt": rendered text, "answer", meta…, "selection": info}`, atomically."""
     rows = [{"prompt": r.messages[-1]["content"], "answer": r.answer, **r.meta, "selection": i}
             for r, i in zip(records, info, strict=True)]
-    _atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 # -- the recipe -------------------------------------------------------------------------------
@@ -385,9 +385,9 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
 
 
 def _figure(selection: dict[str, Any], path: Path) -> None:
-    from opd.report import _pyplot
+    from opd.report import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     prompts = selection["prompts"]
     span = (min(p["score"] for p in prompts), max(p["score"] for p in prompts))
@@ -414,13 +414,13 @@ def _figure(selection: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
 def _write_outputs(selection: dict[str, Any], out: Path) -> None:
     train = {"prompts": str((out / "prompts.jsonl").resolve()), **USE_WITH}
-    _atomic(out / "train.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(train)))
+    write_atomic(out / "train.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(train)))
     _figure(selection, out / "selection.png")
-    _atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(selection, out)))
-    _atomic(out / "selection.json", lambda tmp: tmp.write_text(json.dumps(selection, indent=2)))
+    write_atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(selection, out)))
+    write_atomic(out / "selection.json", lambda tmp: tmp.write_text(json.dumps(selection, indent=2)))
