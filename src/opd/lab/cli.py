@@ -19,7 +19,7 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
     table = Table(title=f"zoo ({args.profile}) in {root}")
     groups = list(zoo["eval_groups"])
     for column in ("model", "role", "dialect", "template", "params", *groups, "build s"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for name, model in zoo["models"].items():
         table.add_row(name, model["role"], model["dialect"], str(model["template"]),
                       f"{model['parameters'] / 1e6:.2f}M",
