@@ -118,3 +118,21 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
             main([verb, "--help"])
         assert exit_info.value.code == 0
     assert "topk_strategy" in (main(["train", "--help-config"]) == 0 and capsys.readouterr().out)
+
+
+def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
+    whole = tiny_config(tiny_pair, tmp_path / "whole", lora_rank=4, max_steps=4)
+    run_training(whole)
+    checkpoint = complete_checkpoints(tmp_path / "whole")[-1]
+    assert (checkpoint / "adapter_config.json").exists()  # adapters only, not the full model
+
+    def kill_at_step_3(metrics):
+        if metrics["step"] == 3:
+            raise KeyboardInterrupt
+
+    killed = tiny_config(tiny_pair, tmp_path / "killed", lora_rank=4, max_steps=4)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(killed, hooks=[kill_at_step_3])
+    run_training(killed, resume=True)
+    assert json.dumps(without_times(load_metrics(tmp_path / "killed"))) == json.dumps(
+        without_times(load_metrics(tmp_path / "whole")))

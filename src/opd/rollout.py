@@ -70,7 +70,8 @@ def sample_next(
 
 def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
     """Keyword arguments for a cached forward, across transformers versions."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    params = inspect.signature(base.forward).parameters
     options = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
     if "logits_to_keep" in params:
         options["logits_to_keep"] = 1
