@@ -13,12 +13,16 @@ from opd.cli import main
 from opd.lab.world import max_new_tokens
 
 PROMPTS = "teacher-train"
+"""The prompts OPD would train on; for the RL student, those of its RL stage, where it gained
+what its pre-RL checkpoint lacks."""
+RL_PROMPTS = "rl-train"
 
 
 def diagnose(zoo: tuple[Path, dict[str, Any]], student: str, teacher: str, out: Path) -> dict[str, Any]:
     root, _ = zoo
+    prompts = RL_PROMPTS if student == "student-rl" else PROMPTS
     args = ["diagnose", "--student", str(root / student), "--teacher", str(root / teacher),
-            "--prompts", str(root / "data" / f"{PROMPTS}.jsonl"), "--out", str(out),
+            "--prompts", str(root / "data" / f"{prompts}.jsonl"), "--out", str(out),
             "--max-new-tokens", str(max_new_tokens(3)), "--no-progress"]
     assert main(args) == 0
     return json.loads((out / "diagnosis.json").read_text())
@@ -27,15 +31,14 @@ def diagnose(zoo: tuple[Path, dict[str, Any]], student: str, teacher: str, out: 
 def planted_or_xfail(zoo: dict[str, Any], teacher: str) -> None:
     """Expect a verdict only where the zoo's own greedy evaluations show the planted property:
     a same-pipeline teacher has nothing new only for a student competent on its own sets, and
-    reverse distillation needs an RL student better than its pre-RL checkpoint."""
+    reverse distillation needs an RL student that gained the sub-skill."""
     accuracy = {name: model["accuracy"] for name, model in zoo["models"].items()}
     if teacher == "teacher-same-pipeline" and accuracy["student"]["student"] < 0.5:
         pytest.xfail(f"this zoo's student scores {accuracy['student']['student']} on its own sets: "
                      "the same-pipeline teacher does know what it does not")
     gain = accuracy["student-rl"]["subskill"] - accuracy["student-prerl"]["subskill"]
-    if teacher == "student-prerl" and gain < 0.3:
-        pytest.xfail(f"this zoo's RL stage raised the sub-skill by only {gain:.3f}: too little to "
-                     "tell apart from the pre-RL teacher on 64 prompts (the full zoo: +0.50)")
+    if teacher == "student-prerl" and gain < 0.1:
+        pytest.xfail(f"this zoo's RL stage raised the sub-skill by only {gain:.3f}: nothing to pull back")
 
 
 @pytest.mark.parametrize(
