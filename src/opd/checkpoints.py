@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd.io import write_text_atomic
+from opd.io import write_jsonl_atomic
 
 STATE_FILE = "trainer_state.json"
 
@@ -84,4 +84,4 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records of steps after `last_step` (logged by a run killed before it checkpointed)."""
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_jsonl_atomic(path, kept)

@@ -3,9 +3,11 @@ killed process never leaves a half-written result that looks finished."""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -21,3 +23,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line."""
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))

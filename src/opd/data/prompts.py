@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.errors import OPDError
+from opd.io import write_jsonl_atomic
 
 Messages = list[dict[str, str]]
 
@@ -85,12 +86,7 @@ def save_prompts(records: list[PromptRecord], path: str | Path) -> None:
     """Write records as jsonl (messages, answer, meta fields flattened), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            row = {"messages": record.messages, "answer": record.answer, **record.meta}
-            handle.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    write_jsonl_atomic(path, ({"messages": r.messages, "answer": r.answer, **r.meta} for r in records))
 
 
 def render_prompt(messages: Messages, tokenizer: Any, template: str | None = None) -> str:

@@ -25,7 +25,7 @@ from opd.checkpoints import read_jsonl
 from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt
 from opd.errors import OPDError
-from opd.io import write_text_atomic
+from opd.io import write_jsonl_atomic
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
 from opd.rollout import generate_rollouts
 from opd.sft import SFTConfig, train_sft
@@ -128,7 +128,7 @@ def run_cold_start(train: TrainConfig, config: ColdStartConfig, *, resume: bool 
         if not rows:
             raise OPDError("cold start: the teacher produced no usable response (none verified "
                            "correct or all truncated); raise max_attempts or max_new_tokens")
-        write_text_atomic(data_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl_atomic(data_path, rows)
         report["teacher_data"] = {
             "prompts": len(records), "responses_kept": len(rows),
             "prompts_covered": len({r["prompt_index"] for r in rows}),

@@ -33,7 +33,7 @@ from opd.config import build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import write_atomic
+from opd.io import write_atomic, write_jsonl_atomic
 from opd.train import load_metrics, run_training
 
 RANKABLE = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
@@ -183,7 +183,7 @@ def write_prompts(path: Path, records: Sequence[PromptRecord], info: Sequence[di
     """Rows `{"prompt": rendered text, "answer", meta…, "selection": info}`, atomically."""
     rows = [{"prompt": r.messages[-1]["content"], "answer": r.answer, **r.meta, "selection": i}
             for r, i in zip(records, info, strict=True)]
-    write_atomic(path, lambda tmp: tmp.write_text("".join(json.dumps(row) + "\n" for row in rows)))
+    write_jsonl_atomic(path, rows)
 
 
 # -- the recipe -------------------------------------------------------------------------------
