@@ -7,15 +7,16 @@ import json
 import pytest
 
 from opd.errors import OPDError
-from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+from opd.recipes.cold_start import run_cold_start
 from tests.test_train import tiny_config
+
+COLD = {"keep": "all", "samples_per_prompt": 2, "sft_steps": 3, "sft_batch_size": 4}
 
 
 def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):
     out = tmp_path / "cold"
-    config = tiny_config(tiny_pair, out, max_steps=2)
-    cold = ColdStartConfig(keep="all", samples_per_prompt=2, sft_steps=3, sft_batch_size=4)
-    report = run_cold_start(config, cold)
+    config = tiny_config(tiny_pair, out, max_steps=2, cold_start=COLD)
+    report = run_cold_start(config)
     rows = [json.loads(line) for line in (out / "teacher_data.jsonl").read_text().splitlines()]
     assert rows and {"messages", "response", "prompt_index"} <= set(rows[0])
     assert len({(r["prompt_index"], r["response"]) for r in rows}) == len(rows)  # deduplicated
@@ -24,9 +25,9 @@ def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):
     assert json.loads((out / "cold_start.json").read_text())["stages"]["sft"] == str(out / "sft")
     # A second call without --resume refuses; with it, finished stages are skipped.
     with pytest.raises(OPDError, match="already holds a cold-start run"):
-        run_cold_start(config, cold)
+        run_cold_start(config)
     before = (out / "teacher_data.jsonl").read_text()
-    again = run_cold_start(tiny_config(tiny_pair, out, max_steps=3), cold, resume=True)
+    again = run_cold_start(tiny_config(tiny_pair, out, max_steps=3, cold_start=COLD), resume=True)
     assert (out / "teacher_data.jsonl").read_text() == before
     assert again["opd"]["steps"] == 3
 
@@ -34,6 +35,7 @@ def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):
 def test_keep_correct_needs_answers(tiny_pair, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "1 + 2 ="}\n')
-    config = tiny_config(tiny_pair, tmp_path / "cold", prompts=str(prompts))
-    with pytest.raises(OPDError, match="keep=correct needs an 'answer'"):
-        run_cold_start(config, ColdStartConfig(keep="correct"))
+    config = tiny_config(tiny_pair, tmp_path / "cold", prompts=str(prompts),
+                         cold_start={"keep": "correct"})
+    with pytest.raises(OPDError, match=r"row 1 has no 'answer'; cold_start\.keep=correct needs"):
+        run_cold_start(config)

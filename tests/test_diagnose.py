@@ -11,7 +11,7 @@ import random
 import pytest
 
 from opd.cli import main
-from opd.diagnose.measure import cut_at, parse_depths
+from opd.diagnose.measure import DiagnoseConfig, cut_at
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
 from opd.errors import OPDError
 from tests.conftest import make_model
@@ -112,10 +112,12 @@ def test_template_check_fires_only_beyond_noise_and_minimum():
 
 
 def test_depths_and_cuts():
-    assert parse_depths("0, 0.25,0.5,8") == (0.0, 0.25, 0.5, 8.0)
-    for bad in ("a,b", "0.5,0.25", "-1", ""):
-        with pytest.raises(OPDError, match="--depths"):
-            parse_depths(bad)
+    assert DiagnoseConfig(depths="0, 0.25,0.5,8").depths == (0.0, 0.25, 0.5, 8.0)
+    for bad, message in (("a,b", "depths must be a comma-separated list of float"),
+                         ("0.5,0.25", "depths must be increasing"),
+                         ("-1", "depths must be at least 0")):
+        with pytest.raises(OPDError, match=message):
+            DiagnoseConfig(depths=bad)
     assert cut_at(0.5, 10) == 5 and cut_at(0.0, 10) == 0
     assert cut_at(4, 10) == 4 and cut_at(12, 10) is None
 
@@ -131,7 +133,10 @@ def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, t
     assert main(diagnose_args(tiny_pair, out, "--teacher2", str(tiny_pair["student"]))) == 0
     printed = capsys.readouterr().out
     diagnosis = json.loads((out / "diagnosis.json").read_text())
-    assert diagnosis["verdict"] in {"go", "pattern-mismatch", "no-novelty", "horizon-risk"}
+    # Two unrelated random models: below the pattern threshold, and the verdict says so.
+    pattern = diagnosis["teacher"]["decision"]["checks"]["pattern"]
+    assert pattern["value"] < pattern["threshold"] and pattern["passed"] is False
+    assert diagnosis["verdict"] == "pattern-mismatch"
     assert diagnosis["verdict"] in printed and "cost:" in printed
     for name in ("report.md", "overlap_by_position.png", "continuation_by_depth.png",
                  "reward_distributions.png"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from opd.train import load_metrics
+from opd.metrics import read as load_metrics
 
 TOLERANCE = 1e-4  # relative; float sums in another order, nothing more
 
@@ -18,7 +18,7 @@ def train_command(tiny_pair, out):
     return ["-m", "opd", "train", "--student", str(tiny_pair["student"]), "--teacher",
             str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out", str(out),
             "--max-steps", "3", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
-            "--max-new-tokens", "8", "--set", "lr=1e-3", "--set", "topk=4",
+            "--max-new-tokens", "8", "--set", "lr=1e-3", "--set", "objective.k=4",
             "--set", "progress=false"]
 
 

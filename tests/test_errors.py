@@ -88,7 +88,11 @@ def test_wrong_prompt_file_type_and_missing_file(tiny_pair, tmp_path, capsys):
     [
         (["--set", "lr=abc"], "config: lr must be a float, got 'abc'"),
         (["--set", "learning_rate=1"], "unknown key 'learning_rate'"),
-        (["--set", "objective=kl"], "objective: unknown value 'kl'"),
+        (["--set", "objective.name=kl"], "config: objective.name must be one of"),
+        (["--objective.k", "0"], "config: objective.k must be at least 1, got 0"),
+        (["--set", "objective=topk"], "objective is a group of settings; set one of them"),
+        (["--set", "objective.size=3"], "unknown key 'objective.size'"),
+        (["--set", "cold_start.sft_lr=0"], "cold_start.sft_lr must be positive"),
         (["--set", "loss_aggregation=sum"], "loss_aggregation must be one of"),
         (["--set", "top_p=0"], "top_p must lie in (0, 1]"),
         (["--set", "outcome_weight=1", "--set", "rollouts_per_prompt=1"], "needs rollouts_per_prompt"),
@@ -136,7 +140,7 @@ def test_eval_needs_answers_and_unknown_verifier(tiny_pair, tmp_path, capsys):
     no_answers.write_text('{"prompt": "1 + 2 ="}\n')
     code, err = run_cli(["eval", "--model", str(tiny_pair["student"]), "--prompts",
                          str(no_answers)], capsys)
-    assert code == 2 and "evaluation needs a reference answer" in err
+    assert code == 2 and "prompts: row 1 has no 'answer'; evaluation needs an answer" in err
     code, err = run_cli(["eval", "--model", str(tiny_pair["student"]), "--prompts",
                          str(tiny_pair["prompts"]), "--verifier", "fuzzy"], capsys)
-    assert code == 2 and "verifier: unknown name 'fuzzy'" in err
+    assert code == 2 and "config: verifier must be one of ['exact', 'math'], got 'fuzzy'" in err

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals, token_measures
+from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
+from opd.metrics import TOKEN_MEASURES
 from tests.test_objectives import brute_topk, random_log_probs
 
 
@@ -44,7 +45,7 @@ def test_token_measures_equal_direct_computation(seed, v, k, ties):
     p, q = random_log_probs(seed, 4, v, ties), random_log_probs(seed + 7, 4, v, ties)
     targets = torch.randint(0, v, (4,), generator=torch.Generator().manual_seed(seed))
     got = token_measures(p, q, targets, k)
-    assert set(got) == set(MEASURES)
+    assert set(got) == set(TOKEN_MEASURES)
     for row in range(4):
         want = direct_measures(p[row].tolist(), q[row].tolist(), int(targets[row]), k)
         for name, value in want.items():

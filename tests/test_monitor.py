@@ -53,12 +53,37 @@ def test_tail_entropy_rising_before_the_front():
     assert rules(history([0.8] * 8, tail=tail, front=[1.0] * 4 + [2.5] * 4)) == []
 
 
-def test_monitor_fires_each_rule_once_and_stops_when_asked():
+def test_monitor_fires_each_rule_once_and_only_stop_actions_stop():
     said = []
     monitor = Monitor("stop", T, echo=said.append)
-    decisions = [monitor(record) for record in history([0.2] * 10)]
-    assert decisions == [False] * 7 + [True, False, False]
-    assert len(said) == 1 and "pattern-mismatch" in said[0]
-    assert Monitor("warn", T, echo=said.append)  # warn never stops
+    fired = [[a.rule for a in monitor.observe(record)] for record in history([0.2] * 10)]
+    assert fired == [[]] * 7 + [["pattern-mismatch"], [], []]
+    assert len(said) == 1 and "pattern-mismatch" in said[0] and "docs/method.md" in said[0]
+    assert monitor.stops and Monitor("cold-start", T).stops
+    warn = Monitor("warn", T, echo=said.append)
+    assert sum(len(warn.observe(r)) for r in history([0.2] * 10)) == 1
+    assert not warn.stops  # warn reports the failure and never stops
     with pytest.raises(OPDError, match="on_failure: unknown value 'explode'"):
         Monitor("explode")
+
+
+@pytest.mark.parametrize(("on_failure", "steps"), [("warn", 18), ("stop", 16)])
+def test_in_the_loop_warn_logs_the_alert_and_goes_on_while_stop_stops(tiny_pair, tmp_path,
+                                                                      on_failure, steps):
+    """Two unrelated random models and a learning rate too small to move them: low, flat
+    overlap, so the pattern rule fires at step 16 (two windows of 8); warn trains to the end,
+    stop checkpoints and stops there."""
+    from opd import metrics as M
+    from opd.checkpoints import complete_checkpoints
+    from opd.train import run_training
+    from tests.test_train import tiny_config
+
+    out = tmp_path / on_failure
+    summary = run_training(tiny_config(tiny_pair, out, max_steps=18, save_every=100, lr=1e-9,
+                                       on_failure=on_failure))
+    records = M.read(out)
+    assert len(records) == steps
+    assert [r["step"] for r in records if M.ALERTS in r] == [16]
+    assert records[15][M.ALERTS][0]["rule"] == "pattern-mismatch"
+    assert summary["stopped_early_at"] == (16 if on_failure == "stop" else None)
+    assert complete_checkpoints(out)[-1].name == f"step-{steps:06d}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opd.measures import token_measures
 from opd.models import load_model, load_tokenizer
-from opd.objectives import ObjectiveConfig
+from opd.objectives import ObjectiveConfig, TokenLoss
 from opd.rollout import generate_rollouts
-from opd.scoring import TokenTerms, output_head, response_states, score_and_loss
+from opd.scoring import output_head, response_states, score
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +47,37 @@ def test_chunked_loss_gradient_and_measures_equal_unchunked(scored, objective):
         with torch.no_grad():
             t = response_states(teacher, r.input_ids, r.attention_mask, r.response_mask)
         m = s.hidden.shape[0]
-        terms = TokenTerms(weight=torch.full((m,), 1.0 / m), advantage=torch.randn(m,
-                           generator=torch.Generator().manual_seed(0)))
-        loss, token_lp, measures = score_and_loss(
+        terms = TokenLoss(objective=ObjectiveConfig(name=objective, k=5),
+                          weight=torch.full((m,), 1.0 / m),
+                          advantage=torch.randn(m, generator=torch.Generator().manual_seed(0)))
+        scores = score(
             s, t, student_head=output_head(student), teacher_head=output_head(teacher),
-            terms=terms, objective=ObjectiveConfig(name=objective, k=5), measure_k=5,
-            chunk_size=chunk,
+            loss=terms, measures=lambda sp, tp, y: token_measures(sp, tp, y, 5), chunk_size=chunk,
         )
-        loss.backward()
+        scores.loss.backward()
         grads = torch.cat([p.grad.reshape(-1) for p in student.parameters()])
-        results.append((loss.detach(), token_lp, measures, grads))
+        results.append((scores.loss.detach(), scores.token_logprobs, scores.measures, grads))
     (l1, lp1, m1, g1), (l2, lp2, m2, g2) = results
     torch.testing.assert_close(l1, l2)
     torch.testing.assert_close(lp1, lp2)
     torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-5)
+    assert set(m1) == set(m2) and len(m1) == 8
     for name in m1:
         torch.testing.assert_close(m1[name], m2[name], equal_nan=True)
+
+
+def test_measures_without_a_loss_need_no_gradient(scored):
+    """diagnose's use: the measures consumer alone, under no_grad, equals the training pass."""
+    student, teacher, r = scored
+    s = response_states(student, r.input_ids, r.attention_mask, r.response_mask)
+    with torch.no_grad():
+        t = response_states(teacher, r.input_ids, r.attention_mask, r.response_mask)
+        alone = score(s, t, student_head=output_head(student), teacher_head=output_head(teacher),
+                      measures=lambda sp, tp, y: token_measures(sp, tp, y, 5), chunk_size=7)
+    assert alone.loss.item() == 0.0 and not alone.loss.requires_grad
+    with_loss = score(s, t, student_head=output_head(student), teacher_head=output_head(teacher),
+                      loss=TokenLoss(ObjectiveConfig(k=5), weight=torch.ones(s.targets.shape[0])),
+                      measures=lambda sp, tp, y: token_measures(sp, tp, y, 5), chunk_size=7)
+    assert with_loss.loss.requires_grad
+    for name, value in alone.measures.items():
+        torch.testing.assert_close(value, with_loss.measures[name], equal_nan=True)

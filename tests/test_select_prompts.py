@@ -17,7 +17,6 @@ from opd.lab.tokenizer import build_tokenizer
 from opd.recipes.select_prompts import (
     SelectConfig,
     as_text,
-    check_settings,
     combined_scores,
     entropy_effect,
     mix_count,
@@ -80,15 +79,18 @@ def test_subset_means_weight_prompts_by_tokens_and_entropy_effect():
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("keep_fraction", 0.0, "keep-fraction must be in"), ("keep_fraction", 1.5, "keep-fraction must be in"),
-    ("mix_share", 1.0, "mix-share must be in"), ("mix_share", -0.1, "mix-share must be in"),
-    ("template", "own", "choose teacher or student"), ("rank_by", ("overlap",), "unknown measure"),
-    ("trial_steps", -1, "trial-steps"), ("n", 0, "--n must be at least 1"),
+    ("keep_fraction", 0.0, r"keep_fraction must lie in \(0, 1\]"),
+    ("keep_fraction", 1.5, r"keep_fraction must lie in \(0, 1\]"),
+    ("mix_share", 1.0, r"mix_share must lie in \[0, 1\)"),
+    ("mix_share", -0.1, r"mix_share must lie in \[0, 1\)"),
+    ("template", "own", r"template must be one of \['teacher', 'student'\]"),
+    ("rank_by", ("overlap",), "rank_by must be each one of"), ("rank_by", (), "rank_by needs"),
+    ("trial_steps", -1, "trial_steps must be at least 0"), ("n", 0, "config: n must be at least 1"),
+    ("trial_profile", "gpu", "trial_profile must be one of"),
 ])
 def test_bad_settings_are_explained(field, value, message):
-    config = SelectConfig(student="s", teacher="t", prompts="p", out="o", **{field: value})
     with pytest.raises(OPDError, match=message):
-        check_settings(config)
+        SelectConfig(student="s", teacher="t", prompts="p", out="o", **{field: value})
 
 
 def test_rendered_prompts_reach_a_student_with_its_own_chat_template_verbatim(tmp_path):
@@ -111,8 +113,9 @@ def select_args(tiny_pair, out, *extra):
     return ["select-prompts", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
             "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8", "--n", "2",
             "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2", "--trial-profile", "cpu-small",
-            "--trial-set", "prompts_per_step=2", "--trial-set", "rollouts_per_prompt=2",
-            "--trial-set", "topk=4", "--trial-set", "measure_k=4", "--no-progress", *extra]
+            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.rollouts_per_prompt=2",
+            "--set", "trial_settings.objective.k=4", "--set", "trial_settings.measure_k=4",
+            "--no-progress", *extra]
 
 
 def test_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
@@ -169,7 +172,7 @@ def test_missing_files_and_tokenizer_mismatch_are_explained(tiny_pair, tmp_path,
     assert main(args) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(select_args(tiny_pair, tmp_path / "b", "--keep-fraction", "0")) == 2
-    assert "keep-fraction must be in (0, 1]" in capsys.readouterr().err
+    assert "keep_fraction must lie in (0, 1]" in capsys.readouterr().err
     other = make_model(tmp_path / "other", seed=3)
     vocab = json.loads((other / "tokenizer.json").read_text())
     vocab["model"]["vocab"] = {("zz" if t == "answer" else t): i for t, i in vocab["model"]["vocab"].items()}

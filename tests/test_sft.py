@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from opd.data.prompts import render_prompt
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import sample_problems, sft_examples
 from opd.lab.zoo import Size, build_model
-from opd.sft import IGNORE_INDEX, SFTConfig, _encode, collate, lr_factor, train_sft
+from opd.optim import lr_multiplier
+from opd.sft import IGNORE_INDEX, SFTConfig, _encode, collate, train_sft
 
 
 def test_prompt_is_masked_and_eos_appended() -> None:
@@ -33,12 +35,16 @@ def test_collate_pads_on_the_right() -> None:
     assert batch["labels"].tolist() == [[-100, 6, 7], [-100, 6, -100]]
 
 
-def test_schedule_warms_up_then_decays() -> None:
-    config = SFTConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1)
-    factors = [lr_factor(s, config) for s in range(100)]
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_warms_up_then_decays(schedule: str) -> None:
+    factors = [lr_multiplier(s, warmup_steps=10, total_steps=100, schedule=schedule,
+                             min_ratio=0.1) for s in range(100)]
     assert factors[0] == 0.1 and factors[9] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-    assert abs(factors[-1] - 0.1) < 0.01
+    assert abs(factors[-1] - 0.1) < 0.02
+    constant = [lr_multiplier(s, warmup_steps=2, total_steps=10, schedule="constant")
+                for s in range(10)]
+    assert constant == [0.5, 1.0] + [1.0] * 8
 
 
 def test_training_lowers_the_loss_and_ignores_the_prompt() -> None:

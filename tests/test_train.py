@@ -7,10 +7,14 @@ import math
 
 import pytest
 
+from opd import metrics as M
 from opd.checkpoints import complete_checkpoints
 from opd.cli import main
 from opd.config import build_config
-from opd.train import load_metrics, prompt_order, run_training
+from opd.runtime import StepHook
+from opd.train import prompt_order, run_training
+
+load_metrics = M.read
 
 REQUIRED_KEYS = {
     "step", "loss", "overlap_ratio", "overlap_token_advantage", "entropy_gap",
@@ -25,7 +29,7 @@ def tiny_config(tiny_pair, out, **overrides):
         "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
         "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 6,
         "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
-        "save_every": 2, "topk": 4, "measure_k": 4, "progress": False,
+        "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
     }
     settings.update(overrides)
     return build_config(settings)
@@ -33,6 +37,18 @@ def tiny_config(tiny_pair, out, **overrides):
 
 def without_times(records):
     return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
+
+
+class KillAt(StepHook):
+    """Interrupts the run at one step, after it is logged (as a kill between checkpoints)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, record):
+        if record["step"] == self.step:
+            raise KeyboardInterrupt
+        return False
 
 
 def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
@@ -57,12 +73,8 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(tiny_pair, tmp_path):
     run_training(tiny_config(tiny_pair, tmp_path / "whole"))
 
-    def kill_at_step_4(metrics):
-        if metrics["step"] == 4:
-            raise KeyboardInterrupt  # step 3 is logged, the last checkpoint is step 2
-
-    with pytest.raises(KeyboardInterrupt):
-        run_training(tiny_config(tiny_pair, tmp_path / "killed"), hooks=[kill_at_step_4])
+    with pytest.raises(KeyboardInterrupt):  # step 3 is logged, the last checkpoint is step 2
+        run_training(tiny_config(tiny_pair, tmp_path / "killed"), hooks=[KillAt(4)])
     assert [r["step"] for r in load_metrics(tmp_path / "killed")] == [1, 2, 3]
     run_training(tiny_config(tiny_pair, tmp_path / "killed"), resume=True)
     whole = without_times(load_metrics(tmp_path / "whole"))
@@ -82,7 +94,7 @@ def test_grpo_is_the_same_loop_without_a_teacher(tiny_pair, tmp_path):
 
 @pytest.mark.parametrize("objective", ["sampled", "subset_kl", "forward_kl"])
 def test_other_objectives_and_options_run(tiny_pair, tmp_path, objective):
-    config = tiny_config(tiny_pair, tmp_path / objective, objective=objective, max_steps=1,
+    config = tiny_config(tiny_pair, tmp_path / objective, max_steps=1, **{"objective.name": objective},
                          loss_aggregation="sequence-mean", kl_penalty=0.1, micro_batch=3,
                          teacher_prompt="own", chunk_size=5)
     run_training(config)
@@ -117,7 +129,7 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([verb, "--help"])
         assert exit_info.value.code == 0
-    assert "topk_strategy" in (main(["train", "--help-config"]) == 0 and capsys.readouterr().out)
+    assert "objective.strategy" in (main(["train", "--help-config"]) == 0 and capsys.readouterr().out)
 
 
 def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
@@ -126,13 +138,9 @@ def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
     checkpoint = complete_checkpoints(tmp_path / "whole")[-1]
     assert (checkpoint / "adapter_config.json").exists()  # adapters only, not the full model
 
-    def kill_at_step_3(metrics):
-        if metrics["step"] == 3:
-            raise KeyboardInterrupt
-
     killed = tiny_config(tiny_pair, tmp_path / "killed", lora_rank=4, max_steps=4)
     with pytest.raises(KeyboardInterrupt):
-        run_training(killed, hooks=[kill_at_step_3])
+        run_training(killed, hooks=[KillAt(3)])
     run_training(killed, resume=True)
     assert json.dumps(without_times(load_metrics(tmp_path / "killed"))) == json.dumps(
         without_times(load_metrics(tmp_path / "whole")))

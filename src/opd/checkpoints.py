@@ -1,5 +1,5 @@
-"""Run-folder I/O: atomic checkpoints (HF model + optimizer, scheduler, RNG, run state) and
-the metrics log. A checkpoint folder exists under its final name only once it is complete."""
+"""Atomic checkpoints of a run: the HF model folder plus optimizer, scheduler, RNG and run
+state. A checkpoint folder exists under its final name only once it is complete."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from opd.io import write_jsonl_atomic
 
 STATE_FILE = "trainer_state.json"
 
@@ -66,22 +64,15 @@ def save_checkpoint(
     return final
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a complete checkpoint was taken at."""
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
+def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG state from `checkpoint`; returns the run state
+    (the model itself is loaded from the folder like any HF model)."""
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
+    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
     return json.loads((checkpoint / STATE_FILE).read_text())
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop records of steps after `last_step` (logged by a run killed before it checkpointed)."""
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    write_jsonl_atomic(path, kept)

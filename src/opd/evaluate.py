@@ -7,10 +7,27 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.data.prompts import PromptRecord, render_prompt
-from opd.errors import OPDError
+from opd.data.prompts import PromptRecord, render_prompt, require_answers
 from opd.rollout import generate_rollouts
-from opd.verify import get_verifier
+from opd.settings import Config, setting
+from opd.verify import VERIFIERS, get_verifier
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """Settings of `opd eval`."""
+
+    model: str = setting("", "Model folder (or hub id) to evaluate.")
+    prompts: str = setting("", "Prompt file with an 'answer' per row.")
+    n: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
+    temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
+    top_p: float = setting(1.0, "Nucleus threshold.", above=0, maximum=1)
+    max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
+    verifier: str = setting("exact", "exact or math (needs math-verify).",
+                            choices=tuple(VERIFIERS))
+    template: str | None = setting(None, "Format string with {prompt} instead of the "
+                                   "tokenizer's chat template.")
+    seed: int = setting(0, "Seed of the samples.")
 
 
 @dataclass(frozen=True)
@@ -40,12 +57,7 @@ def evaluate(
     batch_size: int = 64,
 ) -> EvalResult:
     """Sample `n` responses per prompt (greedy at temperature 0) and verify each one."""
-    missing = [i for i, r in enumerate(records) if r.answer is None]
-    if missing:
-        raise OPDError(
-            f"evaluation prompts: row {missing[0] + 1} has no 'answer' field; "
-            "evaluation needs a reference answer for every prompt"
-        )
+    require_answers(records, "prompts", "evaluation")
     check = get_verifier(verifier)
     texts = [render_prompt(r.messages, tokenizer, template) for r in records]
     rollouts = generate_rollouts(
@@ -65,3 +77,22 @@ def evaluate(
         mean_response_length=float(rollouts.response_lengths.float().mean()),
         truncation_rate=float(rollouts.truncated.float().mean()),
     )
+
+
+def run_eval(config: EvalConfig) -> dict[str, object]:
+    """`opd eval`: the model's avg@n on the prompt file, as a JSON-ready summary."""
+    from opd.data.prompts import load_prompts
+    from opd.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model, "model")
+    model = load_model(config.model, "model", trainable=False)
+    result = evaluate(
+        model, tokenizer, load_prompts(config.prompts), n=config.n,
+        temperature=config.temperature, top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens, verifier=config.verifier,
+        template=config.template, seed=config.seed,
+    )
+    return {"model": config.model, "prompts": config.prompts, "accuracy": result.accuracy,
+            "n": result.n, "n_prompts": result.n_prompts,
+            "mean_response_length": result.mean_response_length,
+            "truncation_rate": result.truncation_rate}

@@ -28,3 +28,9 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_jsonl_atomic(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """One JSON object per line."""
     write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a .jsonl file, one per non-empty line."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]

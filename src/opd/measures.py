@@ -1,8 +1,8 @@
-"""The study's dynamic measures (SPEC §3), per position and aggregated.
+"""The study's dynamic measures (docs/method.md#measures), per position and aggregated.
 
-`token_measures` maps one chunk of positions to a value per position for every measure;
-`summarise` averages them over valid positions, overall and by response-position bins.
-Pure functions: no model, no I/O.
+`token_measures` maps one chunk of positions to a value per position for every token measure
+(named as in `opd.metrics`); `position_totals` and `means_from_totals` average them over
+valid positions, overall and by response-position bins. Pure functions: no model, no I/O.
 """
 
 from __future__ import annotations
@@ -11,18 +11,8 @@ import math
 
 import torch
 
+from opd import metrics as M
 from opd.distributions import entropy, masked_sum, renormalise, topk_mask
-
-MEASURES = (
-    "overlap_ratio",
-    "overlap_token_advantage",
-    "entropy_gap",
-    "overlap_mass_student",
-    "overlap_mass_teacher",
-    "student_entropy",
-    "teacher_entropy",
-    "reverse_kl",
-)
 
 
 @torch.no_grad()
@@ -32,7 +22,7 @@ def token_measures(
     """Each measure per position [N] from log-probs [N, V] and sampled tokens [N].
 
     `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
-    `summarise` leaves such positions out of its mean.
+    `position_totals` leaves such positions out of its mean.
     """
     dtype = torch.promote_types(student_lp.dtype, torch.float32)
     student_lp, teacher_lp = student_lp.detach().to(dtype), teacher_lp.to(dtype)
@@ -46,15 +36,24 @@ def token_measures(
     student_h, teacher_h = entropy(student_lp), entropy(teacher_lp)
     tokens = targets[:, None]
     return {
-        "overlap_ratio": n_shared.to(dtype) / k,
-        "overlap_token_advantage": advantage,
-        "entropy_gap": (teacher_h - student_h).abs(),
-        "overlap_mass_student": masked_sum(student_lp.exp(), shared),
-        "overlap_mass_teacher": masked_sum(teacher_lp.exp(), shared),
-        "student_entropy": student_h,
-        "teacher_entropy": teacher_h,
-        "reverse_kl": (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),
+        M.OVERLAP_RATIO: n_shared.to(dtype) / k,
+        M.OVERLAP_TOKEN_ADVANTAGE: advantage,
+        M.ENTROPY_GAP: (teacher_h - student_h).abs(),
+        M.OVERLAP_MASS_STUDENT: masked_sum(student_lp.exp(), shared),
+        M.OVERLAP_MASS_TEACHER: masked_sum(teacher_lp.exp(), shared),
+        M.STUDENT_ENTROPY: student_h,
+        M.TEACHER_ENTROPY: teacher_h,
+        M.REVERSE_KL: (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),
     }
+
+
+@torch.no_grad()
+def topk_mass(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+    """Probability [N] that a distribution puts on its own top-k tokens."""
+    dtype = torch.promote_types(log_probs.dtype, torch.float32)
+    log_probs = log_probs.detach().to(dtype)
+    k = min(k, log_probs.shape[-1])
+    return masked_sum(log_probs.exp(), topk_mask(log_probs, k))
 
 
 def position_bin_edges(max_len: int, n_bins: int) -> list[int]:

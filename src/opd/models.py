@@ -1,14 +1,19 @@
-"""Load student and teacher through the ordinary Hugging Face path, and check that token-level
-OPD is possible between them (one vocabulary, same ids)."""
+"""Load student, teacher and reference through the ordinary Hugging Face path (LoRA through
+peft), and check that token-level OPD is possible between them (one vocabulary, same ids)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from opd.errors import OPDError
+
+if TYPE_CHECKING:
+    from opd.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -85,3 +90,52 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
                 f"{teacher!r} ({len(teacher_vocab)} tokens) first differ at id {token_id}: "
                 f"{left!r} vs {right!r}. Pick a teacher from the same tokenizer family."
             )
+
+
+@dataclass
+class TrainingModels:
+    """The models of one training run: the trained student, the frozen teacher (None without
+    distillation) and reference (None without a KL penalty), and their tokenizers."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module | None
+    reference: torch.nn.Module | None
+    tokenizer: Any
+    teacher_tokenizer: Any
+
+
+def load_training_models(config: TrainConfig, device: torch.device,
+                         student_path: str) -> TrainingModels:
+    """Student from `student_path` (the configured one, or a checkpoint when resuming; LoRA
+    adapters on top when `lora_rank` is set), teacher and reference frozen."""
+    tokenizer = load_tokenizer(config.student, "student", config.trust_remote_code)
+    teacher = teacher_tokenizer = None
+    if config.distill_weight:
+        teacher_tokenizer = load_tokenizer(config.teacher, "teacher", config.trust_remote_code)
+        check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)
+    common = dict(device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
+    if config.lora_rank and student_path != config.student:
+        base = load_model(config.student, "student", trainable=True, **common)
+        student = _peft().PeftModel.from_pretrained(base, student_path, is_trainable=True)
+    else:
+        student = load_model(student_path, "student", trainable=True, **common)
+        if config.lora_rank:
+            peft = _peft()
+            lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
+                                   target_modules="all-linear")
+            student = peft.get_peft_model(student, lora)
+    if config.distill_weight:
+        teacher = load_model(config.teacher, "teacher", trainable=False, **common)
+    reference = (
+        load_model(config.student, "reference", trainable=False, **common)
+        if config.kl_penalty else None
+    )
+    return TrainingModels(student, teacher, reference, tokenizer, teacher_tokenizer)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as err:
+        raise OPDError("lora_rank > 0 needs peft: pip install 'opd[peft]'") from err
+    return peft

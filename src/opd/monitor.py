@@ -1,16 +1,17 @@
-"""A live monitor of the study's success/failure signatures (SPEC §3, §7) for `opd train`.
+"""A live monitor of the study's failure signatures for `opd train` (docs/method.md#measures).
 
-`check_signatures` is a pure function of the metrics so far; `Monitor` is the step hook that
-calls it, records each alert in the step's metrics (key `alerts`) once, names the likely
-cause and the recipe, and asks the loop to stop when `on_failure` is stop or cold-start.
+`check_signatures` is a pure function of the metrics so far; `Monitor` keeps the history,
+returns each alert once (the loop records it under `alerts`), names the likely cause and the
+recipe, and says whether the run should stop (`on_failure` stop or cold-start).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
+from opd import metrics as M
 from opd.errors import OPDError
 
 ON_FAILURE = ("warn", "stop", "cold-start")
@@ -52,8 +53,8 @@ def _bin_means(records: Sequence[dict[str, Any]], bins: Sequence[int]) -> list[f
     """Window mean of the student entropy in each of the given position bins."""
     means = []
     for b in bins:
-        values = [r["by_position"]["student_entropy"][b] for r in records
-                  if r.get("by_position", {}).get("student_entropy", [None] * (b + 1))[b] is not None]
+        values = [r[M.BY_POSITION][M.STUDENT_ENTROPY][b] for r in records
+                  if r.get(M.BY_POSITION, {}).get(M.STUDENT_ENTROPY, [None] * (b + 1))[b] is not None]
         means.append(sum(values) / len(values) if values else None)
     return means
 
@@ -62,7 +63,7 @@ def _tail_bin(records: Sequence[dict[str, Any]]) -> int | None:
     """The last position bin that every record of the window reached (a fixed bin, so that a
     rare long response does not make the 'tail' jump between bins)."""
     reached = [
-        max((i for i, v in enumerate(r.get("by_position", {}).get("student_entropy", []))
+        max((i for i, v in enumerate(r.get(M.BY_POSITION, {}).get(M.STUDENT_ENTROPY, []))
              if v is not None), default=-1)
         for r in records
     ]
@@ -75,25 +76,26 @@ def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) ->
     if len(history) < 2 * t.window:
         return []
     first, recent = history[: t.window], history[-t.window :]
-    step = history[-1]["step"]
+    step = history[-1][M.STEP]
     alerts: list[Alert] = []
-    overlap_now, overlap_then = _window_mean(recent, "overlap_ratio"), _window_mean(first, "overlap_ratio")
+    overlap_now, overlap_then = _window_mean(recent, M.OVERLAP_RATIO), _window_mean(first, M.OVERLAP_RATIO)
     if overlap_now is not None and overlap_then is not None and overlap_now < t.low_overlap \
             and overlap_now - overlap_then < t.min_overlap_rise:
         alerts.append(Alert(
             "pattern-mismatch", step,
-            {"overlap_ratio": overlap_now, "overlap_ratio_first_window": overlap_then,
-             "overlap_token_advantage": _window_mean(recent, "overlap_token_advantage") or 0.0},
+            {M.OVERLAP_RATIO: overlap_now, f"{M.OVERLAP_RATIO}_first_window": overlap_then,
+             M.OVERLAP_TOKEN_ADVANTAGE: _window_mean(recent, M.OVERLAP_TOKEN_ADVANTAGE) or 0.0},
             "the teacher's top tokens rarely overlap the student's on the student's own states "
-            "and the overlap is not growing: their thinking patterns differ (SPEC §4.1)",
+            "and the overlap is not growing: their thinking patterns differ "
+            "(docs/method.md#when-opd-works)",
             "off-policy cold start on teacher responses (`opd cold-start`), and/or prompts in the "
             "teacher's template (`opd select-prompts`)",
         ))
-    trunc_now, trunc_then = _window_mean(recent, "truncation_rate"), _window_mean(first, "truncation_rate")
+    trunc_now, trunc_then = _window_mean(recent, M.TRUNCATION_RATE), _window_mean(first, M.TRUNCATION_RATE)
     if trunc_now is not None and trunc_then is not None and trunc_now - trunc_then > t.truncation_jump:
         alerts.append(Alert(
             "format-collapse", step,
-            {"truncation_rate": trunc_now, "truncation_rate_first_window": trunc_then},
+            {M.TRUNCATION_RATE: trunc_now, f"{M.TRUNCATION_RATE}_first_window": trunc_then},
             "responses increasingly run to the length cap: the student's format is breaking",
             "stop and restart from an earlier checkpoint with a lower lr, an off-policy cold "
             "start, or an outcome reward mixed in (outcome_weight)",
@@ -108,7 +110,7 @@ def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) ->
                 "tail-entropy", step,
                 {"tail_entropy_ratio": tail_ratio, "front_entropy_ratio": front_ratio},
                 "student entropy is rising at the end of responses first: dense rewards are "
-                "least reliable deep into long responses (SPEC §7)",
+                "least reliable deep into long responses (docs/method.md#long-horizons)",
                 "cap max_new_tokens near the diagnosed horizon (`opd diagnose`) or mix in an "
                 "outcome reward",
             ))
@@ -116,7 +118,7 @@ def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) ->
 
 
 class Monitor:
-    """Step hook: records new alerts in the step's metrics and decides whether to stop."""
+    """Watches the run's records; each failing signature is reported once, when it appears."""
 
     def __init__(self, on_failure: str = "warn", thresholds: MonitorThresholds | None = None,
                  echo: Callable[[str], None] = print) -> None:
@@ -126,13 +128,17 @@ class Monitor:
         self.history: list[dict[str, Any]] = []
         self.fired: dict[str, Alert] = {}
 
-    def __call__(self, metrics: dict[str, Any]) -> bool:
-        self.history.append(metrics)
+    @property
+    def stops(self) -> bool:
+        """Whether an alert should stop the run (on_failure stop or cold-start)."""
+        return self.on_failure != "warn"
+
+    def observe(self, record: dict[str, Any]) -> list[Alert]:
+        """Add one step's record to the history; the alerts that fire for the first time."""
+        self.history.append(record)
         new = [a for a in check_signatures(self.history, self.thresholds) if a.rule not in self.fired]
         for alert in new:
             self.fired[alert.rule] = alert
             self.echo(f"[opd monitor] step {alert.step}: {alert.rule}: {alert.cause}. "
                       f"Recipe: {alert.recipe}.")
-        if new:
-            metrics["alerts"] = [asdict(a) for a in new]
-        return bool(new) and self.on_failure != "warn"
+        return new

@@ -1,10 +1,11 @@
-"""Distillation objectives as pure per-position losses (SPEC §2).
+"""The loss, all of it, as pure functions (docs/method.md#objectives).
 
-Every objective maps student log-probs `student_lp` [N, V] (with gradient), teacher log-probs
-`teacher_lp` [N, V] (no gradient) and the sampled tokens `targets` [N] to a loss per position
-[N]. The training loop sums them over positions chunk by chunk, so no [B, T, V] tensor of
-both models ever exists. Aggregation over positions and sequences, the outcome advantage and
-the reference penalty live here too, as pure functions.
+Every distillation objective maps student log-probs `student_lp` [N, V] (with gradient),
+teacher log-probs `teacher_lp` [N, V] (no gradient) and the sampled tokens `targets` [N] to a
+loss per position [N]. `StepLoss` assembles a step's whole loss from them — aggregation
+weights, the outcome advantage, the KL-to-reference penalty — and `TokenLoss` is its share for
+one micro-batch, which the scoring pass sums chunk by chunk, so no [B, T, V] tensor of both
+models ever exists.
 """
 
 from __future__ import annotations
@@ -15,23 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from opd.distributions import masked_sum, renormalise, topk_mask
-from opd.errors import OPDError
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Which per-token objective to use, and its knobs."""
-
-    name: str = "topk"
-    """One of OBJECTIVES: sampled, topk, subset_kl, full_reverse_kl, forward_kl, jsd."""
-    k: int = 16
-    """Top-k size for `topk` and `subset_kl`."""
-    strategy: str = "student"
-    """Candidate set: student, teacher, intersection, union, symmetric-difference."""
-    weighting: str = "student_p"
-    """Candidate weights: student_p, teacher_p, none."""
-    beta: float = 0.5
-    """JSD interpolation: 0 = forward KL(teacher‖student), 1 = reverse KL(student‖teacher)."""
+from opd.settings import Config, setting
 
 
 def _gather(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -113,7 +98,7 @@ def jsd_loss(student_lp, teacher_lp, targets, config):
     return beta * kl_teacher + (1 - beta) * kl_student
 
 
-Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, ObjectiveConfig], torch.Tensor]
+Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ObjectiveConfig"], torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {
     "sampled": sampled_token_loss,
     "topk": topk_loss,
@@ -124,20 +109,25 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def validate_objective(config: ObjectiveConfig) -> None:
-    """Raise OPDError naming the field and its choices when a setting is unknown."""
-    choices = {
-        "objective": (config.name, OBJECTIVES),
-        "topk_strategy": (config.strategy, CANDIDATE_SETS),
-        "topk_weighting": (config.weighting, WEIGHTINGS),
-    }
-    for field_name, (value, table) in choices.items():
-        if value not in table:
-            raise OPDError(f"{field_name}: unknown value {value!r}; choose one of {sorted(table)}")
-    if config.k < 1:
-        raise OPDError(f"topk: must be at least 1, got {config.k}")
-    if not 0 <= config.beta <= 1:
-        raise OPDError(f"jsd_beta: must lie in [0, 1], got {config.beta}")
+AGGREGATIONS = ("token-mean", "sequence-mean")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig(Config):
+    """Which per-token distillation objective, and its knobs (docs/method.md#objectives)."""
+
+    name: str = setting("topk", "Per-token objective: sampled, topk, subset_kl, "
+                        "full_reverse_kl, forward_kl or jsd.", choices=tuple(OBJECTIVES))
+    k: int = setting(16, "Candidate-set size of topk and subset_kl.", minimum=1)
+    strategy: str = setting("student", "Candidate set of topk and subset_kl: student, teacher, "
+                            "intersection, union or symmetric-difference.",
+                            choices=tuple(CANDIDATE_SETS))
+    weighting: str = setting("student_p", "Candidate weights of topk: student_p, teacher_p or "
+                             "none.", choices=tuple(WEIGHTINGS))
+    beta: float = setting(0.5, "β of jsd: 0 = forward KL(teacher‖student), 1 = reverse "
+                          "KL(student‖teacher).", minimum=0, maximum=1)
+    teacher_temperature: float = setting(1.0, "Temperature applied to the teacher's logits "
+                                         "before its log-softmax.", above=0)
 
 
 def distillation_loss(student_lp, teacher_lp, targets, config: ObjectiveConfig) -> torch.Tensor:
@@ -162,9 +152,6 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float 
     return advantages
 
 
-AGGREGATIONS = ("token-mean", "sequence-mean")
-
-
 def aggregation_weights(
     response_mask: torch.Tensor, aggregation: str, total_tokens: float, total_sequences: float
 ) -> torch.Tensor:
@@ -176,7 +163,81 @@ def aggregation_weights(
     mask = response_mask.float()
     if aggregation == "token-mean":
         return mask / max(total_tokens, 1.0)
-    if aggregation == "sequence-mean":
-        lengths = mask.sum(-1, keepdim=True).clamp(min=1)
-        return mask / lengths / max(total_sequences, 1.0)
-    raise OPDError(f"loss_aggregation: unknown value {aggregation!r}; choose one of {AGGREGATIONS}")
+    assert aggregation == "sequence-mean", aggregation
+    lengths = mask.sum(-1, keepdim=True).clamp(min=1)
+    return mask / lengths / max(total_sequences, 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLoss:
+    """One micro-batch's share of the step's loss, per response token [M] (no gradient):
+
+    loss = Σ_t weight_t · (distill_weight · D_t − advantage_t · log p(ŷ_t) + kl_coef · K_t)
+
+    with D the distillation objective and K the k3 penalty against `reference_lp`.
+    """
+
+    objective: ObjectiveConfig
+    weight: torch.Tensor
+    advantage: torch.Tensor | None = None
+    reference_lp: torch.Tensor | None = None
+    distill_weight: float = 1.0
+    kl_coef: float = 0.0
+
+    def chunk(self, student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
+              token_lp: torch.Tensor, part: slice) -> torch.Tensor:
+        """The weighted loss summed over the positions `part` of the micro-batch."""
+        per_token = torch.zeros_like(token_lp)
+        if self.distill_weight:
+            per_token = per_token + self.distill_weight * distillation_loss(
+                student_lp, teacher_lp, targets, self.objective
+            )
+        if self.advantage is not None:
+            per_token = per_token - self.advantage[part] * token_lp
+        if self.reference_lp is not None and self.kl_coef:
+            per_token = per_token + self.kl_coef * reference_kl_penalty(
+                token_lp, self.reference_lp[part])
+        return (self.weight[part] * per_token).sum()
+
+
+@dataclass(frozen=True)
+class StepLoss:
+    """The loss of one step over the global batch, before it is split into micro-batches.
+
+    `weight` [N, L] aggregates per-token losses into the chosen mean over the whole batch (all
+    processes); `advantage` [N] is the outcome advantage already scaled by `outcome_weight`.
+    """
+
+    objective: ObjectiveConfig
+    response_mask: torch.Tensor
+    weight: torch.Tensor
+    advantage: torch.Tensor | None
+    distill_weight: float
+    kl_coef: float
+
+    @classmethod
+    def build(cls, objective: ObjectiveConfig, response_mask: torch.Tensor, *, aggregation: str,
+              total_tokens: float, total_rows: float, distill_weight: float, kl_coef: float,
+              outcome_weight: float = 0.0, rewards: torch.Tensor | None = None,
+              groups: torch.Tensor | None = None) -> StepLoss:
+        """`rewards` [N] and `groups` [N] (prompt of each rollout) are needed when
+        `outcome_weight` is not 0."""
+        advantage = None
+        if outcome_weight:
+            advantage = outcome_weight * group_advantages(rewards, groups)
+        weight = aggregation_weights(response_mask, aggregation, total_tokens, total_rows)
+        return cls(objective, response_mask, weight, advantage, distill_weight, kl_coef)
+
+    def rows(self, rows: slice, token_rows: torch.Tensor, device: torch.device,
+             reference_lp: torch.Tensor | None = None) -> TokenLoss:
+        """The share of rollouts `rows`, per response token; `token_rows` [M] is the row (within
+        `rows`) of each token, as `ResponseStates.rows` gives it."""
+        predicts = self.response_mask[rows][:, 1:]
+        advantage = None
+        if self.advantage is not None:
+            advantage = self.advantage[rows][token_rows.cpu()].to(device)
+        return TokenLoss(
+            objective=self.objective, weight=self.weight[rows][:, 1:][predicts].to(device),
+            advantage=advantage, reference_lp=reference_lp,
+            distill_weight=self.distill_weight, kl_coef=self.kl_coef,
+        )

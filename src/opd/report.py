@@ -9,16 +9,22 @@ import math
 from pathlib import Path
 from typing import Any
 
-from opd.checkpoints import read_jsonl
+from opd import metrics as M
+from opd.io import write_atomic, write_text_atomic
+from opd.runtime import StepHook, is_main_process
 
 CURVES = (
-    ("accuracy", "evaluation accuracy"),
-    ("overlap_ratio", "overlap ratio (top-k)"),
-    ("overlap_token_advantage", "overlap-token advantage"),
-    ("entropy_gap", "entropy gap |H(q) − H(p)|"),
-    ("grad_norm", "gradient norm"),
-    ("student_entropy", "student entropy"),
+    (M.ACCURACY, "evaluation accuracy"),
+    (M.OVERLAP_RATIO, "overlap ratio (top-k)"),
+    (M.OVERLAP_TOKEN_ADVANTAGE, "overlap-token advantage"),
+    (M.ENTROPY_GAP, "entropy gap |H(q) − H(p)|"),
+    (M.GRAD_NORM, "gradient norm"),
+    (M.STUDENT_ENTROPY, "student entropy"),
 )
+TABLE = (M.LOSS, M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP,
+         M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER, M.STUDENT_ENTROPY, M.REVERSE_KL,
+         M.GRAD_NORM, M.RESPONSE_LENGTH, M.TRUNCATION_RATE)
+"""The measures of the run report's first/last-step table."""
 
 
 def pyplot():
@@ -31,8 +37,27 @@ def pyplot():
     return plt
 
 
+def save_figure(fig: Any, path: Path, **options: Any) -> Path:
+    """Write a matplotlib figure atomically and close it."""
+    plt = pyplot()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **options))
+    plt.close(fig)
+    return path
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A value for a table: – for None, yes/no for a bool, floats with `spec`."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = [(r["step"], r[key]) for r in records
+    points = [(r[M.STEP], r[key]) for r in records
               if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -45,7 +70,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path,
     for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
         for label, records in runs.items():
             steps, values = _series(records, key)
-            if key == "accuracy" and initial_accuracy and initial_accuracy.get(label) is not None:
+            if key == M.ACCURACY and initial_accuracy and initial_accuracy.get(label) is not None:
                 steps, values = [0, *steps], [initial_accuracy[label], *values]
             if steps:
                 ax.plot(steps, values, marker="o" if len(steps) < 15 else None, ms=3, label=label)
@@ -58,59 +83,57 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path,
     if len(runs) > 1 and handles:
         fig.legend(handles, labels, loc="upper center", ncol=len(runs), fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95 if len(runs) > 1 else 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
-def entropy_heatmap(records: list[dict[str, Any]], path: Path, key: str = "student_entropy") -> Path:
-    """Position bin × step heat map of a by-position measure (SPEC §3)."""
+def entropy_heatmap(records: list[dict[str, Any]], path: Path, key: str = M.STUDENT_ENTROPY) -> Path:
+    """Position bin × step heat map of a by-position measure (docs/method.md#measures)."""
     plt = pyplot()
-    rows = [r for r in records if key in r.get("by_position", {})]
-    grid = [[math.nan if v is None else v for v in r["by_position"][key]] for r in rows]
+    rows = [r for r in records if key in r.get(M.BY_POSITION, {})]
+    grid = [[math.nan if v is None else v for v in r[M.BY_POSITION][key]] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     if grid:
         image = ax.imshow(list(map(list, zip(*grid, strict=True))), aspect="auto", origin="lower",
-                          extent=(rows[0]["step"] - 0.5, rows[-1]["step"] + 0.5, -0.5,
+                          extent=(rows[0][M.STEP] - 0.5, rows[-1][M.STEP] + 0.5, -0.5,
                                   len(grid[0]) - 0.5), cmap="magma", interpolation="nearest")
         fig.colorbar(image, ax=ax, label=key.replace("_", " "))
     ax.set_xlabel("step")
     ax.set_ylabel("response position bin (0 = start)")
     ax.set_title(f"{key.replace('_', ' ')} by response position")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "–" if value is None else str(value)
+    return save_figure(fig, path, dpi=110)
 
 
 def write_run_report(run_folder: str | Path) -> Path:
     """report.md with curves.png and entropy_heatmap.png for one run folder."""
     run = Path(run_folder)
-    records = read_jsonl(run / "metrics.jsonl")
+    records = M.read(run)
     summary_path = run / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     plot_curves({run.name: records}, run / "curves.png",
                 {run.name: summary.get("initial_accuracy")})
     entropy_heatmap(records, run / "entropy_heatmap.png")
-    keys = ["loss", "overlap_ratio", "overlap_token_advantage", "entropy_gap",
-            "overlap_mass_student", "overlap_mass_teacher", "student_entropy", "reverse_kl",
-            "grad_norm", "response_length", "truncation_rate"]
     first, last = (records[0], records[-1]) if records else ({}, {})
     lines = [f"# Run report: {run.name}", ""]
     if summary:
         lines += [f"- steps: {summary.get('steps')}",
-                  f"- accuracy: {_fmt(summary.get('initial_accuracy'))} → "
-                  f"{_fmt(summary.get('final_accuracy'))}",
+                  f"- accuracy: {fmt(summary.get('initial_accuracy'), '.4g')} → "
+                  f"{fmt(summary.get('final_accuracy'), '.4g')}",
                   f"- skipped steps (non-finite): {summary.get('skipped_steps')}", ""]
     lines += ["| measure | first step | last step |", "|---|---|---|"]
-    lines += [f"| {k} | {_fmt(first.get(k))} | {_fmt(last.get(k))} |" for k in keys]
+    lines += [f"| {k} | {fmt(first.get(k), '.4g')} | {fmt(last.get(k), '.4g')} |" for k in TABLE]
     lines += ["", "![curves](curves.png)", "", "![student entropy](entropy_heatmap.png)", ""]
     path = run / "report.md"
-    path.write_text("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
+
+
+class ReportHook(StepHook):
+    """Writes the run report when a training run ends (main process)."""
+
+    def __init__(self, run_folder: str | Path) -> None:
+        self.run_folder = run_folder
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if is_main_process():
+            write_run_report(self.run_folder)

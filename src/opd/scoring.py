@@ -1,21 +1,24 @@
-"""Scoring student and teacher on the student's states, a chunk of positions at a time.
+"""Scoring student and teacher on the student's states: one chunked pass, two consumers.
 
 Both models run their backbone once over the rollouts (hidden states [B, L, H] are small);
-the output head, log-softmax, objective and measures then run on `chunk_size` positions at a
-time. Under gradient the student's chunk is checkpointed, so backward recomputes its logits
-instead of keeping them: peak memory grows with chunk_size × V, not with B × T × V.
+the output head and log-softmax then run on `chunk_size` positions at a time, and each chunk's
+log-probs go to the two consumers of the pass: the loss (`objectives.TokenLoss`) and the
+measures (a function returning named per-token values, e.g. `measures.token_measures`). Either
+may be absent: diagnose asks for measures only. Under gradient the student's chunk is
+checkpointed, so backward recomputes its logits instead of keeping them: peak memory grows
+with chunk_size × V, not with B × T × V.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from opd.measures import MEASURES, token_measures
-from opd.objectives import ObjectiveConfig, distillation_loss, reference_kl_penalty
+from opd.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -79,80 +82,69 @@ def response_states(
     )
 
 
-@dataclass(frozen=True)
-class TokenTerms:
-    """Per-token coefficients [M] of the total loss, all without gradient.
-
-    loss = Σ_t weight_t · (distill_weight · D_t − advantage_t · log p(ŷ_t) + kl_coef · K_t)
-    with D the distillation objective and K the k3 penalty against `reference_lp`.
-    """
-
-    weight: torch.Tensor
-    advantage: torch.Tensor | None = None
-    reference_lp: torch.Tensor | None = None
-    distill_weight: float = 1.0
-    kl_coef: float = 0.0
+MeasureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+"""(student log-probs [n, V], teacher log-probs [n, V], sampled tokens [n]) → named values [n]."""
 
 
-def _chunk_loss(
-    student_hidden, teacher_hidden, targets, weight, advantage, reference_lp,
-    *, student_head, teacher_head, teacher_temperature, objective, distill_weight, kl_coef,
-    measure_k,
-):
+@dataclass
+class Scores:
+    """What one scoring pass returns, per response token in row-major order."""
+
+    loss: torch.Tensor
+    """The loss consumer's sum: a scalar, with gradient when the student states have one
+    (0 without a loss)."""
+    token_logprobs: torch.Tensor
+    """[M] the student's log-prob of each sampled token."""
+    measures: dict[str, torch.Tensor]
+    """The measures consumer's named values, each [M] (empty without measures)."""
+
+
+def _score_chunk(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                 targets: torch.Tensor, part: slice, *, student_head: Head, teacher_head: Head,
+                 teacher_temperature: float, loss: TokenLoss | None,
+                 measures: MeasureFn | None) -> dict[str, Any]:
     student_lp = student_head(student_hidden).log_softmax(-1)
     with torch.no_grad():
         teacher_lp = (teacher_head(teacher_hidden) / teacher_temperature).log_softmax(-1)
     token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
-    per_token = torch.zeros_like(token_lp)
-    if distill_weight:
-        per_token = per_token + distill_weight * distillation_loss(
-            student_lp, teacher_lp, targets, objective
-        )
-    if advantage is not None:
-        per_token = per_token - advantage * token_lp
-    if reference_lp is not None and kl_coef:
-        per_token = per_token + kl_coef * reference_kl_penalty(token_lp, reference_lp)
-    measures = token_measures(student_lp, teacher_lp, targets, measure_k)
-    return (weight * per_token).sum(), token_lp.detach(), *measures.values()
+    total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
+             else token_lp.new_zeros(()))
+    values = measures(student_lp, teacher_lp, targets) if measures is not None else {}
+    return {"loss": total, "token_lp": token_lp.detach(), "measures": values}
 
 
-def score_and_loss(
+def score(
     student: ResponseStates,
     teacher: ResponseStates,
     *,
     student_head: Head,
     teacher_head: Head,
-    terms: TokenTerms,
-    objective: ObjectiveConfig,
     teacher_temperature: float = 1.0,
-    measure_k: int = 16,
+    loss: TokenLoss | None = None,
+    measures: MeasureFn | None = None,
     chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss (a scalar with gradient when the student states have one), the student's
-    log-prob of each sampled token [M], and every measure per token [M]."""
+) -> Scores:
+    """Run both heads over the response states a chunk at a time, feeding the consumers."""
     total = student.hidden.new_zeros((), dtype=torch.float32)
-    token_lps, columns = [], {name: [] for name in MEASURES}
+    token_lps: list[torch.Tensor] = []
+    columns: dict[str, list[torch.Tensor]] = {}
     teacher_hidden = teacher.hidden.to(student.hidden.device)
-    grad = student.hidden.requires_grad and torch.is_grad_enabled()
+    grad = student.hidden.requires_grad and torch.is_grad_enabled() and loss is not None
+    options = dict(student_head=student_head, teacher_head=teacher_head,
+                   teacher_temperature=teacher_temperature, loss=loss, measures=measures)
     for start in range(0, student.hidden.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
-        args = (
-            student.hidden[part], teacher_hidden[part], student.targets[part], terms.weight[part],
-            None if terms.advantage is None else terms.advantage[part],
-            None if terms.reference_lp is None else terms.reference_lp[part],
-        )
-        options = dict(
-            student_head=student_head, teacher_head=teacher_head,
-            teacher_temperature=teacher_temperature, objective=objective,
-            distill_weight=terms.distill_weight, kl_coef=terms.kl_coef, measure_k=measure_k,
-        )
+        args = (student.hidden[part], teacher_hidden[part], student.targets[part], part)
         if grad:
-            loss, token_lp, *values = checkpoint(_chunk_loss, *args, use_reentrant=False, **options)
+            out = checkpoint(_score_chunk, *args, use_reentrant=False, **options)
         else:
-            loss, token_lp, *values = _chunk_loss(*args, **options)
-        total = total + loss
-        token_lps.append(token_lp)
-        for name, value in zip(MEASURES, values, strict=True):
-            columns[name].append(value)
-    measures = {name: torch.cat(parts) if parts else torch.empty(0) for name, parts in columns.items()}
-    return total, torch.cat(token_lps) if token_lps else torch.empty(0), measures
+            out = _score_chunk(*args, **options)
+        total = total + out["loss"]
+        token_lps.append(out["token_lp"])
+        for name, value in out["measures"].items():
+            columns.setdefault(name, []).append(value)
+    return Scores(
+        loss=total,
+        token_logprobs=torch.cat(token_lps) if token_lps else torch.empty(0),
+        measures={name: torch.cat(parts) for name, parts in columns.items()},
+    )

@@ -1,13 +1,13 @@
 """Supervised fine-tuning of any Hugging Face causal LM on (prompt, response) pairs.
 
-Used to build the model-organism world and for the off-policy cold start (SPEC §6.1): the prompt
+Used to build the model-organism world and for the off-policy cold start
+(docs/method.md#recipes): the prompt
 is rendered with `render_prompt` (the tokenizer's chat template when it has one), the EOS token is
 appended to the response, and the cross-entropy loss covers the response tokens only.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from opd.data.prompts import Messages, PromptRecord, render_prompt
 from opd.errors import OPDError
+from opd.optim import adamw_with_schedule
 from opd.rollout import encode_prompts
 
 IGNORE_INDEX = -100
@@ -86,16 +87,6 @@ def collate(
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def lr_factor(step: int, config: SFTConfig) -> float:
-    """Learning-rate multiplier at `step`: linear warm-up, then cosine decay to `min_lr_ratio`."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
-
-
 def train_sft(
     model: Any, tokenizer: Any, examples: Sequence[Example], config: SFTConfig = SFTConfig()
 ) -> list[float]:
@@ -108,8 +99,11 @@ def train_sft(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoded = [_encode(tokenizer, example, config) for example in examples]
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    optimizer, scheduler = adamw_with_schedule(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps, total_steps=config.steps, schedule="cosine",
+        min_ratio=config.min_lr_ratio,
+    )
     rng = random.Random(config.seed)
     order: list[int] = []
     losses: list[float] = []

@@ -15,89 +15,38 @@ Rollouts are seeded per (step, prompt, sample), so they do not depend on the sha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
-from opd.checkpoints import (
-    append_jsonl,
-    complete_checkpoints,
-    load_trainer_state,
-    read_jsonl,
-    save_checkpoint,
-    set_rng_state,
-    truncate_metrics,
-)
-from opd.config import TrainConfig, config_to_dict
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd import metrics as M
+from opd.checkpoints import checkpoint_step, complete_checkpoints, load_checkpoint, save_checkpoint
+from opd.config import TrainConfig
+from opd.data.prompts import load_prompts, render_prompt, require_answers
 from opd.errors import OPDError
 from opd.evaluate import evaluate
-from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals
-from opd.models import check_same_vocabulary, load_model, load_tokenizer
+from opd.io import write_text_atomic
+from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
+from opd.models import load_training_models
 from opd.monitor import Monitor
-from opd.objectives import aggregation_weights, group_advantages
-from opd.report import write_run_report
+from opd.objectives import StepLoss
+from opd.optim import adamw_with_schedule
 from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
-from opd.scoring import ResponseStates, TokenTerms, output_head, response_states, score_and_loss
+from opd.runtime import Processes, StepHook, timed
+from opd.scoring import ResponseStates, output_head, response_states, score
+from opd.settings import to_dict
 from opd.verify import get_verifier
 
-TEACHER_MEASURES = tuple(m for m in MEASURES if m != "student_entropy")
-StepHook = Callable[[dict[str, Any]], bool | None]
-
-
-@contextlib.contextmanager
-def timed(stage: str, metrics: dict[str, Any]) -> Iterator[None]:
-    """Add the block's wall time to metrics[f"time_{stage}"]."""
-    start = time.perf_counter()
-    yield
-    metrics[f"time_{stage}"] = metrics.get(f"time_{stage}", 0.0) + time.perf_counter() - start
-
-
-class Processes:
-    """The few distributed operations the loop needs; a no-op for a single process."""
-
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank, self.world = self.state.process_index, self.state.num_processes
-        self.device = self.state.device
-        self.is_main = self.state.is_main_process
-        if self.world > 1 and self.device.type == "cpu":
-            # Processes sharing a few cores must not each spin up all of them.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            tensor = tensor.to(self.device)
-            dist.all_reduce(tensor)
-        return tensor
-
-    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+RESUME_MUST_MATCH = ("student", "teacher", "prompts", "seed", "prompts_per_step",
+                     "rollouts_per_prompt", "objective")
+"""Settings a resumed run must share with the run it continues."""
 
 
 def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
@@ -111,79 +60,6 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
     return order[:count]
 
 
-def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        if config.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return factor
-
-
-@dataclass
-class Models:
-    student: torch.nn.Module
-    teacher: torch.nn.Module | None
-    reference: torch.nn.Module | None
-    tokenizer: Any
-    teacher_tokenizer: Any
-
-
-def load_models(config: TrainConfig, device: torch.device, student_path: str) -> Models:
-    """Student (trainable, optionally LoRA), teacher and reference (frozen)."""
-    tokenizer = load_tokenizer(config.student, "student", config.trust_remote_code)
-    teacher = teacher_tokenizer = None
-    if config.distill_weight:
-        teacher_tokenizer = load_tokenizer(config.teacher, "teacher", config.trust_remote_code)
-        check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)
-    common = dict(device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
-    if config.lora_rank and student_path != config.student:
-        student = _load_lora_checkpoint(config, student_path, common)
-    else:
-        student = load_model(student_path, "student", trainable=True, **common)
-        if config.lora_rank:
-            student = _add_lora(student, config.lora_rank)
-    if config.distill_weight:
-        teacher = load_model(config.teacher, "teacher", trainable=False, **common)
-    reference = (
-        load_model(config.student, "reference", trainable=False, **common)
-        if config.kl_penalty else None
-    )
-    return Models(student, teacher, reference, tokenizer, teacher_tokenizer)
-
-
-def _peft():
-    try:
-        import peft
-    except ImportError as err:
-        raise OPDError("lora_rank > 0 needs peft: pip install 'opd[peft]'") from err
-    return peft
-
-
-def _add_lora(model: torch.nn.Module, rank: int) -> torch.nn.Module:
-    peft = _peft()
-    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
-    return peft.get_peft_model(model, config)
-
-
-def _load_lora_checkpoint(config: TrainConfig, path: str, common: dict) -> torch.nn.Module:
-    base = load_model(config.student, "student", trainable=True, **common)
-    return _peft().PeftModel.from_pretrained(base, path, is_trainable=True)
-
-
-def _records_need_answers(records: Sequence[PromptRecord], what: str, field: str) -> None:
-    missing = next((i for i, r in enumerate(records) if r.answer is None), None)
-    if missing is not None:
-        raise OPDError(
-            f"{field}: row {missing + 1} has no 'answer'; {what} needs an answer on every row"
-        )
-
-
 class Trainer:
     """Holds the models, data and optimizer of one run; `run()` trains to max_steps."""
 
@@ -191,18 +67,17 @@ class Trainer:
                  hooks: Sequence[StepHook] = ()) -> None:
         self.config = config
         self.monitor = Monitor(config.on_failure, echo=tqdm.write)
-        self.hooks = [self.monitor, *hooks]
+        self.hooks = list(hooks)
         self.procs = Processes()
         self.out = Path(config.out)
-        self.metrics_path = self.out / "metrics.jsonl"
-        self.records = load_prompts(config.prompts) if config.prompts else []
-        if not self.records:
+        if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
+        self.records = load_prompts(config.prompts)
         if config.outcome_weight:
-            _records_need_answers(self.records, "outcome_weight > 0", "prompts")
+            require_answers(self.records, "prompts", "outcome_weight > 0")
         self.eval_records = load_prompts(config.eval_prompts) if config.eval_prompts else []
         if self.eval_records:
-            _records_need_answers(self.eval_records, "evaluation", "eval_prompts")
+            require_answers(self.eval_records, "eval_prompts", "evaluation")
         if config.prompts_per_step % self.procs.world:
             raise OPDError(
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
@@ -210,43 +85,37 @@ class Trainer:
             )
         checkpoint = self._prepare_run_folder(resume)
         torch.manual_seed(config.seed)
-        self.models = load_models(
+        self.models = load_training_models(
             config, self.procs.device, str(checkpoint) if checkpoint else config.student
         )
         self.verify = get_verifier(config.verifier)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=config.lr, weight_decay=config.weight_decay
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            self.params, lr=config.lr, weight_decay=config.weight_decay,
+            warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+            schedule=config.lr_schedule,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "initial_accuracy": None}
         if checkpoint:
-            self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
-            self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
-            set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
-            self.state = load_trainer_state(checkpoint)
+            self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
         self.student_head = output_head(self.models.student)
-        teacher = self.models.teacher or self.models.student
-        self.teacher_head = output_head(teacher)
+        self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
 
     # -- run folder -----------------------------------------------------------------------
     def _prepare_run_folder(self, resume: bool) -> Path | None:
         """The checkpoint to resume from, after refusing to overwrite an existing run."""
         checkpoints = complete_checkpoints(self.out)
-        has_run = self.metrics_path.exists() or bool(checkpoints)
+        has_run = (self.out / M.METRICS_FILE).exists() or bool(checkpoints)
         if has_run and not resume:
             raise OPDError(
                 f"out: {str(self.out)!r} already holds a run; pass --resume to continue it "
                 "or choose a new --out folder (nothing was changed)"
             )
+        settings = to_dict(self.config)
         if resume and checkpoints:
             saved = yaml.safe_load((self.out / "config.yaml").read_text())
-            changed = {
-                k for k in ("student", "teacher", "prompts", "seed", "prompts_per_step",
-                            "rollouts_per_prompt", "objective")
-                if saved.get(k) != getattr(self.config, k)
-            }
+            changed = {k for k in RESUME_MUST_MATCH if saved.get(k) != settings[k]}
             if changed:
                 raise OPDError(
                     f"--resume: the run in {str(self.out)!r} was started with other values of "
@@ -255,11 +124,11 @@ class Trainer:
         self.procs.barrier()
         if self.procs.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config)))
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(settings))
             if checkpoints and resume:
-                truncate_metrics(self.metrics_path, load_trainer_state(checkpoints[-1])["step"])
+                M.truncate(self.out, checkpoint_step(checkpoints[-1]))
             elif resume:
-                self.metrics_path.unlink(missing_ok=True)
+                (self.out / M.METRICS_FILE).unlink(missing_ok=True)
         self.procs.barrier()
         return checkpoints[-1] if resume and checkpoints else None
 
@@ -285,46 +154,51 @@ class Trainer:
         prompts = encode_prompts(tok, texts, self.config.max_prompt_tokens)
         return pack(prompts, rollouts.response_ids[rows], tok.pad_token_id)
 
+    def _rewards(self, rollouts: Rollouts, indices: list[int]) -> torch.Tensor | None:
+        """The verifier's reward per rollout, or None when some prompt has no answer."""
+        answers = [self.records[indices[i]].answer for i in rollouts.prompt_index.tolist()]
+        if any(a is None for a in answers):
+            return None
+        return torch.tensor(
+            [float(self.verify(t, a)) for t, a in zip(rollouts.texts, answers, strict=True)]
+        )
+
     def train_step(self, step: int) -> dict[str, Any]:
+        """Rollouts → scoring → loss and measures → update; returns the step's record."""
         config, procs, models = self.config, self.procs, self.models
-        metrics: dict[str, Any] = {"step": step}
+        record: dict[str, Any] = {M.STEP: step}
         share = config.prompts_per_step // procs.world
         global_indices = prompt_order(
             len(self.records), config.seed, (step - 1) * config.prompts_per_step,
             config.prompts_per_step,
         )
         indices = global_indices[procs.rank * share : (procs.rank + 1) * share]
-        with timed("rollout", metrics):
+        with timed(M.TIME_ROLLOUT, record):
             rollouts = self._rollouts(step, indices)
 
         n = rollouts.input_ids.shape[0]
-        answers = [self.records[indices[i]].answer for i in rollouts.prompt_index.tolist()]
-        rewards = None
-        if all(a is not None for a in answers):
-            rewards = torch.tensor(
-                [float(self.verify(t, a)) for t, a in zip(rollouts.texts, answers, strict=True)]
-            )
-        advantages = None
-        if config.outcome_weight:
-            advantages = config.outcome_weight * group_advantages(rewards, rollouts.prompt_index)
-
+        rewards = self._rewards(rollouts, indices)
         counts = procs.sum(torch.tensor(
             [float(rollouts.response_mask.sum()), float(n), float(rollouts.truncated.sum()),
              float(rewards.sum()) if rewards is not None else math.nan], dtype=torch.float64,
         )).tolist()
         total_tokens, total_rows = counts[0], counts[1]
-        weights = aggregation_weights(
-            rollouts.response_mask, config.loss_aggregation, total_tokens, total_rows
+        step_loss = StepLoss.build(
+            config.objective, rollouts.response_mask, aggregation=config.loss_aggregation,
+            total_tokens=total_tokens, total_rows=total_rows,
+            distill_weight=config.distill_weight, kl_coef=config.kl_penalty,
+            outcome_weight=config.outcome_weight, rewards=rewards, groups=rollouts.prompt_index,
         )
         micro = config.micro_batch or n
         loss_total = 0.0
         sums = counts_by_bin = None
+        names: list[str] = []
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
-            with timed("score", metrics), torch.no_grad():
+            with timed(M.TIME_SCORE, record), torch.no_grad():
                 teacher_states = self._teacher_states(rollouts, indices, rows)
                 reference_lp = self._reference_token_lp(rollouts, rows)
-            with timed("update", metrics):
+            with timed(M.TIME_UPDATE, record):
                 student_states = response_states(
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
@@ -334,31 +208,25 @@ class Trainer:
                         student_states.hidden.detach(), student_states.targets,
                         student_states.positions, student_states.rows,
                     )
-                predicts = rollouts.response_mask[rows][:, 1:]
-                terms = TokenTerms(
-                    weight=weights[rows][:, 1:][predicts].to(student_states.hidden.device),
-                    advantage=None if advantages is None else advantages[rows][
-                        student_states.rows.cpu()].to(student_states.hidden.device),
-                    reference_lp=reference_lp,
-                    distill_weight=config.distill_weight,
-                    kl_coef=config.kl_penalty,
-                )
-                loss, _, measures = score_and_loss(
+                scores = score(
                     student_states, teacher_states, student_head=self.student_head,
-                    teacher_head=self.teacher_head, terms=terms,
-                    objective=config.objective_config(),
-                    teacher_temperature=config.teacher_temperature,
-                    measure_k=config.measure_k, chunk_size=config.chunk_size,
+                    teacher_head=self.teacher_head,
+                    teacher_temperature=config.objective.teacher_temperature,
+                    loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
+                                        reference_lp),
+                    measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
+                    chunk_size=config.chunk_size,
                 )
-                loss.backward()
-                loss_total += float(loss.detach())
+                scores.loss.backward()
+                loss_total += float(scores.loss.detach())
+            names = list(scores.measures)
             part_sums, part_counts = position_totals(
-                measures, student_states.positions, self.bin_edges
+                scores.measures, student_states.positions, self.bin_edges
             )
             sums = part_sums if sums is None else sums + part_sums
             counts_by_bin = part_counts if counts_by_bin is None else counts_by_bin + part_counts
 
-        with timed("update", metrics):
+        with timed(M.TIME_UPDATE, record):
             procs.sum_gradients(self.params)
             clip = config.grad_clip if config.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
@@ -371,19 +239,20 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
 
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
-        overall, by_position = means_from_totals(MEASURES, sums.cpu(), counts_by_bin.cpu())
+        overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
         if models.teacher is None:
-            for name in TEACHER_MEASURES:
+            for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
-        metrics.update(
-            loss=loss_total, **overall, grad_norm=grad_norm,
-            response_length=total_tokens / total_rows, truncation_rate=counts[2] / total_rows,
-            train_reward=None if math.isnan(counts[3]) else counts[3] / total_rows,
-            lr=self.scheduler.get_last_lr()[0], skipped_steps=self.state["skipped_steps"],
-            by_position=by_position,
-        )
-        return metrics
+        record.update({
+            M.LOSS: loss_total, **overall, M.GRAD_NORM: grad_norm,
+            M.RESPONSE_LENGTH: total_tokens / total_rows,
+            M.TRUNCATION_RATE: counts[2] / total_rows,
+            M.TRAIN_REWARD: None if math.isnan(counts[3]) else counts[3] / total_rows,
+            M.LR: self.scheduler.get_last_lr()[0], M.SKIPPED_STEPS: self.state["skipped_steps"],
+            M.BY_POSITION: by_position,
+        })
+        return record
 
     def _teacher_states(self, rollouts: Rollouts, indices: list[int], rows: slice):
         if self.models.teacher is None:
@@ -446,18 +315,22 @@ class Trainer:
             dynamic_ncols=True,
         )
         stopped_by = None
-        metrics: dict[str, Any] = {}
+        record: dict[str, Any] = {}
         for step in bar:
-            metrics = self.train_step(step)
+            record = self.train_step(step)
             last = step == config.max_steps
             due = bool(config.eval_every) and step % config.eval_every == 0
             if self.eval_records and (due or last):
-                with timed("eval", metrics):
-                    metrics["accuracy"] = self.evaluate()
-            stop = any(hook(metrics) for hook in self.hooks)
+                with timed(M.TIME_EVAL, record):
+                    record[M.ACCURACY] = self.evaluate()
+            alerts = self.monitor.observe(record)
+            if alerts:
+                record[M.ALERTS] = [asdict(a) for a in alerts]
+            stop = bool(alerts) and self.monitor.stops
+            stop = any([hook.on_step(record) for hook in self.hooks]) or stop
             if self.procs.is_main:
-                append_jsonl(self.metrics_path, metrics)
-                bar.set_postfix(_postfix(metrics), refresh=False)
+                M.append(self.out, record)
+                bar.set_postfix(_postfix(record), refresh=False)
             if stop:
                 stopped_by = step
             if step % config.save_every == 0 or last or stop:
@@ -465,35 +338,31 @@ class Trainer:
             if stop:
                 break
         bar.close()
+        checkpoints = complete_checkpoints(self.out)
         summary = {
-            "steps": metrics.get("step", self.state["step"]),
+            "steps": record.get(M.STEP, self.state["step"]),
             "stopped_early_at": stopped_by,
             "initial_accuracy": self.state.get("initial_accuracy"),
-            "final_accuracy": metrics.get("accuracy"),
+            "final_accuracy": record.get(M.ACCURACY),
             "skipped_steps": self.state["skipped_steps"],
-            "final_checkpoint": str(complete_checkpoints(self.out)[-1])
-            if complete_checkpoints(self.out) else None,
+            "final_checkpoint": str(checkpoints[-1]) if checkpoints else None,
             "alerts": [asdict(a) for a in self.monitor.fired.values()],
         }
         if self.procs.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            write_run_report(self.out)
+            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+        for hook in self.hooks:
+            hook.on_end(summary)
         return summary
 
 
-def _postfix(metrics: dict[str, Any]) -> dict[str, str]:
-    keys = {"loss": "loss", "overlap_ratio": "overlap", "entropy_gap": "H-gap",
-            "train_reward": "reward", "accuracy": "acc"}
-    return {short: f"{metrics[k]:.3g}" for k, short in keys.items()
-            if isinstance(metrics.get(k), float)}
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    keys = {M.LOSS: "loss", M.OVERLAP_RATIO: "overlap", M.ENTROPY_GAP: "H-gap",
+            M.TRAIN_REWARD: "reward", M.ACCURACY: "acc"}
+    return {short: f"{record[k]:.3g}" for k, short in keys.items()
+            if isinstance(record.get(k), float)}
 
 
 def run_training(config: TrainConfig, *, resume: bool = False,
                  hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train per `config` (resuming from the last checkpoint if asked); returns the summary."""
     return Trainer(config, resume=resume, hooks=hooks).run()
-
-
-def load_metrics(run_folder: str | Path) -> list[dict[str, Any]]:
-    """The per-step records of a run folder."""
-    return read_jsonl(Path(run_folder) / "metrics.jsonl")

@@ -28,19 +28,6 @@ def diagnose(zoo: tuple[Path, dict[str, Any]], student: str, teacher: str, out: 
     return json.loads((out / "diagnosis.json").read_text())
 
 
-def planted_or_xfail(zoo: dict[str, Any], teacher: str) -> None:
-    """Expect a verdict only where the zoo's own greedy evaluations show the planted property:
-    a same-pipeline teacher has nothing new only for a student competent on its own sets, and
-    reverse distillation needs an RL student that gained the sub-skill."""
-    accuracy = {name: model["accuracy"] for name, model in zoo["models"].items()}
-    if teacher == "teacher-same-pipeline" and accuracy["student"]["student"] < 0.5:
-        pytest.xfail(f"this zoo's student scores {accuracy['student']['student']} on its own sets: "
-                     "the same-pipeline teacher does know what it does not")
-    gain = accuracy["student-rl"]["subskill"] - accuracy["student-prerl"]["subskill"]
-    if teacher == "student-prerl" and gain < 0.1:
-        pytest.xfail(f"this zoo's RL stage raised the sub-skill by only {gain:.3f}: nothing to pull back")
-
-
 @pytest.mark.parametrize(
     ("student", "teacher", "verdict"),
     [
@@ -51,7 +38,7 @@ def planted_or_xfail(zoo: dict[str, Any], teacher: str) -> None:
     ],
 )
 def test_planted_verdicts(quick_zoo, tmp_path, student, teacher, verdict):
-    planted_or_xfail(quick_zoo[1], teacher)
+    """The zoo plants each property (tests/lab/test_zoo.py pins it); diagnose must find it."""
     diagnosis = diagnose(quick_zoo, student, teacher, tmp_path / "diag")
     assert diagnosis["verdict"] == verdict, diagnosis["teacher"]["decision"]["checks"]
     if teacher == "student-prerl":

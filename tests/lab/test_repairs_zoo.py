@@ -7,8 +7,9 @@ import json
 
 from opd.config import build_config
 from opd.lab.world import max_new_tokens
-from opd.recipes.cold_start import ColdStartConfig, run_cold_start
-from opd.train import load_metrics, run_training
+from opd.metrics import read as load_metrics
+from opd.recipes.cold_start import run_cold_start
+from opd.train import run_training
 
 
 def opd_config(root, teacher, out, **extra):
@@ -36,10 +37,10 @@ def test_cold_start_raises_the_starting_overlap_with_the_foreign_teacher(quick_z
     rows = (root / "data" / "teacher-train.jsonl").read_text().splitlines()[:400]
     prompts.write_text("\n".join(rows) + "\n")
     plain = run_training(opd_config(root, "teacher-foreign", tmp_path / "plain", max_steps=1))
-    config = opd_config(root, "teacher-foreign", tmp_path / "cold", max_steps=1)
-    report = run_cold_start(config, ColdStartConfig(prompts=str(prompts), samples_per_prompt=2,
-                                                    max_attempts=1, sft_steps=200, sft_lr=1e-3,
-                                                    sft_batch_size=64))
+    config = opd_config(root, "teacher-foreign", tmp_path / "cold", max_steps=1, cold_start={
+        "prompts": str(prompts), "samples_per_prompt": 2, "max_attempts": 1, "sft_steps": 200,
+        "sft_lr": 1e-3, "sft_batch_size": 64})
+    report = run_cold_start(config)
     data = [json.loads(line) for line in (tmp_path / "cold" / "teacher_data.jsonl").open()]
     assert data and all(row["correct"] for row in data)  # verified answers only
     assert all(row["response"].startswith("col") for row in data)  # the teacher's dialect (B)

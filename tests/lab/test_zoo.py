@@ -11,7 +11,8 @@ import pytest
 from opd.data.prompts import load_prompts, render_prompt
 from opd.errors import OPDError
 from opd.lab import zoo as zoo_module
-from opd.lab.zoo import PROFILES, build_zoo, load_model, load_sets
+from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
+from opd.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 Zoo = tuple[Path, dict[str, Any]]
@@ -20,6 +21,11 @@ EXPECTED = {
     "student", "teacher-aligned", "teacher-foreign", "teacher-same-pipeline",
     "teacher-aligned-template2", "student-prerl", "student-rl",
 }
+
+
+def load_zoo_model(root: Path, name: str) -> tuple[Any, Any]:
+    folder = str(model_folder(root, name))
+    return load_model(folder, name, trainable=False), load_tokenizer(folder, name)
 
 
 def acc(zoo: dict[str, Any], model: str, group: str) -> float:
@@ -52,6 +58,10 @@ def test_planted_properties(quick_zoo: Zoo) -> None:
     assert acc(zoo, "teacher-foreign", "subskill") >= acc(zoo, "teacher-aligned", "subskill") - 0.05
     assert acc(zoo, "teacher-same-pipeline", "student") > acc(zoo, "student", "student")
     assert acc(zoo, "teacher-same-pipeline", "subskill") <= 0.4
+    # Nothing new: the same-pipeline teacher is no better than the student at the sub-skill.
+    assert acc(zoo, "teacher-same-pipeline", "subskill") <= acc(zoo, "student", "subskill") + 0.05
+    # The RL stage plants a clear gain for reverse distillation to erase.
+    assert acc(zoo, "student-rl", "subskill") >= acc(zoo, "student-prerl", "subskill") + 0.3
     assert acc(zoo, "teacher-aligned-template2", "subskill") >= 0.5
     assert acc(zoo, "student-prerl", "student") == acc(zoo, "student", "student")
 
@@ -70,7 +80,7 @@ def test_sets_are_disjoint_and_skill_pure(quick_zoo: Zoo) -> None:
 
 def test_one_vocabulary_and_each_models_own_template(quick_zoo: Zoo) -> None:
     root, zoo = quick_zoo
-    loaded = {name: load_model(root, name) for name in zoo["models"]}
+    loaded = {name: load_zoo_model(root, name) for name in zoo["models"]}
     vocab = loaded["student"][1].get_vocab()
     messages = [{"role": "user", "content": "123 + 459"}]
     for name, (model, tokenizer) in loaded.items():
@@ -101,7 +111,7 @@ def test_interrupted_stage_leaves_no_complete_folder(tmp_path: Path) -> None:
     assert zoo_module._run_stage(tmp_path, "student", "abc", lambda folder: {"x": 1})["x"] == 1
     assert zoo_module._run_stage(tmp_path, "student", "abc", crash)["x"] == 1  # cached
     with pytest.raises(OPDError, match="no complete model"):
-        load_model(tmp_path, "teacher-aligned")
+        model_folder(tmp_path, "teacher-aligned")
 
 
 def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
@@ -117,7 +127,7 @@ def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
     from opd.sft import SFTConfig, train_sft
 
     root, zoo = quick_zoo
-    model, tokenizer = load_model(root, "student")
+    model, tokenizer = load_zoo_model(root, "student")
     sets = load_sets(root)
     examples = sft_examples(sets["teacher-train"], "A", seed=0)
     train_sft(model, tokenizer, examples, SFTConfig(steps=40, lr=3e-4, warmup_steps=5,

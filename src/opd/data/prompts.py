@@ -10,6 +10,7 @@ The answer is optional (needed only for evaluation and outcome rewards).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,10 @@ def _row_to_record(row: dict[str, Any], where: str) -> PromptRecord:
 
 def load_prompts(path: str | Path) -> list[PromptRecord]:
     """Read a prompt file (.jsonl, .json or .parquet); errors name the file and the row."""
+    if not str(path):
+        raise OPDError("prompts: no prompt file given; pass --prompts FILE")
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise OPDError(f"prompts: file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
@@ -80,6 +83,14 @@ def load_prompts(path: str | Path) -> list[PromptRecord]:
     if not rows:
         raise OPDError(f"prompts: {str(path)!r} holds no prompts; give a file with at least one row")
     return [_row_to_record(row, f"prompts: {path} row {i + 1}") for i, row in enumerate(rows)]
+
+
+def require_answers(records: Sequence[PromptRecord], field: str, what: str) -> None:
+    """Stop, naming the first row without an answer, when `what` needs one on every row."""
+    missing = next((i for i, r in enumerate(records) if r.answer is None), None)
+    if missing is not None:
+        raise OPDError(f"{field}: row {missing + 1} has no 'answer'; {what} needs an answer on "
+                       "every row")
 
 
 def save_prompts(records: list[PromptRecord], path: str | Path) -> None:

@@ -1,7 +1,8 @@
-"""Measure a teacher–student pair before training, on the student's own rollouts (SPEC §3, §4, §7).
+"""Measure a teacher–student pair before training, on the student's own rollouts
+(docs/method.md#measures, #when-opd-works, #long-horizons).
 
 Stages, in order: the student samples `n` rollouts per prompt (as OPD would); both models
-score them (the step-0 measures of SPEC §3, overall and by position, for several k); the
+score them (the step-0 measures, overall and by position, for several k); the
 teacher scores them again under its own chat template (template check); the student's
 rollouts are cut at several depths and the teacher and the student each continue from the
 same prefix with the same random numbers (continuation advantage by depth: novelty and
@@ -15,65 +16,78 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from opd import metrics as M
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
-from opd.measures import MEASURES, means_from_totals, position_bin_edges, position_totals
+from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures, topk_mass
 from opd.models import check_same_vocabulary, default_device, load_model, load_tokenizer
-from opd.objectives import ObjectiveConfig
 from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
-from opd.scoring import TokenTerms, output_head, response_states, score_and_loss
-from opd.train import timed
-from opd.verify import get_verifier
+from opd.runtime import timed
+from opd.scoring import output_head, response_states, score
+from opd.settings import Config, group, setting
+from opd.verify import VERIFIERS, get_verifier
 
 
 @dataclass(frozen=True)
-class DiagnoseConfig:
-    """Inputs and sampling settings of one diagnosis."""
+class DiagnoseConfig(Config):
+    """Inputs and sampling settings of one diagnosis (`opd diagnose`)."""
 
-    student: str
-    teacher: str
-    prompts: str
-    teacher2: str | None = None
-    """A second teacher: measured the same way, and compared with the first."""
-    student_template: str | None = None
-    """Format string with {prompt} instead of the student tokenizer's chat template."""
-    teacher_template: str | None = None
-    """Format string with {prompt} instead of the teacher tokenizer's chat template."""
-    teacher_prompt: str = "student"
-    """How OPD will show the prompt to the teacher: `student` rendering or its `own`."""
-    num_prompts: int = 64
-    """Prompts sampled (seeded) from the file: take them from the set you plan to train on."""
-    n: int = 4
-    """Student rollouts per prompt."""
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    """Rollout temperature (as in training: the states OPD will see)."""
-    top_p: float = 1.0
-    capability_temperature: float = 0.0
-    """Decoding of the continuations and of the teacher's own attempts: 0 = greedy, so that a
-    capability is what a model does at its mode, not what sampling noise lets it miss."""
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)
-    """Cuts of each rollout: below 1 a share of its response, from 1 up a token count."""
-    ks: tuple[int, ...] = (1, 4, 16)
-    """Top-k sizes of the overlap measures (the pattern check uses Thresholds.pattern_k)."""
-    position_bins: int = 8
-    verifier: str = "exact"
-    seed: int = 0
-    batch_size: int = 64
-    dtype: str = "auto"
-    train_steps: int = 200
-    """Steps of the training run being judged (for the cost share)."""
-    train_rollouts: int = 256
-    """Rollouts per step of that run (the study: 64 prompts × 4)."""
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    progress: bool = True
+    student: str = setting("", "Student model folder (or hub id).")
+    teacher: str = setting("", "Teacher model folder (or hub id).")
+    prompts: str = setting("", "The prompt file you plan to train on (.jsonl or .parquet); an "
+                           "'answer' per row enables the accuracy checks.")
+    out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
+    teacher2: str | None = setting(None, "A second teacher: measured the same way, and compared "
+                                   "with the first.")
+    student_template: str | None = setting(None, "Format string with {prompt} instead of the "
+                                           "student tokenizer's chat template.")
+    teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
+                                           "teacher tokenizer's chat template.")
+    teacher_prompt: str = setting("student", "How OPD will show the prompt to the teacher: the "
+                                  "`student` rendering or its `own` (config teacher_prompt).",
+                                  choices=("student", "own"))
+    num_prompts: int = setting(64, "Prompts sampled (seeded) from the file: take them from the "
+                               "set you plan to train on.", minimum=1)
+    n: int = setting(4, "Student rollouts per prompt.", minimum=1)
+    max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
+    temperature: float = setting(1.0, "Rollout temperature (as in training: the states OPD "
+                                 "will see).", minimum=0)
+    top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
+    capability_temperature: float = setting(
+        0.0, "Decoding of the continuations and of the teacher's own attempts: 0 = greedy, so "
+        "that a capability is what a model does at its mode, not what sampling noise lets it "
+        "miss.", minimum=0)
+    depths: tuple[float, ...] = setting((0.0, 0.25, 0.5, 0.75), "Cuts of each rollout for "
+                                        "continuations: below 1 a share of its response, from 1 "
+                                        "up a token count; increasing.", minimum=0)
+    k: tuple[int, ...] = setting((1, 4, 16), "Top-k sizes of the overlap measures (the pattern "
+                                 "check uses thresholds.pattern_k).", minimum=1)
+    position_bins: int = setting(8, "Response-position bins of the by-position measures.",
+                                 minimum=1)
+    verifier: str = setting("exact", "exact or math (needs math-verify).",
+                            choices=tuple(VERIFIERS))
+    seed: int = setting(0, "Seed of the prompt sample, rollouts and continuations.")
+    batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
+    dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    train_steps: int = setting(200, "Steps of the training run being judged (for the cost "
+                               "share).", minimum=1)
+    train_rollouts: int = setting(256, "Rollouts per step of that run (the study: 64 prompts × "
+                                  "4).", minimum=1)
+    thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
+    progress: bool = setting(True, "Show a progress bar.")
+
+    def check(self) -> None:
+        if list(self.depths) != sorted(set(self.depths)):
+            raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
+                           f"{','.join(f'{d:g}' for d in self.depths)}")
 
 
 @dataclass
@@ -99,17 +113,6 @@ class Context:
     cuts: list[list[int | None]]  # [depth][rollout] cut in tokens, None = not cut there
     student_continuations: list[list[bool] | None]
     cost: dict[str, Any]
-
-
-def parse_depths(text: str) -> tuple[float, ...]:
-    """'0,0.25,0.5' → (0.0, 0.25, 0.5): shares below 1, token counts from 1 up, increasing."""
-    try:
-        depths = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise OPDError(f"--depths: {text!r} is not a comma-separated list of numbers") from None
-    if not depths or any(d < 0 for d in depths) or list(depths) != sorted(set(depths)):
-        raise OPDError(f"--depths: {text!r} must be increasing non-negative numbers, e.g. 0,0.25,0.5")
-    return depths
 
 
 def cut_at(depth: float, length: int) -> int | None:
@@ -188,51 +191,51 @@ def _teacher_inputs(pair: Pair, ctx: Context, rows: slice):
 
 SHARES = ("overlap_share_student", "overlap_share_teacher")
 """Per token, the share of each model's own top-k probability that sits on tokens both rank in
-their top-k: the SPEC's overlap mass divided by the model's top-k mass, so 1 for a model
+their top-k: the overlap mass divided by the model's top-k mass, so 1 for a model
 against itself whatever its entropy."""
+
+
+def _measures_at(ks: Sequence[int]):
+    """The measures consumer of the scoring pass: every token measure and both overlap shares
+    for each k, named `measure@k`."""
+    def measure(student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor):
+        values = {}
+        for k in ks:
+            at_k = token_measures(student_lp, teacher_lp, targets, k)
+            share_student, share_teacher = SHARES
+            at_k[share_student] = at_k[M.OVERLAP_MASS_STUDENT] / topk_mass(student_lp, k)
+            at_k[share_teacher] = at_k[M.OVERLAP_MASS_TEACHER] / topk_mass(teacher_lp, k)
+            values.update({f"{name}@{k}": value for name, value in at_k.items()})
+        return values
+
+    return measure
 
 
 @torch.no_grad()
 def _score(left: Pair, right: Pair, ctx: Context, k: Sequence[int]) -> dict[str, Any]:
-    """Per-token measures of `right` against `left` (left plays the student in SPEC §3) on the
-    student's rollouts, for each k: a dict k → {measure: [M] tensor} (MEASURES and SHARES),
-    plus positions and rows. Rows are scored `batch_size` at a time."""
+    """Per-token measures of `right` against `left` (left plays the student) on the student's
+    rollouts, for each k: a dict k → {measure: [M] tensor} (the token measures and SHARES),
+    plus positions and rows. Rows are scored `batch_size` at a time, in one pass for all k."""
     rollouts, size = ctx.rollouts, ctx.config.batch_size
     left_head, right_head = output_head(left.model), output_head(right.model)
-    per_k: dict[int, dict[str, list[torch.Tensor]]] = {
-        kk: {m: [] for m in (*MEASURES, *SHARES)} for kk in k
-    }
+    columns: dict[str, list[torch.Tensor]] = {}
     positions, rows = [], []
     for start in range(0, rollouts.input_ids.shape[0], size):
         part = slice(start, start + size)
         left_states = response_states(left.model, *_teacher_inputs(left, ctx, part))
         right_states = response_states(right.model, *_teacher_inputs(right, ctx, part))
-        terms = TokenTerms(weight=torch.zeros_like(left_states.targets, dtype=torch.float32))
-
-        def measures(a, b, head_a, head_b, kk, terms=terms):
-            return score_and_loss(a, b, student_head=head_a, teacher_head=head_b, terms=terms,
-                                  objective=ObjectiveConfig(), measure_k=kk)[2]
-
-        for kk in k:
-            values = measures(left_states, right_states, left_head, right_head, kk)
-            own_left = measures(left_states, left_states, left_head, left_head, kk)
-            own_right = measures(right_states, right_states, right_head, right_head, kk)
-            values["overlap_share_student"] = (
-                values["overlap_mass_student"] / own_left["overlap_mass_student"]
-            )
-            values["overlap_share_teacher"] = (
-                values["overlap_mass_teacher"] / own_right["overlap_mass_student"]
-            )
-            for name, value in values.items():
-                per_k[kk][name].append(value.cpu())
+        scores = score(left_states, right_states, student_head=left_head, teacher_head=right_head,
+                       measures=_measures_at(k))
+        for name, value in scores.measures.items():
+            columns.setdefault(name, []).append(value.cpu())
         positions.append(left_states.positions.cpu())
         rows.append(left_states.rows.cpu() + start)
     ctx.cost["scored_tokens"] += 2 * int(sum(p.numel() for p in positions))
-    return {
-        "measures": {kk: {m: torch.cat(v) for m, v in cols.items()} for kk, cols in per_k.items()},
-        "positions": torch.cat(positions),
-        "rows": torch.cat(rows),
-    }
+    by_k: dict[int, dict[str, torch.Tensor]] = {kk: {} for kk in k}
+    for key, parts in columns.items():
+        name, kk = key.rsplit("@", 1)
+        by_k[int(kk)][name] = torch.cat(parts)
+    return {"measures": by_k, "positions": torch.cat(positions), "rows": torch.cat(rows)}
 
 
 def _row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
@@ -266,7 +269,7 @@ def _template_check(teacher: Pair, ctx: Context) -> dict[str, Any]:
                 "note": "the teacher's template renders the prompts exactly as the student's"}
     k = ctx.config.thresholds.pattern_k
     scored = _score(teacher, asked, ctx, [k])
-    gap_tokens = scored["measures"][k]["reverse_kl"]  # log p_own(ŷ) − log p_asked(ŷ)
+    gap_tokens = scored["measures"][k][M.REVERSE_KL]  # log p_own(ŷ) − log p_asked(ŷ)
     per_row = _row_means(gap_tokens, scored["rows"], ctx.rollouts.input_ids.shape[0])
     stats = clustered_mean_se(per_row, ctx.rollouts.prompt_index.tolist())
     decode = teacher.tokenizer.decode
@@ -342,9 +345,9 @@ def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, flo
     out: dict[str, Any] = {"path": teacher.path}
     with timed(f"{teacher.name}_scoring", times):
         bar.set_postfix_str(f"{teacher.name}: step-0 measures")
-        scored = _score(ctx.student, asked, ctx, sorted({*config.ks, t.pattern_k}))
+        scored = _score(ctx.student, asked, ctx, sorted({*config.k, t.pattern_k}))
         out["pattern"] = _pattern(scored, ctx)
-        reward = [-v for v in _row_means(scored["measures"][t.pattern_k]["reverse_kl"], scored["rows"],
+        reward = [-v for v in _row_means(scored["measures"][t.pattern_k][M.REVERSE_KL], scored["rows"],
                                          ctx.rollouts.input_ids.shape[0])]
         bar.update()
         bar.set_postfix_str(f"{teacher.name}: template check")
@@ -396,8 +399,8 @@ def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored:
     values = pair_scored["measures"][t.pattern_k]
     mass = min(float(values["overlap_share_student"].mean()),
                float(values["overlap_share_teacher"].mean()))
-    out: dict[str, Any] = {"overlap_share": mass, "overlap_ratio": float(values["overlap_ratio"].mean()),
-                           "reverse_kl": float(values["reverse_kl"].mean()), "by_depth": []}
+    out: dict[str, Any] = {"overlap_share": mass, M.OVERLAP_RATIO: float(values[M.OVERLAP_RATIO].mean()),
+                           M.REVERSE_KL: float(values[M.REVERSE_KL].mean()), "by_depth": []}
     differs = mass < t.min_overlap_share
     if first.get("continuation_correct") and second.get("continuation_correct"):
         index = ctx.rollouts.prompt_index.tolist()
@@ -440,7 +443,7 @@ def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], st
 
 def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
                         teacher: Pair, k: int) -> dict[str, Any]:
-    """The step-0 measures of SPEC §3 at top-`k` per prompt, on the student's `config.n`
+    """The step-0 measures at top-`k` per prompt, on the student's `config.n`
     rollouts of each of `records` (rendered with the config's templates; the teacher sees them
     as `config.teacher_prompt` says). Per prompt: `tokens` scored, a token mean of every
     measure, `overlap_share` (the min of both sides, as in the diagnosis) and, with
@@ -480,8 +483,6 @@ def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
     start = time.perf_counter()
     times: dict[str, float] = {}
     records = _sample_records(config)
-    if config.teacher_prompt not in {"student", "own"}:
-        raise OPDError(f"--teacher-prompt: {config.teacher_prompt!r}; choose student or own")
     stages = 2 + 3 * (1 + bool(config.teacher2))
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)
     with timed("load", times):

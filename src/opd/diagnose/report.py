@@ -11,19 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd.io import write_atomic
+from opd.io import write_text_atomic
+from opd.report import fmt, save_figure
 
 FIGURES = ("overlap_by_position.png", "continuation_by_depth.png", "reward_distributions.png")
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _teachers(diagnosis: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -39,8 +30,8 @@ def evidence_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
     for name, result in _teachers(diagnosis):
         rows.append((f"{name}: verdict", result["decision"]["verdict"], "", "", ""))
         for check, entry in result["decision"]["checks"].items():
-            rows.append((f"  {check}", _fmt(entry["value"]), _fmt(entry["threshold"]),
-                         _fmt(entry["margin"]), _fmt(entry["passed"])))
+            rows.append((f"  {check}", fmt(entry["value"]), fmt(entry["threshold"]),
+                         fmt(entry["margin"]), fmt(entry["passed"])))
     return rows
 
 
@@ -48,42 +39,42 @@ def measure_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
     """The headline numbers per teacher: step-0 measures for each k, accuracies, AUROC."""
     student = diagnosis["student"]
     rows = [(f"student accuracy (rollouts, T={diagnosis['inputs']['temperature']:g})",
-             _fmt(student["accuracy"])),
-            ("student unsolved prompts", f"{_fmt(student['unsolved_prompts'])} of {student['prompts']}"),
-            ("mean response length", _fmt(student["mean_response_length"], 1))]
+             fmt(student["accuracy"])),
+            ("student unsolved prompts", f"{fmt(student['unsolved_prompts'])} of {student['prompts']}"),
+            ("mean response length", fmt(student["mean_response_length"], ".1f"))]
     for name, result in _teachers(diagnosis):
         for k, block in result["pattern"]["by_k"].items():
             o = block["overall"]
             rows.append((f"{name} top-{k} overlap ratio; mass s,t; share s,t",
-                         f"{_fmt(o['overlap_ratio'])}; {_fmt(o['overlap_mass_student'])}, "
-                         f"{_fmt(o['overlap_mass_teacher'])}; {_fmt(o['overlap_share_student'])}, "
-                         f"{_fmt(o['overlap_share_teacher'])}"))
+                         f"{fmt(o['overlap_ratio'])}; {fmt(o['overlap_mass_student'])}, "
+                         f"{fmt(o['overlap_mass_teacher'])}; {fmt(o['overlap_share_student'])}, "
+                         f"{fmt(o['overlap_share_teacher'])}"))
         k = str(diagnosis["thresholds"]["pattern_k"])
         o = result["pattern"]["by_k"][k]["overall"]
-        rows += [(f"{name} overlap-token advantage (top-{k})", _fmt(o["overlap_token_advantage"])),
-                 (f"{name} entropy gap / reverse KL", f"{_fmt(o['entropy_gap'])} / {_fmt(o['reverse_kl'])}")]
+        rows += [(f"{name} overlap-token advantage (top-{k})", fmt(o["overlap_token_advantage"])),
+                 (f"{name} entropy gap / reverse KL", f"{fmt(o['entropy_gap'])} / {fmt(o['reverse_kl'])}")]
         template = result["template"]
         rows.append((f"{name} template gap (nats/token)",
                      "same rendering" if template["identical"]
-                     else f"{_fmt(template['gap'])} ± {_fmt(template['se'])}"))
+                     else f"{fmt(template['gap'])} ± {fmt(template['se'])}"))
         if result.get("continuation"):
             greedy = diagnosis["inputs"]["capability_temperature"]
             rows.append((f"{name} accuracy, own template (T={greedy:g})",
-                         _fmt(result.get("accuracy_own_template"))))
+                         fmt(result.get("accuracy_own_template"))))
             for point in result["continuation"]:
                 adv, hard = point["advantage"], point["advantage_unsolved"]
-                rows.append((f"{name} depth {point['depth']:g} (≈{_fmt(point['tokens'])} tok) T/S acc, adv, "
+                rows.append((f"{name} depth {point['depth']:g} (≈{fmt(point['tokens'])} tok) T/S acc, adv, "
                              "adv unsolved",
-                             f"{_fmt(point['teacher_accuracy'])}/{_fmt(point['student_accuracy'])}, "
-                             f"{_fmt(adv['mean'])}±{_fmt(adv['se'])}, "
-                             f"{_fmt(hard['mean'])}±{_fmt(hard['se'])}"))
-            rows.append((f"{name} recommended max length", _fmt(result.get("recommended_max_new_tokens"))))
-            rows.append((f"{name} AUROC of sequence reward", _fmt(result["global_signal"]["auroc"])))
+                             f"{fmt(point['teacher_accuracy'])}/{fmt(point['student_accuracy'])}, "
+                             f"{fmt(adv['mean'])}±{fmt(adv['se'])}, "
+                             f"{fmt(hard['mean'])}±{fmt(hard['se'])}"))
+            rows.append((f"{name} recommended max length", fmt(result.get("recommended_max_new_tokens"))))
+            rows.append((f"{name} AUROC of sequence reward", fmt(result["global_signal"]["auroc"])))
         if "versus_teacher" in result:
             versus = result["versus_teacher"]
             rows.append(("teacher vs teacher2 distinguishable",
-                         f"{_fmt(versus['distinguishable'])} "
-                         f"(overlap share {_fmt(versus['overlap_share'])})"))
+                         f"{fmt(versus['distinguishable'])} "
+                         f"(overlap share {fmt(versus['overlap_share'])})"))
     return rows
 
 
@@ -203,17 +194,14 @@ def _figures(diagnosis: dict[str, Any], out: Path) -> None:
 
 
 def _save(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
 
 
 def write_outputs(diagnosis: dict[str, Any], out: str | Path) -> Path:
     """diagnosis.json, report.md and the figures in `out`; returns the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "diagnosis.json", lambda tmp: tmp.write_text(json.dumps(diagnosis, indent=2)))
+    write_text_atomic(out / "diagnosis.json", json.dumps(diagnosis, indent=2))
     _figures(diagnosis, out)
-    write_atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(diagnosis)))
+    write_text_atomic(out / "report.md", _markdown(diagnosis))
     return out

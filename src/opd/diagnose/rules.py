@@ -13,39 +13,42 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from opd.settings import Config, setting
+
 VERDICTS = ("go", "pattern-mismatch", "no-novelty", "horizon-risk")
 
 
 @dataclass(frozen=True)
-class Thresholds:
+class Thresholds(Config):
     """What counts as enough, for each check. Every field is a plain number in diagnosis.json."""
 
-    z: float = 2.0
-    """Standard errors that make a difference real (about 95%, two-sided). Accuracy
-    differences, continuation advantages and the template gap are only called positive or
-    negative beyond z·SE: below it they are indistinguishable from sampling noise."""
-    pattern_k: int = 4
-    """Top-k used for the pattern check. A next token of reasoning text has a handful of
-    plausible choices; k = 4 covers them without reaching into the tail, where top-k sets of
-    unrelated models overlap by chance once k is a sizeable share of a small vocabulary."""
-    min_overlap_share: float = 0.5
-    """Least share of each model's own top-k probability that sits on tokens both rank in
-    their top-k (the smaller of the student and teacher sides; 1 for a model against itself).
-    Below one half, at the student's own states, most of what one model would say is not
-    among what the other would say: the two think in different patterns (SPEC §4.1; the
-    study reports 97–99% overlap mass for pairs that work)."""
-    min_novelty: float = 0.05
-    """Smallest teacher accuracy advantage, on prompts the student never solves, that is
-    worth a training run (5 points of accuracy). Below it — or within z·SE of zero — the
-    teacher cannot do from the student's states what the student cannot (SPEC §4.2)."""
-    horizon_fraction: float = 0.5
-    """The continuation advantage must last at least this share of a typical response:
-    when it is gone before half of the response, most dense rewards sit where the teacher no
-    longer knows better (SPEC §7) and the length should be capped."""
-    min_template_gap: float = 0.05
-    """Nats per response token by which the teacher must prefer its own prompt template
-    (beyond z·SE) for the template check to fire: a shift of 5% in per-token likelihood,
-    applied to every reward of every rollout."""
+    z: float = setting(2.0, """Standard errors that make a difference real (about 95%,
+        two-sided). Accuracy differences, continuation advantages and the template gap are only
+        called positive or negative beyond z·SE: below it they are indistinguishable from
+        sampling noise.""", above=0)
+    pattern_k: int = setting(4, """Top-k used for the pattern check. A next token of reasoning
+        text has a handful of plausible choices; k = 4 covers them without reaching into the
+        tail, where top-k sets of unrelated models overlap by chance once k is a sizeable share
+        of a small vocabulary.""", minimum=1)
+    min_overlap_share: float = setting(0.5, """Least share of each model's own top-k
+        probability that sits on tokens both rank in their top-k (the smaller of the student and
+        teacher sides; 1 for a model against itself). Below one half, at the student's own
+        states, most of what one model would say is not among what the other would say: the two
+        think in different patterns (docs/method.md#when-opd-works; the study reports 97–99%
+        overlap mass for pairs that work).""", minimum=0, maximum=1)
+    min_novelty: float = setting(0.05, """Smallest teacher accuracy advantage, on prompts the
+        student never solves, that is worth a training run (5 points of accuracy). Below it — or
+        within z·SE of zero — the teacher cannot do from the student's states what the student
+        cannot (docs/method.md#when-opd-works).""", minimum=0, maximum=1)
+    horizon_fraction: float = setting(0.5, """The continuation advantage must last at least
+        this share of a typical response: when it is gone before half of the response, most
+        dense rewards sit where the teacher no longer knows better
+        (docs/method.md#long-horizons) and the length should be capped.""", minimum=0,
+        maximum=1)
+    min_template_gap: float = setting(0.05, """Nats per response token by which the teacher
+        must prefer its own prompt template (beyond z·SE) for the template check to fire: a
+        shift of 5% in per-token likelihood, applied to every reward of every rollout.""",
+        minimum=0)
 
 
 def mean_se(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -200,7 +203,7 @@ def decide(summary: dict[str, Any], thresholds: Thresholds) -> Decision:
     if not pattern_ok:
         verdict = "pattern-mismatch"
         advice.insert(0, "off-policy cold start: fine-tune the student on the teacher's verified "
-                         "responses first, then run OPD (SPEC §6.1)")
+                         "responses first, then run OPD (`opd cold-start`)")
         if not template_fires:
             advice.append("if the teacher was post-trained with another prompt template, use it "
                           "(teacher_prompt: own)")

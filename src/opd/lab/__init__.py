@@ -3,7 +3,7 @@ models (a student and teachers with planted properties) to study OPD on a CPU in
 
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import DIALECTS, SKILLS, Problem, sample_problems, sft_examples, solve
-from opd.lab.zoo import PROFILES, build_zoo, load_model, load_sets
+from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
 
 __all__ = [
     "DIALECTS",
@@ -12,8 +12,8 @@ __all__ = [
     "Problem",
     "build_tokenizer",
     "build_zoo",
-    "load_model",
     "load_sets",
+    "model_folder",
     "sample_problems",
     "sft_examples",
     "solve",

@@ -3,20 +3,45 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opd import settings
 from opd.lab.demo import DEMO_PROFILES, print_demo, run_demo
 from opd.lab.zoo import PROFILES, build_zoo
+from opd.settings import Config, setting
+
+CACHE = ".opd-cache/zoo"
 
 
-def cmd_lab_build(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class BuildConfig(Config):
+    """Settings of `opd lab build`."""
+
+    profile: str = setting("full", "Which zoo: full (2–3 digits) or quick (2 digits, for tests).",
+                           choices=tuple(PROFILES))
+    root: str = setting(CACHE, "Cache folder of the zoo (one sub-folder per profile).")
+
+
+@dataclass(frozen=True)
+class DemoConfig(Config):
+    """Settings of `opd demo`."""
+
+    quick: bool = setting(False, f"Small profile ({DEMO_PROFILES['quick'].steps} steps, quick "
+                          "zoo).")
+    out: str | None = setting(None, "Run folder (default runs/demo, or runs/demo-quick).")
+    cache: str = setting(CACHE, "Zoo cache folder.")
+    seed: int = setting(0, "Seed of the OPD run.")
+
+
+def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    root = Path(args.root) / args.profile
-    zoo = build_zoo(root, args.profile, progress=True)
-    table = Table(title=f"zoo ({args.profile}) in {root}")
+    root = Path(config.root) / config.profile
+    zoo = build_zoo(root, config.profile, progress=True)
+    table = Table(title=f"zoo ({config.profile}) in {root}")
     groups = list(zoo["eval_groups"])
     for column in ("model", "role", "dialect", "template", "params", *groups, "build s"):
         table.add_column(column, no_wrap=True)
@@ -30,31 +55,23 @@ def cmd_lab_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    profile = "quick" if args.quick else "full"
-    out = Path(args.out or f"runs/demo{'-quick' if args.quick else ''}")
-    zoo_root = Path(args.cache) / DEMO_PROFILES[profile].zoo
-    print_demo(run_demo(out, zoo_root, profile=profile, seed=args.seed), out)
+def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
+    profile = "quick" if config.quick else "full"
+    out = Path(config.out or f"runs/demo{'-quick' if config.quick else ''}")
+    zoo_root = Path(config.cache) / DEMO_PROFILES[profile].zoo
+    print_demo(run_demo(out, zoo_root, profile=profile, seed=config.seed), out)
     return 0
 
 
-def register(verbs: Any, parent: argparse.ArgumentParser) -> None:
+def register(verbs: Any) -> None:
     lab = verbs.add_parser("lab", help="the model organisms: a synthetic world trained here")
     lab_verbs = lab.add_subparsers(dest="lab_verb", metavar="LAB_VERB")
     lab_verbs.required = True
-    build = lab_verbs.add_parser("build", help="build (or load) the zoo and print its table",
-                                 description="Trains the student and the planted teachers from "
-                                 "scratch on the CPU; cached, so a second run only loads.")
-    build.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    build.add_argument("--root", default=".opd-cache/zoo", help="cache folder")
-    build.set_defaults(func=cmd_lab_build)
-
-    demo = verbs.add_parser("demo", help="the embedded default: OPD on the model organisms",
-                            description="Builds what it needs, evaluates the student, runs OPD "
-                            "from teacher-aligned, evaluates again and prints before/after.")
-    demo.add_argument("--quick", action="store_true",
-                      help=f"small profile ({DEMO_PROFILES['quick'].steps} steps, quick zoo)")
-    demo.add_argument("--out", default=None, help="run folder (default runs/demo)")
-    demo.add_argument("--cache", default=".opd-cache/zoo", help="zoo cache folder")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
+    settings.add_verb(lab_verbs, "build", BuildConfig, cmd_lab_build,
+                      help="build (or load) the zoo and print its table",
+                      description="Trains the student and the planted teachers from scratch on "
+                      "the CPU; cached, so a second run only loads.")
+    settings.add_verb(verbs, "demo", DemoConfig, cmd_demo,
+                      help="the embedded default: OPD on the model organisms",
+                      description="Builds what it needs, evaluates the student, runs OPD from "
+                      "teacher-aligned, evaluates again and prints before/after.")

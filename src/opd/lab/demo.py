@@ -14,18 +14,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opd.checkpoints import complete_checkpoints, read_jsonl
+from opd import metrics as M
+from opd.checkpoints import complete_checkpoints
 from opd.config import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluate import evaluate
+from opd.io import write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo, load_sets
 from opd.models import load_model, load_tokenizer
+from opd.report import ReportHook, fmt
 from opd.train import run_training
 
-MEASURES = ("overlap_ratio", "overlap_token_advantage", "entropy_gap", "reverse_kl",
-            "student_entropy", "grad_norm")
+SHOWN = (M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP, M.REVERSE_KL,
+         M.STUDENT_ENTROPY, M.GRAD_NORM)
+"""The measures the demo shows at the first and last step."""
+TIMES = (M.TIME_ROLLOUT, M.TIME_SCORE, M.TIME_UPDATE, M.TIME_EVAL)
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
         "eval_prompts": str(root / "data" / f"{subskill}.jsonl"), "eval_every": spec.eval_every,
         "seed": seed, "progress": progress,
     }, profile="cpu-small")
-    run_training(config, resume=(out / "metrics.jsonl").exists())
+    run_training(config, resume=(out / M.METRICS_FILE).exists(), hooks=[ReportHook(out)])
     trained = str(complete_checkpoints(out)[-1])
     table = {
         name: {
@@ -79,15 +84,14 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
         }
         for name in (subskill, own)
     }
-    records = read_jsonl(out / "metrics.jsonl")
+    records = M.read(out)
     result = {
         "profile": profile, "seed": seed, "steps": spec.steps, "accuracy": table,
-        "measures": {m: {"first": records[0].get(m), "last": records[-1].get(m)} for m in MEASURES},
-        "seconds": round(sum(r["time_rollout"] + r["time_score"] + r["time_update"]
-                             + r.get("time_eval", 0.0) for r in records), 1),
+        "measures": {m: {"first": records[0].get(m), "last": records[-1].get(m)} for m in SHOWN},
+        "seconds": round(sum(r.get(key, 0.0) for r in records for key in TIMES), 1),
     }
-    (out / "demo.json").write_text(json.dumps(result, indent=2))
-    (out / "demo.md").write_text(demo_markdown(result))
+    write_text_atomic(out / "demo.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "demo.md", demo_markdown(result))
     return result
 
 
@@ -103,8 +107,7 @@ def demo_markdown(result: dict[str, Any]) -> str:
     lines += ["", "| measure | first step | last step |", "|---|---|---|"]
     for name, row in result["measures"].items():
         first, last = row["first"], row["last"]
-        lines.append(f"| {name} | {'–' if first is None else f'{first:.4g}'} | "
-                     f"{'–' if last is None else f'{last:.4g}'} |")
+        lines.append(f"| {name} | {fmt(first, '.4g')} | {fmt(last, '.4g')} |")
     lines += ["", f"Training time: {result['seconds']} s.", "", "![curves](curves.png)", "",
               "![student entropy by position](entropy_heatmap.png)", ""]
     return "\n".join(lines)
@@ -124,7 +127,7 @@ def print_demo(result: dict[str, Any], out: Path) -> None:
     for column in ("measure", "first step", "last step"):
         measures.add_column(column)
     for name, row in result["measures"].items():
-        measures.add_row(name, *("–" if v is None else f"{v:.4g}" for v in row.values()))
+        measures.add_row(name, *(fmt(v, ".4g") for v in row.values()))
     console = Console()
     console.print(table)
     console.print(measures)

@@ -6,6 +6,10 @@ every evaluation set. Each stage is cached under `root/<name>` with a fingerprin
 profile, the stages it builds on and the code; a stage is built in a temporary folder and
 renamed when complete, so an interrupted build never leaves a folder that looks finished.
 
+A stage's fingerprint covers every file of `opd` that it runs: the modules its build calls and
+everything they import, found from the source (`code_files`), so a change to the loop, the
+objectives or the config rebuilds the RL stage and nothing is served stale.
+
 Planted properties (see `world` for the task):
 - `student` (dialect A, template 1) never saw a carry chain: decent on `eval-nochain-*`, poor
   on `eval-chain-*`;
@@ -21,7 +25,9 @@ Planted properties (see `world` for the task):
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import shutil
 import tempfile
@@ -33,13 +39,15 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import opd
 from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
+from opd.io import write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import max_new_tokens, sample_problems, sft_examples
+from opd.models import load_model, load_tokenizer
 from opd.sft import SFTConfig, train_sft
 
 ZOO_FILE = "zoo.json"
@@ -193,13 +201,12 @@ def build_model(size: Size, tokenizer: Any, seed: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def load_model(root: str | Path, name: str) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer) of the zoo model `name` under `root`."""
+def model_folder(root: str | Path, name: str) -> Path:
+    """The folder of the zoo model `name` under `root`, once its stage is complete."""
     folder = Path(root) / name
     if not (folder / STAGE_FILE).exists():
         raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; run build_zoo first")
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    return model.eval(), AutoTokenizer.from_pretrained(folder)
+    return folder
 
 
 def load_sets(root: str | Path) -> dict[str, list[PromptRecord]]:
@@ -207,12 +214,55 @@ def load_sets(root: str | Path) -> dict[str, list[PromptRecord]]:
     return {p.stem: load_prompts(p) for p in sorted((Path(root) / DATA).glob("*.jsonl"))}
 
 
-def _code_version() -> str:
-    """Hash of the code that decides what the zoo contains."""
-    lab = Path(__file__).parent
-    files = [*sorted(lab.glob("*.py")), lab.parent / "sft.py"]
+def module_file(name: str) -> Path | None:
+    """The source file of an `opd` module (None for names that are not modules)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def imported_modules(name: str) -> set[str]:
+    """The `opd` modules that module `name` imports, at the top or inside functions."""
+    path = module_file(name)
+    found: set[str] = set()
+    if path is None:
+        return found
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "opd"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "opd":
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if module_file(sub) else node.module)
+    return found - {name}
+
+
+def code_files(entries: Sequence[str]) -> list[Path]:
+    """Source files of the `entries` modules and of every `opd` module they reach."""
+    seen: set[str] = set()
+    pending = list(entries)
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        pending += imported_modules(name)
+    return sorted({f for f in map(module_file, seen) if f is not None})
+
+
+SFT_CODE = ("opd.lab.world", "opd.lab.tokenizer", "opd.sft", "opd.evaluate", "opd.models",
+            "opd.data.prompts")
+"""What an SFT stage's build runs (besides this module's own code)."""
+RL_CODE = (*SFT_CODE, "opd.config", "opd.train")
+"""What an RL stage's build runs."""
+
+
+def _code_version(entries: Sequence[str]) -> str:
+    """Hash of this module and of all code the stage runs (and the package version)."""
     digest = hashlib.sha256(opd.__version__.encode())
-    for path in files:
+    for path in [Path(__file__), *code_files(entries)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -273,7 +323,7 @@ def _sft_stage(
     def build(folder: Path) -> dict[str, Any]:
         tokenizer = build_tokenizer(spec.template)
         if spec.init_from:
-            model = AutoModelForCausalLM.from_pretrained(root / spec.init_from)
+            model = load_model(str(root / spec.init_from), "zoo model", trainable=True)
         else:
             model = build_model(spec.size, tokenizer, spec.seed)
         examples = [
@@ -320,9 +370,9 @@ def _rl_stage(
             profile="cpu-small",
         )
         summary = run_training(config)
-        checkpoint = Path(summary["final_checkpoint"])
-        model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        checkpoint = summary["final_checkpoint"]
+        model = load_model(checkpoint, "zoo model", trainable=False)
+        tokenizer = load_tokenizer(checkpoint, "zoo model")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         shutil.copy(run / "metrics.jsonl", folder / "rl_metrics.jsonl")
@@ -375,8 +425,8 @@ def build_zoo(
     spec = PROFILES[profile]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    code = _code_version()
-    prints = {DATA: _fingerprint(code, asdict(spec) | {"models": None})}
+    sft_code, rl_code = _code_version(SFT_CODE), _code_version(RL_CODE)
+    prints = {DATA: _fingerprint(sft_code, asdict(spec) | {"models": None})}
     stages = _with_ancestors(spec, only) if only else [s.name for s in spec.models]
     bar = tqdm([DATA, *stages], desc=f"zoo ({profile})", disable=not progress)
     metas: dict[str, dict[str, Any]] = {}
@@ -389,12 +439,13 @@ def build_zoo(
             continue
         stage = next(s for s in spec.models if s.name == name)
         parents = [DATA, *([stage.init_from] if stage.init_from else [])]
+        code = rl_code if isinstance(stage, RLStage) else sft_code
         prints[name] = _fingerprint(code, asdict(stage), [prints[p] for p in parents])
         make = _rl_stage if isinstance(stage, RLStage) else _sft_stage
         metas[name] = _run_stage(root, name, prints[name], make(stage, root, sets, progress))
     zoo = {
         "profile": profile,
-        "code_version": code,
+        "code_version": {"sft": sft_code, "rl": rl_code},
         "sets": {
             name: {"path": f"{DATA}/{name}.jsonl", "size": size}
             for name, size in metas[DATA]["sets"].items()
@@ -423,7 +474,5 @@ def build_zoo(
             **{k: v for k, v in meta.items() if k != "build_seconds"},
         }
     if only is None:
-        tmp = root / f"{ZOO_FILE}.tmp"
-        tmp.write_text(json.dumps(zoo, indent=2))
-        tmp.replace(root / ZOO_FILE)
+        write_text_atomic(root / ZOO_FILE, json.dumps(zoo, indent=2))
     return zoo

@@ -1,2 +1,2 @@
-"""The study's recipes for failing OPD runs (SPEC §6): off-policy cold start and
+"""The study's recipes for failing OPD runs (docs/method.md#recipes): off-policy cold start and
 teacher-aligned prompt selection."""

@@ -1,46 +1,65 @@
-"""`opd cold-start` (and the monitor's cold-start action in `opd train`)."""
+"""`opd cold-start` and `opd select-prompts`: the recipes for failing OPD runs as verbs."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from collections.abc import Callable
+from typing import Any
 
-from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+from opd import settings
+from opd.config import TrainConfig
+from opd.recipes.select_prompts import SelectConfig
+from opd.runtime import is_main_process
 
 
-def cmd_cold_start(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+def cmd_cold_start(config: TrainConfig, args: argparse.Namespace) -> int:
+    from opd.recipes.cold_start import run_cold_start
 
-    from opd.cli import config_from_args
-
-    given = {name: getattr(args, f"cs_{name}") for name in CLI_FIELDS}
-    cold = ColdStartConfig(**{k: v for k, v in given.items() if v is not None})
-    report = run_cold_start(config_from_args(args), cold, resume=args.resume)
-    if PartialState().is_main_process:
+    report = run_cold_start(config, resume=args.resume)
+    if is_main_process():
         print(json.dumps(report, indent=2))
     return 0
 
 
-CLI_FIELDS = ("prompts", "samples_per_prompt", "max_attempts", "temperature", "top_p", "keep",
-              "sft_steps", "sft_lr", "sft_batch_size")
+def cmd_select_prompts(config: SelectConfig, args: argparse.Namespace) -> int:
+    from opd.recipes.select_prompts import run_select_prompts
+
+    selection = run_select_prompts(config)
+    step0 = selection["step0"]
+    rows = [("student template", step0["student_template"]),
+            ("teacher template", step0["teacher_template"]),
+            ("selected (fresh rollouts)", step0["fresh_rollouts"]["selected"]),
+            ("output (fresh rollouts)", step0["fresh_rollouts"]["output"])]
+    print(f"step-0 overlap ratio (top-{selection['k']}):")
+    for name, values in rows:
+        print(f"  {name:<28}{values['overlap_ratio']:.3f}")
+    effect = (selection["trial"] or {}).get("entropy_effect")
+    if effect is not None:
+        print(f"trial: student entropy on selected minus unselected prompts {effect:+.3f}")
+    counts = selection["counts"]
+    print(f"kept {counts['kept']} of {counts['candidates']}, mixed in {counts['mixed_in']}: "
+          f"wrote {config.out}/prompts.jsonl, selection.json, report.md, selection.png; train "
+          f"with --config {config.out}/train.yaml (template \"{{prompt}}\", teacher_prompt student)")
+    return 0
 
 
-def register(verbs, parent: argparse.ArgumentParser) -> None:
-    cold = verbs.add_parser(
-        "cold-start", parents=[parent], help="teacher data → SFT → OPD (SPEC §6.1)",
+def register(verbs: Any, add_training_verb: Callable[..., argparse.ArgumentParser]) -> None:
+    """Add `opd cold-start` (a training verb: TrainConfig with its cold_start group) and
+    `opd select-prompts`."""
+    add_training_verb(
+        verbs, "cold-start", cmd_cold_start,
+        help="teacher data → SFT → OPD (docs/method.md#recipes)",
         description="Off-policy cold start: the teacher answers the prompts (verified-correct "
         "answers kept), the student is fine-tuned on them, then OPD runs from that checkpoint. "
-        "Each stage is kept in --out and skipped on --resume once complete.",
+        "The first two stages take the cold_start settings (--cold-start.sft-steps …). Each "
+        "stage is kept in --out and skipped on --resume once complete.",
     )
-    group = cold.add_argument_group("cold start")
-    docs = {f.name: f for f in fields(ColdStartConfig)}
-    for name, flag, kind in (
-        ("prompts", "--cold-start-prompts", str), ("samples_per_prompt", None, int),
-        ("max_attempts", None, int), ("temperature", "--sampling-temperature", float),
-        ("top_p", "--sampling-top-p", float), ("keep", None, str), ("sft_steps", None, int),
-        ("sft_lr", None, float), ("sft_batch_size", None, int),
-    ):
-        group.add_argument(flag or "--" + name.replace("_", "-"), dest=f"cs_{name}", type=kind,
-                           default=None, help=f"default {docs[name].default}")
-    cold.set_defaults(func=cmd_cold_start)
+    settings.add_verb(
+        verbs, "select-prompts", SelectConfig, cmd_select_prompts,
+        help="teacher-aligned prompts: teacher template, ranked content (docs/method.md#recipes)",
+        description="Render candidate prompts with the teacher's template, rank them by the "
+        "step-0 alignment measures on the student's rollouts, keep the top fraction, mix in a "
+        "share of other prompts, and run a short OPD trial to show the student-entropy effect. "
+        "Writes prompts.jsonl, selection.json, train.yaml, report.md and selection.png to --out.",
+    )

@@ -1,11 +1,14 @@
-"""Off-policy cold start (SPEC §6.1): the teacher writes responses, the student is fine-tuned
-on them, then OPD runs from that checkpoint.
+"""Off-policy cold start (docs/method.md#recipes): the teacher writes responses, the student is
+fine-tuned on them, then OPD runs from that checkpoint.
 
 Three stages, each kept in the output folder and each skipped when its output is already
 complete, so a killed run continues where it stopped:
     teacher_data.jsonl   the teacher's responses (verified-correct ones when answers exist)
     sft/                 the student after supervised fine-tuning on them (HF folder)
     opd/                 the OPD run from sft/ (resumable like any `opd train` run)
+
+`ColdStartHandover` is the step hook through which `opd train --set on_failure=cold-start`
+runs this recipe when the live monitor stops a failing run.
 """
 
 from __future__ import annotations
@@ -15,46 +18,22 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from opd.checkpoints import read_jsonl
-from opd.config import TrainConfig
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd.config import ColdStartConfig, TrainConfig
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
 from opd.errors import OPDError
-from opd.io import write_jsonl_atomic
+from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
+from opd.report import ReportHook
 from opd.rollout import generate_rollouts
+from opd.runtime import StepHook
 from opd.sft import SFTConfig, train_sft
 from opd.train import run_training
 from opd.verify import get_verifier
-
-
-@dataclass(frozen=True)
-class ColdStartConfig:
-    """Settings of the teacher-data and fine-tuning stages (the OPD stage uses TrainConfig)."""
-
-    prompts: str | None = None
-    """Prompts for the teacher's responses (default: the OPD prompts)."""
-    samples_per_prompt: int = 4
-    """Teacher samples per prompt per attempt."""
-    max_attempts: int = 3
-    """Attempts per prompt until one verified-correct response is found (answers known)."""
-    temperature: float = 0.7
-    """Teacher sampling temperature."""
-    top_p: float = 0.95
-    """Teacher nucleus threshold."""
-    keep: str = "auto"
-    """auto (verified-correct when every prompt has an answer, else all), correct or all."""
-    sft_steps: int = 200
-    """Fine-tuning steps."""
-    sft_lr: float = 1e-4
-    """Fine-tuning peak learning rate."""
-    sft_batch_size: int = 32
-    """Fine-tuning examples per step."""
 
 
 def generate_teacher_data(
@@ -66,8 +45,8 @@ def generate_teacher_data(
     check = get_verifier(verifier)
     with_answers = all(r.answer is not None for r in records)
     keep = config.keep if config.keep != "auto" else ("correct" if with_answers else "all")
-    if keep == "correct" and not with_answers:
-        raise OPDError("cold start: keep=correct needs an 'answer' on every prompt row")
+    if keep == "correct":
+        require_answers(records, "cold_start.prompts", "cold_start.keep=correct")
     texts = [render_prompt(r.messages, tokenizer) for r in records]
     rows: list[dict[str, Any]] = []
     seen: set[tuple[int, str]] = set()
@@ -99,9 +78,10 @@ def generate_teacher_data(
     return rows
 
 
-def run_cold_start(train: TrainConfig, config: ColdStartConfig, *, resume: bool = False
-                   ) -> dict[str, Any]:
-    """All three stages into `train.out`; returns (and writes) the stage report."""
+def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """All three stages into `train.out` (settings of the first two in `train.cold_start`);
+    returns (and writes) the stage report."""
+    cold = train.cold_start
     out = Path(train.out)
     report_path = out / "cold_start.json"
     if out.exists() and any(out.iterdir()) and not resume:
@@ -118,11 +98,11 @@ def run_cold_start(train: TrainConfig, config: ColdStartConfig, *, resume: bool 
     data_path = out / "teacher_data.jsonl"
     if not data_path.exists():
         start = time.perf_counter()
-        records = load_prompts(config.prompts or train.prompts)
+        records = load_prompts(cold.prompts or train.prompts)
         teacher = load_model(train.teacher, "teacher", trainable=False, dtype=train.dtype,
                              trust_remote_code=train.trust_remote_code)
         rows = generate_teacher_data(
-            teacher, teacher_tok, records, config, max_new_tokens=train.max_new_tokens,
+            teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
         )
         if not rows:
@@ -143,8 +123,8 @@ def run_cold_start(train: TrainConfig, config: ColdStartConfig, *, resume: bool 
                              trust_remote_code=train.trust_remote_code)
         losses = train_sft(
             student, student_tok, [(r["messages"], r["response"]) for r in rows],
-            SFTConfig(steps=config.sft_steps, lr=config.sft_lr, batch_size=config.sft_batch_size,
-                      warmup_steps=min(20, config.sft_steps // 10), seed=train.seed,
+            SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
+                      warmup_steps=min(20, cold.sft_steps // 10), seed=train.seed,
                       progress=train.progress, desc="cold-start sft"),
         )
         tmp = sft_dir.with_suffix(".tmp")
@@ -152,29 +132,32 @@ def run_cold_start(train: TrainConfig, config: ColdStartConfig, *, resume: bool 
         student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         tmp.rename(sft_dir)
-        report["sft"] = {"examples": len(rows), "steps": config.sft_steps,
+        report["sft"] = {"examples": len(rows), "steps": cold.sft_steps,
                          "first_loss": losses[0], "last_loss": losses[-1],
                          "seconds": round(time.perf_counter() - start, 1)}
-    report_path.write_text(json.dumps(report, indent=2))
+    write_text_atomic(report_path, json.dumps(report, indent=2))
 
     opd_config = dataclasses.replace(train, student=str(sft_dir), out=str(out / "opd"))
     opd_resume = (out / "opd").exists()
-    report["opd"] = run_training(opd_config, resume=opd_resume)
+    report["opd"] = run_training(opd_config, resume=opd_resume,
+                                 hooks=[ReportHook(opd_config.out)])
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
                         "opd": str(out / "opd")}
-    report_path.write_text(json.dumps(report, indent=2))
+    write_text_atomic(report_path, json.dumps(report, indent=2))
     return report
 
 
-def train_with_repair(config: TrainConfig, *, resume: bool = False,
-                      cold_start: ColdStartConfig | None = None) -> dict[str, Any]:
-    """`opd train`: run OPD; with on_failure=cold-start, a run the monitor stops is followed
-    by the cold-start recipe into OUT/cold-start (same teacher, prompts and settings)."""
-    summary = run_training(config, resume=resume)
-    if config.on_failure == "cold-start" and summary["alerts"]:
-        repair = dataclasses.replace(config, out=str(Path(config.out) / "cold-start"),
+class ColdStartHandover(StepHook):
+    """`on_failure: cold-start`: when the live monitor stops the run, the cold-start recipe
+    follows into OUT/cold-start (same teacher, prompts and settings; its OPD stage only
+    warns, so it never hands over twice). Its report joins the run's summary."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        if not summary["alerts"]:
+            return
+        repair = dataclasses.replace(self.config, out=str(Path(self.config.out) / "cold-start"),
                                      on_failure="warn")
-        summary["cold_start"] = run_cold_start(
-            repair, cold_start or ColdStartConfig(), resume=Path(repair.out).exists()
-        )
-    return summary
+        summary["cold_start"] = run_cold_start(repair, resume=Path(repair.out).exists())

@@ -1,11 +1,12 @@
-"""Teacher-aligned prompts (SPEC §6.2): the teacher's template, then prompts ranked by alignment.
+"""Teacher-aligned prompts (docs/method.md#recipes): the teacher's template, then prompts
+ranked by alignment.
 
 (a) Template: every candidate prompt is rendered with the teacher's prompt template (its
 tokenizer's chat template, or a format string) and written as plain text; OPD then uses that
 text as is (`template: "{prompt}"`, `teacher_prompt: student`), so the student rolls out, and
 the teacher scores, under the template the teacher was post-trained with.
 (b) Content: the student rolls out every candidate, the teacher scores those rollouts, and each
-prompt gets the step-0 measures of SPEC §3 (`opd.diagnose.measure.alignment_by_prompt`); the
+prompt gets the step-0 measures (`opd.diagnose.measure.alignment_by_prompt`); the
 top fraction by the chosen measures is kept and a share of other prompts is mixed in, since
 aligned content alone drives student entropy down. A short OPD trial on the selected and the
 unselected prompts shows that entropy effect.
@@ -22,91 +23,79 @@ import math
 import random
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 from tqdm.auto import tqdm
 
-from opd.config import build_config
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd import metrics as M
+from opd.config import PROFILES, build_config
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import write_atomic, write_jsonl_atomic
-from opd.train import load_metrics, run_training
+from opd.io import write_jsonl_atomic, write_text_atomic
+from opd.report import fmt, save_figure
+from opd.settings import Config, setting
+from opd.train import run_training
 
-RANKABLE = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
-            "overlap_token_advantage", "advantage")
+RANKABLE = (M.OVERLAP_RATIO, "overlap_share", M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER,
+            M.OVERLAP_TOKEN_ADVANTAGE, "advantage")
 """Per-prompt measures a selection can rank by; higher is more aligned for each."""
-STEP0 = ("overlap_ratio", "overlap_share", "overlap_mass_student", "overlap_mass_teacher",
-         "overlap_token_advantage", "student_entropy")
+STEP0 = (M.OVERLAP_RATIO, "overlap_share", M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER,
+         M.OVERLAP_TOKEN_ADVANTAGE, M.STUDENT_ENTROPY)
 """The step-0 measures reported for each prompt set."""
 USE_WITH = {"template": "{prompt}", "teacher_prompt": "student"}
 """Training settings under which the rendered prompts reach the student verbatim."""
 
 
 @dataclass(frozen=True)
-class SelectConfig:
-    """Inputs and settings of one prompt selection."""
+class SelectConfig(Config):
+    """Inputs and settings of one prompt selection (`opd select-prompts`)."""
 
-    student: str
-    teacher: str
-    prompts: str
-    """Candidate prompts (.jsonl or .parquet)."""
-    out: str
-    template: str = "teacher"
-    """Whose prompt template the output uses: teacher or student."""
-    student_template: str | None = None
-    """Format string with {prompt} instead of the student tokenizer's chat template."""
-    teacher_template: str | None = None
-    """Format string with {prompt} instead of the teacher tokenizer's chat template."""
-    keep_fraction: float = 0.5
-    """Share of the candidates kept, best first, in (0, 1]."""
-    mix_share: float = 0.2
-    """Share of the output made of other prompts, in [0, 1)."""
-    other_prompts: str | None = None
-    """Where the mixed-in prompts come from (default: the candidates not kept)."""
-    rank_by: tuple[str, ...] = ("overlap_ratio",)
-    """Measures of RANKABLE; several are combined as the mean of their percentile ranks."""
-    num_prompts: int = 256
-    """Candidates sampled (seeded) from the file."""
-    n: int = 4
-    """Student rollouts per candidate."""
-    max_new_tokens: int = 256
-    k: int = 16
-    """Top-k of the overlap measures."""
-    trial_steps: int = 20
-    """OPD steps of the trial on each prompt set (0 = no trial)."""
-    trial_profile: str = "study"
-    """Defaults profile of the trial runs (study or cpu-small)."""
-    trial_settings: dict[str, Any] = field(default_factory=dict)
-    """Further TrainConfig fields for the trial runs."""
-    seed: int = 0
-    batch_size: int = 64
-    dtype: str = "auto"
-    progress: bool = True
+    student: str = setting(help="Student model folder (or hub id).")
+    teacher: str = setting(help="Teacher model folder (or hub id).")
+    prompts: str = setting(help="Candidate prompts (.jsonl or .parquet).")
+    out: str = setting(help="Output folder (must not hold a selection yet).")
+    template: str = setting("teacher", "Whose prompt template the output prompts are rendered "
+                            "with: teacher or student.", choices=("teacher", "student"))
+    student_template: str | None = setting(None, "Format string with {prompt} instead of the "
+                                           "student tokenizer's chat template.")
+    teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
+                                           "teacher tokenizer's chat template.")
+    keep_fraction: float = setting(0.5, "Share of the candidates kept, best first.", above=0,
+                                   maximum=1)
+    mix_share: float = setting(0.2, "Share of the output made of other prompts.", minimum=0,
+                               below=1)
+    other_prompts: str | None = setting(None, "Where the mixed-in prompts come from (default: "
+                                        "the candidates not kept).")
+    rank_by: tuple[str, ...] = setting(("overlap_ratio",), "Measures to rank by; several are "
+                                       "combined as the mean of their percentile ranks.",
+                                       choices=RANKABLE)
+    num_prompts: int = setting(256, "Candidates sampled (seeded) from the file.", minimum=1)
+    n: int = setting(4, "Student rollouts per candidate.", minimum=1)
+    max_new_tokens: int = setting(256, "Response length cap of the rollouts.", minimum=1)
+    k: int = setting(16, "Top-k of the overlap measures.", minimum=1)
+    trial_steps: int = setting(20, "OPD steps of the trial on each prompt set (0 = no trial).",
+                               minimum=0)
+    trial_profile: str = setting("study", "Defaults profile of the trial runs.",
+                                 choices=tuple(PROFILES))
+    trial_settings: dict[str, Any] = setting(
+        factory=dict, help="Further training settings of the trial runs, e.g. "
+        "trial_settings.lr=1e-4.")
+    seed: int = setting(0, "Seed of the sampling of candidates and rollouts.")
+    batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
+    dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
+                         choices=("auto", "float32", "bfloat16", "float16"))
+    progress: bool = setting(True, "Show progress bars.")
+
+    def check(self) -> None:
+        if not self.rank_by:
+            raise OPDError(f"config: rank_by needs at least one measure of {', '.join(RANKABLE)}")
 
 
 # -- pure selection ---------------------------------------------------------------------------
-def check_settings(config: SelectConfig) -> None:
-    """Raise OPDError for the first setting that cannot work."""
-    if not 0 < config.keep_fraction <= 1:
-        raise OPDError(f"--keep-fraction must be in (0, 1], got {config.keep_fraction}")
-    if not 0 <= config.mix_share < 1:
-        raise OPDError(f"--mix-share must be in [0, 1) (a share of the output), got {config.mix_share}")
-    if config.template not in {"teacher", "student"}:
-        raise OPDError(f"--template: {config.template!r}; choose teacher or student")
-    unknown = [m for m in config.rank_by if m not in RANKABLE]
-    if unknown or not config.rank_by:
-        raise OPDError(f"--rank-by: unknown measure(s) {unknown}; choose from {', '.join(RANKABLE)}")
-    for name in ("num_prompts", "n", "max_new_tokens", "k"):
-        if getattr(config, name) < 1:
-            raise OPDError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
-    if config.trial_steps < 0:
-        raise OPDError(f"--trial-steps must be 0 (no trial) or more, got {config.trial_steps}")
-
-
 def percentile_ranks(values: Sequence[float]) -> list[float]:
     """Each value's rank among `values` scaled to [0, 1]; ties share their mean rank."""
     n = len(values)
@@ -163,10 +152,10 @@ def subset_means(prompts: Sequence[dict[str, Any]], indices: Sequence[int],
 def entropy_effect(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Student entropy (and overlap) over a trial run's steps: first, last, mean of the last
     half, and the change from the first step to that mean."""
-    entropy = [r["student_entropy"] for r in records]
+    entropy = [r[M.STUDENT_ENTROPY] for r in records]
     late = entropy[len(entropy) // 2 :]
-    return {"steps": len(entropy), "student_entropy": entropy,
-            "overlap_ratio": [r.get("overlap_ratio") for r in records],
+    return {"steps": len(entropy), M.STUDENT_ENTROPY: entropy,
+            M.OVERLAP_RATIO: [r.get(M.OVERLAP_RATIO) for r in records],
             "first": entropy[0], "last": entropy[-1], "late_mean": sum(late) / len(late),
             "change": sum(late) / len(late) - entropy[0]}
 
@@ -207,12 +196,11 @@ def _trial(config: SelectConfig, name: str, records: Sequence[PromptRecord], fol
     run_training(build_config(config.trial_settings, forced, profile=config.trial_profile))
     shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
     return {"prompts": len(records), "run": str(folder / name),
-            **entropy_effect(load_metrics(folder / name))}
+            **entropy_effect(M.read(folder / name))}
 
 
 def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     """Select, write every output into `config.out` and return the selection (selection.json)."""
-    check_settings(config)
     out = Path(config.out)
     if (out / "selection.json").exists():
         raise OPDError(f"--out: {str(out)!r} already holds a selection; choose a new folder "
@@ -220,8 +208,8 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     indices, records = _candidates(config)
     others = load_prompts(config.other_prompts) if config.other_prompts else None
     ranking_needs_answers = "advantage" in config.rank_by
-    if ranking_needs_answers and any(r.answer is None for r in records):
-        raise OPDError("--rank-by advantage needs an 'answer' on every candidate row")
+    if ranking_needs_answers:
+        require_answers(records, "prompts", "rank_by advantage")
     trial_runs = 3 if config.mix_share else 2
     bar = tqdm(total=4 + trial_runs * bool(config.trial_steps), desc="opd select-prompts",
                disable=not config.progress)
@@ -329,10 +317,6 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
 
 
 # -- report -----------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def _markdown(selection: dict[str, Any], out: Path) -> str:
     counts, step0, inputs = selection["counts"], selection["step0"], selection["inputs"]
     lines = [
@@ -360,9 +344,9 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
     table += [(name.replace("_", " "), "fresh", values)
               for name, values in step0["fresh_rollouts"].items() if values]
     for name, rollouts, v in table:
-        lines.append(f"| {name} | {rollouts} | {_fmt(v['overlap_ratio'])} | {_fmt(v['overlap_share'])} | "
-                     f"{_fmt(v['overlap_mass_student'])} | {_fmt(v['overlap_mass_teacher'])} | "
-                     f"{_fmt(v['student_entropy'])} |")
+        lines.append(f"| {name} | {rollouts} | {fmt(v['overlap_ratio'])} | {fmt(v['overlap_share'])} | "
+                     f"{fmt(v['overlap_mass_student'])} | {fmt(v['overlap_mass_teacher'])} | "
+                     f"{fmt(v['student_entropy'])} |")
     lines += ["", "The first two rows score the rollouts the ranking used; the others score fresh "
               "rollouts (another seed), so the selected prompts' gain is not their sampling luck.", ""]
     trial = selection["trial"]
@@ -372,8 +356,8 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
                   "|---|---|---|---|---|---|"]
         for name, run in trial.items():
             if isinstance(run, dict):
-                lines.append(f"| {name} | {run['prompts']} | {_fmt(run['first'])} | {_fmt(run['last'])} | "
-                             f"{_fmt(run['late_mean'])} | {_fmt(run['change'])} |")
+                lines.append(f"| {name} | {run['prompts']} | {fmt(run['first'])} | {fmt(run['last'])} | "
+                             f"{fmt(run['late_mean'])} | {fmt(run['change'])} |")
         if trial.get("entropy_effect") is not None:
             lines += ["", f"Selected minus unselected (mean of the last half of the trial): "
                       f"**{trial['entropy_effect']:+.3f}** nats. A large fall on the selected prompts "
@@ -414,13 +398,12 @@ def _figure(selection: dict[str, Any], path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _write_outputs(selection: dict[str, Any], out: Path) -> None:
     train = {"prompts": str((out / "prompts.jsonl").resolve()), **USE_WITH}
-    write_atomic(out / "train.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(train)))
+    write_text_atomic(out / "train.yaml", yaml.safe_dump(train))
     _figure(selection, out / "selection.png")
-    write_atomic(out / "report.md", lambda tmp: tmp.write_text(_markdown(selection, out)))
-    write_atomic(out / "selection.json", lambda tmp: tmp.write_text(json.dumps(selection, indent=2)))
+    write_text_atomic(out / "report.md", _markdown(selection, out))
+    write_text_atomic(out / "selection.json", json.dumps(selection, indent=2))

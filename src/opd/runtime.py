@@ -1,0 +1,80 @@
+"""Run-time helpers of the loops: stage timers, step hooks and the process group.
+
+One process needs no set-up. Several (`accelerate launch --num_processes N -m opd train …`)
+share the step's prompts; `Processes` holds the few collective operations the loop needs and
+is a no-op for a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def timed(key: str, record: dict[str, Any]) -> Iterator[None]:
+    """Add the block's wall time, in seconds, to `record[key]`."""
+    start = time.perf_counter()
+    yield
+    record[key] = record.get(key, 0.0) + time.perf_counter() - start
+
+
+class StepHook:
+    """What a caller may add to the training loop: `on_step` sees each step's record after the
+    live monitor (True asks the loop to checkpoint and stop); `on_end` gets the run's summary
+    once summary.json is written (it may add to the summary the loop returns)."""
+
+    def on_step(self, record: Mapping[str, Any]) -> bool:
+        return False
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        return None
+
+
+class Processes:
+    """The process group as the loop sees it: rank, world size, device, and sums."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.device = self.state.device
+        self.is_main = self.state.is_main_process
+        if self.world > 1 and self.device.type == "cpu":
+            # Processes sharing a few cores must not each spin up all of them.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor)
+        return tensor
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True in a single process and in the main process of a launch."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -1,0 +1,84 @@
+"""The metrics schema owns every key of metrics.jsonl; the refactored loop writes exactly what
+the loop wrote before (tests/data/reference_metrics.json, made before the scoring pass, the
+config system and the schema were reorganised)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from opd import metrics as M
+from opd.config import build_config
+from opd.errors import OPDError
+from opd.train import run_training
+
+DOCS = Path(__file__).parents[1] / "docs" / "metrics.md"
+REFERENCE = Path(__file__).parent / "data" / "reference_metrics.json"
+
+
+def test_docs_metrics_md_is_generated_from_the_schema():
+    assert DOCS.read_text() == M.markdown(), "run: python -m opd.metrics > docs/metrics.md"
+
+
+def test_undeclared_keys_are_refused_and_a_cut_last_line_is_dropped(tmp_path):
+    with pytest.raises(KeyError, match="undeclared keys"):
+        M.append(tmp_path, {"step": 1, "lsos": 0.1})
+    M.append(tmp_path, {"step": 1, "loss": 0.5})
+    with (tmp_path / M.METRICS_FILE).open("a") as handle:
+        handle.write('{"step": 2, "lo')  # a process killed mid-line
+    assert M.read(tmp_path) == [{"step": 1, "loss": 0.5}]
+    (tmp_path / M.METRICS_FILE).write_text('{"step": 1\n{"step": 2}\n')
+    with pytest.raises(OPDError, match=":1 is not valid JSON"):
+        M.read(tmp_path)
+
+
+RUNS = {
+    "topk": {"objective.k": 4, "eval_every": 2, "eval_temperature": 0.0, "eval": True},
+    "sampled_options": {"objective.name": "sampled", "loss_aggregation": "sequence-mean",
+                        "kl_penalty": 0.1, "micro_batch": 3, "teacher_prompt": "own",
+                        "chunk_size": 5},
+    "subset_kl_teacher": {"objective": {"name": "subset_kl", "k": 3, "strategy": "teacher",
+                                        "weighting": "teacher_p"}},
+    "jsd_hybrid": {"objective": {"name": "jsd", "beta": 0.3, "teacher_temperature": 2.0},
+                   "outcome_weight": 0.5},
+    "grpo": {"teacher": "", "distill_weight": 0.0, "outcome_weight": 1.0},
+    "lora": {"lora_rank": 4, "objective.k": 4},
+    "union_none_cosine": {"objective": {"k": 4, "strategy": "union", "weighting": "none"},
+                          "lr_schedule": "cosine", "warmup_steps": 2},
+}
+
+
+def close(got, want, path="record"):
+    """Equal structure, floats within 1e-6 relative (the reference was exact on this machine)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            close(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            close(a, b, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), path
+    else:
+        assert got == want, path
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_fixed_seed_runs_write_the_reference_metrics(tiny_pair, tmp_path, name):
+    settings = dict(RUNS[name])
+    if settings.pop("eval", False):
+        settings["eval_prompts"] = str(tiny_pair["prompts"])
+    config = build_config({
+        "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
+        "prompts": str(tiny_pair["prompts"]), "out": str(tmp_path / name), "max_steps": 4,
+        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
+        "save_every": 2, "measure_k": 4, "progress": False, **settings,
+    })
+    run_training(config)
+    got = [{k: v for k, v in r.items() if not k.startswith("time_")} for r in M.read(config.out)]
+    close(got, json.loads(REFERENCE.read_text())[name])
+    for record in M.read(config.out):
+        assert set(record) <= set(M.SCHEMA)

@@ -1,0 +1,101 @@
+"""The config system every verb shares: layers, dotted keys, groups, flags and their errors."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pytest
+
+from opd import settings
+from opd.config import PROFILES, TrainConfig, build_config
+from opd.errors import OPDError
+from opd.settings import Config, group, setting
+
+
+@dataclass(frozen=True)
+class Inner(Config):
+    k: int = setting(4, "A size.", minimum=1)
+    names: tuple[str, ...] = setting(("a",), "Some names.", choices=("a", "b"))
+
+
+@dataclass(frozen=True)
+class Outer(Config):
+    path: str = setting(help="Required: no default.")
+    rate: float = setting(0.5, "A share.", above=0, below=1)
+    flag: bool = setting(False, "A switch.")
+    extra: dict = setting(factory=dict, help="Free-form.")
+    inner: Inner = group(Inner, "Nested settings.")
+
+    def check(self) -> None:
+        if self.flag and self.inner.k > 8:
+            raise OPDError("config: flag needs inner.k ≤ 8")
+
+
+def parse(cls, argv, **options):
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, cls, options.get("profiles"))
+    return settings.from_args(cls, parser.parse_args(argv), **options)
+
+
+def test_layers_merge_in_order_with_nested_and_dotted_keys(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("path: from-file\ninner:\n  k: 6\nrate: 0.25\n")
+    config = parse(Outer, ["--config", str(config_file), "--inner.k", "7", "--set", "inner.k=9",
+                           "--set", "extra.steps=3"], forced={"rate": 0.75})
+    assert (config.path, config.inner.k, config.rate) == ("from-file", 9, 0.75)
+    assert config.extra == {"steps": 3}
+    assert parse(Outer, ["--config", str(config_file), "--inner.k", "7"]).inner.k == 7
+    assert parse(Outer, ["--path", "p", "--inner.names", "a,b", "--flag"]).inner.names == ("a", "b")
+
+
+def test_values_are_converted_on_construction_in_python_too():
+    config = Outer(path="p", rate="0.5", flag="yes", inner={"k": "3"})
+    assert (config.rate, config.flag, config.inner) == (0.5, True, Inner(k=3))
+    assert settings.to_dict(config) == {"path": "p", "rate": 0.5, "flag": True, "extra": {},
+                                        "inner": {"k": 3, "names": ["a"]}}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({}, "config: path is required; pass --path VALUE"),
+    ({"path": "p", "rate": 1}, r"config: rate must lie in \(0, 1\), got 1"),
+    ({"path": "p", "rate": "high"}, "config: rate must be a float, got 'high'"),
+    ({"path": "p", "inner": {"k": 0}}, "config: inner.k must be at least 1, got 0"),
+    ({"path": "p", "inner": {"names": "a,c"}}, "config: inner.names must be each one of"),
+    ({"path": "p", "inner": 3}, "config: inner is a group of settings; set one of them"),
+    ({"path": "p", "inner": {"size": 3}}, "config: unknown key 'inner.size'"),
+    ({"path": "p", "flag": "maybe"}, "config: flag must be a bool"),
+    ({"path": "p", "flag": True, "inner": {"k": 9}}, "config: flag needs inner.k ≤ 8"),
+    ({"path": "p", "extra": [1]}, "config: extra must be a mapping"),
+])
+def test_each_bad_value_is_one_line_naming_the_field(values, message):
+    with pytest.raises(OPDError, match=message):
+        settings.build(Outer, values)
+
+
+def test_yaml_and_set_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(OPDError, match="is not valid YAML"):
+        parse(Outer, ["--config", str(bad)])
+    with pytest.raises(OPDError, match="is not key=value"):
+        parse(Outer, ["--set", "path"])
+
+
+def test_profiles_sit_under_the_users_values():
+    config = parse(TrainConfig, ["--profile", "cpu-small", "--objective.k", "3"], profiles=PROFILES)
+    assert config.objective.k == 3 and config.measure_k == 8 and config.lr == 1e-4
+    assert build_config({}, profile="cpu-small").objective.k == 8
+    with pytest.raises(OPDError, match="profile: unknown value 'huge'"):
+        parse(TrainConfig, ["--profile", "huge"], profiles=PROFILES)
+
+
+def test_every_setting_has_help_a_flag_and_a_line_in_help_config():
+    described = settings.describe(TrainConfig)
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser, TrainConfig, PROFILES)
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for path, field, _ in settings.leaves(TrainConfig):
+        assert field.metadata["help"], path
+        assert f"  {path} = " in described
+        assert "--" + path.replace("_", "-") in flags
