@@ -39,8 +39,8 @@ def build(vocab: int, hidden: int, tokens: int, device: str, seed: int = 0):
 
 def step(mode: str, inputs, chunk: int) -> None:
     from opd.measures import token_measures
-    from opd.objectives import ObjectiveConfig, distillation_loss
-    from opd.scoring import ResponseStates, TokenTerms, score_and_loss
+    from opd.objectives import ObjectiveConfig, TokenLoss, distillation_loss
+    from opd.scoring import ResponseStates, score
 
     s_head, t_head, s_hidden, t_hidden, targets = inputs
     tokens, device = s_hidden.shape[0], s_hidden.device
@@ -52,11 +52,12 @@ def step(mode: str, inputs, chunk: int) -> None:
         def states(h):
             return ResponseStates(h, targets, positions, positions)
 
-        loss, _, _ = score_and_loss(
+        loss = score(
             states(s_hidden), states(t_hidden),
             student_head=lambda h: s_head(h).float(), teacher_head=lambda h: t_head(h).float(),
-            terms=TokenTerms(weight=weight), objective=objective, chunk_size=chunk,
-        )
+            loss=TokenLoss(objective, weight=weight),
+            measures=lambda sp, tp, y: token_measures(sp, tp, y, 16), chunk_size=chunk,
+        ).loss
     else:
         student_lp = s_head(s_hidden).float().log_softmax(-1)
         with torch.no_grad():

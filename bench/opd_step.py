@@ -74,7 +74,8 @@ def main() -> None:
                                                               for j in range(64))}) + "\n"
                                for i in range(64)))
     from opd.config import build_config
-    from opd.train import load_metrics, run_training
+    from opd.metrics import read
+    from opd.train import run_training
 
     config = build_config({
         "student": str(root / "student"), "teacher": str(root / "teacher"),
@@ -89,7 +90,7 @@ def main() -> None:
           f"{args.max_new_tokens} tokens, device "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
     print(f"{'step':>4} {'tokens':>7} {'rollout s':>9} {'score s':>8} {'update s':>8} {'tok/s':>8}")
-    for r in load_metrics(root / "run"):
+    for r in read(root / "run"):
         tokens = r["response_length"] * args.prompts_per_step * args.rollouts_per_prompt
         total = r["time_rollout"] + r["time_score"] + r["time_update"]
         print(f"{r['step']:>4} {tokens:>7.0f} {r['time_rollout']:>9.2f} {r['time_score']:>8.2f} "

@@ -1,5 +1,5 @@
 """Gap recovery of OPD on the model organisms: a compatible teacher, a foreign one, and the
-foreign one after an off-policy cold start (SPEC §4, §6.1), over several seeds.
+foreign one after an off-policy cold start (docs/method.md#recipes), over several seeds.
 
 gap recovery = (acc_after − acc_before) / (acc_teacher − acc_before) on the withheld
 sub-skill's evaluation set (greedy exact match). Prints a table and writes results.json.
@@ -14,14 +14,15 @@ import json
 import statistics
 from pathlib import Path
 
-from opd.checkpoints import complete_checkpoints, read_jsonl
+from opd import metrics as M
+from opd.checkpoints import complete_checkpoints
 from opd.config import build_config
 from opd.data.prompts import load_prompts
 from opd.evaluate import evaluate
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES, build_zoo
 from opd.models import load_model, load_tokenizer
-from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+from opd.recipes.cold_start import run_cold_start
 from opd.train import run_training
 
 
@@ -58,19 +59,18 @@ def main() -> None:
                 "prompts": str(zoo_root / "data" / "teacher-train.jsonl"), "out": str(run),
                 "max_steps": args.steps, "max_new_tokens": tokens, "seed": seed,
                 "progress": False, "eval_every": 10_000,
+                "cold_start": {"sft_steps": 400, "sft_lr": 1e-3, "sft_batch_size": 64},
             }, profile="cpu-small")
             resume = run.exists()
             if cold:
-                report = run_cold_start(config, ColdStartConfig(sft_steps=400, sft_lr=1e-3,
-                                                                sft_batch_size=64),
-                                        resume=resume)
+                report = run_cold_start(config, resume=resume)
                 trained = report["opd"]["final_checkpoint"]
-                records = read_jsonl(run / "opd" / "metrics.jsonl")
+                records = M.read(run / "opd")
                 after_sft = accuracy(str(run / "sft"), eval_file, tokens)
             else:
                 run_training(config, resume=resume)
                 trained = str(complete_checkpoints(run)[-1])
-                records = read_jsonl(run / "metrics.jsonl")
+                records = M.read(run)
                 after_sft = None
             teacher_acc = accuracy(str(zoo_root / teacher), eval_file, tokens)
             after = accuracy(trained, eval_file, tokens)

@@ -82,3 +82,10 @@ def test_each_zoo_stage_is_keyed_on_the_code_it_runs():
     assert {"train.py", "config.py", "objectives.py", "scoring.py", "measures.py",
             "settings.py", "monitor.py"} <= rl
     assert "train.py" not in sft and sft < rl
+
+
+def test_design_md_names_every_module():
+    design = (SRC.parents[1] / "docs" / "design.md").read_text()
+    tops = {name.split(".")[1] for name in all_modules() if name.count(".") >= 1}
+    missing = [t for t in sorted(tops) if f"`opd.{t}" not in design]
+    assert not missing, missing
