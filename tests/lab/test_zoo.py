@@ -23,9 +23,9 @@ EXPECTED = {
 }
 
 
-def load_zoo_model(root: Path, name: str) -> tuple[Any, Any]:
+def load_zoo_model(root: Path, name: str, trainable: bool = False) -> tuple[Any, Any]:
     folder = str(model_folder(root, name))
-    return load_model(folder, name, trainable=False), load_tokenizer(folder, name)
+    return load_model(folder, name, trainable=trainable), load_tokenizer(folder, name)
 
 
 def acc(zoo: dict[str, Any], model: str, group: str) -> float:
@@ -127,7 +127,7 @@ def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
     from opd.sft import SFTConfig, train_sft
 
     root, zoo = quick_zoo
-    model, tokenizer = load_zoo_model(root, "student")
+    model, tokenizer = load_zoo_model(root, "student", trainable=True)
     sets = load_sets(root)
     examples = sft_examples(sets["teacher-train"], "A", seed=0)
     train_sft(model, tokenizer, examples, SFTConfig(steps=40, lr=3e-4, warmup_steps=5,
