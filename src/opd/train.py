@@ -34,7 +34,7 @@ from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from opd.models import load_training_models
+from opd.models import load_training_models, original_config
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
@@ -296,11 +296,12 @@ class Trainer:
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
-            save_checkpoint(
-                self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
-                self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
-                self.config.keep_checkpoints,
-            )
+            with original_config(self.models.student_dropout):
+                save_checkpoint(
+                    self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
+                    self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
+                    self.config.keep_checkpoints,
+                )
         self.procs.barrier()
 
     # -- the loop -------------------------------------------------------------------------

@@ -27,7 +27,13 @@ from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
 from opd.errors import OPDError
 from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
-from opd.models import check_same_vocabulary, load_model, load_tokenizer
+from opd.models import (
+    check_same_vocabulary,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    original_config,
+)
 from opd.report import ReportHook
 from opd.rollout import generate_rollouts
 from opd.runtime import StepHook
@@ -121,6 +127,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         start = time.perf_counter()
         student = load_model(train.student, "student", trainable=True, dtype=train.dtype,
                              trust_remote_code=train.trust_remote_code)
+        dropout = [] if cold.sft_dropout else disable_dropout(student)
         losses = train_sft(
             student, student_tok, [(r["messages"], r["response"]) for r in rows],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
@@ -129,7 +136,8 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         )
         tmp = sft_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
+        with original_config(dropout):
+            student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         tmp.rename(sft_dir)
         report["sft"] = {"examples": len(rows), "steps": cold.sft_steps,
