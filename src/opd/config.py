@@ -62,6 +62,10 @@ class TrainConfig(Config):
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
                                    "the student tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
+        "false} for Qwen3's thinking switch; used wherever a prompt is rendered (rollouts, the "
+        "teacher's own rendering, evaluation, the cold start).")
     teacher_prompt: str = setting(
         "student", "How the teacher sees the prompt: `student` (the student's rendering, "
         "token-identical) or `own` (re-rendered with the teacher tokenizer's chat template).",
