@@ -39,14 +39,6 @@ IDEAL = {M.OVERLAP_RATIO: 1.0, M.ENTROPY_GAP: 0.0, M.REVERSE_KL: 0.0,
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory):
-    rows = [{"prompt": f"{a} + {b} ="} for a in range(5) for b in range(4)]
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def step_config(student, teacher, prompts, out, **overrides):
     settings = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
                 "out": str(out), "max_steps": 1, "prompts_per_step": 2,
@@ -73,9 +65,9 @@ def assert_ideal(record, tolerance=TOLERANCE):
 
 @TIED
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_twin_teacher_gives_the_ideal_measures_at_step_one(arch, tied, prompts, tmp_path):
+def test_a_twin_teacher_gives_the_ideal_measures_at_step_one(arch, tied, sum_prompts, tmp_path):
     student, teacher = twin(tmp_path, arch, tied)
-    run_training(step_config(student, teacher, prompts, tmp_path / "run"))
+    run_training(step_config(student, teacher, sum_prompts, tmp_path / "run"))
     (record,) = M.read(tmp_path / "run")
     assert record[M.RESPONSE_LENGTH] > 1
     assert_ideal(record)
@@ -87,11 +79,11 @@ def test_a_twin_teacher_gives_the_ideal_measures_at_step_one(arch, tied, prompts
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "opt"])
-def test_with_dropout_left_on_a_twin_is_not_ideal(arch, prompts, tmp_path):
+def test_with_dropout_left_on_a_twin_is_not_ideal(arch, sum_prompts, tmp_path):
     """The issue as reported: GPT-2 and OPT configs enable dropout, so a student scored in
     training mode is not the policy that sampled; `disable_dropout: false` shows it."""
     student, teacher = twin(tmp_path, arch, True)
-    run_training(step_config(student, teacher, prompts, tmp_path / "run", disable_dropout=False))
+    run_training(step_config(student, teacher, sum_prompts, tmp_path / "run", disable_dropout=False))
     (record,) = M.read(tmp_path / "run")
     assert record[M.OVERLAP_RATIO] < 0.95
     assert record[M.ENTROPY_GAP] > 1e-4 and record[M.LOSS] != 0
@@ -100,12 +92,12 @@ def test_with_dropout_left_on_a_twin_is_not_ideal(arch, prompts, tmp_path):
 @TIED
 @pytest.mark.parametrize("arch", ARCHS)
 def test_another_random_teacher_gives_finite_metrics_and_moves_only_the_student(
-        arch, tied, prompts, tmp_path):
+        arch, tied, sum_prompts, tmp_path):
     tokenizer = make_tokenizer()
     other = ARCHS[(ARCHS.index(arch) + 1) % len(ARCHS)]
     student = save_model(tmp_path / "student", arch, tokenizer, seed=1, tied=tied)
     teacher = save_model(tmp_path / "teacher", other, tokenizer, seed=2, tied=not tied)
-    trainer = Trainer(step_config(student, teacher, prompts, tmp_path / "run", lr=1e-2))
+    trainer = Trainer(step_config(student, teacher, sum_prompts, tmp_path / "run", lr=1e-2))
     models = trainer.models
     before = {name: {k: v.clone() for k, v in m.state_dict().items()}
               for name, m in (("student", models.student), ("teacher", models.teacher))}
