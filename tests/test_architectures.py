@@ -164,3 +164,32 @@ def test_disable_dropout_makes_training_mode_compute_eval_mode(arch):
     with original_config(changed):
         assert model.config.to_dict() == original
     assert all(getattr(config, name) == 0 for config, name, _ in changed)
+
+
+@pytest.mark.parametrize("run", ["grpo", "hybrid", "opd-lora", "dropout-kept"])
+def test_every_on_policy_student_has_dropout_off_and_frozen_models_eval_mode(
+        run, tiny_pair, tmp_path):
+    """GRPO, hybrids (with a KL-to-reference) and LoRA students alike: in training mode the
+    student computes what it computes in eval mode; teacher and reference are in eval mode."""
+    student, teacher = twin(tmp_path, "gpt2", True)
+    settings = {
+        "grpo": {"distill_weight": 0.0, "outcome_weight": 1.0},
+        "hybrid": {"outcome_weight": 0.5, "kl_penalty": 0.1},
+        "opd-lora": {"lora_rank": 4},
+        "dropout-kept": {"disable_dropout": False},
+    }[run]
+    trainer = Trainer(step_config(student, "" if run == "grpo" else teacher,
+                                  tiny_pair["prompts"], tmp_path / "run", **settings))
+    models = trainer.models
+    ids = torch.randint(4, 32, (2, 10), generator=torch.Generator().manual_seed(2))
+    assert models.student.training
+    with torch.no_grad():
+        noisy = models.student(input_ids=ids).logits
+        models.student.eval()
+        clean = models.student(input_ids=ids).logits
+        models.student.train()
+    assert torch.equal(noisy, clean) == (run != "dropout-kept")
+    for frozen in (models.teacher, models.reference):
+        assert frozen is None or not frozen.training
+    assert (models.reference is None) == (run != "hybrid")
+    assert math.isfinite(trainer.train_step(1)[M.LOSS])
