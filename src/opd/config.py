@@ -35,6 +35,8 @@ class ColdStartConfig(Config):
     sft_steps: int = setting(200, "Fine-tuning steps.", minimum=1)
     sft_lr: float = setting(1e-4, "Fine-tuning peak learning rate.", above=0)
     sft_batch_size: int = setting(32, "Fine-tuning examples per step.", minimum=1)
+    sft_dropout: bool = setting(True, "Keep the student's own dropout during the fine-tuning "
+                                "(off: switched off, as in the on-policy stage).")
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class TrainConfig(Config):
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
                                    "the student tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
+        "false} for Qwen3's thinking switch; used wherever a prompt is rendered (rollouts, the "
+        "teacher's own rendering, evaluation, the cold start).")
     teacher_prompt: str = setting(
         "student", "How the teacher sees the prompt: `student` (the student's rendering, "
         "token-identical) or `own` (re-rendered with the teacher tokenizer's chat template).",
@@ -108,6 +114,11 @@ class TrainConfig(Config):
                          choices=("auto", "float32", "bfloat16", "float16"))
     lora_rank: int = setting(0, "Train LoRA adapters of this rank instead of all weights "
                              "(needs peft); 0 = full.", minimum=0)
+    disable_dropout: bool = setting(
+        True, "Switch off the student's dropout (and layer drop, router jitter) while it is "
+        "trained, so the policy scored and updated is the one that sampled the rollouts; "
+        "teacher and reference always run in eval mode. Saved checkpoints keep the model's "
+        "own dropout settings.")
     on_failure: str = setting(
         "warn", "What the live monitor does when a run shows a failure signature: warn, stop, "
         "or cold-start (stop, then run the off-policy cold start into OUT/cold-start).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +28,9 @@ class EvalConfig(Config):
                             choices=tuple(VERIFIERS))
     template: str | None = setting(None, "Format string with {prompt} instead of the "
                                    "tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
+        "false}.")
     seed: int = setting(0, "Seed of the samples.")
 
 
@@ -55,11 +59,13 @@ def evaluate(
     template: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt (greedy at temperature 0) and verify each one."""
     require_answers(records, "prompts", "evaluation")
     check = get_verifier(verifier)
-    texts = [render_prompt(r.messages, tokenizer, template) for r in records]
+    texts = [render_prompt(r.messages, tokenizer, template, chat_template_kwargs)
+             for r in records]
     rollouts = generate_rollouts(
         model, tokenizer, texts, n=n, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
@@ -91,6 +97,7 @@ def run_eval(config: EvalConfig) -> dict[str, object]:
         temperature=config.temperature, top_p=config.top_p,
         max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
+        chat_template_kwargs=config.chat_template_kwargs,
     )
     return {"model": config.model, "prompts": config.prompts, "accuracy": result.accuracy,
             "n": result.n, "n_prompts": result.n_prompts,

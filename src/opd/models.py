@@ -3,12 +3,15 @@ peft), and check that token-level OPD is possible between them (one vocabulary, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from opd.errors import OPDError
 
@@ -76,6 +79,73 @@ def load_model(
     return model
 
 
+_NOISE = re.compile(r"dropout|pdrop|layerdrop|jitter|(^|_)drop$")
+"""Names of the train-time noise settings of Hugging Face models: dropout probabilities
+(`dropout`, `attention_dropout`, GPT-2's `attn_pdrop`, …), OPT's `layerdrop`, the router
+jitter of mixture-of-experts models (Mixtral's `router_jitter_noise`)."""
+
+ConfigValue = tuple[Any, str, Any]
+"""(config object, attribute, original value) of a setting `disable_dropout` zeroed."""
+
+
+def _is_noise(name: str, value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and value != 0
+            and _NOISE.search(name) is not None)
+
+
+def _configs(model: torch.nn.Module) -> list[Any]:
+    """Every model config reachable from `model`'s modules, with their sub-configs."""
+    found: dict[int, Any] = {}
+    pending = [m.config for m in model.modules()
+               if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    while pending:
+        config = pending.pop()
+        if id(config) not in found:
+            found[id(config)] = config
+            pending += [v for v in vars(config).values() if isinstance(v, PretrainedConfig)]
+    return list(found.values())
+
+
+def disable_dropout(model: torch.nn.Module) -> list[ConfigValue]:
+    """Switch off every dropout of `model` in place, so that in training mode it computes
+    exactly what it computes in eval mode (the policy that sampled the rollouts).
+
+    Hugging Face models hold dropout in three places, and all three are zeroed: `nn.Dropout`
+    modules (GPT-2's `attn_dropout`, Phi-3's `resid_attn_dropout`, LoRA's dropout); numbers
+    copied from the config at construction and applied functionally at forward time (OPT's
+    `dropout` and `layerdrop`, Llama's `attention_dropout`, Mixtral's `jitter_noise`); and the
+    config itself, which a few models read at forward time (GPT-Neo, Persimmon). Returns the
+    config values it changed, which `original_config` puts back while a checkpoint is saved,
+    so the saved model keeps its own settings.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_noise(name, value):
+                setattr(module, name, type(value)(0))
+    changed: list[ConfigValue] = []
+    for config in _configs(model):
+        for name, value in list(vars(config).items()):
+            if _is_noise(name, value):
+                changed.append((config, name, value))
+                setattr(config, name, type(value)(0))
+    return changed
+
+
+@contextlib.contextmanager
+def original_config(changed: list[ConfigValue]) -> Iterator[None]:
+    """The config values `disable_dropout` zeroed, restored for the duration (to save a
+    checkpoint); the modules keep dropout off."""
+    for config, name, value in changed:
+        setattr(config, name, value)
+    try:
+        yield
+    finally:
+        for config, name, value in changed:
+            setattr(config, name, type(value)(0))
+
+
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
     """Token-level OPD scores the student's token ids with the teacher: the two vocabularies
     must map every id to the same token. Stop at the first id where they differ."""
@@ -102,12 +172,15 @@ class TrainingModels:
     reference: torch.nn.Module | None
     tokenizer: Any
     teacher_tokenizer: Any
+    student_dropout: list[ConfigValue] = field(default_factory=list)
+    """The student's config values `disable_dropout` zeroed (restore them to save it)."""
 
 
 def load_training_models(config: TrainConfig, device: torch.device,
                          student_path: str) -> TrainingModels:
     """Student from `student_path` (the configured one, or a checkpoint when resuming; LoRA
-    adapters on top when `lora_rank` is set), teacher and reference frozen."""
+    adapters on top when `lora_rank` is set), with dropout off when `disable_dropout` is set;
+    teacher and reference frozen, in eval mode."""
     tokenizer = load_tokenizer(config.student, "student", config.trust_remote_code)
     teacher = teacher_tokenizer = None
     if config.distill_weight:
@@ -124,13 +197,15 @@ def load_training_models(config: TrainConfig, device: torch.device,
             lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
                                    target_modules="all-linear")
             student = peft.get_peft_model(student, lora)
+    student_dropout = disable_dropout(student) if config.disable_dropout else []
     if config.distill_weight:
         teacher = load_model(config.teacher, "teacher", trainable=False, **common)
     reference = (
         load_model(config.student, "reference", trainable=False, **common)
         if config.kl_penalty else None
     )
-    return TrainingModels(student, teacher, reference, tokenizer, teacher_tokenizer)
+    return TrainingModels(student, teacher, reference, tokenizer, teacher_tokenizer,
+                          student_dropout)
 
 
 def _peft():

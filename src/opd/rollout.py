@@ -149,6 +149,17 @@ def _sample_batch(
     return responses
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The tokens that end a response: the tokenizer's EOS and every EOS id of the model's
+    generation config (chat models often end a turn with a token other than the tokenizer's
+    EOS: Gemma's `<end_of_turn>`, Llama-3's `<|eot_id|>`, listed there beside it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    generation = getattr(base, "generation_config", None)
+    listed = getattr(generation, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return {i for i in [tokenizer.eos_token_id, *listed] if i is not None}
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None = None):
     """Token ids of rendered prompts, BOS first when the tokenizer has one, at most
     `max_prompt_tokens` (the last ones) each."""
@@ -189,7 +200,7 @@ def generate_rollouts(
     else:
         encoded = [list(p)[-max_prompt_tokens:] if max_prompt_tokens else list(p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id}
+    eos_ids = stop_token_ids(model, tokenizer)
     rows = [(i, r) for i in range(len(prompts)) for r in range(n)]
     batch_size = batch_size or len(rows)
     device = next(model.parameters()).device

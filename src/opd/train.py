@@ -34,7 +34,7 @@ from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from opd.models import load_training_models
+from opd.models import load_training_models, original_config
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
@@ -135,7 +135,8 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------
     def _rollouts(self, step: int, indices: list[int]) -> Rollouts:
         config, tok = self.config, self.models.tokenizer
-        texts = [render_prompt(self.records[i].messages, tok, config.template) for i in indices]
+        texts = [render_prompt(self.records[i].messages, tok, config.template,
+                               config.chat_template_kwargs) for i in indices]
         return generate_rollouts(
             self.models.student, tok, texts, n=config.rollouts_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -149,7 +150,8 @@ class Trainer:
             return (rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows])
         tok = self.models.teacher_tokenizer
-        texts = [render_prompt(self.records[indices[i]].messages, tok)
+        texts = [render_prompt(self.records[indices[i]].messages, tok,
+                               chat_template_kwargs=self.config.chat_template_kwargs)
                  for i in rollouts.prompt_index[rows].tolist()]
         prompts = encode_prompts(tok, texts, self.config.max_prompt_tokens)
         return pack(prompts, rollouts.response_ids[rows], tok.pad_token_id)
@@ -286,7 +288,7 @@ class Trainer:
                 self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier, template=cfg.template,
-                seed=cfg.seed,
+                seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
             )
             accuracy[0] = result.accuracy
         return float(self.procs.sum(accuracy)[0])
@@ -296,11 +298,12 @@ class Trainer:
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
-            save_checkpoint(
-                self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
-                self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
-                self.config.keep_checkpoints,
-            )
+            with original_config(self.models.student_dropout):
+                save_checkpoint(
+                    self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
+                    self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
+                    self.config.keep_checkpoints,
+                )
         self.procs.barrier()
 
     # -- the loop -------------------------------------------------------------------------

@@ -100,16 +100,18 @@ def save_prompts(records: list[PromptRecord], path: str | Path) -> None:
     write_jsonl_atomic(path, ({"messages": r.messages, "answer": r.answer, **r.meta} for r in records))
 
 
-def render_prompt(messages: Messages, tokenizer: Any, template: str | None = None) -> str:
+def render_prompt(messages: Messages, tokenizer: Any, template: str | None = None,
+                  chat_template_kwargs: dict[str, Any] | None = None) -> str:
     """Prompt text for generation.
 
     `template` (a str with `{prompt}`, filled with the last user message) wins; else the
-    tokenizer's chat template with a generation prompt; else the user contents joined by
-    newlines.
+    tokenizer's chat template with a generation prompt, given `chat_template_kwargs` as extra
+    variables (e.g. `enable_thinking`); else the user contents joined by newlines.
     """
     if template is not None:
         user = [m["content"] for m in messages if m["role"] == "user"]
         return template.format(prompt=user[-1] if user else "")
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(chat_template_kwargs or {}))
     return "\n".join(m["content"] for m in messages)

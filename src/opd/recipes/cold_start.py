@@ -27,7 +27,13 @@ from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
 from opd.errors import OPDError
 from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
-from opd.models import check_same_vocabulary, load_model, load_tokenizer
+from opd.models import (
+    check_same_vocabulary,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    original_config,
+)
 from opd.report import ReportHook
 from opd.rollout import generate_rollouts
 from opd.runtime import StepHook
@@ -39,6 +45,7 @@ from opd.verify import get_verifier
 def generate_teacher_data(
     teacher, tokenizer, records: Sequence[PromptRecord], config: ColdStartConfig, *,
     max_new_tokens: int, verifier: str, seed: int, progress: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Teacher responses per prompt, deduplicated; with answers and keep != all, only the
     verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times."""
@@ -47,7 +54,8 @@ def generate_teacher_data(
     keep = config.keep if config.keep != "auto" else ("correct" if with_answers else "all")
     if keep == "correct":
         require_answers(records, "cold_start.prompts", "cold_start.keep=correct")
-    texts = [render_prompt(r.messages, tokenizer) for r in records]
+    texts = [render_prompt(r.messages, tokenizer, chat_template_kwargs=chat_template_kwargs)
+             for r in records]
     rows: list[dict[str, Any]] = []
     seen: set[tuple[int, str]] = set()
     pending = list(range(len(records)))
@@ -104,6 +112,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         rows = generate_teacher_data(
             teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
+            chat_template_kwargs=train.chat_template_kwargs,
         )
         if not rows:
             raise OPDError("cold start: the teacher produced no usable response (none verified "
@@ -121,15 +130,18 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         start = time.perf_counter()
         student = load_model(train.student, "student", trainable=True, dtype=train.dtype,
                              trust_remote_code=train.trust_remote_code)
+        dropout = [] if cold.sft_dropout else disable_dropout(student)
         losses = train_sft(
             student, student_tok, [(r["messages"], r["response"]) for r in rows],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
                       warmup_steps=min(20, cold.sft_steps // 10), seed=train.seed,
-                      progress=train.progress, desc="cold-start sft"),
+                      progress=train.progress, desc="cold-start sft", template=train.template,
+                      chat_template_kwargs=train.chat_template_kwargs),
         )
         tmp = sft_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
+        with original_config(dropout):
+            student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         tmp.rename(sft_dir)
         report["sft"] = {"examples": len(rows), "steps": cold.sft_steps,
