@@ -48,8 +48,39 @@ def rollout_seed(seed: int, prompt_id: int, rollout: int) -> int:
     return value & ((1 << 63) - 1)
 
 
+class RolloutNoise:
+    """Uniform noise [rows, V] for each sampling step, from each rollout's own generator.
+
+    It is drawn a block of steps at a time (one call per rollout per block, not per token).
+    On the CPU a generator's stream is the same however it is split into calls, so a rollout
+    sees exactly the numbers one call per step would give; the block size depends only on the
+    vocabulary and the length cap, so no rollout depends on the others in its batch.
+    """
+
+    BLOCK_ELEMENTS = 1 << 18
+    """Noise values drawn per rollout per block (1 MiB of float32)."""
+
+    def __init__(self, generators: Sequence[torch.Generator], max_steps: int) -> None:
+        self.generators, self.max_steps = list(generators), max_steps
+        self.block: torch.Tensor | None = None  # [steps, rows, V]
+        self.index = self.drawn = 0
+
+    def next(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The next step's noise, [rows, vocab] on `device`."""
+        if self.block is None or self.index == self.block.shape[0]:
+            steps = max(1, min(self.BLOCK_ELEMENTS // vocab, self.max_steps - self.drawn))
+            self.block = torch.stack(
+                [torch.rand(steps, vocab, generator=g, device=g.device) for g in self.generators],
+                dim=1,
+            ).to(device)
+            self.drawn += steps
+            self.index = 0
+        self.index += 1
+        return self.block[self.index - 1]
+
+
 def sample_next(
-    logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float
+    logits: torch.Tensor, noise: RolloutNoise, temperature: float, top_p: float
 ) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else Gumbel-max over the nucleus."""
     if temperature == 0:
@@ -61,10 +92,8 @@ def sample_next(
         outside = probs.cumsum(-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    uniform = torch.stack(
-        [torch.rand(logits.shape[-1], generator=g, device=g.device) for g in generators]
-    ).to(logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+    uniform = noise.next(logits.shape[-1], logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
     return (logits + gumbel).argmax(-1)
 
 
@@ -127,10 +156,11 @@ def _sample_batch(
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **options).logits[:, -1]
     eos = torch.tensor(sorted(eos_ids), device=device)
     finished = torch.zeros(len(prompt_rows), dtype=torch.bool, device=device)
+    noise = RolloutNoise(generators, max_new_tokens)
     tokens: list[torch.Tensor] = []
     next_position = position[:, -1:] + 1
     for _ in range(max_new_tokens):
-        token = sample_next(logits, generators, temperature, top_p)
+        token = sample_next(logits, noise, temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
