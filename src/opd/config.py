@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from opd.data.prompts import check_template
 from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
@@ -117,6 +118,7 @@ class TrainConfig(Config):
     progress: bool = setting(True, "Show a progress bar.")
 
     def check(self) -> None:
+        check_template(self.template, "template")
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.outcome_weight and self.rollouts_per_prompt < 2:

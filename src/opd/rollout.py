@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from opd.data.prompts import PromptRecord, render_prompt
+from opd.errors import OPDError
+
 MIX = 0x9E3779B97F4A7C15
 
 
@@ -159,6 +162,27 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | Non
     if max_prompt_tokens is not None:
         encoded = [e[-max_prompt_tokens:] for e in encoded]
     return encoded
+
+
+def check_prompts(records: Sequence[PromptRecord], tokenizer, template: str | None, *, who: str,
+                  limit: int | None = None, limit_name: str = "", fix: str = "") -> None:
+    """Render every prompt as `who` (e.g. "the student's tokenizer") will see it, and, with a
+    `limit`, check that it fits: the first row that cannot be rendered, or is longer than
+    `limit` tokens, is named with the fix. Longer prompts are refused rather than cut."""
+    texts = []
+    for record in records:
+        try:
+            texts.append(render_prompt(record.messages, tokenizer, template))
+        except OPDError as err:
+            raise OPDError(f"{record.source or 'prompts'}: with {who}, {err}") from None
+    if limit is None or not texts:
+        return
+    for start in range(0, len(texts), 1024):
+        chunk = slice(start, start + 1024)
+        for record, ids in zip(records[chunk], encode_prompts(tokenizer, texts[chunk]), strict=True):
+            if len(ids) > limit:
+                raise OPDError(f"{record.source or 'prompts'}: the prompt is {len(ids)} tokens "
+                               f"with {who}, more than {limit_name} ({limit}); {fix}")
 
 
 def generate_rollouts(
