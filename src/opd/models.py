@@ -57,11 +57,19 @@ def _describe_missing(role: str, path: str, err: Exception) -> OPDError:
     )
 
 
+def _looks_local(path: str) -> bool:
+    """A path no hub id can be (hub ids are `name` or `owner/name`)."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path
+
+
 def _local_folder(path: str, role: str) -> Path | None:
     """The local folder `path` names (None: not on disk, so a hub id); a file or an empty
     folder is refused."""
     folder = Path(path).expanduser()
     if not folder.exists():
+        if _looks_local(path):
+            raise OPDError(f"{role}: there is no folder {path!r}; give the path of a model folder "
+                           "(made by save_pretrained) or a hub id")
         return None
     if not folder.is_dir():
         raise OPDError(f"{role}: {path!r} is a file, not a model folder; give the folder "
@@ -138,24 +146,23 @@ def check_model_folder(path: str, role: str, *, model: bool = True, tokenizer: b
     if folder is None:
         return
     files = {name: _read_json(folder / name, role) for name in JSON_FILES}
+    config = files["config.json"]
+    known = config is not None and config.get("model_type") in CONFIG_MAPPING
+    if config is not None and not known and config.get("auto_map") and not trust_remote_code:
+        raise _remote_code(role, path, "config.json", f"model_type {config.get('model_type')!r} of")
     if model:
-        config = files["config.json"]
         if config is None and files["adapter_config.json"] is None:
             raise OPDError(f"{role}: {folder / 'config.json'} is missing, so {path!r} is not a "
                            f"complete model folder; {SAVE_HINT}")
         if config is not None:
-            model_type, auto_map = config.get("model_type"), config.get("auto_map") or {}
-            if model_type not in CONFIG_MAPPING:
-                if auto_map:
-                    if not trust_remote_code:
-                        raise _remote_code(role, path, "config.json", f"model_type {model_type!r} of")
-                elif model_type is None:
+            model_type = config.get("model_type")
+            if not known and not config.get("auto_map"):
+                if model_type is None:
                     raise OPDError(f"{role}: {folder / 'config.json'} has no model_type, so it is "
                                    f"not a transformers model config; {SAVE_HINT}")
-                else:
-                    raise OPDError(f"{role}: {folder / 'config.json'} names model_type "
-                                   f"{model_type!r}, which transformers {transformers.__version__} "
-                                   "does not know; upgrade transformers")
+                raise OPDError(f"{role}: {folder / 'config.json'} names model_type "
+                               f"{model_type!r}, which transformers {transformers.__version__} "
+                               "does not know; upgrade transformers")
             _check_weights(folder, role)
         elif not any((folder / name).exists() for name in ADAPTER_FILES):
             raise OPDError(f"{role}: no adapter weights in {str(folder)!r} (adapter_model"
@@ -189,15 +196,32 @@ def load_tokenizer(path: str, role: str, trust_remote_code: bool = False):
     if not path:
         raise OPDError(f"{role}: no model given; pass --{role} PATH")
     check_model_folder(path, role, model=False, trust_remote_code=trust_remote_code)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our own line says what is wrong
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _describe_missing(role, path, err) from None
     except Exception as err:  # a tokenizer file transformers cannot use
         raise OPDError(f"{role}: could not load the tokenizer in {path!r}: {one_line(err)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _mismatch(path: str, err: Exception) -> str:
+    """The first tensor whose shape differs between the weights and the config (transformers
+    only says so in a report table), or the error itself."""
+    try:
+        _, info = AutoModelForCausalLM.from_pretrained(
+            path, ignore_mismatched_sizes=True, output_loading_info=True, dtype=torch.float32)
+        key, stored, expected = sorted(info["mismatched_keys"])[0]
+        return (f"{key} is {list(stored)} in the weights but {list(expected)} by config.json, and "
+                f"{len(info['mismatched_keys']) - 1} more")
+    except Exception:
+        return one_line(err, 160)
 
 
 def load_model(
@@ -227,7 +251,7 @@ def load_model(
         raise _describe_missing(role, path, err) from None
     except Exception as err:  # e.g. weights whose shapes do not match config.json
         raise OPDError(f"{role}: the weights in {path!r} do not fit its config.json "
-                       f"({one_line(err, 160)}); copy the folder again or {SAVE_HINT}") from None
+                       f"({_mismatch(path, err)}); copy the folder again or {SAVE_HINT}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or ())

@@ -142,11 +142,11 @@ def check_run_folder(run_folder: str | Path) -> list[dict[str, Any]]:
 def check_compare_path(path: str | Path) -> None:
     """`--compare FILE`: a figure name in a folder that can be made and written."""
     path = Path(path)
-    if path.suffix.lower() not in FIGURE_SUFFIXES:
-        raise OPDError(f"--compare: {str(path)!r} must name a {'/'.join(FIGURE_SUFFIXES)} figure")
     if path.is_dir():
         raise OPDError(f"--compare: {str(path)!r} is a folder; give a file name such as "
                        f"{path / 'compare.png'}")
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise OPDError(f"--compare: {str(path)!r} must name a {'/'.join(FIGURE_SUFFIXES)} figure")
     check_output_folder(path.parent, "compare")
 
 

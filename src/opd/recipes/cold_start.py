@@ -122,6 +122,14 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
     teacher_tok = load_tokenizer(train.teacher, "teacher", train.trust_remote_code)
     check_same_vocabulary(student_tok, teacher_tok, train.student, train.teacher)
+    data_path, sft_dir = out / "teacher_data.jsonl", out / "sft"
+    common = dict(dtype=train.dtype, trust_remote_code=train.trust_remote_code)
+    # The models of the stages still to run are loaded now, so that weights which cannot be
+    # used stop the recipe before its folder exists; the others are only looked at.
+    teacher = (load_model(train.teacher, "teacher", trainable=False, **common)
+               if not data_path.exists() else None)
+    student = (load_model(train.student, "student", trainable=True, **common)
+               if not (sft_dir / "config.json").exists() else None)
     for path, role in ((train.student, "student"), (train.teacher, "teacher")):
         check_model_folder(path, role, tokenizer=False, trust_remote_code=train.trust_remote_code)
     check_prompts(records, teacher_tok, None, who="the teacher's rendering",
@@ -131,11 +139,8 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
     report: dict[str, Any] = _read_report(report_path)
     out.mkdir(parents=True, exist_ok=True)
 
-    data_path = out / "teacher_data.jsonl"
-    if not data_path.exists():
+    if teacher is not None:
         start = time.perf_counter()
-        teacher = load_model(train.teacher, "teacher", trainable=False, dtype=train.dtype,
-                             trust_remote_code=train.trust_remote_code)
         rows = generate_teacher_data(
             teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
@@ -151,11 +156,8 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         }
     rows = read_jsonl(data_path)
 
-    sft_dir = out / "sft"
-    if not (sft_dir / "config.json").exists():
+    if student is not None:
         start = time.perf_counter()
-        student = load_model(train.student, "student", trainable=True, dtype=train.dtype,
-                             trust_remote_code=train.trust_remote_code)
         losses = train_sft(
             student, student_tok, [(r["messages"], r["response"]) for r in rows],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,

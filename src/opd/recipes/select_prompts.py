@@ -190,8 +190,8 @@ def _check_distinct_ids(records: Sequence[PromptRecord], others: Sequence[Prompt
         if record.meta.get("id") is not None:
             key = json.dumps(record.meta["id"], sort_keys=True, default=str)
             if key in ids:
-                raise OPDError(f"other_prompts: {record.source} has the id {key} of a candidate "
-                               "in --prompts; give the two files distinct ids")
+                raise OPDError(f"{record.source} has the id {key} of a candidate in --prompts; "
+                               "give the two files distinct ids")
 
 
 def _candidates(config: SelectConfig) -> tuple[list[int], list[PromptRecord]]:
