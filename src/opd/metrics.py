@@ -114,11 +114,15 @@ def append(run_folder: str | Path, record: dict[str, Any]) -> None:
         raise KeyError(f"metrics: undeclared keys {sorted(unknown)}; declare them in opd.metrics")
     path = Path(run_folder) / METRICS_FILE
     try:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        _append_line(path, json.dumps(record) + "\n")
     except OSError as err:
         raise OPDError(f"metrics: could not append step {record.get(STEP)} to {path} "
                        f"({err.strerror or err}); free space, then run again with --resume") from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
 
 
 def read(run_folder: str | Path) -> list[dict[str, Any]]:
