@@ -56,7 +56,8 @@ class TrainConfig(Config):
                                        minimum=1)
     max_new_tokens: int = setting(7168, "Response length cap; a response hitting it counts as "
                                   "truncated.", minimum=1)
-    max_prompt_tokens: int = setting(1024, "Longer prompts keep their last tokens.", minimum=1)
+    max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
+                                     "front with its row named, never cut.", minimum=1)
     temperature: float = setting(1.0, "Rollout sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "

@@ -203,7 +203,8 @@ def generate_rollouts(
     are (e.g. a prompt followed by the first tokens of another model's response).
 
     `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
-    than `max_prompt_tokens` keeps its last tokens.
+    than `max_prompt_tokens` keeps its last tokens (the verbs refuse such prompts up front with
+    `check_prompts`, so this only guards callers that did not check).
     """
     was_training = model.training
     model.eval()
