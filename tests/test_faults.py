@@ -4,15 +4,16 @@ with exactly the metrics of the uninterrupted run; no checkpoint counts as compl
 its files are; metrics.jsonl never holds a partial line after a resume. Checkpoints hold no
 pickles, and no model's code runs unless asked.
 
-Kills at a chosen point run the loop in a forked child that SIGKILLs itself there (a real kill:
-no `finally`, no flush); the soak test kills `python -m opd train` processes at seeded random
-moments.
+Kills at a chosen point run the loop in a child (forked from a fresh forkserver) that SIGKILLs
+itself there (a real kill: no `finally`, no flush); the soak test kills `python -m opd train`
+processes at seeded random moments.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -43,10 +44,13 @@ SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "ma
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
 
 
+def settings(tiny_pair, out, **overrides) -> dict:
+    return {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
+            "prompts": str(tiny_pair["prompts"]), "out": str(out), **SETTINGS, **overrides}
+
+
 def config(tiny_pair, out, **overrides):
-    return build_config({"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
-                         "prompts": str(tiny_pair["prompts"]), "out": str(out),
-                         **SETTINGS, **overrides})
+    return build_config(settings(tiny_pair, out, **overrides))
 
 
 def cli_args(tiny_pair, out, **overrides):
@@ -155,27 +159,48 @@ def _rmtree_dying_on_old(path, *args, **kwargs):
     return _real_rmtree(path, *args, **kwargs)
 
 
-def run_and_die(arrange: Callable[[], None], run: Callable[[], object]) -> None:
-    """Run `run` in a forked child after `arrange`; the child must end by SIGKILL."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 0
-        try:
-            arrange()
-            run()
-        except BaseException:
-            code = 3
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+MORE_KILLS: dict[str, Callable[[], None]] = {
+    "in the rollouts of step 4": lambda: on_call(opd.train, "generate_rollouts", 4),
+    "while a resume cuts metrics.jsonl back": lambda: on_call(
+        opd.metrics, "write_jsonl_atomic", 1, before=lambda path, rows: (list(rows), die())),
+}
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def _killed_run(point: str, values: dict, resume: bool, threads: int) -> None:
+    """A child's body: arrange to die at `point`, then train (the kill ends it), with the
+    parent's thread count (another count sums floats in another order)."""
+    torch.set_num_threads(threads)
+    {**KILL_POINTS, **MORE_KILLS}[point]()
+    run_training(build_config(values), resume=resume)
+
+
+@pytest.fixture(scope="module")
+def children():
+    """Children forked from a fresh server that has only imported this module: a fork of the
+    test process itself could inherit held locks and thread pools from earlier tests."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def run_and_die(children, point: str, values: dict, resume: bool = False) -> None:
+    """Train in a child that SIGKILLs itself at `point`; it must end by that signal."""
+    process = children.Process(target=_killed_run,
+                               args=(point, values, resume, torch.get_num_threads()))
+    process.start()
+    process.join(timeout=180)
+    if process.is_alive():
+        process.kill()
+        pytest.fail(f"the child did not reach {point!r}")
+    assert process.exitcode == -signal.SIGKILL, process.exitcode
+
+
 @pytest.mark.parametrize("point", list(KILL_POINTS))
-def test_a_kill_at_any_point_resumes_to_the_uninterrupted_metrics(tiny_pair, tmp_path, reference, point):
+def test_a_kill_at_any_point_resumes_to_the_uninterrupted_metrics(tiny_pair, tmp_path, reference,
+                                                                  children, point):
     overrides = {"eval_prompts": str(tiny_pair["prompts"]), "eval_temperature": 0.0}
     out = tmp_path / "run"
-    run_and_die(KILL_POINTS[point], lambda: run_training(config(tiny_pair, out, **overrides)))
+    run_and_die(children, point, settings(tiny_pair, out, **overrides))
     if "metrics line" in point:  # the kill really left half a line
         assert not (out / M.METRICS_FILE).read_text().endswith("\n")
     run_training(config(tiny_pair, out, **overrides), resume=True)
@@ -183,14 +208,12 @@ def test_a_kill_at_any_point_resumes_to_the_uninterrupted_metrics(tiny_pair, tmp
     assert_clean(out)
 
 
-def test_a_kill_while_resuming_loses_nothing(tiny_pair, tmp_path, reference):
+def test_a_kill_while_resuming_loses_nothing(tiny_pair, tmp_path, reference, children):
     """Killed once mid-run, then again while the resume cuts metrics.jsonl back."""
     out = tmp_path / "run"
-    run_and_die(lambda: on_call(opd.train, "generate_rollouts", 4),
-                lambda: run_training(config(tiny_pair, out)))
-    run_and_die(lambda: on_call(opd.metrics, "write_jsonl_atomic", 1,
-                                before=lambda path, rows: (list(rows), die())),
-                lambda: run_training(config(tiny_pair, out), resume=True))
+    run_and_die(children, "in the rollouts of step 4", settings(tiny_pair, out))
+    run_and_die(children, "while a resume cuts metrics.jsonl back", settings(tiny_pair, out),
+                resume=True)
     assert [r[M.STEP] for r in M.read(out)] == [1, 2, 3]  # untouched by the killed resume
     run_training(config(tiny_pair, out), resume=True)
     assert metrics_of(out) == reference()
@@ -417,8 +440,9 @@ def test_soak_random_kills_end_in_the_uninterrupted_metrics(tiny_pair, tmp_path,
     rng = random.Random(14)
     out = tmp_path / "soak"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(Path(opd.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    kills, resumes, deadline = 0, 0, time.monotonic() + 150
+        [str(Path(opd.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as the reference run here
+    kills, resumes, deadline = 0, 0, time.monotonic() + 600  # a guard against a hang
     landed: list[str] = []
     while True:
         resume = ["--resume"] if out.exists() else []
