@@ -82,7 +82,8 @@ def _read_parquet(path: Path, field: str) -> list[Any]:
     try:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as err:
-        head = path.read_bytes()[:1].strip() if path.stat().st_size else b""
+        with path.open("rb") as handle:
+            head = handle.read(64).lstrip()[:1]
         hint = ("it looks like JSON text: name it .jsonl" if head in (b"{", b"[")
                 else "the file is cut short or not parquet: write it again")
         raise OPDError(f"{field}: {path} is not a readable parquet file ({one_line(err, 100)}); "
