@@ -253,6 +253,20 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tiny_pair, tmp_path, referen
     assert_clean(out)
 
 
+def test_a_run_whose_only_checkpoint_is_damaged_is_not_started_over(tiny_pair, tmp_path, capsys):
+    """Resuming from step 0 would drop the run's metrics: refuse in one line instead."""
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # checkpoint 2 written, step 3 logged
+        run_training(config(tiny_pair, out), hooks=[KillAt(4)])
+    DAMAGES["manifest.json missing"](out / "checkpoints" / "step-000002")
+    before = (out / M.METRICS_FILE).read_text()
+    capsys.readouterr()
+    assert main([*cli_args(tiny_pair, out), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no complete checkpoint" in err and "step-000002" in err
+    assert (out / M.METRICS_FILE).read_text() == before
+
+
 def test_a_checkpoint_damaged_without_changing_sizes_is_named(tiny_pair, tmp_path, reference, capsys):
     """Same size, other bytes: the manifest cannot see it, loading does; one line says which
     file and how to go back one checkpoint."""

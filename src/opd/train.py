@@ -154,10 +154,15 @@ class Trainer:
         if not resume:
             return None
         last = checkpoints[-1] if checkpoints else None
+        if last is None and damaged:
+            folder, problem = damaged[-1]
+            raise OPDError(
+                f"--resume: no complete checkpoint in {str(self.out)!r} ({folder.name}: "
+                f"{problem}); restore it, or delete {folder.parent} to start the run over "
+                "(nothing was changed)")
         for folder, problem in damaged:
-            if last is None or folder.name > last.name:
-                start = f"from {last.name}" if last else "from step 0"
-                tqdm.write(f"opd: {folder} is incomplete ({problem}); resuming {start}")
+            if folder.name > last.name:
+                tqdm.write(f"opd: {folder} is incomplete ({problem}); resuming from {last.name}")
         if last is None:
             return None
         saved = checkpoint_settings(last)
