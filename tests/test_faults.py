@@ -20,12 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import opd
 import opd.checkpoints
@@ -170,6 +172,7 @@ def _killed_run(point: str, values: dict, resume: bool, threads: int) -> None:
     """A child's body: arrange to die at `point`, then train (the kill ends it), with the
     parent's thread count (another count sums floats in another order)."""
     torch.set_num_threads(threads)
+    tqdm.set_lock(threading.RLock())  # not a named semaphore, which a killed child leaks
     {**KILL_POINTS, **MORE_KILLS}[point]()
     run_training(build_config(values), resume=resume)
 
