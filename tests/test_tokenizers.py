@@ -21,6 +21,7 @@ import torch
 from opd import metrics as M
 from opd.config import build_config
 from opd.data.prompts import render_prompt
+from opd.errors import OPDError
 from opd.models import load_model, load_tokenizer
 from opd.rollout import encode_prompts, generate_rollouts, stop_token_ids
 from opd.settings import parse_set
@@ -67,17 +68,21 @@ def config_for(student, teacher, prompts, out, **overrides):
 def test_the_prompt_is_the_tokenizers_own_chat_encoding_with_one_bos(style, tmp_path):
     folder = save_style(tmp_path / style, style, seed=1)
     tokenizer = load_tokenizer(str(folder), "student")
-    text = render_prompt(SYSTEM, tokenizer)
-    (ids,) = encode_prompts(tokenizer, [text])
     bos = tokenizer.bos_token_id
     if tokenizer.chat_template:
+        text = render_prompt(SYSTEM, tokenizer)
+        (ids,) = encode_prompts(tokenizer, [text])
         own = tokenizer.apply_chat_template(SYSTEM, add_generation_prompt=True, tokenize=True,
                                             return_dict=False)
         assert ids == own
-    else:  # GPT-2: the contents as plain text, after BOS (GPT-2's <|endoftext|>)
-        assert text == "You are a careful calculator.\nWhat is 3 plus 4?"
+        assert "You are a careful calculator." in tokenizer.decode(ids)
+    else:  # GPT-2: a conversation needs a template; one user message is its plain text
+        with pytest.raises(OPDError, match="needs a chat template"):
+            render_prompt(SYSTEM, tokenizer)
+        text = render_prompt(SYSTEM[1:], tokenizer)
+        (ids,) = encode_prompts(tokenizer, [text])
+        assert text == "What is 3 plus 4?"
         assert ids == [bos, *tokenizer(text, add_special_tokens=False)["input_ids"]]
-    assert "You are a careful calculator." in tokenizer.decode(ids)
     if bos is None:
         assert STYLES[style].tokens.get("bos_token") is None
     else:
@@ -137,7 +142,9 @@ def check_rows(rollouts, tokenizer, stops, max_new_tokens):
 def test_one_step_against_a_twin_masks_each_response_and_is_ideal(style, prompts, tmp_path):
     student = save_style(tmp_path / "student", style, seed=1)
     teacher = shutil.copytree(student, tmp_path / "teacher")
-    config = config_for(student, teacher, prompts, tmp_path / "run")
+    # A tokenizer without a chat template (GPT-2) renders a conversation only through a template.
+    plain = {} if STYLES[style].template else {"template": "{prompt}"}
+    config = config_for(student, teacher, prompts, tmp_path / "run", **plain)
     trainer = Trainer(config)
     tokenizer = trainer.models.tokenizer
     turn_end = tokenizer.convert_tokens_to_ids(STYLES[style].turn_end)

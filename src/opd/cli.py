@@ -16,7 +16,7 @@ from typing import Any
 from opd import settings
 from opd.config import PROFILES, TrainConfig
 from opd.diagnose import cli as diagnose_cli
-from opd.errors import OPDError
+from opd.errors import OPDError, one_line
 from opd.evaluate import EvalConfig
 from opd.lab import cli as lab_cli
 from opd.recipes import cli as recipes_cli
@@ -50,16 +50,17 @@ def cmd_eval(config: EvalConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from opd import metrics as M
-    from opd.report import plot_curves, write_run_report
+    from opd.report import check_compare_path, check_run_folder, plot_curves, write_run_report
 
-    for run in args.runs:
-        if not (Path(run) / M.METRICS_FILE).exists():
-            raise OPDError(f"report: {run!r} is not a run folder (no {M.METRICS_FILE} in it)")
+    runs = {run: check_run_folder(run) for run in args.runs}  # every input, before any output
+    if args.compare:
+        check_compare_path(args.compare)
     for run in args.runs:
         print(write_run_report(run))
     if args.compare:
-        print(plot_curves({Path(r).name: M.read(r) for r in args.runs}, Path(args.compare)))
+        Path(args.compare).parent.mkdir(parents=True, exist_ok=True)
+        print(plot_curves({Path(r).name: records for r, records in runs.items()},
+                          Path(args.compare)))
     return 0
 
 
@@ -107,15 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         print("Settings (YAML keys, --set key=value, or --flag):\n"
               + settings.describe(args.config_class))
         return 0
+    verb = " ".join(v for v in (args.verb, getattr(args, "lab_verb", None)) if v)
     try:
         if hasattr(args, "func"):
             return args.func(args)
         return args.run(settings.config_of(args), args)
     except OPDError as err:
-        print(f"opd {args.verb}: error: {err}", file=sys.stderr)
+        print(f"opd {verb}: error: {one_line(err, 1000)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk or the file system, wherever no nearer check named it
+        where = f"{err.filename}: " if err.filename else ""
+        again = " (with --resume)" if hasattr(args, "resume") else ""
+        print(f"opd {verb}: error: {where}{err.strerror or one_line(err)}; free space or fix "
+              f"permissions, then run again{again}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"opd {args.verb}: interrupted; `--resume` continues from the last checkpoint",
+        print(f"opd {verb}: interrupted; `--resume` continues from the last checkpoint",
               file=sys.stderr)
         return 130
 

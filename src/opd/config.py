@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from opd.data.prompts import check_template
 from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
@@ -57,7 +58,8 @@ class TrainConfig(Config):
                                        minimum=1)
     max_new_tokens: int = setting(7168, "Response length cap; a response hitting it counts as "
                                   "truncated.", minimum=1)
-    max_prompt_tokens: int = setting(1024, "Longer prompts keep their last tokens.", minimum=1)
+    max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
+                                     "front with its row named, never cut.", minimum=1)
     temperature: float = setting(1.0, "Rollout sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
@@ -128,6 +130,7 @@ class TrainConfig(Config):
     progress: bool = setting(True, "Show a progress bar.")
 
     def check(self) -> None:
+        check_template(self.template, "template")
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.outcome_weight and self.rollouts_per_prompt < 2:

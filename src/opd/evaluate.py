@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from opd.data.prompts import PromptRecord, render_prompt, require_answers
+from opd.data.prompts import PromptRecord, check_template, render_prompt, require_answers
 from opd.rollout import generate_rollouts
 from opd.settings import Config, setting
 from opd.verify import VERIFIERS, get_verifier
@@ -32,6 +32,11 @@ class EvalConfig(Config):
         factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
         "false}.")
     seed: int = setting(0, "Seed of the samples.")
+    trust_remote_code: bool = setting(False, "Allow model code from the model folder (off "
+                                      "unless asked).")
+
+    def check(self) -> None:
+        check_template(self.template, "template")
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,20 @@ def evaluate(
 def run_eval(config: EvalConfig) -> dict[str, object]:
     """`opd eval`: the model's avg@n on the prompt file, as a JSON-ready summary."""
     from opd.data.prompts import load_prompts
-    from opd.models import load_model, load_tokenizer
+    from opd.models import context_window, load_model, load_tokenizer
+    from opd.rollout import check_prompts
 
-    tokenizer = load_tokenizer(config.model, "model")
-    model = load_model(config.model, "model", trainable=False)
+    records = load_prompts(config.prompts)
+    require_answers(records, "prompts", "evaluation")
+    tokenizer = load_tokenizer(config.model, "model", config.trust_remote_code)
+    model = load_model(config.model, "model", trainable=False,
+                       trust_remote_code=config.trust_remote_code)
+    check_prompts(records, tokenizer, config.template, who="the model's rendering",
+                  limit=context_window(config.model), limit_name="the model's context window",
+                  fix="shorten or remove the row",
+                  chat_template_kwargs=config.chat_template_kwargs)
     result = evaluate(
-        model, tokenizer, load_prompts(config.prompts), n=config.n,
+        model, tokenizer, records, n=config.n,
         temperature=config.temperature, top_p=config.top_p,
         max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,

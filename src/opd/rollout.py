@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from opd.data.prompts import PromptRecord, render_prompt
+from opd.errors import OPDError
+
 MIX = 0x9E3779B97F4A7C15
 
 
@@ -202,6 +205,28 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | Non
     return encoded
 
 
+def check_prompts(records: Sequence[PromptRecord], tokenizer, template: str | None, *, who: str,
+                  limit: int | None = None, limit_name: str = "", fix: str = "",
+                  chat_template_kwargs: dict | None = None) -> None:
+    """Render every prompt as `who` (e.g. "the student's tokenizer") will see it, and, with a
+    `limit`, check that it fits: the first row that cannot be rendered, or is longer than
+    `limit` tokens, is named with the fix. Longer prompts are refused rather than cut."""
+    texts = []
+    for record in records:
+        try:
+            texts.append(render_prompt(record.messages, tokenizer, template, chat_template_kwargs))
+        except OPDError as err:
+            raise OPDError(f"{record.source or 'prompts'}: with {who}, {err}") from None
+    if limit is None or not texts:
+        return
+    for start in range(0, len(texts), 1024):
+        chunk = slice(start, start + 1024)
+        for record, ids in zip(records[chunk], encode_prompts(tokenizer, texts[chunk]), strict=True):
+            if len(ids) > limit:
+                raise OPDError(f"{record.source or 'prompts'}: the prompt is {len(ids)} tokens "
+                               f"with {who}, more than {limit_name} ({limit}); {fix}")
+
+
 def generate_rollouts(
     model: torch.nn.Module,
     tokenizer,
@@ -220,7 +245,8 @@ def generate_rollouts(
     are (e.g. a prompt followed by the first tokens of another model's response).
 
     `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
-    than `max_prompt_tokens` keeps its last tokens.
+    than `max_prompt_tokens` keeps its last tokens (the verbs refuse such prompts up front with
+    `check_prompts`, so this only guards callers that did not check).
     """
     was_training = model.training
     model.eval()

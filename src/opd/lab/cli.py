@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from opd import settings
+from opd.io import check_output_folder
 from opd.lab.demo import DEMO_PROFILES, print_demo, run_demo
 from opd.lab.zoo import PROFILES, build_zoo
 from opd.settings import Config, setting
@@ -39,6 +40,7 @@ def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    check_output_folder(config.root, "root")
     root = Path(config.root) / config.profile
     zoo = build_zoo(root, config.profile, progress=True)
     table = Table(title=f"zoo ({config.profile}) in {root}")
