@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.data.prompts import PromptRecord, render_prompt, require_answers
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    PromptRecord,
+    render_prompt,
+    require_answers,
+)
 from opd.rollout import generate_rollouts
 from opd.settings import Config, setting
 from opd.verify import VERIFIERS, get_verifier
@@ -18,7 +26,12 @@ class EvalConfig(Config):
     """Settings of `opd eval`."""
 
     model: str = setting("", "Model folder (or hub id) to evaluate.")
-    prompts: str = setting("", "Prompt file with an 'answer' per row.")
+    prompts: str = setting("", "Prompt file, save_to_disk folder or hub dataset id with an "
+                           "'answer' per row.")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     n: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
     temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Nucleus threshold.", above=0, maximum=1)
@@ -81,13 +94,13 @@ def evaluate(
 
 def run_eval(config: EvalConfig) -> dict[str, object]:
     """`opd eval`: the model's avg@n on the prompt file, as a JSON-ready summary."""
-    from opd.data.prompts import load_prompts
+    from opd.data.prompts import load_prompts, source_of
     from opd.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model, "model")
     model = load_model(config.model, "model", trainable=False)
     result = evaluate(
-        model, tokenizer, load_prompts(config.prompts), n=config.n,
+        model, tokenizer, load_prompts(config.prompts, **source_of(config)), n=config.n,
         temperature=config.temperature, top_p=config.top_p,
         max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from opd import metrics as M
 from opd.checkpoints import checkpoint_step, complete_checkpoints, load_checkpoint, save_checkpoint
 from opd.config import TrainConfig
-from opd.data.prompts import load_prompts, render_prompt, require_answers
+from opd.data.prompts import load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import write_text_atomic
@@ -44,9 +44,10 @@ from opd.scoring import ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
 from opd.verify import get_verifier
 
-RESUME_MUST_MATCH = ("student", "teacher", "prompts", "seed", "prompts_per_step",
-                     "rollouts_per_prompt", "objective")
-"""Settings a resumed run must share with the run it continues."""
+RESUME_MUST_MATCH = ("student", "teacher", "prompts", "split", "prompt_field", "messages_field",
+                     "answer_field", "seed", "prompts_per_step", "rollouts_per_prompt", "objective")
+"""Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
+an older opd, counts as its default)."""
 
 
 def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
@@ -72,10 +73,11 @@ class Trainer:
         self.out = Path(config.out)
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
-        self.records = load_prompts(config.prompts)
+        self.records = load_prompts(config.prompts, **source_of(config))
         if config.outcome_weight:
             require_answers(self.records, "prompts", "outcome_weight > 0")
-        self.eval_records = load_prompts(config.eval_prompts) if config.eval_prompts else []
+        self.eval_records = (load_prompts(config.eval_prompts, **source_of(config, "eval_split"))
+                             if config.eval_prompts else [])
         if self.eval_records:
             require_answers(self.eval_records, "eval_prompts", "evaluation")
         if config.prompts_per_step % self.procs.world:
@@ -115,7 +117,8 @@ class Trainer:
         settings = to_dict(self.config)
         if resume and checkpoints:
             saved = yaml.safe_load((self.out / "config.yaml").read_text())
-            changed = {k for k in RESUME_MUST_MATCH if saved.get(k) != settings[k]}
+            defaults = to_dict(TrainConfig())
+            changed = {k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != settings[k]}
             if changed:
                 raise OPDError(
                     f"--resume: the run in {str(self.out)!r} was started with other values of "

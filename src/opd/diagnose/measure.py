@@ -23,7 +23,16 @@ import torch
 from tqdm.auto import tqdm
 
 from opd import metrics as M
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    PromptRecord,
+    load_prompts,
+    render_prompt,
+    source_of,
+)
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures, topk_mass
@@ -41,8 +50,13 @@ class DiagnoseConfig(Config):
 
     student: str = setting("", "Student model folder (or hub id).")
     teacher: str = setting("", "Teacher model folder (or hub id).")
-    prompts: str = setting("", "The prompt file you plan to train on (.jsonl or .parquet); an "
-                           "'answer' per row enables the accuracy checks.")
+    prompts: str = setting("", "The prompts you plan to train on (.jsonl / .parquet, a "
+                           "save_to_disk folder or a hub dataset id); an 'answer' per row enables "
+                           "the accuracy checks.")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
     teacher2: str | None = setting(None, "A second teacher: measured the same way, and compared "
                                    "with the first.")
@@ -126,7 +140,7 @@ def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
     if not config.prompts:
         raise OPDError("prompts: no prompt file given; pass --prompts FILE (the prompts you plan "
                        "to train on)")
-    records = load_prompts(config.prompts)
+    records = load_prompts(config.prompts, **source_of(config))
     if config.num_prompts < len(records):
         records = random.Random(config.seed).sample(records, config.num_prompts)
     return records

@@ -24,7 +24,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from opd.config import ColdStartConfig, TrainConfig
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
@@ -98,7 +98,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
     data_path = out / "teacher_data.jsonl"
     if not data_path.exists():
         start = time.perf_counter()
-        records = load_prompts(cold.prompts or train.prompts)
+        records = load_prompts(cold.prompts or train.prompts, **source_of(train))
         teacher = load_model(train.teacher, "teacher", trainable=False, dtype=train.dtype,
                              trust_remote_code=train.trust_remote_code)
         rows = generate_teacher_data(
