@@ -60,7 +60,7 @@ def test_a_missing_column_names_the_columns_that_exist(saved, tmp_path):
     with pytest.raises(OPDError, match="no column 'final' \\(answer_field\\); its columns are"):
         load_prompts(saved["single"], prompt_field="question", answer_field="final")
     # With the default names, the row error names the row's columns.
-    with pytest.raises(OPDError, match="no 'prompt' or 'messages' field.*'question', 'solution'"):
+    with pytest.raises(OPDError, match=r"no 'prompt' or 'messages' field.*'question', 'solution'"):
         load_prompts(saved["single"])
     # The same mapping applies to jsonl files.
     jsonl = tmp_path / "p.jsonl"
@@ -96,7 +96,7 @@ def test_a_name_that_is_no_path_is_tried_on_the_hub(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(OPDError, match="loading it as a hub dataset failed \\(no network\\)"):
         load_prompts("someone/tiny-sums")
-    with pytest.raises(OPDError, match="file 'missing.jsonl' does not exist"):
+    with pytest.raises(OPDError, match=r"file 'missing\.jsonl' does not exist"):
         load_prompts("missing.jsonl")
 
 
