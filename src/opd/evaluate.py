@@ -97,6 +97,7 @@ def run_eval(config: EvalConfig) -> dict[str, object]:
     from opd.data.prompts import load_prompts, source_of
     from opd.models import load_model, load_tokenizer
 
+    get_verifier(config.verifier)
     tokenizer = load_tokenizer(config.model, "model")
     model = load_model(config.model, "model", trainable=False)
     result = evaluate(

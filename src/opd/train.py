@@ -71,6 +71,7 @@ class Trainer:
         self.hooks = list(hooks)
         self.procs = Processes()
         self.out = Path(config.out)
+        self.verify = get_verifier(config.verifier)
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
         self.records = load_prompts(config.prompts, **source_of(config))
@@ -90,7 +91,6 @@ class Trainer:
         self.models = load_training_models(
             config, self.procs.device, str(checkpoint) if checkpoint else config.student
         )
-        self.verify = get_verifier(config.verifier)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,

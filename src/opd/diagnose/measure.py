@@ -496,6 +496,7 @@ def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
     """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict."""
     start = time.perf_counter()
     times: dict[str, float] = {}
+    get_verifier(config.verifier)
     records = _sample_records(config)
     stages = 2 + 3 * (1 + bool(config.teacher2))
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)

@@ -89,6 +89,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
                        "continue it or choose a new --out (nothing was changed)")
     if not train.teacher:
         raise OPDError("teacher: cold start needs a teacher; pass --teacher PATH")
+    get_verifier(train.verifier)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {}
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
