@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from opd.cards import CARD_FILE
+
 STATE_FILE = "trainer_state.json"
 
 
@@ -44,9 +46,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int
+    out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
+    card: str | None = None,
 ) -> Path:
-    """Write everything to `step-N.tmp`, then rename; keep the newest `keep` checkpoints."""
+    """Write everything (and the model card `card` as README.md) to `step-N.tmp`, then rename;
+    keep the newest `keep` checkpoints."""
     final = checkpoint_dir(out, step)
     tmp = final.with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -57,6 +61,8 @@ def save_checkpoint(
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    if card is not None:
+        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in complete_checkpoints(out)[:-keep]:

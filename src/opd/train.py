@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from opd import metrics as M
+from opd.cards import model_card
 from opd.checkpoints import checkpoint_step, complete_checkpoints, load_checkpoint, save_checkpoint
 from opd.config import TrainConfig
 from opd.data.prompts import load_prompts, render_prompt, require_answers, source_of
@@ -103,6 +104,7 @@ class Trainer:
         self.student_head = output_head(self.models.student)
         self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
+        self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
     def _prepare_run_folder(self, resume: bool) -> Path | None:
@@ -292,17 +294,22 @@ class Trainer:
                 seed=cfg.seed,
             )
             accuracy[0] = result.accuracy
-        return float(self.procs.sum(accuracy)[0])
+        self.latest_accuracy = float(self.procs.sum(accuracy)[0])
+        return self.latest_accuracy
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, record: dict[str, Any] | None = None) -> None:
+        """A checkpoint folder with its model card (the measures of `record`, the step's)."""
         self.procs.barrier()
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
+            card = model_card(self.config, step=step, record=record,
+                              initial_accuracy=self.state.get("initial_accuracy"),
+                              accuracy=self.latest_accuracy)
             save_checkpoint(
                 self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
                 self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
-                self.config.keep_checkpoints,
+                self.config.keep_checkpoints, card=card,
             )
         self.procs.barrier()
 
@@ -337,7 +344,7 @@ class Trainer:
             if stop:
                 stopped_by = step
             if step % config.save_every == 0 or last or stop:
-                self.checkpoint(step)
+                self.checkpoint(step, record)
             if stop:
                 break
         bar.close()
