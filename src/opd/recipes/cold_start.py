@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
+from opd.hooks import run_hooks
 from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
 from opd.models import check_same_vocabulary, load_model, load_tokenizer
-from opd.report import ReportHook
 from opd.rollout import generate_rollouts
 from opd.runtime import StepHook
 from opd.sft import SFTConfig, train_sft
+from opd.trackers import require as require_trackers
 from opd.train import run_training
 from opd.verify import get_verifier
 
@@ -90,6 +91,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
     if not train.teacher:
         raise OPDError("teacher: cold start needs a teacher; pass --teacher PATH")
     get_verifier(train.verifier)
+    require_trackers(train.report_to)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {}
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
@@ -140,8 +142,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
 
     opd_config = dataclasses.replace(train, student=str(sft_dir), out=str(out / "opd"))
     opd_resume = (out / "opd").exists()
-    report["opd"] = run_training(opd_config, resume=opd_resume,
-                                 hooks=[ReportHook(opd_config.out)])
+    report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
                         "opd": str(out / "opd")}
     write_text_atomic(report_path, json.dumps(report, indent=2))
