@@ -92,21 +92,18 @@ def evaluate(
     )
 
 
-def run_eval(config: EvalConfig) -> dict[str, object]:
-    """`opd eval`: the model's avg@n on the prompt file, as a JSON-ready summary."""
+def evaluate_model(config: EvalConfig) -> EvalResult:
+    """`opd eval`: load the model of `config` and measure its avg@n on the prompt set."""
     from opd.data.prompts import load_prompts, source_of
     from opd.models import load_model, load_tokenizer
 
     get_verifier(config.verifier)
+    records = load_prompts(config.prompts, **source_of(config))
+    require_answers(records, "prompts", "evaluation")
     tokenizer = load_tokenizer(config.model, "model")
     model = load_model(config.model, "model", trainable=False)
-    result = evaluate(
-        model, tokenizer, load_prompts(config.prompts, **source_of(config)), n=config.n,
-        temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens, verifier=config.verifier,
+    return evaluate(
+        model, tokenizer, records, n=config.n, temperature=config.temperature,
+        top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
     )
-    return {"model": config.model, "prompts": config.prompts, "accuracy": result.accuracy,
-            "n": result.n, "n_prompts": result.n_prompts,
-            "mean_response_length": result.mean_response_length,
-            "truncation_rate": result.truncation_rate}
