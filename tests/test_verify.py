@@ -3,6 +3,7 @@ boxed answers, fractions against decimals, LaTeX against plain text."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from types import SimpleNamespace
@@ -49,7 +50,7 @@ def test_math_accepts_equal_values_in_any_form_and_rejects_others(math_prompts):
 
 def test_evaluation_with_the_math_verifier(math_prompts, monkeypatch):
     """avg@n through `evaluate`, the model's samples replaced by the responses above."""
-    import opd.evaluate as evaluate_module
+    evaluate_module = importlib.import_module("opd.evaluate")  # the module, not opd.evaluate()
 
     def rollouts(model, tokenizer, texts, *, n, **options):
         texts_out = [t for _, _, right, wrong in MATH for t in (right, wrong)]
