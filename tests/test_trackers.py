@@ -21,6 +21,7 @@ from opd.cli import main
 from opd.config import build_config
 from opd.errors import OPDError
 from opd.report import write_run_report
+from opd.runtime import StepHook
 from opd.trackers import CLASSES, IDS_FILE, require
 
 EDGES = [0, 4, 8, 12]  # position_bins 3 over max_new_tokens 12
@@ -276,3 +277,40 @@ def test_a_tracker_that_is_not_installed_stops_the_run_at_its_start(tiny_pair, t
     assert not (tmp_path / "run").exists()
     with pytest.raises(OPDError, match="report_to must be each one of"):
         build_config({"report_to": "tensorboard,neptune"})
+
+
+class KillAt(StepHook):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, record):
+        if record[M.STEP] == self.step:
+            raise KeyboardInterrupt
+        return False
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tiny_pair, tracker_env):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tracker_env / "run"
+    settings = {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
+                "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 4,
+                "save_every": 2, "prompts_per_step": 2, "rollouts_per_prompt": 2,
+                "max_new_tokens": 6, "lr": 1e-3, "progress": False,
+                "report_to": ["tensorboard", "mlflow"]}
+    with pytest.raises(KeyboardInterrupt):  # step 3 is logged everywhere, the checkpoint is step 2
+        opd.train(settings, hooks=[KillAt(4)])
+    first = json.loads((out / IDS_FILE).read_text())["mlflow"]["run_id"]
+    result = opd.train(settings, resume=True)
+    ids = json.loads((out / IDS_FILE).read_text())["mlflow"]
+    assert ids["run_id"] == first
+    want = {r[M.STEP]: r[M.LOSS] for r in result.metrics()}
+    assert sorted(want) == [1, 2, 3, 4]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars(M.LOSS)]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]  # the killed run's step 3 is purged
+    assert dict(logged) == pytest.approx(want, rel=1e-6)
+    history = MlflowClient(tracking_uri=ids["tracking_uri"]).get_metric_history(first, M.LOSS)
+    assert {m.step: m.value for m in history} == pytest.approx(want)  # the re-run step 3 last
