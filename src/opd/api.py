@@ -22,7 +22,6 @@ the modules of the same names; import from a module with `from opd.train import 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -316,14 +315,14 @@ def cold_start(student: str | None = None, teacher: str | None = None, prompts: 
     """Teacher data → SFT → OPD (`opd cold-start`); the first two stages take the
     `cold_start` settings (`cold_start={"sft_steps": 400}`). Each stage is kept in `out` and
     skipped on `resume` once complete."""
-    from opd.recipes.cold_start import run_cold_start
+    from opd.recipes.cold_start import opd_stage, run_cold_start
 
     values = {"student": student, "teacher": teacher, "prompts": prompts,
               "out": None if out is None else str(out), **settings}
     train_config = _config(TrainConfig, config, values, profile=profile)
     report = run_cold_start(train_config, resume=resume)
     stages = report["stages"]
-    opd_config = dataclasses.replace(train_config, student=stages["sft"], out=stages["opd"])
+    opd_config = opd_stage(train_config)
     return ColdStartResult(Path(train_config.out), Path(stages["teacher_data"]), Path(stages["sft"]),
                            TrainResult.from_summary(opd_config, report["opd"]), report)
 

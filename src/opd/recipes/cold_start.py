@@ -79,6 +79,14 @@ def generate_teacher_data(
     return rows
 
 
+def opd_stage(train: TrainConfig) -> TrainConfig:
+    """The settings of the OPD stage: the run's own, from the fine-tuned student in OUT/sft,
+    into OUT/opd (named `<run>-opd` in the trackers)."""
+    out = Path(train.out)
+    return dataclasses.replace(train, student=str(out / "sft"), out=str(out / "opd"),
+                               run_name=f"{train.run_name or out.resolve().name}-opd")
+
+
 def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """All three stages into `train.out` (settings of the first two in `train.cold_start`);
     returns (and writes) the stage report."""
@@ -140,7 +148,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
                          "seconds": round(time.perf_counter() - start, 1)}
     write_text_atomic(report_path, json.dumps(report, indent=2))
 
-    opd_config = dataclasses.replace(train, student=str(sft_dir), out=str(out / "opd"))
+    opd_config = opd_stage(train)
     opd_resume = (out / "opd").exists()
     report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
