@@ -94,7 +94,7 @@ class TrainResult:
     skipped_steps: int
     alerts: tuple[dict[str, Any], ...]
     """The live monitor's alerts (rule, step, evidence, cause, recipe)."""
-    config: TrainConfig
+    config: TrainConfig = field(repr=False)
     summary: dict[str, Any] = field(repr=False)
     """summary.json as written, plus what the hooks added (final_model, cold_start)."""
 

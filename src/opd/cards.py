@@ -102,7 +102,7 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
     lines = [
         "---", yaml.safe_dump(front_matter(config), sort_keys=False).strip(), "---", "",
         f"# {name}: {what}", "",
-        f"Trained with [opd](https://pypi.org/project/opd/) {__version__}: "
+        f"Trained with opd {__version__}: "
         + ("the student sampled its own responses and the teacher scored every token of them "
            "(on-policy distillation)." if config.distill_weight else
            "the student sampled its own responses and learned from the verifier's reward "
@@ -129,7 +129,8 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
               "model = AutoPeftModelForCausalLM.from_pretrained(folder)" if config.lora_rank else
               "from transformers import AutoModelForCausalLM\n"
               "model = AutoModelForCausalLM.from_pretrained(folder)")
-    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer", loader,
+    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer", loader.split("\n")[0],
+              "", 'folder = "path/to/this/folder"', loader.split("\n")[1],
               "tokenizer = AutoTokenizer.from_pretrained(folder)", "```", ""]
     return "\n".join(lines)
 
