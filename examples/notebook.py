@@ -22,8 +22,8 @@ chains = zoo.prompt_sets["eval-chain-d2"]  # the sub-skill the student lacks
 
 # %% Diagnose before training: will OPD work for this pair, and why?
 for name in ("teacher-aligned", "teacher-foreign"):
-    diagnosis = opd.diagnose(student, zoo.models[name], prompts, max_new_tokens=40,
-                             num_prompts=32, progress=False)
+    diagnosis = opd.diagnose(student, zoo.models[name], prompts, max_new_tokens=55,
+                             progress=False)
     pattern = diagnosis.checks["pattern"]
     print(f"{name}: {diagnosis.verdict} (overlap share {pattern.value:.2f}, threshold "
           f"{pattern.threshold}; {diagnosis.cost.wall_seconds:.0f} s)")

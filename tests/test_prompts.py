@@ -110,3 +110,19 @@ def test_verbs_read_prompts_from_a_saved_dataset(tiny_pair, saved, capsys):
     code = main(["eval", "--model", str(tiny_pair["student"]), "--prompts", str(saved["single"]),
                  "--prompt-field", "problem"])
     assert code == 2 and "its columns are 'question'" in capsys.readouterr().err
+
+
+def test_training_reads_its_prompts_and_eval_prompts_from_a_saved_dataset(tiny_pair, saved, tmp_path):
+    import opd
+
+    result = opd.train(student=str(tiny_pair["student"]), teacher=str(tiny_pair["teacher"]),
+                       prompts=str(saved["splits"]), eval_prompts=str(saved["splits"]),
+                       eval_split="test", prompt_field="question", answer_field="solution.final",
+                       outcome_weight=0.5, out=str(tmp_path / "run"), max_steps=1,
+                       prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                       progress=False)
+    assert result.steps == 1 and result.final_measures["train_reward"] is not None
+    assert result.final_accuracy is not None
+    with pytest.raises(OPDError, match="no column 'problem' \\(prompt_field\\)"):
+        opd.train(student=str(tiny_pair["student"]), prompts=str(saved["single"]),
+                  prompt_field="problem", out=str(tmp_path / "bad"))
