@@ -2,7 +2,8 @@
 # One prepared GPU check (run on a CUDA machine from the repo root; writes to ${OUT:-gpu-out}):
 #  1. the CUDA path of the core tests (scoring, objectives, measures, training loop, resume);
 #  2. the objective memory bench at the study's sizes (vocabulary 151,936, hidden 2048, 16K tokens);
-#  3. wall time of `opd train` steps on random ~0.5B / ~1.5B-parameter Llama shapes in bf16.
+#  3. wall time of `opd train` steps on random ~0.5B / ~1.5B-parameter Llama shapes in bf16;
+#  4. seconds per step beside TRL's DistillationTrainer (needs the trl extra), tiny and large rows.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -12,3 +13,4 @@ python3 -m pytest -q -p no:cacheprovider tests/test_objectives.py tests/test_mea
   tests/test_scoring.py tests/test_train.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 python3 bench/objective_memory.py --tokens 1024 4096 16384 2>&1 | tee "$OUT/bench.txt"
 python3 bench/opd_step.py --out "$OUT/opd_step" 2>&1 | tee "$OUT/opd_step.txt"
+python3 bench/vs_trl.py --rows tiny large --pairs 3 --steps 6 2>&1 | tee "$OUT/vs_trl.txt"

@@ -55,3 +55,12 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"student": student, "teacher": teacher, "prompts": prompts, "root": root}
+
+
+@pytest.fixture(scope="session")
+def sum_prompts(tmp_path_factory) -> Path:
+    """A prompt file of 20 sums in the tiny tokenizer's words, without answers."""
+    path = tmp_path_factory.mktemp("sums") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a} + {b} ="}) + "\n"
+                            for a in range(5) for b in range(4)))
+    return path

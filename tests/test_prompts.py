@@ -71,7 +71,7 @@ def test_a_missing_column_names_the_columns_that_exist(saved, tmp_path):
 
 def test_folders_that_are_not_datasets_and_missing_extras_are_explained(tmp_path, monkeypatch):
     (tmp_path / "plain").mkdir()
-    with pytest.raises(OPDError, match="is a folder but not one written by save_to_disk"):
+    with pytest.raises(OPDError, match="is a folder, not a prompt file, and not one written by save_to_disk"):
         load_prompts(tmp_path / "plain")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "d"))
     monkeypatch.setitem(sys.modules, "datasets", None)

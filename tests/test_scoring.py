@@ -81,3 +81,34 @@ def test_measures_without_a_loss_need_no_gradient(scored):
     assert with_loss.loss.requires_grad
     for name, value in alone.measures.items():
         torch.testing.assert_close(value, with_loss.measures[name], equal_nan=True)
+
+
+@pytest.mark.parametrize("objective", ["topk", "full_reverse_kl", "sampled"])
+def test_the_pass_gives_the_gradient_of_the_plain_unchunked_loss(scored, objective):
+    """Each chunk differentiated as it is scored, its hidden-state gradient carried into the
+    backbone afterwards, equals autograd through the whole loss at once."""
+    from opd.objectives import distillation_loss
+
+    student, teacher, r = scored
+    config = ObjectiveConfig(name=objective, k=5)
+    grads = []
+    for chunked in (True, False):
+        student.zero_grad()
+        s = response_states(student, r.input_ids, r.attention_mask, r.response_mask)
+        with torch.no_grad():
+            t = response_states(teacher, r.input_ids, r.attention_mask, r.response_mask)
+        m = s.hidden.shape[0]
+        weight = torch.rand(m, generator=torch.Generator().manual_seed(1))
+        if chunked:
+            loss = score(s, t, student_head=output_head(student), teacher_head=output_head(teacher),
+                         loss=TokenLoss(config, weight=weight), chunk_size=4).loss
+        else:
+            student_lp = output_head(student)(s.hidden).log_softmax(-1)
+            teacher_lp = output_head(teacher)(t.hidden).log_softmax(-1).detach()
+            loss = (weight * distillation_loss(student_lp, teacher_lp, s.targets, config)).sum()
+        loss.backward()
+        grads.append((loss.detach(), torch.cat([p.grad.reshape(-1) for p in student.parameters()])))
+    (chunked_loss, chunked_grad), (plain_loss, plain_grad) = grads
+    torch.testing.assert_close(chunked_loss, plain_loss)
+    torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-6, rtol=1e-5)
+    assert plain_grad.abs().sum() > 0

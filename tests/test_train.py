@@ -61,7 +61,8 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
     assert summary["initial_accuracy"] is not None
     checkpoints = complete_checkpoints(tmp_path / "run")
     assert [c.name for c in checkpoints] == ["step-000004", "step-000006"]  # keep 2
-    for name in ("config.json", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"):
+    for name in ("config.json", "optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
+                 "run_config.yaml", "manifest.json"):
         assert (checkpoints[-1] / name).exists()
     assert records[0]["loss"] != records[-1]["loss"]
 

@@ -288,7 +288,7 @@ def diagnose(student: str | None = None, teacher: str | None = None, prompts: st
     values = {"student": student, "teacher": teacher, "prompts": prompts,
               "out": None if out is None else str(out), **settings}
     diagnose_config = _config(DiagnoseConfig, config, values)
-    data = run_diagnosis(diagnose_config)
+    data = run_diagnosis(diagnose_config, writes=out is not None)
     folder = write_outputs(data, out) if out is not None else None
     return Diagnosis.from_dict(json.loads(json.dumps(data)), folder)
 
@@ -367,14 +367,16 @@ def select_prompts(student: str | None = None, teacher: str | None = None,
 def report(*runs: str | Path, compare: str | Path | None = None) -> list[Path]:
     """report.md with its figures for each run folder (`opd report`), and with `compare` one
     PNG of every run's curves; returns the files written."""
-    from opd.report import plot_curves, write_run_report
+    from opd.report import check_compare_path, check_run_folder, plot_curves, write_run_report
 
-    for run in runs:
-        if not (Path(run) / M.METRICS_FILE).exists():
-            raise OPDError(f"report: {str(run)!r} is not a run folder (no {M.METRICS_FILE} in it)")
+    records = {run: check_run_folder(run) for run in runs}  # every input, before any output
+    if compare is not None:
+        check_compare_path(compare)
     written = [write_run_report(run) for run in runs]
     if compare is not None:
-        written.append(plot_curves({Path(r).name: M.read(r) for r in runs}, Path(compare)))
+        Path(compare).parent.mkdir(parents=True, exist_ok=True)
+        written.append(plot_curves({Path(r).name: rows for r, rows in records.items()},
+                                   Path(compare)))
     return written
 
 
@@ -400,8 +402,10 @@ def build_zoo(profile: str = "quick", root: str | Path = ".opd-cache/zoo",
     """Build (or load from its cache in `root/profile`) the zoo: `quick` in minutes on a CPU,
     `full` for the documented results; `only` builds just those models (and what they start
     from)."""
+    from opd.io import check_output_folder
     from opd.lab.zoo import build_zoo as build
 
+    check_output_folder(root, "root")
     folder = Path(root) / profile
     data = build(folder, profile, progress=progress, only=only)
     return Zoo(folder, profile,

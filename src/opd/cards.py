@@ -27,8 +27,10 @@ from opd.version import __version__
 CARD_FILE = "README.md"
 MODEL_DIR = "model"
 """The final model folder inside a run folder."""
-TRAINING_STATE = frozenset({"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", CARD_FILE})
-"""Checkpoint files that resume training and are not part of the model."""
+TRAINING_STATE = frozenset({"optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
+                            "run_config.yaml", "manifest.json", CARD_FILE})
+"""Checkpoint files that resume training and are not part of the model (the names
+`opd.checkpoints` writes; it imports this module, so they are spelled out here)."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 CARD_MEASURES = (M.LOSS, M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP,
                  M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER, M.STUDENT_ENTROPY,

@@ -1,72 +1,157 @@
 """Atomic checkpoints of a run: the HF model folder plus optimizer, scheduler, RNG and run
-state. A checkpoint folder exists under its final name only once it is complete."""
+state, and a copy of the run's settings.
+
+A checkpoint is written into `step-N.tmp` and renamed to `step-N` once complete; its last file,
+`manifest.json`, lists every file with its size. A checkpoint counts as complete only when its
+manifest is there and every file it lists has that size, so a folder cut short by a kill, a
+full disk or a damaged copy is never resumed from. Nothing in a checkpoint is a pickle: the
+model is safetensors, optimizer and scheduler state are tensors and plain values loaded with
+`weights_only=True`, the RNG state and run state are JSON.
+"""
 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from opd.cards import CARD_FILE
+from opd.errors import OPDError, one_line
 
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+RNG_FILE = "rng.json"
+SETTINGS_FILE = "run_config.yaml"
+"""The run's settings when the checkpoint was taken (what `--resume` compares with)."""
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:06d}"
 
 
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` folder left by a kill is ignored)."""
+def _step_folders(out: Path) -> list[Path]:
     root = out / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.suffix != ".tmp" and (p / STATE_FILE).exists()]
-    return sorted(found)
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not complete (None when it is): no manifest, or a file it lists is
+    missing or has another size."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (cut short, or written by an older opd)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} is damaged"
+    for name, size in files.items():
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, not {size}"
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    return None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` folder left by a kill, or a folder whose
+    files do not match its manifest, is left out)."""
+    return [p for p in _step_folders(out) if checkpoint_problem(p) is None]
+
+
+def incomplete_checkpoints(out: Path) -> list[tuple[Path, str]]:
+    """Checkpoint folders under their final name that are not complete, with the reason."""
+    found = [(p, checkpoint_problem(p)) for p in _step_folders(out)]
+    return [(p, problem) for p, problem in found if problem is not None]
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state as plain JSON data (lists of numbers)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    """Restore what `rng_state` returned: the same streams continue."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _remove(folder: Path) -> None:
+    """Rename `folder` out of the way, then delete it: a kill half-way through never leaves a
+    half-deleted folder under a checkpoint's name."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def save_checkpoint(
     out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
-    card: str | None = None,
+    settings: dict[str, Any] | None = None, card: str | None = None,
 ) -> Path:
-    """Write everything (and the model card `card` as README.md) to `step-N.tmp`, then rename;
-    keep the newest `keep` checkpoints."""
+    """Write everything (and the model card `card` as README.md) to `step-N.tmp`, the manifest
+    last, then rename; keep the newest `keep` checkpoints. A write that fails (a full disk)
+    leaves the previous checkpoints as they were and stops with one line."""
     final = checkpoint_dir(out, step)
     tmp = final.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-    if card is not None:
-        (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+        if settings is not None:
+            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        _write_manifest(tmp)
+        _remove(final)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = complete_checkpoints(out)
+        last = f"the last complete one is {done[-1].name}" if done else "there is no complete one yet"
+        raise OPDError(
+            f"checkpoint: could not write step {step} to {tmp.parent} ({err.strerror or err}); "
+            f"{last}: free space, then run again with --resume") from None
     for old in complete_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
@@ -75,10 +160,39 @@ def checkpoint_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
+def checkpoint_settings(checkpoint: Path) -> dict[str, Any] | None:
+    """The run's settings saved with `checkpoint` (None if it has none)."""
+    file = checkpoint / SETTINGS_FILE
+    if not file.exists():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise OPDError(f"--resume: {file} is damaged; delete {checkpoint} to resume from the "
+                       "checkpoint before it")
+    return data
+
+
+def _load_tensors(file: Path, checkpoint: Path) -> Any:
+    try:
+        return torch.load(file, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise OPDError(f"--resume: {file} is damaged ({one_line(err, 80)}); delete {checkpoint} "
+                       "to resume from the checkpoint before it") from None
+
+
 def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG state from `checkpoint`; returns the run state
-    (the model itself is loaded from the folder like any HF model)."""
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt"))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
-    set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=False))
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    (the model itself is loaded from the folder like any HF model). Nothing is unpickled."""
+    optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt", checkpoint))
+    scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt", checkpoint))
+    try:
+        rng = json.loads((checkpoint / RNG_FILE).read_text())
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise OPDError(f"--resume: {checkpoint} is damaged ({one_line(err, 80)}); delete it to "
+                       "resume from the checkpoint before it") from None
+    set_rng_state(rng)
+    return state

@@ -15,7 +15,7 @@ from typing import Any
 from opd import api, settings
 from opd.config import PROFILES, TrainConfig
 from opd.diagnose import cli as diagnose_cli
-from opd.errors import OPDError
+from opd.errors import OPDError, one_line
 from opd.evaluate import EvalConfig
 from opd.lab import cli as lab_cli
 from opd.recipes import cli as recipes_cli
@@ -94,15 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         print("Settings (YAML keys, --set key=value, or --flag):\n"
               + settings.describe(args.config_class))
         return 0
+    verb = " ".join(v for v in (args.verb, getattr(args, "lab_verb", None)) if v)
     try:
         if hasattr(args, "func"):
             return args.func(args)
         return args.run(settings.config_of(args), args)
     except OPDError as err:
-        print(f"opd {args.verb}: error: {err}", file=sys.stderr)
+        print(f"opd {verb}: error: {one_line(err, 1000)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the disk or the file system, wherever no nearer check named it
+        where = f"{err.filename}: " if err.filename else ""
+        again = " (with --resume)" if hasattr(args, "resume") else ""
+        print(f"opd {verb}: error: {where}{err.strerror or one_line(err)}; free space or fix "
+              f"permissions, then run again{again}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"opd {args.verb}: interrupted; `--resume` continues from the last checkpoint",
+        print(f"opd {verb}: interrupted; `--resume` continues from the last checkpoint",
               file=sys.stderr)
         return 130
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from opd.data.prompts import ANSWER_FIELD_HELP, MESSAGES_FIELD_HELP, PROMPT_FIELD_HELP, SPLIT_HELP
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    check_template,
+)
 from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
@@ -39,6 +45,8 @@ class ColdStartConfig(Config):
     sft_steps: int = setting(200, "Fine-tuning steps.", minimum=1)
     sft_lr: float = setting(1e-4, "Fine-tuning peak learning rate.", above=0)
     sft_batch_size: int = setting(32, "Fine-tuning examples per step.", minimum=1)
+    sft_dropout: bool = setting(True, "Keep the student's own dropout during the fine-tuning "
+                                "(off: switched off, as in the on-policy stage).")
 
 
 @dataclass(frozen=True)
@@ -63,11 +71,16 @@ class TrainConfig(Config):
                                        minimum=1)
     max_new_tokens: int = setting(7168, "Response length cap; a response hitting it counts as "
                                   "truncated.", minimum=1)
-    max_prompt_tokens: int = setting(1024, "Longer prompts keep their last tokens.", minimum=1)
+    max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
+                                     "front with its row named, never cut.", minimum=1)
     temperature: float = setting(1.0, "Rollout sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
                                    "the student tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
+        "false} for Qwen3's thinking switch; used wherever a prompt is rendered (rollouts, the "
+        "teacher's own rendering, evaluation, the cold start).")
     teacher_prompt: str = setting(
         "student", "How the teacher sees the prompt: `student` (the student's rendering, "
         "token-identical) or `own` (re-rendered with the teacher tokenizer's chat template).",
@@ -118,6 +131,11 @@ class TrainConfig(Config):
                          choices=("auto", "float32", "bfloat16", "float16"))
     lora_rank: int = setting(0, "Train LoRA adapters of this rank instead of all weights "
                              "(needs peft); 0 = full.", minimum=0)
+    disable_dropout: bool = setting(
+        True, "Switch off the student's dropout (and layer drop, router jitter) while it is "
+        "trained, so the policy scored and updated is the one that sampled the rollouts; "
+        "teacher and reference always run in eval mode. Saved checkpoints keep the model's "
+        "own dropout settings.")
     on_failure: str = setting(
         "warn", "What the live monitor does when a run shows a failure signature: warn, stop, "
         "or cold-start (stop, then run the off-policy cold start into OUT/cold-start).",
@@ -135,6 +153,7 @@ class TrainConfig(Config):
                                    "the out folder).")
 
     def check(self) -> None:
+        check_template(self.template, "template")
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.outcome_weight and self.rollouts_per_prompt < 2:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from opd.data.prompts import (
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
     PromptRecord,
+    check_template,
     render_prompt,
     require_answers,
 )
@@ -40,7 +42,15 @@ class EvalConfig(Config):
                             choices=tuple(VERIFIERS))
     template: str | None = setting(None, "Format string with {prompt} instead of the "
                                    "tokenizer's chat template.")
+    chat_template_kwargs: dict[str, Any] = setting(
+        factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
+        "false}.")
     seed: int = setting(0, "Seed of the samples.")
+    trust_remote_code: bool = setting(False, "Allow model code from the model folder (off "
+                                      "unless asked).")
+
+    def check(self) -> None:
+        check_template(self.template, "template")
 
 
 @dataclass(frozen=True)
@@ -68,11 +78,13 @@ def evaluate(
     template: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt (greedy at temperature 0) and verify each one."""
     require_answers(records, "prompts", "evaluation")
     check = get_verifier(verifier)
-    texts = [render_prompt(r.messages, tokenizer, template) for r in records]
+    texts = [render_prompt(r.messages, tokenizer, template, chat_template_kwargs)
+             for r in records]
     rollouts = generate_rollouts(
         model, tokenizer, texts, n=n, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
@@ -93,17 +105,26 @@ def evaluate(
 
 
 def evaluate_model(config: EvalConfig) -> EvalResult:
-    """`opd eval`: load the model of `config` and measure its avg@n on the prompt set."""
+    """`opd eval`: load the model of `config` and measure its avg@n on the prompt set. Every
+    input (verifier, prompts, model folder, each prompt's rendering and length) is checked
+    before the model generates."""
     from opd.data.prompts import load_prompts, source_of
-    from opd.models import load_model, load_tokenizer
+    from opd.models import context_window, load_model, load_tokenizer
+    from opd.rollout import check_prompts
 
     get_verifier(config.verifier)
     records = load_prompts(config.prompts, **source_of(config))
     require_answers(records, "prompts", "evaluation")
-    tokenizer = load_tokenizer(config.model, "model")
-    model = load_model(config.model, "model", trainable=False)
+    tokenizer = load_tokenizer(config.model, "model", config.trust_remote_code)
+    model = load_model(config.model, "model", trainable=False,
+                       trust_remote_code=config.trust_remote_code)
+    check_prompts(records, tokenizer, config.template, who="the model's rendering",
+                  limit=context_window(config.model), limit_name="the model's context window",
+                  fix="shorten or remove the row",
+                  chat_template_kwargs=config.chat_template_kwargs)
     return evaluate(
         model, tokenizer, records, n=config.n, temperature=config.temperature,
         top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
+        chat_template_kwargs=config.chat_template_kwargs,
     )

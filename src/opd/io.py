@@ -9,6 +9,34 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from opd.errors import OPDError
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may create files in `folder` (a separate function so that tests
+    running as root, whom permissions do not bind, can stand in for a read-only folder)."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output_folder(path: str | Path, field: str, flag: str | None = None) -> None:
+    """Refuse, before anything is written, an output folder that is a file, would lie under a
+    file, or cannot be written; `field` is the setting that named it (e.g. `out`), `flag` how
+    the user gives it (default: --field)."""
+    path = Path(path)
+    flag = flag or "--" + field.replace("_", "-")
+    if path.exists() and not path.is_dir():
+        raise OPDError(f"{field}: {str(path)!r} is a file, not a folder; choose a folder path "
+                       f"for {flag} (nothing was written)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OPDError(f"{field}: {str(existing)!r} is a file, so {str(path)!r} cannot be made "
+                       f"under it; choose another {flag} (nothing was written)")
+    if not _writable(existing):
+        raise OPDError(f"{field}: cannot write in {str(existing)!r} (permission denied); choose "
+                       f"a writable {flag} or fix the folder's permissions (nothing was written)")
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`."""

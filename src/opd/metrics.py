@@ -106,29 +106,50 @@ TEACHER_MEASURES: tuple[str, ...] = tuple(
 
 
 def append(run_folder: str | Path, record: dict[str, Any]) -> None:
-    """Add one step's record to the run's metrics.jsonl."""
+    """Add one step's record to the run's metrics.jsonl (one write of one whole line; a write
+    that fails, e.g. on a full disk, stops the run with one line, and `--resume` drops any part
+    of a line it left)."""
     unknown = set(record) - set(SCHEMA)
     if unknown:
         raise KeyError(f"metrics: undeclared keys {sorted(unknown)}; declare them in opd.metrics")
-    with (Path(run_folder) / METRICS_FILE).open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    path = Path(run_folder) / METRICS_FILE
+    try:
+        _append_line(path, json.dumps(record) + "\n")
+    except OSError as err:
+        raise OPDError(f"metrics: could not append step {record.get(STEP)} to {path} "
+                       f"({err.strerror or err}); free space, then run again with --resume") from None
+
+
+def _append_line(path: Path, line: str) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
 
 
 def read(run_folder: str | Path) -> list[dict[str, Any]]:
     """The per-step records of a run folder (empty when it has none). A last line cut short
-    by a killed process is left out."""
+    by a killed process is left out; damage anywhere else is named."""
     path = Path(run_folder) / METRICS_FILE
     if not path.exists():
         return []
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise OPDError(f"metrics: {path} is not UTF-8 text (at byte {err.start}); the file is "
+                       "damaged") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
                 raise OPDError(f"metrics: {path}:{number} is not valid JSON; the file is damaged "
-                               "before its last line") from None
+                               "before its last line (remove that line to use the rest)") from None
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get(STEP), int):
+            raise OPDError(f"metrics: {path}:{number} is not a step record (an object with an "
+                           "integer 'step'); the file is damaged (remove that line)")
+        records.append(record)
     return records
 
 

@@ -133,6 +133,14 @@ class Monitor:
         """Whether an alert should stop the run (on_failure stop or cold-start)."""
         return self.on_failure != "warn"
 
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        """Take up a resumed run's history (its metrics so far) without echoing its alerts
+        again, so that the resumed run fires exactly the alerts the uninterrupted one would."""
+        self.history = list(records)
+        for record in records:
+            for alert in record.get(M.ALERTS) or ():
+                self.fired.setdefault(alert["rule"], Alert(**alert))
+
     def observe(self, record: dict[str, Any]) -> list[Alert]:
         """Add one step's record to the history; the alerts that fire for the first time."""
         self.history.append(record)

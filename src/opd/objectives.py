@@ -30,20 +30,22 @@ def sampled_token_loss(student_lp, teacher_lp, targets, config):
     return -reward * student
 
 
-CandidateRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CandidateRule = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], torch.Tensor]
 CANDIDATE_SETS: dict[str, CandidateRule] = {
-    "student": lambda s, t: s,
-    "teacher": lambda s, t: t,
-    "intersection": lambda s, t: s & t,
-    "union": lambda s, t: s | t,
-    "symmetric-difference": lambda s, t: s ^ t,
+    "student": lambda s, t: s(),
+    "teacher": lambda s, t: t(),
+    "intersection": lambda s, t: s() & t(),
+    "union": lambda s, t: s() | t(),
+    "symmetric-difference": lambda s, t: s() ^ t(),
 }
+"""Each rule combines the two top-k masks, given as functions so that a rule computes only the
+masks it uses."""
 
 
 def candidate_set(student_lp, teacher_lp, k: int, strategy: str) -> torch.Tensor:
     """Boolean [N, V] candidate set C_t for the top-k objectives."""
     rule = CANDIDATE_SETS[strategy]
-    return rule(topk_mask(student_lp.detach(), k), topk_mask(teacher_lp, k))
+    return rule(lambda: topk_mask(student_lp.detach(), k), lambda: topk_mask(teacher_lp, k))
 
 
 WeightRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

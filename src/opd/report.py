@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from opd import metrics as M
-from opd.io import write_atomic, write_text_atomic
+from opd.errors import OPDError
+from opd.io import check_output_folder, write_atomic, write_text_atomic
 from opd.runtime import StepHook, is_main_process
 
 CURVES = (
@@ -104,12 +105,56 @@ def entropy_heatmap(records: list[dict[str, Any]], path: Path, key: str = M.STUD
     return save_figure(fig, path, dpi=110)
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _summary(run: Path) -> dict[str, Any]:
+    path = run / "summary.json"
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise OPDError(f"report: {path} is damaged (not a JSON object); delete it (the run "
+                       "writes it again when it ends) or restore it")
+    return summary
+
+
+def check_run_folder(run_folder: str | Path) -> list[dict[str, Any]]:
+    """The records of a run folder `opd report` can write into; OPDError naming what is wrong."""
+    run = Path(run_folder)
+    if not run.is_dir():
+        what = "is a file" if run.exists() else "does not exist"
+        raise OPDError(f"report: {str(run)!r} {what}; give a run folder (the --out of a run)")
+    if not (run / M.METRICS_FILE).exists():
+        raise OPDError(f"report: {str(run)!r} is not a run folder (no {M.METRICS_FILE} in it)")
+    records = M.read(run)
+    if not records:
+        raise OPDError(f"report: {run / M.METRICS_FILE} holds no steps yet; report once the run "
+                       "has logged one")
+    _summary(run)
+    check_output_folder(run, "report", "run folder")
+    return records
+
+
+def check_compare_path(path: str | Path) -> None:
+    """`--compare FILE`: a figure name in a folder that can be made and written."""
+    path = Path(path)
+    if path.is_dir():
+        raise OPDError(f"--compare: {str(path)!r} is a folder; give a file name such as "
+                       f"{path / 'compare.png'}")
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise OPDError(f"--compare: {str(path)!r} must name a {'/'.join(FIGURE_SUFFIXES)} figure")
+    check_output_folder(path.parent, "compare")
+
+
 def write_run_report(run_folder: str | Path) -> Path:
     """report.md with curves.png and entropy_heatmap.png for one run folder."""
     run = Path(run_folder)
     records = M.read(run)
-    summary_path = run / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary = _summary(run)
     plot_curves({run.name: records}, run / "curves.png",
                 {run.name: summary.get("initial_accuracy")})
     entropy_heatmap(records, run / "entropy_heatmap.png")

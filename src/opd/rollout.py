@@ -15,6 +15,9 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from opd.data.prompts import PromptRecord, render_prompt
+from opd.errors import OPDError
+
 MIX = 0x9E3779B97F4A7C15
 
 
@@ -48,8 +51,39 @@ def rollout_seed(seed: int, prompt_id: int, rollout: int) -> int:
     return value & ((1 << 63) - 1)
 
 
+class RolloutNoise:
+    """Uniform noise [rows, V] for each sampling step, from each rollout's own generator.
+
+    It is drawn a block of steps at a time (one call per rollout per block, not per token).
+    On the CPU a generator's stream is the same however it is split into calls, so a rollout
+    sees exactly the numbers one call per step would give; the block size depends only on the
+    vocabulary and the length cap, so no rollout depends on the others in its batch.
+    """
+
+    BLOCK_ELEMENTS = 1 << 18
+    """Noise values drawn per rollout per block (1 MiB of float32)."""
+
+    def __init__(self, generators: Sequence[torch.Generator], max_steps: int) -> None:
+        self.generators, self.max_steps = list(generators), max_steps
+        self.block: torch.Tensor | None = None  # [steps, rows, V]
+        self.index = self.drawn = 0
+
+    def next(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """The next step's noise, [rows, vocab] on `device`."""
+        if self.block is None or self.index == self.block.shape[0]:
+            steps = max(1, min(self.BLOCK_ELEMENTS // vocab, self.max_steps - self.drawn))
+            self.block = torch.stack(
+                [torch.rand(steps, vocab, generator=g, device=g.device) for g in self.generators],
+                dim=1,
+            ).to(device)
+            self.drawn += steps
+            self.index = 0
+        self.index += 1
+        return self.block[self.index - 1]
+
+
 def sample_next(
-    logits: torch.Tensor, generators: list[torch.Generator], temperature: float, top_p: float
+    logits: torch.Tensor, noise: RolloutNoise, temperature: float, top_p: float
 ) -> torch.Tensor:
     """One token per row: greedy at temperature 0, else Gumbel-max over the nucleus."""
     if temperature == 0:
@@ -61,10 +95,8 @@ def sample_next(
         outside = probs.cumsum(-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    uniform = torch.stack(
-        [torch.rand(logits.shape[-1], generator=g, device=g.device) for g in generators]
-    ).to(logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0)))
+    uniform = noise.next(logits.shape[-1], logits.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
     return (logits + gumbel).argmax(-1)
 
 
@@ -127,10 +159,11 @@ def _sample_batch(
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **options).logits[:, -1]
     eos = torch.tensor(sorted(eos_ids), device=device)
     finished = torch.zeros(len(prompt_rows), dtype=torch.bool, device=device)
+    noise = RolloutNoise(generators, max_new_tokens)
     tokens: list[torch.Tensor] = []
     next_position = position[:, -1:] + 1
     for _ in range(max_new_tokens):
-        token = sample_next(logits, generators, temperature, top_p)
+        token = sample_next(logits, noise, temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
@@ -149,6 +182,17 @@ def _sample_batch(
     return responses
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    """The tokens that end a response: the tokenizer's EOS and every EOS id of the model's
+    generation config (chat models often end a turn with a token other than the tokenizer's
+    EOS: Gemma's `<end_of_turn>`, Llama-3's `<|eot_id|>`, listed there beside it)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    generation = getattr(base, "generation_config", None)
+    listed = getattr(generation, "eos_token_id", None)
+    listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
+    return {i for i in [tokenizer.eos_token_id, *listed] if i is not None}
+
+
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None = None):
     """Token ids of rendered prompts, BOS first when the tokenizer has one, at most
     `max_prompt_tokens` (the last ones) each."""
@@ -159,6 +203,28 @@ def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | Non
     if max_prompt_tokens is not None:
         encoded = [e[-max_prompt_tokens:] for e in encoded]
     return encoded
+
+
+def check_prompts(records: Sequence[PromptRecord], tokenizer, template: str | None, *, who: str,
+                  limit: int | None = None, limit_name: str = "", fix: str = "",
+                  chat_template_kwargs: dict | None = None) -> None:
+    """Render every prompt as `who` (e.g. "the student's tokenizer") will see it, and, with a
+    `limit`, check that it fits: the first row that cannot be rendered, or is longer than
+    `limit` tokens, is named with the fix. Longer prompts are refused rather than cut."""
+    texts = []
+    for record in records:
+        try:
+            texts.append(render_prompt(record.messages, tokenizer, template, chat_template_kwargs))
+        except OPDError as err:
+            raise OPDError(f"{record.source or 'prompts'}: with {who}, {err}") from None
+    if limit is None or not texts:
+        return
+    for start in range(0, len(texts), 1024):
+        chunk = slice(start, start + 1024)
+        for record, ids in zip(records[chunk], encode_prompts(tokenizer, texts[chunk]), strict=True):
+            if len(ids) > limit:
+                raise OPDError(f"{record.source or 'prompts'}: the prompt is {len(ids)} tokens "
+                               f"with {who}, more than {limit_name} ({limit}); {fix}")
 
 
 def generate_rollouts(
@@ -179,7 +245,8 @@ def generate_rollouts(
     are (e.g. a prompt followed by the first tokens of another model's response).
 
     `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
-    than `max_prompt_tokens` keeps its last tokens.
+    than `max_prompt_tokens` keeps its last tokens (the verbs refuse such prompts up front with
+    `check_prompts`, so this only guards callers that did not check).
     """
     was_training = model.training
     model.eval()
@@ -189,7 +256,7 @@ def generate_rollouts(
     else:
         encoded = [list(p)[-max_prompt_tokens:] if max_prompt_tokens else list(p) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = {tokenizer.eos_token_id}
+    eos_ids = stop_token_ids(model, tokenizer)
     rows = [(i, r) for i in range(len(prompts)) for r in range(n)]
     batch_size = batch_size or len(rows)
     device = next(model.parameters()).device

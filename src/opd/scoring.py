@@ -4,9 +4,13 @@ Both models run their backbone once over the rollouts (hidden states [B, L, H] a
 the output head and log-softmax then run on `chunk_size` positions at a time, and each chunk's
 log-probs go to the two consumers of the pass: the loss (`objectives.TokenLoss`) and the
 measures (a function returning named per-token values, e.g. `measures.token_measures`). Either
-may be absent: diagnose asks for measures only. Under gradient the student's chunk is
-checkpointed, so backward recomputes its logits instead of keeping them: peak memory grows
-with chunk_size × V, not with B × T × V.
+may be absent: diagnose asks for measures only.
+
+Under gradient each chunk is differentiated as soon as it is scored: the gradient flows into
+the output head's parameters and into the chunk's hidden states, and the chunk's logits are
+freed. The pass returns a loss whose backward carries the collected hidden-state gradient
+into the backbone. So peak memory grows with chunk_size × V, not with B × T × V, and nothing
+is computed twice (no recomputation, the measures once).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from opd.distributions import shared_topk_masks
 from opd.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -107,9 +111,10 @@ def _score_chunk(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     with torch.no_grad():
         teacher_lp = (teacher_head(teacher_hidden) / teacher_temperature).log_softmax(-1)
     token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
-    total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
-             else token_lp.new_zeros(()))
-    values = measures(student_lp, teacher_lp, targets) if measures is not None else {}
+    with shared_topk_masks():
+        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
+                 else token_lp.new_zeros(()))
+        values = measures(student_lp, teacher_lp, targets) if measures is not None else {}
     return {"loss": total, "token_lp": token_lp.detach(), "measures": values}
 
 
@@ -124,25 +129,37 @@ def score(
     measures: MeasureFn | None = None,
     chunk_size: int = 256,
 ) -> Scores:
-    """Run both heads over the response states a chunk at a time, feeding the consumers."""
+    """Run both heads over the response states a chunk at a time, feeding the consumers.
+
+    With a loss and student states that need a gradient, the output head's gradient is
+    accumulated here, chunk by chunk; `Scores.loss.backward()` then takes the rest of the way
+    through the backbone. Call it once per pass, as for any loss."""
     total = student.hidden.new_zeros((), dtype=torch.float32)
     token_lps: list[torch.Tensor] = []
     columns: dict[str, list[torch.Tensor]] = {}
     teacher_hidden = teacher.hidden.to(student.hidden.device)
     grad = student.hidden.requires_grad and torch.is_grad_enabled() and loss is not None
+    hidden_grad = torch.zeros_like(student.hidden) if grad else None
     options = dict(student_head=student_head, teacher_head=teacher_head,
                    teacher_temperature=teacher_temperature, loss=loss, measures=measures)
     for start in range(0, student.hidden.shape[0], chunk_size):
         part = slice(start, start + chunk_size)
-        args = (student.hidden[part], teacher_hidden[part], student.targets[part], part)
+        hidden = student.hidden[part]
         if grad:
-            out = checkpoint(_score_chunk, *args, use_reentrant=False, **options)
-        else:
-            out = _score_chunk(*args, **options)
-        total = total + out["loss"]
+            hidden = hidden.detach().requires_grad_(True)
+        out = _score_chunk(hidden, teacher_hidden[part], student.targets[part], part, **options)
+        if grad:
+            out["loss"].backward()
+            hidden_grad[part] = hidden.grad
+        total = total + out["loss"].detach()
         token_lps.append(out["token_lp"])
         for name, value in out["measures"].items():
             columns.setdefault(name, []).append(value)
+    if grad:
+        # Value: the summed loss; gradient with respect to the student's hidden states: the
+        # one collected chunk by chunk above.
+        carried = (student.hidden * hidden_grad).sum()
+        total = total + (carried - carried.detach())
     return Scores(
         loss=total,
         token_logprobs=torch.cat(token_lps) if token_lps else torch.empty(0),

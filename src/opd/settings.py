@@ -19,6 +19,7 @@ import argparse
 import contextvars
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -96,6 +97,10 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+class NotFinite(ValueError):
+    """A float setting given nan or inf."""
+
+
 def _scalar(kind: type, value: Any) -> Any:
     if kind is Any:
         return value
@@ -115,7 +120,10 @@ def _scalar(kind: type, value: Any) -> Any:
     if kind is float:
         if isinstance(value, bool):
             raise ValueError
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise NotFinite
+        return number
     if kind is str:
         if not isinstance(value, str | int | float):
             raise ValueError
@@ -148,6 +156,8 @@ def convert(cls: type, name: str, value: Any, path: str) -> Any:
                 raise ValueError
             return dict(value)
         return _scalar(kind, value)
+    except NotFinite:
+        raise OPDError(f"config: {path} must be a finite number, got {value!r}") from None
     except (TypeError, ValueError):
         raise OPDError(f"config: {path} must be a {_type_name(kind)}, got {value!r}") from None
 
@@ -256,18 +266,29 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         if "=" not in item:
             raise OPDError(f"--set: {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw else ""
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise OPDError(f"--set: the value of {key.strip()!r} is not valid YAML ({raw!r}); "
+                           "quote it, e.g. --set 'key=\"text\"'") from None
     return out
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise OPDError(f"--config: {str(path)!r} is a folder; give a YAML file")
     if not path.is_file():
         raise OPDError(f"--config: file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise OPDError(f"--config: {path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
-        raise OPDError(f"--config: {path} is not valid YAML ({type(err).__name__})") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise OPDError(f"--config: {path}{where} is not valid YAML ({type(err).__name__}); fix "
+                       "that line") from None
     if not isinstance(data, dict):
         raise OPDError(f"--config: {path} must hold a mapping of key: value")
     return data

@@ -47,6 +47,8 @@ class SFTConfig:
     """Truncate prompt + response to this many tokens (None: keep everything)."""
     template: str | None = None
     """Prompt template with `{prompt}`, passed to `render_prompt` (None: the chat template)."""
+    chat_template_kwargs: dict[str, Any] | None = None
+    """Extra variables for the chat template (e.g. `enable_thinking`), as in the OPD run."""
     seed: int = 0
     """Seed of the shuffling."""
     progress: bool = True
@@ -62,7 +64,8 @@ def _encode(
     prompt, response = example
     messages = prompt.messages if isinstance(prompt, PromptRecord) else prompt
     # Encoded exactly as rollouts encode their prompts, so SFT and OPD see the same tokens.
-    (prompt_ids,) = encode_prompts(tokenizer, [render_prompt(messages, tokenizer, config.template)])
+    (prompt_ids,) = encode_prompts(tokenizer, [render_prompt(messages, tokenizer, config.template,
+                                                             config.chat_template_kwargs)])
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     response_ids = [*response_ids, tokenizer.eos_token_id]
     ids = [*prompt_ids, *response_ids]

@@ -28,18 +28,25 @@ from tqdm.auto import tqdm
 
 from opd import metrics as M
 from opd.cards import model_card
-from opd.checkpoints import checkpoint_step, complete_checkpoints, load_checkpoint, save_checkpoint
+from opd.checkpoints import (
+    checkpoint_settings,
+    checkpoint_step,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from opd.config import TrainConfig
-from opd.data.prompts import load_prompts, render_prompt, require_answers, source_of
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluate import evaluate
-from opd.io import write_text_atomic
+from opd.io import check_output_folder, write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from opd.models import load_training_models
+from opd.models import context_window, load_training_models, original_config
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
-from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
+from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
@@ -62,8 +69,34 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
     return order[:count]
 
 
+def check_training_prompts(config: TrainConfig, records: Sequence[PromptRecord],
+                           tokenizer: Any, teacher_tokenizer: Any = None,
+                           eval_records: Sequence[PromptRecord] = ()) -> None:
+    """Every prompt renders for the run and fits: the student's (and, with teacher_prompt own,
+    the teacher's) rendering within max_prompt_tokens, evaluation prompts within the student's
+    context window. Longer prompts are refused, not cut."""
+    fix = ("raise max_prompt_tokens, or shorten or remove the row (longer prompts are refused "
+           "rather than cut)")
+    kwargs = config.chat_template_kwargs
+    check_prompts(records, tokenizer, config.template, who="the student's rendering",
+                  limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
+                  chat_template_kwargs=kwargs)
+    if teacher_tokenizer is not None and config.teacher_prompt == "own":
+        check_prompts(records, teacher_tokenizer, None, who="the teacher's own rendering",
+                      limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
+                      chat_template_kwargs=kwargs)
+    window = context_window(config.student)
+    check_prompts(eval_records, tokenizer, config.template, who="the student's rendering",
+                  limit=window, limit_name="the student's context window",
+                  fix="shorten or remove the row", chat_template_kwargs=kwargs)
+
+
 class Trainer:
-    """Holds the models, data and optimizer of one run; `run()` trains to max_steps."""
+    """Holds the models, data and optimizer of one run; `run()` trains to max_steps.
+
+    Everything that can be refused is looked at before anything is written: the run folder,
+    the prompt files, the models, the rendering of every prompt, the checkpoint to resume from.
+    """
 
     def __init__(self, config: TrainConfig, *, resume: bool = False,
                  hooks: Sequence[StepHook] = ()) -> None:
@@ -72,13 +105,15 @@ class Trainer:
         self.hooks = list(hooks)
         self.procs = Processes()
         self.out = Path(config.out)
+        check_output_folder(self.out, "out")
         self.verify = get_verifier(config.verifier)
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
         self.records = load_prompts(config.prompts, **source_of(config))
         if config.outcome_weight:
             require_answers(self.records, "prompts", "outcome_weight > 0")
-        self.eval_records = (load_prompts(config.eval_prompts, **source_of(config, "eval_split"))
+        self.eval_records = (load_prompts(config.eval_prompts, "eval_prompts",
+                                          **source_of(config, "eval_split"))
                              if config.eval_prompts else [])
         if self.eval_records:
             require_answers(self.eval_records, "eval_prompts", "evaluation")
@@ -87,11 +122,13 @@ class Trainer:
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
                 f"{self.procs.world} processes"
             )
-        checkpoint = self._prepare_run_folder(resume)
+        checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
             config, self.procs.device, str(checkpoint) if checkpoint else config.student
         )
+        check_training_prompts(config, self.records, self.models.tokenizer,
+                               self.models.teacher_tokenizer, self.eval_records)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -101,46 +138,81 @@ class Trainer:
         self.state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "initial_accuracy": None}
         if checkpoint:
             self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
+        self._start_run_folder(resume, checkpoint)
+        if checkpoint:
+            self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
         self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
-    def _prepare_run_folder(self, resume: bool) -> Path | None:
-        """The checkpoint to resume from, after refusing to overwrite an existing run."""
+    def _resume_point(self, resume: bool) -> Path | None:
+        """The checkpoint to resume from (None: start at step 0), after refusing to overwrite
+        an existing run; reads, never writes."""
         checkpoints = complete_checkpoints(self.out)
-        has_run = (self.out / M.METRICS_FILE).exists() or bool(checkpoints)
+        damaged = incomplete_checkpoints(self.out)
+        has_run = (self.out / M.METRICS_FILE).exists() or bool(checkpoints) or bool(damaged)
         if has_run and not resume:
             raise OPDError(
                 f"out: {str(self.out)!r} already holds a run; pass --resume to continue it "
                 "or choose a new --out folder (nothing was changed)"
             )
+        if not resume:
+            return None
+        last = checkpoints[-1] if checkpoints else None
+        if last is None and damaged:
+            folder, problem = damaged[-1]
+            raise OPDError(
+                f"--resume: no complete checkpoint in {str(self.out)!r} ({folder.name}: "
+                f"{problem}); restore it, or delete {folder.parent} to start the run over "
+                "(nothing was changed)")
+        for folder, problem in damaged:
+            if folder.name > last.name:
+                tqdm.write(f"opd: {folder} is incomplete ({problem}); resuming from {last.name}")
+        if last is None:
+            return None
+        saved = checkpoint_settings(last)
+        if saved is None:
+            saved = self._saved_run_settings()
         settings = to_dict(self.config)
-        if resume and checkpoints:
-            saved = yaml.safe_load((self.out / "config.yaml").read_text())
-            defaults = to_dict(TrainConfig())
-            changed = {k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != settings[k]}
-            if changed:
-                raise OPDError(
-                    f"--resume: the run in {str(self.out)!r} was started with other values of "
-                    f"{sorted(changed)}; resume with the same settings or use a new --out"
-                )
+        defaults = to_dict(TrainConfig())
+        changed = {k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != settings[k]}
+        if changed:
+            raise OPDError(
+                f"--resume: the run in {str(self.out)!r} was started with other values of "
+                f"{sorted(changed)}; resume with the same settings or use a new --out"
+            )
+        return last
+
+    def _saved_run_settings(self) -> dict[str, Any]:
+        file = self.out / "config.yaml"
+        try:
+            saved = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise OPDError(f"--resume: {file} is missing or damaged, so the run's settings are "
+                           "unknown; restore it or start a new run in another --out")
+        return saved
+
+    def _start_run_folder(self, resume: bool, checkpoint: Path | None) -> None:
+        """Write the settings and cut metrics.jsonl back to the checkpoint resumed from."""
         self.procs.barrier()
         if self.procs.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(settings))
-            if checkpoints and resume:
-                M.truncate(self.out, checkpoint_step(checkpoints[-1]))
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(self.config)))
+            if checkpoint is not None:
+                M.truncate(self.out, checkpoint_step(checkpoint))
             elif resume:
                 (self.out / M.METRICS_FILE).unlink(missing_ok=True)
         self.procs.barrier()
-        return checkpoints[-1] if resume and checkpoints else None
 
     # -- one step -------------------------------------------------------------------------
     def _rollouts(self, step: int, indices: list[int]) -> Rollouts:
         config, tok = self.config, self.models.tokenizer
-        texts = [render_prompt(self.records[i].messages, tok, config.template) for i in indices]
+        texts = [render_prompt(self.records[i].messages, tok, config.template,
+                               config.chat_template_kwargs) for i in indices]
         return generate_rollouts(
             self.models.student, tok, texts, n=config.rollouts_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -154,7 +226,8 @@ class Trainer:
             return (rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows])
         tok = self.models.teacher_tokenizer
-        texts = [render_prompt(self.records[indices[i]].messages, tok)
+        texts = [render_prompt(self.records[indices[i]].messages, tok,
+                               chat_template_kwargs=self.config.chat_template_kwargs)
                  for i in rollouts.prompt_index[rows].tolist()]
         prompts = encode_prompts(tok, texts, self.config.max_prompt_tokens)
         return pack(prompts, rollouts.response_ids[rows], tok.pad_token_id)
@@ -291,7 +364,7 @@ class Trainer:
                 self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier, template=cfg.template,
-                seed=cfg.seed,
+                seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
             )
             accuracy[0] = result.accuracy
         self.latest_accuracy = float(self.procs.sum(accuracy)[0])
@@ -306,11 +379,12 @@ class Trainer:
             card = model_card(self.config, step=step, record=record,
                               initial_accuracy=self.state.get("initial_accuracy"),
                               accuracy=self.latest_accuracy)
-            save_checkpoint(
-                self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
-                self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
-                self.config.keep_checkpoints, card=card,
-            )
+            with original_config(self.models.student_dropout):
+                save_checkpoint(
+                    self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
+                    self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
+                    self.config.keep_checkpoints, settings=to_dict(self.config), card=card,
+                )
         self.procs.barrier()
 
     # -- the loop -------------------------------------------------------------------------

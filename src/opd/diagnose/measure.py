@@ -29,15 +29,17 @@ from opd.data.prompts import (
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
     PromptRecord,
+    check_template,
     load_prompts,
     render_prompt,
     source_of,
 )
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
+from opd.io import check_output_folder
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures, topk_mass
-from opd.models import check_same_vocabulary, default_device, load_model, load_tokenizer
-from opd.rollout import Rollouts, encode_prompts, generate_rollouts, pack
+from opd.models import check_same_vocabulary, context_window, default_device, load_model, load_tokenizer
+from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import timed
 from opd.scoring import output_head, response_states, score
 from opd.settings import Config, group, setting
@@ -97,8 +99,12 @@ class DiagnoseConfig(Config):
                                   "4).", minimum=1)
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
     progress: bool = setting(True, "Show a progress bar.")
+    trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
+                                      "unless asked).")
 
     def check(self) -> None:
+        check_template(self.student_template, "student_template")
+        check_template(self.teacher_template, "teacher_template")
         if list(self.depths) != sorted(set(self.depths)):
             raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
                            f"{','.join(f'{d:g}' for d in self.depths)}")
@@ -149,15 +155,20 @@ def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
 def load_pair(path: str, role: str, config: DiagnoseConfig, student: Pair | None = None) -> Pair:
     """A model and its tokenizer, no prompts rendered yet; a teacher's vocabulary is checked
     against the `student`'s first (OPDError on a mismatch)."""
-    tokenizer = load_tokenizer(path, role)
+    tokenizer = load_tokenizer(path, role, config.trust_remote_code)
     if student is not None:
         check_same_vocabulary(student.tokenizer, tokenizer, student.path, path)
-    model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device())
+    model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device(),
+                       trust_remote_code=config.trust_remote_code)
     return Pair(role, path, model, tokenizer, [])
 
 
 def _render(pair: Pair, records: Sequence[PromptRecord], template: str | None) -> Pair:
-    """`pair` with its prompt rows for `records` (chat template, or the format string)."""
+    """`pair` with its prompt rows for `records` (chat template, or the format string); a
+    prompt it cannot render, or longer than its context window, is refused first."""
+    check_prompts(records, pair.tokenizer, template, who=f"the {pair.name}'s rendering",
+                  limit=context_window(pair.path), limit_name=f"the {pair.name}'s context window",
+                  fix="shorten or remove the row")
     texts = [render_prompt(r.messages, pair.tokenizer, template) for r in records]
     return replace(pair, prompt_rows=encode_prompts(pair.tokenizer, texts))
 
@@ -492,11 +503,15 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     return {"k": k, "overall": overall, "prompts": prompts, "cost": ctx.cost}
 
 
-def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
-    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict."""
+def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True) -> dict[str, Any]:
+    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict.
+    Every input is checked first: with `writes`, also the output folder `config.out` the
+    caller will write the diagnosis to."""
     start = time.perf_counter()
     times: dict[str, float] = {}
     get_verifier(config.verifier)
+    if writes:
+        check_output_folder(config.out, "out")
     records = _sample_records(config)
     stages = 2 + 3 * (1 + bool(config.teacher2))
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)

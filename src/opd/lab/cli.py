@@ -41,7 +41,7 @@ def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
 
     from opd import api
 
-    built = api.build_zoo(config.profile, config.root, progress=True)
+    built = api.build_zoo(config.profile, config.root, progress=True)  # checks the root first
     root, zoo = built.root, built.data
     table = Table(title=f"zoo ({config.profile}) in {root}")
     groups = list(zoo["eval_groups"])

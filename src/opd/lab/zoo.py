@@ -43,7 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
-from opd.io import write_text_atomic
+from opd.io import check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import max_new_tokens, sample_problems, sft_examples
 from opd.models import load_model, load_tokenizer
@@ -278,9 +278,15 @@ def _fingerprint(*parts: Any) -> str:
 def _cached(root: Path, name: str, fingerprint: str) -> dict[str, Any] | None:
     marker = root / name / STAGE_FILE
     if marker.exists():
-        saved = json.loads(marker.read_text())
-        if saved.get("fingerprint") == fingerprint:
-            return saved["meta"]
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+            meta = saved["meta"]
+            same = saved.get("fingerprint") == fingerprint
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise OPDError(f"zoo: the cached stage {root / name} is damaged ({STAGE_FILE} is not "
+                           "what a build writes); delete that folder and build again") from None
+        if same:
+            return meta
     return None
 
 
@@ -428,6 +434,7 @@ def build_zoo(
         raise OPDError(f"zoo: unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     spec = PROFILES[profile]
     root = Path(root)
+    check_output_folder(root, "root")
     root.mkdir(parents=True, exist_ok=True)
     sft_code, rl_code = _code_version(SFT_CODE), _code_version(RL_CODE)
     prints = {DATA: _fingerprint(sft_code, asdict(spec) | {"models": None})}

@@ -27,19 +27,28 @@ from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.hooks import run_hooks
-from opd.io import read_jsonl, write_jsonl_atomic, write_text_atomic
-from opd.models import check_same_vocabulary, load_model, load_tokenizer
-from opd.rollout import generate_rollouts
+from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
+from opd.models import (
+    check_model_folder,
+    check_same_vocabulary,
+    context_window,
+    disable_dropout,
+    load_model,
+    load_tokenizer,
+    original_config,
+)
+from opd.rollout import check_prompts, generate_rollouts
 from opd.runtime import StepHook
 from opd.sft import SFTConfig, train_sft
 from opd.trackers import require as require_trackers
-from opd.train import run_training
+from opd.train import check_training_prompts, run_training
 from opd.verify import get_verifier
 
 
 def generate_teacher_data(
     teacher, tokenizer, records: Sequence[PromptRecord], config: ColdStartConfig, *,
     max_new_tokens: int, verifier: str, seed: int, progress: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Teacher responses per prompt, deduplicated; with answers and keep != all, only the
     verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times."""
@@ -48,7 +57,8 @@ def generate_teacher_data(
     keep = config.keep if config.keep != "auto" else ("correct" if with_answers else "all")
     if keep == "correct":
         require_answers(records, "cold_start.prompts", "cold_start.keep=correct")
-    texts = [render_prompt(r.messages, tokenizer) for r in records]
+    texts = [render_prompt(r.messages, tokenizer, chat_template_kwargs=chat_template_kwargs)
+             for r in records]
     rows: list[dict[str, Any]] = []
     seen: set[tuple[int, str]] = set()
     pending = list(range(len(records)))
@@ -87,12 +97,26 @@ def opd_stage(train: TrainConfig) -> TrainConfig:
                                run_name=f"{train.run_name or out.resolve().name}-opd")
 
 
+def _read_report(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict):
+        raise OPDError(f"--resume: {path} is damaged; delete it (the stages it reports on are "
+                       "kept and found again) and run again")
+    return report
+
+
 def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """All three stages into `train.out` (settings of the first two in `train.cold_start`);
     returns (and writes) the stage report."""
     cold = train.cold_start
     out = Path(train.out)
     report_path = out / "cold_start.json"
+    check_output_folder(out, "out")
     if out.exists() and any(out.iterdir()) and not resume:
         raise OPDError(f"out: {str(out)!r} already holds a cold-start run; pass --resume to "
                        "continue it or choose a new --out (nothing was changed)")
@@ -100,21 +124,43 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         raise OPDError("teacher: cold start needs a teacher; pass --teacher PATH")
     get_verifier(train.verifier)
     require_trackers(train.report_to)
-    out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = json.loads(report_path.read_text()) if report_path.exists() else {}
+    # Everything that can be refused is looked at before the first file is written.
+    prompts_field = "cold_start.prompts" if cold.prompts else "prompts"
+    records = load_prompts(cold.prompts or train.prompts, prompts_field, **source_of(train))
+    train_records = load_prompts(train.prompts, **source_of(train)) if cold.prompts else records
+    if cold.keep == "correct":
+        require_answers(records, prompts_field, "cold_start.keep=correct")
+    if train.outcome_weight:
+        require_answers(train_records, "prompts", "outcome_weight > 0")
+    eval_records = (load_prompts(train.eval_prompts, "eval_prompts", **source_of(train, "eval_split"))
+                    if train.eval_prompts else [])
+    require_answers(eval_records, "eval_prompts", "evaluation")
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
     teacher_tok = load_tokenizer(train.teacher, "teacher", train.trust_remote_code)
     check_same_vocabulary(student_tok, teacher_tok, train.student, train.teacher)
+    data_path, sft_dir = out / "teacher_data.jsonl", out / "sft"
+    common = dict(dtype=train.dtype, trust_remote_code=train.trust_remote_code)
+    # The models of the stages still to run are loaded now, so that weights which cannot be
+    # used stop the recipe before its folder exists; the others are only looked at.
+    teacher = (load_model(train.teacher, "teacher", trainable=False, **common)
+               if not data_path.exists() else None)
+    student = (load_model(train.student, "student", trainable=True, **common)
+               if not (sft_dir / "config.json").exists() else None)
+    for path, role in ((train.student, "student"), (train.teacher, "teacher")):
+        check_model_folder(path, role, tokenizer=False, trust_remote_code=train.trust_remote_code)
+    check_prompts(records, teacher_tok, None, who="the teacher's rendering",
+                  limit=context_window(train.teacher), limit_name="the teacher's context window",
+                  fix="shorten or remove the row", chat_template_kwargs=train.chat_template_kwargs)
+    check_training_prompts(train, train_records, student_tok, teacher_tok, eval_records)
+    report: dict[str, Any] = _read_report(report_path)
+    out.mkdir(parents=True, exist_ok=True)
 
-    data_path = out / "teacher_data.jsonl"
-    if not data_path.exists():
+    if teacher is not None:
         start = time.perf_counter()
-        records = load_prompts(cold.prompts or train.prompts, **source_of(train))
-        teacher = load_model(train.teacher, "teacher", trainable=False, dtype=train.dtype,
-                             trust_remote_code=train.trust_remote_code)
         rows = generate_teacher_data(
             teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
+            chat_template_kwargs=train.chat_template_kwargs,
         )
         if not rows:
             raise OPDError("cold start: the teacher produced no usable response (none verified "
@@ -127,20 +173,20 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         }
     rows = read_jsonl(data_path)
 
-    sft_dir = out / "sft"
-    if not (sft_dir / "config.json").exists():
+    if student is not None:
         start = time.perf_counter()
-        student = load_model(train.student, "student", trainable=True, dtype=train.dtype,
-                             trust_remote_code=train.trust_remote_code)
+        dropout = [] if cold.sft_dropout else disable_dropout(student)
         losses = train_sft(
             student, student_tok, [(r["messages"], r["response"]) for r in rows],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
                       warmup_steps=min(20, cold.sft_steps // 10), seed=train.seed,
-                      progress=train.progress, desc="cold-start sft"),
+                      progress=train.progress, desc="cold-start sft", template=train.template,
+                      chat_template_kwargs=train.chat_template_kwargs),
         )
         tmp = sft_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
+        with original_config(dropout):
+            student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         tmp.rename(sft_dir)
         report["sft"] = {"examples": len(rows), "steps": cold.sft_steps,

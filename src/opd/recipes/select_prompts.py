@@ -31,13 +31,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from opd import metrics as M
-from opd.config import PROFILES, build_config
+from opd.config import PROFILES, TrainConfig, build_config
 from opd.data.prompts import (
     ANSWER_FIELD_HELP,
     MESSAGES_FIELD_HELP,
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
     PromptRecord,
+    check_template,
     load_prompts,
     render_prompt,
     require_answers,
@@ -45,8 +46,10 @@ from opd.data.prompts import (
 )
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import write_jsonl_atomic, write_text_atomic
+from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
+from opd.models import context_window
 from opd.report import fmt, save_figure
+from opd.rollout import check_prompts
 from opd.settings import Config, setting
 from opd.train import run_training
 
@@ -105,8 +108,12 @@ class SelectConfig(Config):
     dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
                          choices=("auto", "float32", "bfloat16", "float16"))
     progress: bool = setting(True, "Show progress bars.")
+    trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
+                                      "unless asked).")
 
     def check(self) -> None:
+        check_template(self.student_template, "student_template")
+        check_template(self.teacher_template, "teacher_template")
         if not self.rank_by:
             raise OPDError(f"config: rank_by needs at least one measure of {', '.join(RANKABLE)}")
 
@@ -180,7 +187,7 @@ def entropy_effect(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def as_text(records: Sequence[PromptRecord], texts: Sequence[str]) -> list[PromptRecord]:
     """Each record as its rendered text (one user message), the original messages in meta."""
     return [PromptRecord([{"role": "user", "content": t}], r.answer,
-                         {**r.meta, "source_messages": r.messages})
+                         {**r.meta, "source_messages": r.messages}, r.source)
             for r, t in zip(records, texts, strict=True)]
 
 
@@ -192,6 +199,18 @@ def write_prompts(path: Path, records: Sequence[PromptRecord], info: Sequence[di
 
 
 # -- the recipe -------------------------------------------------------------------------------
+def _check_distinct_ids(records: Sequence[PromptRecord], others: Sequence[PromptRecord]) -> None:
+    """Mixed-in prompts must not repeat a candidate's id: the output would hold it twice."""
+    ids = {json.dumps(r.meta["id"], sort_keys=True, default=str) for r in records
+           if r.meta.get("id") is not None}
+    for record in others:
+        if record.meta.get("id") is not None:
+            key = json.dumps(record.meta["id"], sort_keys=True, default=str)
+            if key in ids:
+                raise OPDError(f"{record.source} has the id {key} of a candidate in --prompts; "
+                               "give the two files distinct ids")
+
+
 def _candidates(config: SelectConfig) -> tuple[list[int], list[PromptRecord]]:
     records = load_prompts(config.prompts, **source_of(config))
     indices = list(range(len(records)))
@@ -200,16 +219,27 @@ def _candidates(config: SelectConfig) -> tuple[list[int], list[PromptRecord]]:
     return indices, [records[i] for i in indices]
 
 
+def _trial_config(config: SelectConfig, name: str, folder: Path) -> TrainConfig:
+    """The settings of the trial run on the prompt set `name` (checked before the selection
+    starts: a bad trial_settings value is refused before anything is written)."""
+    forced = {"student": config.student, "teacher": config.teacher,
+              "prompts": str(folder / f"{name}.jsonl"), "out": str(folder / name),
+              "max_steps": max(config.trial_steps, 1), "max_new_tokens": config.max_new_tokens,
+              "seed": config.seed, "save_every": max(config.trial_steps, 1), "keep_checkpoints": 1,
+              "progress": config.progress, "trust_remote_code": config.trust_remote_code,
+              **USE_WITH}
+    try:
+        return build_config(config.trial_settings, forced, profile=config.trial_profile)
+    except OPDError as err:
+        raise OPDError(str(err).replace("config: ", "config: trial_settings.", 1)) from None
+
+
 def _trial(config: SelectConfig, name: str, records: Sequence[PromptRecord], folder: Path) -> dict[str, Any]:
     """A short OPD run on `records`; its checkpoints are removed, its metrics kept."""
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / name, ignore_errors=True)  # left by a selection that did not finish
     write_prompts(folder / f"{name}.jsonl", records, [{"set": name}] * len(records))
-    forced = {"student": config.student, "teacher": config.teacher,
-              "prompts": str(folder / f"{name}.jsonl"), "out": str(folder / name),
-              "max_steps": config.trial_steps, "max_new_tokens": config.max_new_tokens,
-              "seed": config.seed, "save_every": config.trial_steps, "keep_checkpoints": 1,
-              "progress": config.progress, **USE_WITH}
-    run_training(build_config(config.trial_settings, forced, profile=config.trial_profile))
+    run_training(_trial_config(config, name, folder))
     shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
     return {"prompts": len(records), "run": str(folder / name),
             **entropy_effect(M.read(folder / name))}
@@ -218,11 +248,16 @@ def _trial(config: SelectConfig, name: str, records: Sequence[PromptRecord], fol
 def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     """Select, write every output into `config.out` and return the selection (selection.json)."""
     out = Path(config.out)
+    check_output_folder(out, "out")
     if (out / "selection.json").exists():
         raise OPDError(f"--out: {str(out)!r} already holds a selection; choose a new folder "
                        "(nothing was changed)")
+    trial_config = _trial_config(config, "selected", out / "trial") if config.trial_steps else None
     indices, records = _candidates(config)
-    others = load_prompts(config.other_prompts, **source_of(config)) if config.other_prompts else None
+    others = (load_prompts(config.other_prompts, "other_prompts", **source_of(config))
+              if config.other_prompts else None)
+    if others is not None:
+        _check_distinct_ids(records, others)
     ranking_needs_answers = "advantage" in config.rank_by
     if ranking_needs_answers:
         require_answers(records, "prompts", "rank_by advantage")
@@ -236,9 +271,31 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
         n=config.n, max_new_tokens=config.max_new_tokens,
         depths=(0.0,) if ranking_needs_answers else (), seed=config.seed,
         batch_size=config.batch_size, dtype=config.dtype, progress=False,
+        trust_remote_code=config.trust_remote_code,
     )
     student = load_pair(config.student, "student", measure)
     teacher = load_pair(config.teacher, "teacher", measure, student)
+    own = {"student": config.student_template, "teacher": config.teacher_template}
+    if config.template == "teacher" and config.teacher_template is None \
+            and not getattr(teacher.tokenizer, "chat_template", None):
+        raise OPDError(f"template: the prompts are to be rendered with the teacher's template, "
+                       f"but the tokenizer of {config.teacher!r} has no chat template; pass "
+                       "--teacher-template with {prompt}, or --template student")
+    for pair, template in ((student, config.student_template), (teacher, config.teacher_template)):
+        rows = records if others is None or pair.name != config.template else [*records, *others]
+        check_prompts(rows, pair.tokenizer, template, who=f"the {pair.name}'s rendering",
+                      limit=context_window(pair.path),
+                      limit_name=f"the {pair.name}'s context window", fix="shorten or remove the row")
+    if trial_config is not None:
+        chosen_template = own[config.template]
+        owner = student if config.template == "student" else teacher
+        candidates = [*records, *(others or [])]
+        texts = as_text(candidates, [render_prompt(r.messages, owner.tokenizer, chosen_template)
+                                     for r in candidates])
+        check_prompts(texts, student.tokenizer, "{prompt}", who="the trial's rendering",
+                      limit=trial_config.max_prompt_tokens,
+                      limit_name="the trial's max_prompt_tokens",
+                      fix="raise trial_settings.max_prompt_tokens, or shorten or remove the row")
     bar.update()
 
     def rendered(pair: Pair, template: str | None, rows: Sequence[PromptRecord]) -> list[PromptRecord]:
