@@ -3,13 +3,22 @@ Face model-card format that names what was trained from what, how, and how well.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 import opd
 from opd import metrics as M
-from opd.cards import model_card, read_card
-from opd.checkpoints import complete_checkpoints
+from opd.cards import CARD_FILE, TRAINING_STATE, model_card, read_card
+from opd.checkpoints import (
+    MANIFEST_FILE,
+    RNG_FILE,
+    SETTINGS_FILE,
+    STATE_FILE,
+    checkpoint_problem,
+    complete_checkpoints,
+)
 from opd.config import build_config
 
 
@@ -28,6 +37,9 @@ def test_every_checkpoint_has_a_card_naming_its_run(run, tiny_pair):
     checkpoints = complete_checkpoints(run.run)
     assert [c.name for c in checkpoints] == ["step-000002", "step-000004"]
     for checkpoint in checkpoints:
+        # The card is written before the manifest, which lists it: the checkpoint stays complete.
+        assert CARD_FILE in json.loads((checkpoint / MANIFEST_FILE).read_text())["files"]
+        assert checkpoint_problem(checkpoint) is None
         meta, body = read_card(checkpoint)
         step = int(checkpoint.name.split("-")[1])
         assert meta["base_model"] == str(tiny_pair["student"])
@@ -48,7 +60,8 @@ def test_the_final_model_folder_is_a_loadable_hf_model_with_the_final_card(run):
     assert run.model == run.run / "model"
     files = {p.name for p in run.model.iterdir()}
     assert {"config.json", "README.md", "tokenizer.json"} <= files
-    assert not files & {"optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+    assert not files & {"optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
+                        "run_config.yaml", "manifest.json"}
     meta, body = read_card(run.model)
     assert meta["base_model"] == run.config.student and "final model" in body
     assert f"{run.initial_accuracy:.4g} before training, {run.final_accuracy:.4g}" in body
@@ -58,6 +71,11 @@ def test_the_final_model_folder_is_a_loadable_hf_model_with_the_final_card(run):
     for a, b in zip(final.parameters(), last.parameters(), strict=True):
         assert torch.equal(a, b)
     assert run.summary["final_model"] == str(run.model)
+
+
+def test_the_model_export_leaves_out_every_training_state_file():
+    assert {"optimizer.pt", "scheduler.pt", RNG_FILE, STATE_FILE, SETTINGS_FILE, MANIFEST_FILE,
+            CARD_FILE} <= TRAINING_STATE
 
 
 def test_cards_of_grpo_lora_and_hub_prompts():
