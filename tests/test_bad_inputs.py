@@ -22,6 +22,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import opd.io
+import opd.trackers
 from opd.cli import main
 
 
@@ -303,6 +304,32 @@ def config_rows(float_key: str | None, int_key: str | None = "max_new_tokens") -
 
 
 
+def column_rows() -> tuple:
+    """Rows every verb that reads prompts has: a mapped column its prompt file lacks (issue 13's
+    prompt_field / answer_field / split settings)."""
+    return (
+        ("prompt column missing", adding("--prompt-field", "question"),
+         "no column 'question' (prompt_field) or 'messages' (messages_field); its columns are"),
+        ("answer column missing", adding("--answer-field", "solution.final"),
+         "no column 'solution.final' (answer_field); its columns are"),
+        ("split missing from a saved dataset", _saved_dataset, "has no split 'dev'; its splits are"),
+    )
+
+
+def _saved_dataset(ws: Workspace, argv: list[str]) -> list[str]:
+    """--prompts a DatasetDict written by save_to_disk, and a --split it does not hold."""
+    datasets = pytest.importorskip("datasets")
+    folder = ws.path("saved")
+    rows = [{"prompt": f"{a} + 1 =", "answer": str(a + 1)} for a in range(4)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))
+    return [*with_flag("--prompts", folder)(ws, argv), "--split", "dev"]
+
+
+def _tracker_missing(ws: Workspace, argv: list[str]) -> list[str]:
+    ws.monkeypatch.setattr(opd.trackers, "_installed", lambda module: False)
+    return [*argv, "--report-to", "tensorboard"]
+
+
 def _resumable(ws: Workspace, argv: list[str], *extra: str) -> list[str]:
     """A run in --out already (made by the verb itself), then `argv` again (with `extra`)."""
     assert main(argv) == 0
@@ -359,7 +386,12 @@ VERBS: dict[str, Verb] = {
               ("resume with other settings", lambda ws, a: _resumable(ws, a, "--seed", "5"),
                "--resume: the run in"),
               ("existing run without --resume", lambda ws, a: _resumable(ws, a),
-               "already holds a run; pass --resume")),
+               "already holds a run; pass --resume"),
+              ("unknown tracker", adding("--report-to", "comet"),
+               "config: report_to must be each one of"),
+              ("tracker not installed", _tracker_missing,
+               'report_to: tensorboard is not installed; pip install "opd[tensorboard]"'),
+              *column_rows()),
     ),
     "grpo": Verb(
         lambda ws: ["grpo", "--student", str(ws.student), "--prompts", str(ws.prompts),
@@ -369,7 +401,8 @@ VERBS: dict[str, Verb] = {
               ("one rollout per group", adding("--rollouts-per-prompt", "1"),
                "needs rollouts_per_prompt"),
               ("prompts without answers", with_flag("--prompts", NO_ANSWERS),
-               "prompts: row 1 has no 'answer'; outcome_weight > 0 needs")),
+               "prompts: row 1 has no 'answer'; outcome_weight > 0 needs"),
+              *column_rows()),
     ),
     "eval": Verb(
         lambda ws: ["eval", "--model", str(ws.student), "--prompts", str(ws.prompts),
@@ -381,7 +414,8 @@ VERBS: dict[str, Verb] = {
               ("template with a stray brace", adding("--template", "{prompt} {"),
                "config: template must be a format string"),
               ("prompts without answers", with_flag("--prompts", NO_ANSWERS),
-               "prompts: row 1 has no 'answer'; evaluation needs")),
+               "prompts: row 1 has no 'answer'; evaluation needs"),
+              *column_rows()),
     ),
     "diagnose": Verb(
         lambda ws: ["diagnose", "--student", str(ws.student), "--teacher", str(ws.teacher),
@@ -394,7 +428,8 @@ VERBS: dict[str, Verb] = {
               ("teacher template without {prompt}", adding("--teacher-template", "plain"),
                "config: teacher_template must contain {prompt}"),
               ("no teacher", lambda ws, a: a[: a.index("--teacher")] + a[a.index("--teacher") + 2:],
-               "teacher: no model given; pass --teacher")),
+               "teacher: no model given; pass --teacher"),
+              *column_rows()),
     ),
     "cold-start": Verb(
         lambda ws: ["cold-start", "--student", str(ws.student), "--teacher", str(ws.teacher),
@@ -410,7 +445,8 @@ VERBS: dict[str, Verb] = {
               ("keep correct without answers",
                lambda ws, a: with_flag("--cold-start.prompts", NO_ANSWERS)(
                    ws, [*a, "--set", "cold_start.keep=correct"]),
-               "cold_start.prompts: row 1 has no 'answer'")),
+               "cold_start.prompts: row 1 has no 'answer'"),
+              *column_rows()),
     ),
     "select-prompts": Verb(
         lambda ws: ["select-prompts", "--student", str(ws.student), "--teacher", str(ws.teacher),
@@ -429,7 +465,8 @@ VERBS: dict[str, Verb] = {
                lambda ws, a: a[: a.index("--teacher-template")] + a[a.index("--teacher-template") + 2:],
                "template: the prompts are to be rendered with the teacher's template"),
               ("other prompts repeating a candidate's id", _clashing_ids,
-               "has the id 1 of a candidate in --prompts")),
+               "has the id 1 of a candidate in --prompts"),
+              *column_rows()),
         # Mixed-in prompts are rendered with the teacher's format string only, which takes the
         # last user message: a conversation is no bad input there.
         skip=frozenset({("--other-prompts", "conversation without a chat template")}),

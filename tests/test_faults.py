@@ -34,13 +34,15 @@ import opd.checkpoints
 import opd.errors
 import opd.metrics
 import opd.models
-import opd.train
 from opd import metrics as M
 from opd.checkpoints import checkpoint_step, complete_checkpoints, rng_state, set_rng_state
 from opd.cli import main
 from opd.config import build_config
 from opd.train import Trainer, run_training
 from tests.test_train import KillAt, without_times
+
+train_module = sys.modules["opd.train"]
+"""The module: `opd.train` is the API function of the same name."""
 
 SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
@@ -136,7 +138,7 @@ def half_deleted(path, *args, **kwargs):
 
 
 KILL_POINTS: dict[str, Callable[[], None]] = {
-    "in the rollouts of step 3": lambda: on_call(opd.train, "generate_rollouts", 3),
+    "in the rollouts of step 3": lambda: on_call(train_module, "generate_rollouts", 3),
     "in the update of step 3 (after backward, before the optimizer step)":
         lambda: on_call(torch.nn.utils, "clip_grad_norm_", 3),
     "half-way through the metrics line of step 3": lambda: on_call(
@@ -149,7 +151,7 @@ KILL_POINTS: dict[str, Callable[[], None]] = {
         opd.checkpoints, "_write_manifest", 2, after=True),
     "half-way through deleting checkpoint 2": lambda: setattr(
         opd.checkpoints.shutil, "rmtree", _rmtree_dying_on_old),
-    "in the evaluation at the end": lambda: on_call(opd.train, "evaluate", 2),
+    "in the evaluation at the end": lambda: on_call(train_module, "evaluate", 2),
 }
 """Where a kill lands → how the forked child arranges to die there."""
 
@@ -162,7 +164,7 @@ def _rmtree_dying_on_old(path, *args, **kwargs):
 
 
 MORE_KILLS: dict[str, Callable[[], None]] = {
-    "in the rollouts of step 4": lambda: on_call(opd.train, "generate_rollouts", 4),
+    "in the rollouts of step 4": lambda: on_call(train_module, "generate_rollouts", 4),
     "while a resume cuts metrics.jsonl back": lambda: on_call(
         opd.metrics, "write_jsonl_atomic", 1, before=lambda path, rows: (list(rows), die())),
 }
@@ -343,8 +345,8 @@ def test_a_full_disk_while_logging_stops_with_one_line(tiny_pair, tmp_path, refe
 def test_a_full_disk_at_the_end_is_one_line_and_resumable(tiny_pair, tmp_path, reference, capsys,
                                                            monkeypatch):
     out = tmp_path / "run"
-    real = opd.train.write_text_atomic
-    monkeypatch.setattr(opd.train, "write_text_atomic", lambda path, text: no_space()
+    real = train_module.write_text_atomic
+    monkeypatch.setattr(train_module, "write_text_atomic", lambda path, text: no_space()
                         if path.name == "summary.json" else real(path, text))
     assert main(cli_args(tiny_pair, out)) == 2
     err = capsys.readouterr().err.strip()
@@ -357,7 +359,7 @@ def test_a_full_disk_at_the_end_is_one_line_and_resumable(tiny_pair, tmp_path, r
 # -- non-finite losses --------------------------------------------------------------------------
 def test_non_finite_losses_are_skipped_the_same_way_after_a_resume(tiny_pair, tmp_path, monkeypatch):
     bad, current = {2, 5}, {"step": 0}
-    real_step, real_score = Trainer.train_step, opd.train.score
+    real_step, real_score = Trainer.train_step, train_module.score
 
     def train_step(self, step):
         current["step"] = step
@@ -370,7 +372,7 @@ def test_non_finite_losses_are_skipped_the_same_way_after_a_resume(tiny_pair, tm
         return scores
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
-    monkeypatch.setattr(opd.train, "score", score)
+    monkeypatch.setattr(train_module, "score", score)
     run_training(config(tiny_pair, tmp_path / "whole"))
     with pytest.raises(KeyboardInterrupt):
         run_training(config(tiny_pair, tmp_path / "killed"), hooks=[KillAt(6)])

@@ -64,7 +64,8 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_loop_does_not_reach_recipes_reports_diagnose_or_the_cli():
     below = reaches(import_graph(), "opd.train")
-    for layer in ("opd.recipes", "opd.report", "opd.diagnose", "opd.cli", "opd.lab"):
+    for layer in ("opd.recipes", "opd.report", "opd.diagnose", "opd.cli", "opd.lab", "opd.api",
+                  "opd.hooks", "opd.trackers"):
         assert not any(m == layer or m.startswith(layer + ".") for m in below), layer
 
 
@@ -89,3 +90,11 @@ def test_design_md_names_every_module():
     tops = {name.split(".")[1] for name in all_modules() if name.count(".") >= 1}
     missing = [t for t in sorted(tops) if f"`opd.{t}" not in design]
     assert not missing, missing
+
+
+def test_the_api_is_the_top_layer():
+    """Only the package (on first use of a public name) and the verbs import opd.api."""
+    graph = import_graph()
+    importers = {module for module, imports in graph.items() if "opd.api" in imports}
+    assert importers <= {"opd", "opd.cli", "opd.recipes.cli", "opd.diagnose.cli", "opd.lab.cli"}
+    assert not any(m.endswith(".cli") for m in reaches(graph, "opd.api"))

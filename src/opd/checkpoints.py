@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from opd.cards import CARD_FILE
 from opd.errors import OPDError, one_line
 
 STATE_FILE = "trainer_state.json"
@@ -119,11 +120,11 @@ def _remove(folder: Path) -> None:
 
 def save_checkpoint(
     out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
-    settings: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None, card: str | None = None,
 ) -> Path:
-    """Write everything to `step-N.tmp`, the manifest last, then rename; keep the newest
-    `keep` checkpoints. A write that fails (a full disk) leaves the previous checkpoints as
-    they were and stops with one line."""
+    """Write everything (and the model card `card` as README.md) to `step-N.tmp`, the manifest
+    last, then rename; keep the newest `keep` checkpoints. A write that fails (a full disk)
+    leaves the previous checkpoints as they were and stops with one line."""
     final = checkpoint_dir(out, step)
     tmp = final.with_suffix(".tmp")
     try:
@@ -137,6 +138,8 @@ def save_checkpoint(
         if settings is not None:
             (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         _write_manifest(tmp)
         _remove(final)
         tmp.rename(final)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from opd import settings
+from opd import api, settings
 from opd.config import PROFILES, TrainConfig
 from opd.diagnose import cli as diagnose_cli
 from opd.errors import OPDError, one_line
@@ -31,36 +30,23 @@ def print_result(result: dict[str, Any]) -> int:
 
 
 def cmd_train(config: TrainConfig, args: argparse.Namespace) -> int:
-    """`opd train` and `opd grpo`: the loop, the run report, and the cold-start handover when
-    the monitor is asked for it."""
-    from opd.recipes.cold_start import ColdStartHandover
-    from opd.report import ReportHook
-    from opd.train import run_training
-
-    hooks = [ReportHook(config.out)]
-    if config.on_failure == "cold-start":
-        hooks.append(ColdStartHandover(config))
-    return print_result(run_training(config, resume=args.resume, hooks=hooks))
+    """`opd train` and `opd grpo`: `opd.api.train` (the loop with the run report, the final
+    model folder, the trackers and, when asked, the cold-start handover)."""
+    return print_result(api.train(config, resume=args.resume).summary)
 
 
 def cmd_eval(config: EvalConfig, args: argparse.Namespace) -> int:
-    from opd.evaluate import run_eval
-
-    return print_result(run_eval(config))
+    result = api.evaluate(config=config)
+    return print_result({"model": config.model, "prompts": config.prompts,
+                         "accuracy": result.accuracy, "n": result.n,
+                         "n_prompts": result.n_prompts,
+                         "mean_response_length": result.mean_response_length,
+                         "truncation_rate": result.truncation_rate})
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from opd.report import check_compare_path, check_run_folder, plot_curves, write_run_report
-
-    runs = {run: check_run_folder(run) for run in args.runs}  # every input, before any output
-    if args.compare:
-        check_compare_path(args.compare)
-    for run in args.runs:
-        print(write_run_report(run))
-    if args.compare:
-        Path(args.compare).parent.mkdir(parents=True, exist_ok=True)
-        print(plot_curves({Path(r).name: records for r, records in runs.items()},
-                          Path(args.compare)))
+    for path in api.report(*args.runs, compare=args.compare):
+        print(path)
     return 0
 
 

@@ -9,13 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from opd.data.prompts import check_template
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    check_template,
+)
 from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
 from opd.optim import SCHEDULES
 from opd.settings import Config, build, group, setting
 from opd.verify import VERIFIERS
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""Experiment trackers a run can report to (`report_to`), each an optional extra."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,12 @@ class TrainConfig(Config):
                            "trained.")
     teacher: str = setting("", "Folder or hub id of the teacher; frozen. Not needed when "
                            "distill_weight is 0 (GRPO).")
-    prompts: str = setting("", "Prompt file (.jsonl / .parquet) with a `prompt` text or chat "
-                           "`messages` per row.")
+    prompts: str = setting("", "Prompt file (.jsonl / .parquet), folder written by save_to_disk "
+                           "or hub dataset id, with a `prompt` text or chat `messages` per row.")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("runs/opd", "Run folder: metrics.jsonl, checkpoints/, config.yaml, "
                        "reports.")
     max_steps: int = setting(100, "Optimizer steps to run.", minimum=1)
@@ -97,8 +110,10 @@ class TrainConfig(Config):
                               "measures.", minimum=1)
     micro_batch: int = setting(0, "Rollouts per forward/backward pass (0 = all of a process's "
                                "rollouts at once).", minimum=0)
-    eval_prompts: str | None = setting(None, "Prompt file with answers evaluated every "
-                                       "eval_every steps (and at the start and end).")
+    eval_prompts: str | None = setting(None, "Prompt set with answers evaluated every "
+                                       "eval_every steps (and at the start and end); the same "
+                                       "columns as prompts.")
+    eval_split: str | None = setting(None, "Split of eval_prompts when it is a dataset.")
     eval_every: int = setting(0, "Evaluate every this many steps (0 = only at start and end "
                               "when eval_prompts is set).", minimum=0)
     eval_n: int = setting(1, "Samples per evaluation prompt (avg@n).", minimum=1)
@@ -128,6 +143,14 @@ class TrainConfig(Config):
     cold_start: ColdStartConfig = group(ColdStartConfig, "The off-policy cold start "
                                         "(`opd cold-start`, on_failure: cold-start).")
     progress: bool = setting(True, "Show a progress bar.")
+    report_to: tuple[str, ...] = setting(
+        (), "Experiment trackers fed with every step's measures, the alerts, the config and the "
+        "report's figures (any of them; each is an extra: pip install \"opd[tensorboard]\").",
+        choices=TRACKERS)
+    project: str = setting("opd", "Project (W&B, trackio) or experiment (MLflow) the run is "
+                           "logged under.")
+    run_name: str | None = setting(None, "The run's name in the trackers (default: the name of "
+                                   "the out folder).")
 
     def check(self) -> None:
         check_template(self.template, "template")

@@ -8,7 +8,16 @@ from typing import Any
 
 import torch
 
-from opd.data.prompts import PromptRecord, check_template, render_prompt, require_answers
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    PromptRecord,
+    check_template,
+    render_prompt,
+    require_answers,
+)
 from opd.rollout import generate_rollouts
 from opd.settings import Config, setting
 from opd.verify import VERIFIERS, get_verifier
@@ -19,7 +28,12 @@ class EvalConfig(Config):
     """Settings of `opd eval`."""
 
     model: str = setting("", "Model folder (or hub id) to evaluate.")
-    prompts: str = setting("", "Prompt file with an 'answer' per row.")
+    prompts: str = setting("", "Prompt file, save_to_disk folder or hub dataset id with an "
+                           "'answer' per row.")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     n: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
     temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Nucleus threshold.", above=0, maximum=1)
@@ -90,13 +104,16 @@ def evaluate(
     )
 
 
-def run_eval(config: EvalConfig) -> dict[str, object]:
-    """`opd eval`: the model's avg@n on the prompt file, as a JSON-ready summary."""
-    from opd.data.prompts import load_prompts
+def evaluate_model(config: EvalConfig) -> EvalResult:
+    """`opd eval`: load the model of `config` and measure its avg@n on the prompt set. Every
+    input (verifier, prompts, model folder, each prompt's rendering and length) is checked
+    before the model generates."""
+    from opd.data.prompts import load_prompts, source_of
     from opd.models import context_window, load_model, load_tokenizer
     from opd.rollout import check_prompts
 
-    records = load_prompts(config.prompts)
+    get_verifier(config.verifier)
+    records = load_prompts(config.prompts, **source_of(config))
     require_answers(records, "prompts", "evaluation")
     tokenizer = load_tokenizer(config.model, "model", config.trust_remote_code)
     model = load_model(config.model, "model", trainable=False,
@@ -105,14 +122,9 @@ def run_eval(config: EvalConfig) -> dict[str, object]:
                   limit=context_window(config.model), limit_name="the model's context window",
                   fix="shorten or remove the row",
                   chat_template_kwargs=config.chat_template_kwargs)
-    result = evaluate(
-        model, tokenizer, records, n=config.n,
-        temperature=config.temperature, top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens, verifier=config.verifier,
+    return evaluate(
+        model, tokenizer, records, n=config.n, temperature=config.temperature,
+        top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
         chat_template_kwargs=config.chat_template_kwargs,
     )
-    return {"model": config.model, "prompts": config.prompts, "accuracy": result.accuracy,
-            "n": result.n, "n_prompts": result.n_prompts,
-            "mean_response_length": result.mean_response_length,
-            "truncation_rate": result.truncation_rate}

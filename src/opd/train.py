@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from opd import metrics as M
+from opd.cards import model_card
 from opd.checkpoints import (
     checkpoint_settings,
     checkpoint_step,
@@ -36,7 +37,7 @@ from opd.checkpoints import (
     save_checkpoint,
 )
 from opd.config import TrainConfig
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import check_output_folder, write_text_atomic
@@ -51,9 +52,10 @@ from opd.scoring import ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
 from opd.verify import get_verifier
 
-RESUME_MUST_MATCH = ("student", "teacher", "prompts", "seed", "prompts_per_step",
-                     "rollouts_per_prompt", "objective")
-"""Settings a resumed run must share with the run it continues."""
+RESUME_MUST_MATCH = ("student", "teacher", "prompts", "split", "prompt_field", "messages_field",
+                     "answer_field", "seed", "prompts_per_step", "rollouts_per_prompt", "objective")
+"""Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
+an older opd, counts as its default)."""
 
 
 def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
@@ -104,12 +106,14 @@ class Trainer:
         self.procs = Processes()
         self.out = Path(config.out)
         check_output_folder(self.out, "out")
+        self.verify = get_verifier(config.verifier)
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
-        self.records = load_prompts(config.prompts)
+        self.records = load_prompts(config.prompts, **source_of(config))
         if config.outcome_weight:
             require_answers(self.records, "prompts", "outcome_weight > 0")
-        self.eval_records = (load_prompts(config.eval_prompts, "eval_prompts")
+        self.eval_records = (load_prompts(config.eval_prompts, "eval_prompts",
+                                          **source_of(config, "eval_split"))
                              if config.eval_prompts else [])
         if self.eval_records:
             require_answers(self.eval_records, "eval_prompts", "evaluation")
@@ -125,7 +129,6 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
-        self.verify = get_verifier(config.verifier)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -141,6 +144,7 @@ class Trainer:
         self.student_head = output_head(self.models.student)
         self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
+        self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
     def _resume_point(self, resume: bool) -> Path | None:
@@ -172,7 +176,8 @@ class Trainer:
         if saved is None:
             saved = self._saved_run_settings()
         settings = to_dict(self.config)
-        changed = {k for k in RESUME_MUST_MATCH if saved.get(k) != settings[k]}
+        defaults = to_dict(TrainConfig())
+        changed = {k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != settings[k]}
         if changed:
             raise OPDError(
                 f"--resume: the run in {str(self.out)!r} was started with other values of "
@@ -362,18 +367,23 @@ class Trainer:
                 seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
             )
             accuracy[0] = result.accuracy
-        return float(self.procs.sum(accuracy)[0])
+        self.latest_accuracy = float(self.procs.sum(accuracy)[0])
+        return self.latest_accuracy
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, record: dict[str, Any] | None = None) -> None:
+        """A checkpoint folder with its model card (the measures of `record`, the step's)."""
         self.procs.barrier()
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
+            card = model_card(self.config, step=step, record=record,
+                              initial_accuracy=self.state.get("initial_accuracy"),
+                              accuracy=self.latest_accuracy)
             with original_config(self.models.student_dropout):
                 save_checkpoint(
                     self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
                     self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
-                    self.config.keep_checkpoints, settings=to_dict(self.config),
+                    self.config.keep_checkpoints, settings=to_dict(self.config), card=card,
                 )
         self.procs.barrier()
 
@@ -408,7 +418,7 @@ class Trainer:
             if stop:
                 stopped_by = step
             if step % config.save_every == 0 or last or stop:
-                self.checkpoint(step)
+                self.checkpoint(step, record)
             if stop:
                 break
         bar.close()

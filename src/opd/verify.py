@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable
 
@@ -41,14 +42,17 @@ def exact_match(response: str, answer: str) -> bool:
     return _normalise(extract_answer(response)) == _normalise(answer)
 
 
+MATH_EXTRA = 'verifier: math needs the math-verify package: pip install "opd[math]"'
+
+
 def math_verify_match(response: str, answer: str) -> bool:
-    """Symbolic equality of the final answers through `math-verify` (install `opd[math]`)."""
+    """Mathematical equality of the final answers through `math-verify` (install `opd[math]`):
+    the response's last `\\boxed{…}` (else its last expression) against the reference, so
+    `\\frac{1}{2}`, `1/2` and `0.5` all match, in LaTeX or plain text."""
     try:
         from math_verify import parse, verify
-    except ImportError as err:
-        raise OPDError(
-            "verifier 'math' needs the math-verify package: pip install 'opd[math]'"
-        ) from err
+    except ImportError:
+        raise OPDError(MATH_EXTRA) from None
     gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
     return bool(verify(gold, parse(response)))
 
@@ -56,10 +60,22 @@ def math_verify_match(response: str, answer: str) -> bool:
 VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "math": math_verify_match}
 
 
+REQUIRES = {"math": "math_verify"}
+"""The package each optional verifier needs."""
+
+
 def get_verifier(name: str) -> Verifier:
+    """The verifier called `name`; an OPDError naming the extra when its package is missing,
+    so a run stops before it loads a model."""
+    if name not in VERIFIERS:
+        raise OPDError(f"verifier: unknown name {name!r}; choose one of {sorted(VERIFIERS)}")
+    if name in REQUIRES and not _installed(REQUIRES[name]):
+        raise OPDError(MATH_EXTRA)
+    return VERIFIERS[name]
+
+
+def _installed(module: str) -> bool:
     try:
-        return VERIFIERS[name]
-    except KeyError:
-        raise OPDError(
-            f"verifier: unknown name {name!r}; choose one of {sorted(VERIFIERS)}"
-        ) from None
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules
+        return False

@@ -1,18 +1,27 @@
-"""Prompt sets: load jsonl or parquet, normalise to chat messages, render for a tokenizer.
+"""Prompt sets: load jsonl, parquet or a Hugging Face dataset, normalise to chat messages,
+render for a tokenizer.
 
-Accepted rows (one per prompt):
+Sources: a `.jsonl` / `.parquet` file; a folder written by `Dataset.save_to_disk` or
+`DatasetDict.save_to_disk` (one `split` of it); or a hub dataset id (`name` or `owner/name`),
+loaded with `datasets.load_dataset` where the network allows. Datasets need the `datasets`
+package (`pip install "opd[datasets]"`).
+
+Accepted rows (one per prompt), with the default column names:
 - `{"prompt": "text", "answer": "…"}`
 - `{"messages": [{"role": "user", "content": "…"}, …], "answer": "…"}`
 - verl-style parquet: `prompt` is a list of messages, the answer in `reward_model.ground_truth`.
-The answer is optional (needed only for evaluation and outcome rewards). A row must have a
-non-empty prompt; rows that carry an `id` must carry distinct ones. A file that is not what its
-name says (not UTF-8, not parquet, cut short) is refused with its name and the line at fault.
+Other column names are mapped with `prompt_field`, `messages_field` and `answer_field` (a
+dotted name reaches into a nested column, e.g. `reward_model.ground_truth`). The answer is
+optional (needed only for evaluation and outcome rewards). A row must have a non-empty prompt;
+rows that carry an `id` must carry distinct ones. A file that is not what its name says (not
+UTF-8, not parquet, cut short) is refused with its name and the line at fault.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,19 @@ from opd.errors import OPDError, one_line
 from opd.io import write_jsonl_atomic
 
 Messages = list[dict[str, str]]
+
+PROMPT_FIELD, MESSAGES_FIELD, ANSWER_FIELD = "prompt", "messages", "answer"
+"""The default column names."""
+DATASETS_EXTRA = 'pip install "opd[datasets]"'
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+"""What a hub dataset id looks like: `name` or `owner/name`."""
+SPLIT_HELP = ("Split of a dataset folder (save_to_disk) or hub dataset (default: train, or its "
+              "only split).")
+PROMPT_FIELD_HELP = "Column of the prompt text (or verl-style message list)."
+MESSAGES_FIELD_HELP = "Column of the chat messages (read before prompt_field when a row has both)."
+ANSWER_FIELD_HELP = ("Column of the reference answer (dotted for a nested one, e.g. "
+                     "reward_model.ground_truth).")
+"""Help of the prompt-source settings every verb that reads prompts declares."""
 
 
 @dataclass(frozen=True)
@@ -34,10 +56,36 @@ class PromptRecord:
     source: str = field(default="", compare=False)
 
 
-ROW_HINT = "each row needs a 'prompt' text or 'messages' [{'role': …, 'content': …}]"
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold the prompt text, the chat messages and the answer."""
+
+    prompt: str = PROMPT_FIELD
+    messages: str = MESSAGES_FIELD
+    answer: str = ANSWER_FIELD
+
+    @property
+    def hint(self) -> str:
+        return (f"each row needs a {self.prompt!r} text or {self.messages!r} "
+                "[{'role': …, 'content': …}]")
 
 
-def _messages(prompt: Any, where: str) -> Messages:
+ROW_HINT = Columns().hint
+
+
+def _lookup(row: Mapping[str, Any], name: str) -> Any:
+    """`row[name]`, a dotted name reaching into nested mappings; None when absent."""
+    if name in row:
+        return row[name]
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _messages(prompt: Any, where: str, columns: Columns = Columns()) -> Messages:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list | tuple) and all(isinstance(m, dict) for m in prompt):
@@ -47,11 +95,11 @@ def _messages(prompt: Any, where: str) -> Messages:
             if not isinstance(role, str) or not isinstance(content, str):
                 raise OPDError(f"{where}: message {number} needs a 'role' and a text 'content' "
                                f"(got {sorted(message)} with content of type "
-                               f"{type(content).__name__}); {ROW_HINT}")
+                               f"{type(content).__name__}); {columns.hint}")
             messages.append({"role": role, "content": content})
     else:
-        raise OPDError(f"{where}: 'prompt'/'messages' must be a string or a list of "
-                       "{'role': …, 'content': …} messages")
+        raise OPDError(f"{where}: {columns.prompt!r}/{columns.messages!r} must be a string or a "
+                       "list of {'role': …, 'content': …} messages")
     if not messages:
         raise OPDError(f"{where}: the prompt has no messages; give it at least one or remove the row")
     if not any(m["content"].strip() for m in messages):
@@ -59,20 +107,45 @@ def _messages(prompt: Any, where: str) -> Messages:
     return messages
 
 
-def _row_to_record(row: Any, where: str) -> PromptRecord:
+def _row_to_record(row: Any, where: str, columns: Columns = Columns()) -> PromptRecord:
     if not isinstance(row, dict):
-        raise OPDError(f"{where} is a JSON {type(row).__name__}, not an object; {ROW_HINT}")
-    prompt = row.get("messages", row.get("prompt"))
+        raise OPDError(f"{where} is a JSON {type(row).__name__}, not an object; {columns.hint}")
+    prompt = _lookup(row, columns.messages)
     if prompt is None:
-        fields = ", ".join(map(repr, sorted(row))) or "none"
-        raise OPDError(f"{where}: no 'prompt' or 'messages' field (it has {fields}); each row "
-                       "needs one of them")
-    messages = _messages(prompt, where)
-    answer = row.get("answer")
-    if answer is None and isinstance(row.get("reward_model"), dict):
+        prompt = _lookup(row, columns.prompt)
+    if prompt is None:
+        raise OPDError(f"{where}: no {columns.prompt!r} or {columns.messages!r} field (it has "
+                       f"{_names(row, 'none')}); each row needs one of them (map another column "
+                       "with prompt_field or messages_field)")
+    messages = _messages(prompt, where, columns)
+    answer = _lookup(row, columns.answer)
+    if answer is None and columns.answer == ANSWER_FIELD and isinstance(row.get("reward_model"), dict):
         answer = row["reward_model"].get("ground_truth")
-    meta = {k: v for k, v in row.items() if k not in {"prompt", "messages", "answer"}}
+    used = {columns.prompt, columns.messages, columns.answer}
+    meta = {k: v for k, v in row.items() if k not in used}
     return PromptRecord(messages, None if answer is None else str(answer), meta, where)
+
+
+def _names(columns: Any, empty: str = "no columns") -> str:
+    names = sorted(columns)
+    return ", ".join(repr(c) for c in names) if names else empty
+
+
+def _check_columns(rows: Sequence[Any], columns: Columns, where: str) -> None:
+    """A column named in a `*_field` setting must exist; else name the columns that do."""
+    rows = [row for row in rows if isinstance(row, Mapping)]
+    present = {key for row in rows for key in row}
+
+    def exists(name: str) -> bool:
+        return name in present or any(_lookup(row, name) is not None for row in rows)
+
+    mapped = columns.prompt != PROMPT_FIELD or columns.messages != MESSAGES_FIELD
+    if mapped and not (exists(columns.prompt) or exists(columns.messages)):
+        raise OPDError(f"{where}: no column {columns.prompt!r} (prompt_field) or "
+                       f"{columns.messages!r} (messages_field); its columns are {_names(present)}")
+    if columns.answer != ANSWER_FIELD and not exists(columns.answer):
+        raise OPDError(f"{where}: no column {columns.answer!r} (answer_field); its columns are "
+                       f"{_names(present)}")
 
 
 def _read_parquet(path: Path, field: str) -> list[Any]:
@@ -119,7 +192,65 @@ def _read_json_lines(path: Path, field: str) -> list[Any]:
     return rows
 
 
-def _check_ids(records: Sequence[PromptRecord], path: Path, field: str) -> None:
+def _read_file(path: Path, field: str) -> list[Any]:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            return _read_parquet(path, field)
+        if suffix in {".jsonl", ".json"}:
+            return _read_json_lines(path, field)
+    except OSError as err:
+        raise OPDError(f"{field}: cannot read {path} ({err.strerror})") from None
+    raise OPDError(f"{field}: {str(path)!r} has suffix {suffix!r}; use .jsonl or .parquet (or a "
+                   "folder written by save_to_disk)")
+
+
+def _datasets(field: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise OPDError(f"{field}: a Hugging Face dataset needs the datasets package: "
+                       f"{DATASETS_EXTRA}") from None
+    return datasets
+
+
+def _pick_split(splits: Mapping[str, Any], split: str | None, where: str) -> Any:
+    """One split of a DatasetDict: the one asked for, else train, else the only one."""
+    names = list(splits)
+    if split is None:
+        if "train" not in splits and len(names) > 1:
+            raise OPDError(f"{where} holds the splits {names}; choose one with --split")
+        split = "train" if "train" in splits else names[0]
+    if split not in splits:
+        raise OPDError(f"{where} has no split {split!r}; its splits are {names}")
+    return splits[split]
+
+
+def _read_dataset_folder(path: Path, split: str | None, field: str) -> list[dict[str, Any]]:
+    if not ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        raise OPDError(f"{field}: {str(path)!r} is a folder, not a prompt file, and not one "
+                       "written by save_to_disk (no dataset_info.json or dataset_dict.json in "
+                       "it); give a .jsonl or .parquet file or a saved dataset")
+    datasets = _datasets(field)
+    data = datasets.load_from_disk(str(path))
+    if isinstance(data, datasets.DatasetDict):
+        data = _pick_split(data, split, f"{field}: {str(path)!r}")
+    return data.to_list()
+
+
+def _read_hub(name: str, split: str | None, field: str) -> list[dict[str, Any]]:
+    datasets = _datasets(field)
+    try:
+        data = datasets.load_dataset(name, split=split or "train")
+    except Exception as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise OPDError(f"{field}: {name!r} is no local file or folder, and loading it as a hub "
+                       f"dataset failed ({reason}); pass a .jsonl/.parquet file or a folder "
+                       "written by save_to_disk") from None
+    return data.to_list()
+
+
+def _check_ids(records: Sequence[PromptRecord], path: Path | str, field: str) -> None:
     """Rows that carry an `id` must carry distinct ones."""
     seen: dict[str, int] = {}
     for number, record in enumerate(records, start=1):
@@ -132,36 +263,42 @@ def _check_ids(records: Sequence[PromptRecord], path: Path, field: str) -> None:
         seen[key] = number
 
 
-def load_prompts(path: str | Path, field: str = "prompts") -> list[PromptRecord]:
-    """Read a prompt file (.jsonl, .json or .parquet); errors name `field` (the setting that
-    gave the file), the file and the row."""
+def load_prompts(path: str | Path, field: str = "prompts", *, split: str | None = None,
+                 prompt_field: str = PROMPT_FIELD, messages_field: str = MESSAGES_FIELD,
+                 answer_field: str = ANSWER_FIELD) -> list[PromptRecord]:
+    """Read a prompt set: a file (.jsonl, .json or .parquet), a folder written by
+    `save_to_disk` (its `split`: by default train, or its only split) or a hub dataset id
+    (where the network allows). Columns are mapped by the `*_field` names. Errors name `field`
+    (the setting that gave the source), the source and the row; a missing column, the columns
+    that exist."""
     if not str(path):
         raise OPDError(f"{field}: no prompt file given; pass --{field.replace('_', '-')} FILE")
-    path = Path(path)
-    if path.is_dir():
-        raise OPDError(f"{field}: {str(path)!r} is a folder, not a prompt file; give a .jsonl or "
-                       ".parquet file")
-    if not path.is_file():
-        raise OPDError(f"{field}: file {str(path)!r} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            rows = _read_parquet(path, field)
-        elif suffix in {".jsonl", ".json"}:
-            rows = _read_json_lines(path, field)
-        else:
-            raise OPDError(
-                f"{field}: {str(path)!r} has suffix {suffix!r}; use .jsonl or .parquet"
-            )
-    except OSError as err:
-        raise OPDError(f"{field}: cannot read {path} ({err.strerror})") from None
+    columns = Columns(prompt_field, messages_field, answer_field)
+    text, path = str(path), Path(path)
+    if path.is_file():
+        rows = _read_file(path, field)
+    elif path.is_dir():
+        rows = _read_dataset_folder(path, split, field)
+    elif path.suffix.lower() in {".jsonl", ".json", ".parquet"} or not HUB_ID.fullmatch(text):
+        raise OPDError(f"{field}: file {text!r} does not exist")
+    else:
+        rows = _read_hub(text, split, field)
     if not isinstance(rows, list):
         raise OPDError(f"{field}: {path} holds a JSON {type(rows).__name__}; give a list of rows")
     if not rows:
-        raise OPDError(f"{field}: {str(path)!r} holds no prompts; give a file with at least one row")
-    records = [_row_to_record(row, f"{field}: {path} row {i + 1}") for i, row in enumerate(rows)]
+        raise OPDError(f"{field}: {text!r} holds no prompts; give a file with at least one row")
+    _check_columns(rows, columns, f"{field}: {text}")
+    records = [_row_to_record(row, f"{field}: {path} row {i + 1}", columns)
+               for i, row in enumerate(rows)]
     _check_ids(records, path, field)
     return records
+
+
+def source_of(config: Any, split: str = "split") -> dict[str, Any]:
+    """The `load_prompts` keywords of a verb's config: its split (or another split setting,
+    e.g. `eval_split`) and its column names."""
+    return {"split": getattr(config, split), "prompt_field": config.prompt_field,
+            "messages_field": config.messages_field, "answer_field": config.answer_field}
 
 
 def require_answers(records: Sequence[PromptRecord], field: str, what: str) -> None:

@@ -1,4 +1,4 @@
-"""The `opd diagnose` verb: DiagnoseConfig → measure → table, diagnosis.json, report."""
+"""The `opd diagnose` verb: DiagnoseConfig → `opd.api.diagnose` → table, diagnosis.json, report."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ from opd.diagnose.measure import DiagnoseConfig
 
 
 def cmd_diagnose(config: DiagnoseConfig, args: argparse.Namespace) -> int:
-    from opd.diagnose.measure import run_diagnosis
-    from opd.diagnose.report import print_table, write_outputs
+    from opd import api
+    from opd.diagnose.report import print_table
 
-    diagnosis = run_diagnosis(config)
-    out = write_outputs(diagnosis, config.out)
-    print_table(diagnosis)
-    print(f"wrote {out / 'diagnosis.json'} and {out / 'report.md'}")
+    diagnosis = api.diagnose(config=config, out=config.out)
+    print_table(diagnosis.data)
+    print(f"wrote {diagnosis.out / 'diagnosis.json'} and {diagnosis.out / 'report.md'}")
     return 0
 
 

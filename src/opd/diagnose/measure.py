@@ -23,7 +23,17 @@ import torch
 from tqdm.auto import tqdm
 
 from opd import metrics as M
-from opd.data.prompts import PromptRecord, check_template, load_prompts, render_prompt
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    PromptRecord,
+    check_template,
+    load_prompts,
+    render_prompt,
+    source_of,
+)
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
 from opd.io import check_output_folder
@@ -42,8 +52,13 @@ class DiagnoseConfig(Config):
 
     student: str = setting("", "Student model folder (or hub id).")
     teacher: str = setting("", "Teacher model folder (or hub id).")
-    prompts: str = setting("", "The prompt file you plan to train on (.jsonl or .parquet); an "
-                           "'answer' per row enables the accuracy checks.")
+    prompts: str = setting("", "The prompts you plan to train on (.jsonl / .parquet, a "
+                           "save_to_disk folder or a hub dataset id); an 'answer' per row enables "
+                           "the accuracy checks.")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
     teacher2: str | None = setting(None, "A second teacher: measured the same way, and compared "
                                    "with the first.")
@@ -131,7 +146,7 @@ def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
     if not config.prompts:
         raise OPDError("prompts: no prompt file given; pass --prompts FILE (the prompts you plan "
                        "to train on)")
-    records = load_prompts(config.prompts)
+    records = load_prompts(config.prompts, **source_of(config))
     if config.num_prompts < len(records):
         records = random.Random(config.seed).sample(records, config.num_prompts)
     return records
@@ -488,11 +503,15 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     return {"k": k, "overall": overall, "prompts": prompts, "cost": ctx.cost}
 
 
-def run_diagnosis(config: DiagnoseConfig) -> dict[str, Any]:
-    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict."""
+def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True) -> dict[str, Any]:
+    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict.
+    Every input is checked first: with `writes`, also the output folder `config.out` the
+    caller will write the diagnosis to."""
     start = time.perf_counter()
     times: dict[str, float] = {}
-    check_output_folder(config.out, "out")
+    get_verifier(config.verifier)
+    if writes:
+        check_output_folder(config.out, "out")
     records = _sample_records(config)
     stages = 2 + 3 * (1 + bool(config.teacher2))
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from opd import settings
-from opd.io import check_output_folder
 from opd.lab.demo import DEMO_PROFILES, print_demo, run_demo
-from opd.lab.zoo import PROFILES, build_zoo
+from opd.lab.zoo import PROFILES
 from opd.settings import Config, setting
 
 CACHE = ".opd-cache/zoo"
@@ -40,9 +39,10 @@ def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    check_output_folder(config.root, "root")
-    root = Path(config.root) / config.profile
-    zoo = build_zoo(root, config.profile, progress=True)
+    from opd import api
+
+    built = api.build_zoo(config.profile, config.root, progress=True)  # checks the root first
+    root, zoo = built.root, built.data
     table = Table(title=f"zoo ({config.profile}) in {root}")
     groups = list(zoo["eval_groups"])
     for column in ("model", "role", "dialect", "template", "params", *groups, "build s"):

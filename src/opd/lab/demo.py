@@ -19,12 +19,13 @@ from opd.checkpoints import complete_checkpoints
 from opd.config import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluate import evaluate
+from opd.hooks import run_hooks
 from opd.io import write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo, load_sets
 from opd.models import load_model, load_tokenizer
-from opd.report import ReportHook, fmt
+from opd.report import fmt
 from opd.train import run_training
 
 SHOWN = (M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP, M.REVERSE_KL,
@@ -73,7 +74,7 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
         "eval_prompts": str(root / "data" / f"{subskill}.jsonl"), "eval_every": spec.eval_every,
         "seed": seed, "progress": progress,
     }, profile="cpu-small")
-    run_training(config, resume=(out / M.METRICS_FILE).exists(), hooks=[ReportHook(out)])
+    run_training(config, resume=(out / M.METRICS_FILE).exists(), hooks=run_hooks(config))
     trained = str(complete_checkpoints(out)[-1])
     table = {
         name: {

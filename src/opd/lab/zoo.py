@@ -41,7 +41,6 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import opd
 from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_text_atomic
@@ -49,6 +48,7 @@ from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import max_new_tokens, sample_problems, sft_examples
 from opd.models import load_model, load_tokenizer
 from opd.sft import SFTConfig, train_sft
+from opd.version import __version__
 
 ZOO_FILE = "zoo.json"
 STAGE_FILE = "stage.json"
@@ -265,7 +265,7 @@ RL_CODE = (*SFT_CODE, "opd.config", "opd.train")
 
 def _code_version(entries: Sequence[str]) -> str:
     """Hash of this module and of all code the stage runs (and the package version)."""
-    digest = hashlib.sha256(opd.__version__.encode())
+    digest = hashlib.sha256(__version__.encode())
     for path in [Path(__file__), *code_files(entries)]:
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -14,18 +14,18 @@ from opd.runtime import is_main_process
 
 
 def cmd_cold_start(config: TrainConfig, args: argparse.Namespace) -> int:
-    from opd.recipes.cold_start import run_cold_start
+    from opd import api
 
-    report = run_cold_start(config, resume=args.resume)
+    result = api.cold_start(config=config, resume=args.resume)
     if is_main_process():
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result.report, indent=2))
     return 0
 
 
 def cmd_select_prompts(config: SelectConfig, args: argparse.Namespace) -> int:
-    from opd.recipes.select_prompts import run_select_prompts
+    from opd import api
 
-    selection = run_select_prompts(config)
+    selection = api.select_prompts(config=config).data
     step0 = selection["step0"]
     rows = [("student template", step0["student_template"]),
             ("teacher template", step0["teacher_template"]),

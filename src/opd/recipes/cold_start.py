@@ -24,8 +24,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from opd.config import ColdStartConfig, TrainConfig
-from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
+from opd.hooks import run_hooks
 from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
 from opd.models import (
     check_model_folder,
@@ -36,10 +37,10 @@ from opd.models import (
     load_tokenizer,
     original_config,
 )
-from opd.report import ReportHook
 from opd.rollout import check_prompts, generate_rollouts
 from opd.runtime import StepHook
 from opd.sft import SFTConfig, train_sft
+from opd.trackers import require as require_trackers
 from opd.train import check_training_prompts, run_training
 from opd.verify import get_verifier
 
@@ -88,6 +89,14 @@ def generate_teacher_data(
     return rows
 
 
+def opd_stage(train: TrainConfig) -> TrainConfig:
+    """The settings of the OPD stage: the run's own, from the fine-tuned student in OUT/sft,
+    into OUT/opd (named `<run>-opd` in the trackers)."""
+    out = Path(train.out)
+    return dataclasses.replace(train, student=str(out / "sft"), out=str(out / "opd"),
+                               run_name=f"{train.run_name or out.resolve().name}-opd")
+
+
 def _read_report(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
@@ -113,15 +122,18 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
                        "continue it or choose a new --out (nothing was changed)")
     if not train.teacher:
         raise OPDError("teacher: cold start needs a teacher; pass --teacher PATH")
+    get_verifier(train.verifier)
+    require_trackers(train.report_to)
     # Everything that can be refused is looked at before the first file is written.
     prompts_field = "cold_start.prompts" if cold.prompts else "prompts"
-    records = load_prompts(cold.prompts or train.prompts, prompts_field)
-    train_records = load_prompts(train.prompts) if cold.prompts else records
+    records = load_prompts(cold.prompts or train.prompts, prompts_field, **source_of(train))
+    train_records = load_prompts(train.prompts, **source_of(train)) if cold.prompts else records
     if cold.keep == "correct":
         require_answers(records, prompts_field, "cold_start.keep=correct")
     if train.outcome_weight:
         require_answers(train_records, "prompts", "outcome_weight > 0")
-    eval_records = load_prompts(train.eval_prompts, "eval_prompts") if train.eval_prompts else []
+    eval_records = (load_prompts(train.eval_prompts, "eval_prompts", **source_of(train, "eval_split"))
+                    if train.eval_prompts else [])
     require_answers(eval_records, "eval_prompts", "evaluation")
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
     teacher_tok = load_tokenizer(train.teacher, "teacher", train.trust_remote_code)
@@ -182,10 +194,9 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
                          "seconds": round(time.perf_counter() - start, 1)}
     write_text_atomic(report_path, json.dumps(report, indent=2))
 
-    opd_config = dataclasses.replace(train, student=str(sft_dir), out=str(out / "opd"))
+    opd_config = opd_stage(train)
     opd_resume = (out / "opd").exists()
-    report["opd"] = run_training(opd_config, resume=opd_resume,
-                                 hooks=[ReportHook(opd_config.out)])
+    report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
                         "opd": str(out / "opd")}
     write_text_atomic(report_path, json.dumps(report, indent=2))

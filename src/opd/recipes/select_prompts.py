@@ -32,7 +32,18 @@ from tqdm.auto import tqdm
 
 from opd import metrics as M
 from opd.config import PROFILES, TrainConfig, build_config
-from opd.data.prompts import PromptRecord, check_template, load_prompts, render_prompt, require_answers
+from opd.data.prompts import (
+    ANSWER_FIELD_HELP,
+    MESSAGES_FIELD_HELP,
+    PROMPT_FIELD_HELP,
+    SPLIT_HELP,
+    PromptRecord,
+    check_template,
+    load_prompts,
+    render_prompt,
+    require_answers,
+    source_of,
+)
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
@@ -58,8 +69,13 @@ class SelectConfig(Config):
 
     student: str = setting(help="Student model folder (or hub id).")
     teacher: str = setting(help="Teacher model folder (or hub id).")
-    prompts: str = setting(help="Candidate prompts (.jsonl or .parquet).")
+    prompts: str = setting(help="Candidate prompts (.jsonl / .parquet, a save_to_disk folder or "
+                           "a hub dataset id).")
     out: str = setting(help="Output folder (must not hold a selection yet).")
+    split: str | None = setting(None, SPLIT_HELP)
+    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
+    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
+    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     template: str = setting("teacher", "Whose prompt template the output prompts are rendered "
                             "with: teacher or student.", choices=("teacher", "student"))
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -71,7 +87,8 @@ class SelectConfig(Config):
     mix_share: float = setting(0.2, "Share of the output made of other prompts.", minimum=0,
                                below=1)
     other_prompts: str | None = setting(None, "Where the mixed-in prompts come from (default: "
-                                        "the candidates not kept).")
+                                        "the candidates not kept); the same columns and "
+                                        "split as prompts.")
     rank_by: tuple[str, ...] = setting(("overlap_ratio",), "Measures to rank by; several are "
                                        "combined as the mean of their percentile ranks.",
                                        choices=RANKABLE)
@@ -195,7 +212,7 @@ def _check_distinct_ids(records: Sequence[PromptRecord], others: Sequence[Prompt
 
 
 def _candidates(config: SelectConfig) -> tuple[list[int], list[PromptRecord]]:
-    records = load_prompts(config.prompts)
+    records = load_prompts(config.prompts, **source_of(config))
     indices = list(range(len(records)))
     if config.num_prompts < len(records):
         indices = sorted(random.Random(config.seed).sample(indices, config.num_prompts))
@@ -237,7 +254,8 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
                        "(nothing was changed)")
     trial_config = _trial_config(config, "selected", out / "trial") if config.trial_steps else None
     indices, records = _candidates(config)
-    others = load_prompts(config.other_prompts, "other_prompts") if config.other_prompts else None
+    others = (load_prompts(config.other_prompts, "other_prompts", **source_of(config))
+              if config.other_prompts else None)
     if others is not None:
         _check_distinct_ids(records, others)
     ranking_needs_answers = "advantage" in config.rank_by
