@@ -64,3 +64,15 @@ def sum_prompts(tmp_path_factory) -> Path:
     path.write_text("".join(json.dumps({"prompt": f"{a} + {b} ="}) + "\n"
                             for a in range(5) for b in range(4)))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _close_tracker_runs_left_open():
+    """A trackio run left open by a test would be finished at interpreter exit, printing after
+    pytest's summary line; finish it with the session instead."""
+    yield
+    import sys
+
+    trackio = sys.modules.get("trackio")
+    if trackio is not None and trackio.context_vars.current_run.get() is not None:
+        trackio.finish()
