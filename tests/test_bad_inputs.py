@@ -318,7 +318,7 @@ def column_rows() -> tuple:
 
 def _saved_dataset(ws: Workspace, argv: list[str]) -> list[str]:
     """--prompts a DatasetDict written by save_to_disk, and a --split it does not hold."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     folder = ws.path("saved")
     rows = [{"prompt": f"{a} + 1 =", "answer": str(a + 1)} for a in range(4)]
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder))

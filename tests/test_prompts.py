@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+import datasets
 import pytest
 
 from opd.cli import main
 from opd.data.prompts import load_prompts
 from opd.errors import OPDError
-
-datasets = pytest.importorskip("datasets")
 
 ROWS = [{"question": f"{a} + {b} =", "solution": {"final": str(a + b)}, "source": "tiny"}
         for a in range(3) for b in range(2)]

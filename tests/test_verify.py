@@ -8,6 +8,7 @@ import json
 import sys
 from types import SimpleNamespace
 
+import math_verify  # noqa: F401  (the dev extra installs it)
 import pytest
 import torch
 
@@ -15,8 +16,6 @@ from opd.cli import main
 from opd.data.prompts import load_prompts
 from opd.errors import OPDError
 from opd.verify import exact_match, extract_answer, get_verifier
-
-pytest.importorskip("math_verify")
 
 MATH = [
     # (prompt, reference answer, a correct response in another form, a wrong response)

@@ -26,6 +26,7 @@ with one line naming the extra to install.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib.util
 import json
@@ -89,7 +90,7 @@ def alert_text(alert: Mapping[str, Any]) -> str:
             + (f" (evidence: {evidence})" if evidence else ""))
 
 
-class Tracker(StepHook):
+class Tracker(StepHook, abc.ABC):
     """What every tracker shares: opening lazily at the first step (so that a run that fails
     at its start leaves no tracker run), the schema → values mapping, the end of the run, and
     a failure that stops the tracker, not the training. Subclasses write."""
@@ -171,23 +172,28 @@ class Tracker(StepHook):
         return list(values), self.bin_edges[: len(values) + 1]
 
     # -- what each tracker writes ------------------------------------------------------------
+    @abc.abstractmethod
     def open(self, first_step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
         """Start (or, with `saved` ids from a run being resumed, continue) the tracker run;
         returns the ids to keep for a resume."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def log_step(self, step: int, values: dict[str, float], by_position: dict[str, list[float]]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def log_alert(self, step: int, alert: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def log_end(self, summary: dict[str, Any], final: dict[str, float], figures: list[Path],
                 records: list[dict[str, Any]]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
 
 class TensorBoardTracker(Tracker):
