@@ -363,6 +363,16 @@ def select_prompts(student: str | None = None, teacher: str | None = None,
                      tuple(data["warnings"]), data)
 
 
+# -- the teacher as a service ----------------------------------------------------------------
+def serve_teacher(model: str | None = None, *, config: ConfigLike = None,
+                  **settings: Any) -> None:
+    """Serve a teacher over HTTP until interrupted (`opd serve-teacher`); training runs use it
+    with `teacher="http://host:port"`. Needs the `serve` extra."""
+    from opd.teacher_service.server import ServeConfig, serve
+
+    serve(_config(ServeConfig, config, {"model": model, **settings}))
+
+
 # -- reports and the model organisms ----------------------------------------------------------
 def report(*runs: str | Path, compare: str | Path | None = None) -> list[Path]:
     """report.md with its figures for each run folder (`opd report`), and with `compare` one

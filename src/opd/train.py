@@ -48,8 +48,9 @@ from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
 from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
-from opd.scoring import ResponseStates, output_head, response_states, score
+from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
+from opd.teachers import build_teacher
 from opd.verify import get_verifier
 
 RESUME_MUST_MATCH = ("student", "teacher", "prompts", "split", "prompt_field", "messages_field",
@@ -129,6 +130,7 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
+        self.teacher = build_teacher(config, self.models)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -142,7 +144,6 @@ class Trainer:
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
-        self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
 
@@ -273,26 +274,21 @@ class Trainer:
         names: list[str] = []
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
-            with timed(M.TIME_SCORE, record), torch.no_grad():
-                teacher_states = self._teacher_states(rollouts, indices, rows)
-                reference_lp = self._reference_token_lp(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
                 student_states = response_states(
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
                 )
-                if teacher_states is None:
-                    teacher_states = ResponseStates(
-                        student_states.hidden.detach(), student_states.targets,
-                        student_states.positions, student_states.rows,
-                    )
+            with timed(M.TIME_SCORE, record), torch.no_grad():
+                teacher_lp = self._teacher_logprobs(rollouts, indices, rows, student_states)
+                reference_lp = self._reference_token_lp(rollouts, rows)
+            with timed(M.TIME_UPDATE, record):
                 scores = score(
-                    student_states, teacher_states, student_head=self.student_head,
-                    teacher_head=self.teacher_head,
-                    teacher_temperature=config.objective.teacher_temperature,
+                    student_states, teacher_lp, student_head=self.student_head,
                     loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
                                         reference_lp),
-                    measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
+                    measures=lambda s, t, y, **exact: token_measures(s, t, y, config.measure_k,
+                                                                     **exact),
                     chunk_size=config.chunk_size,
                 )
                 scores.loss.backward()
@@ -318,7 +314,7 @@ class Trainer:
 
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
-        if models.teacher is None:
+        if self.teacher is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
@@ -332,11 +328,17 @@ class Trainer:
         })
         return record
 
-    def _teacher_states(self, rollouts: Rollouts, indices: list[int], rows: slice):
-        if self.models.teacher is None:
-            return None
-        ids, attention, response = self._teacher_inputs(rollouts, indices, rows)
-        return response_states(self.models.teacher, ids, attention, response)
+    def _teacher_logprobs(self, rollouts: Rollouts, indices: list[int], rows: slice,
+                          student: ResponseStates):
+        """The teacher's log-probs on the micro-batch; without a teacher, the student's own
+        (the teacher measures are then dropped from the record)."""
+        if self.teacher is None:
+            hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
+                                    student.rows)
+            return LocalTeacher(hidden, self.student_head,
+                                self.config.objective.teacher_temperature)
+        inputs = self._teacher_inputs(rollouts, indices, rows)
+        return self.teacher.logprobs(inputs, student, self.student_head)
 
     def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
         if self.models.reference is None:
