@@ -22,7 +22,6 @@ import pytest
 from opd import metrics as M
 from opd.checkpoints import complete_checkpoints
 from opd.cli import main
-from opd.config import build_config
 from opd.errors import OPDError
 from opd.settings import build
 from opd.teacher_service.client import TeacherClient, TeacherUnavailable
@@ -268,7 +267,7 @@ def test_the_api_key_is_required_when_set(strict_server):
 def test_binding_beyond_this_machine_needs_an_api_key(monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     config = build(ServeConfig, {"model": "some/teacher", "host": "0.0.0.0"})
-    with pytest.raises(OPDError, match="api_key: binding 0.0.0.0 .* pass --api-key KEY"):
+    with pytest.raises(OPDError, match=r"api_key: binding 0\.0\.0\.0 .* pass --api-key KEY"):
         config.key()
     assert build(ServeConfig, {"model": "m", "host": "0.0.0.0", "api_key": "k"}).key() == "k"
     monkeypatch.setenv(API_KEY_ENV, "from-env")
@@ -313,3 +312,52 @@ def test_serve_teacher_in_one_terminal_train_in_another(tiny_pair, tmp_path):
     served = M.read(tmp_path / "served")[0]
     local = M.read(tmp_path / "local")[0]
     assert math.isclose(served[M.LOSS], local[M.LOSS], rel_tol=1e-5, abs_tol=1e-6)
+
+
+# -- several teachers --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_sources(tiny_pair, tmp_path_factory):
+    """A second teacher (another random init) and the tiny prompts tagged with two sources."""
+    root = tmp_path_factory.mktemp("two")
+    second = make_model(root / "teacher2", seed=3, hidden=40)
+    rows = [json.loads(line) for line in tiny_pair["prompts"].read_text().splitlines()]
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({**row, "source": "ab"[i % 2]}) + "\n"
+                               for i, row in enumerate(rows)))
+    return {"second": second, "prompts": prompts}
+
+
+def test_each_prompt_is_scored_by_its_own_teacher(tiny_pair, two_sources, tmp_path):
+    """At step 1 (the same rollouts in every run), the by-teacher measures of a run with one
+    local and one served teacher equal those of runs giving both sources the same teacher,
+    and a run with one teacher for both sources equals the single-teacher run."""
+    first, second = str(tiny_pair["teacher"]), str(two_sources["second"])
+    common = {"prompts": str(two_sources["prompts"]), "max_steps": 1, "prompts_per_step": 8,
+              "rollouts_per_prompt": 1}
+
+    def run(name, **settings):
+        run_training(tiny_config(tiny_pair, tmp_path / name, **common, **settings))
+        return M.read(tmp_path / name)[0]
+
+    single = run("single", teacher=first)
+    with serving(two_sources["second"]) as (url, _):
+        mixed = run("mixed", teacher="", teachers={"a": first, "b": url})
+        all_second = run("all-second", teacher="", teachers={"a": second, "b": second})
+    all_first = run("all-first", teacher="", teachers={"a": first, "b": first})
+    assert M.BY_TEACHER not in single and set(mixed[M.BY_TEACHER]) == {"a", "b"}
+    _assert_records_close([{k: v for k, v in all_first.items() if k != M.BY_TEACHER}], [single])
+    for name, alone in (("a", all_first), ("b", all_second)):
+        for measure, value in alone[M.BY_TEACHER][name].items():
+            assert mixed[M.BY_TEACHER][name][measure] == pytest.approx(value, abs=1e-5), measure
+    assert (mixed[M.BY_TEACHER]["a"][M.TEACHER_ENTROPY]
+            != pytest.approx(all_second[M.BY_TEACHER]["a"][M.TEACHER_ENTROPY], abs=1e-3))
+
+
+def test_a_prompt_whose_value_has_no_teacher_stops_the_run_at_start(tiny_pair, two_sources,
+                                                                    tmp_path):
+    with pytest.raises(OPDError, match=r"teachers: .*prompts\.jsonl.* has source 'b', which no "
+                                       r"teacher is given for \(teachers: \['a'\]\)"):
+        run_training(tiny_config(tiny_pair, tmp_path / "run", teacher="",
+                                 prompts=str(two_sources["prompts"]),
+                                 teachers={"a": str(tiny_pair["teacher"])}))
+    assert not (tmp_path / "run").exists()

@@ -42,7 +42,7 @@ ConfigLike = Any
 """A verb's config dataclass, a mapping of settings (nested or dotted keys), a YAML file path,
 or None."""
 
-RECORD_ONLY = {M.STEP, M.BY_POSITION, M.ALERTS}
+RECORD_ONLY = {M.STEP, M.BY_POSITION, M.BY_TEACHER, M.ALERTS}
 
 
 def _config(cls: type, config: ConfigLike, values: Mapping[str, Any], *,

@@ -75,6 +75,12 @@ class TrainConfig(Config):
     teacher: str = setting("", "Folder or hub id of the teacher; frozen. Not needed when "
                            "distill_weight is 0 (GRPO). A URL (http://host:port) scores with "
                            "a teacher served by `opd serve-teacher`.")
+    teachers: dict[str, str] = setting(
+        factory=dict, help="Several teachers: a value of the prompt field `teacher_field` → the "
+        "teacher folder or URL that scores the prompts with that value, e.g. {math: ./t1, code: "
+        "http://host:8000}; instead of `teacher`.")
+    teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
+                                 "prompt (with `teachers`).")
     teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
                                      "(retried with backoff) before the run stops, keeping its "
                                      "last checkpoint.", above=0)
@@ -175,7 +181,10 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         check_template(self.template, "template")
-        if self.distill_weight and is_url(self.teacher):
+        if self.teachers and self.teacher:
+            raise OPDError("teacher: give either teacher or teachers (one teacher per value of "
+                           "teacher_field), not both")
+        if self.distill_weight and any(is_url(t) for t in (self.teacher, *self.teachers.values())):
             check_served_teacher(self.objective.name, self.teacher_prompt)
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")

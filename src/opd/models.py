@@ -358,8 +358,8 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
 @dataclass
 class TrainingModels:
     """The models of one training run: the trained student, the frozen teacher (None without
-    distillation or when it is served) and reference (None without a KL penalty), and their
-    tokenizers."""
+    distillation, when it is served or when there are several) and reference (None without a
+    KL penalty), and their tokenizers."""
 
     student: torch.nn.Module
     teacher: torch.nn.Module | None
@@ -377,7 +377,8 @@ def load_training_models(config: TrainConfig, device: torch.device,
     teacher and reference frozen, in eval mode."""
     tokenizer = load_tokenizer(config.student, "student", config.trust_remote_code)
     teacher = teacher_tokenizer = None
-    local_teacher = config.distill_weight and not is_url(config.teacher)  # else: served
+    # else: served, or several (`teachers`, loaded by opd.teachers)
+    local_teacher = config.distill_weight and not config.teachers and not is_url(config.teacher)
     if local_teacher:
         teacher_tokenizer = load_tokenizer(config.teacher, "teacher", config.trust_remote_code)
         check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)

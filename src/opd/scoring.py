@@ -59,6 +59,13 @@ class ResponseStates:
     positions: torch.Tensor  # [M] 0-based position within the response
     rows: torch.Tensor  # [M] rollout row
 
+    def select(self, tokens: torch.Tensor | None) -> ResponseStates:
+        """The states of the tokens where `tokens` [M] is True (all of them for None)."""
+        if tokens is None:
+            return self
+        return ResponseStates(self.hidden[tokens], self.targets[tokens], self.positions[tokens],
+                              self.rows[tokens])
+
 
 def response_states(
     model: torch.nn.Module,

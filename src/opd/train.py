@@ -50,11 +50,12 @@ from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollou
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
-from opd.teachers import build_teacher
+from opd.teachers import Share, build_teachers
 from opd.verify import get_verifier
 
-RESUME_MUST_MATCH = ("student", "teacher", "prompts", "split", "prompt_field", "messages_field",
-                     "answer_field", "seed", "prompts_per_step", "rollouts_per_prompt", "objective")
+RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
+                     "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
+                     "rollouts_per_prompt", "objective")
 """Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
 an older opd, counts as its default)."""
 
@@ -130,7 +131,7 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
-        self.teacher = build_teacher(config, self.models)
+        self.teachers = build_teachers(config, self.models, self.records, self.procs.device)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -272,6 +273,7 @@ class Trainer:
         loss_total = 0.0
         sums = counts_by_bin = None
         names: list[str] = []
+        by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
             with timed(M.TIME_UPDATE, record):
@@ -279,26 +281,37 @@ class Trainer:
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
                 )
+            shares = (self.teachers.split([indices[i] for i in rollouts.prompt_index[rows]],
+                                          student_states) if self.teachers else [None])
             with timed(M.TIME_SCORE, record), torch.no_grad():
-                teacher_lp = self._teacher_logprobs(rollouts, indices, rows, student_states)
+                teacher_lps = [self._teacher_logprobs(rollouts, indices, rows, student_states, s)
+                               for s in shares]
                 reference_lp = self._reference_token_lp(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
-                scores = score(
-                    student_states, teacher_lp, student_head=self.student_head,
-                    loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
-                                        reference_lp),
-                    measures=lambda s, t, y, **exact: token_measures(s, t, y, config.measure_k,
-                                                                     **exact),
-                    chunk_size=config.chunk_size,
-                )
-                scores.loss.backward()
-                loss_total += float(scores.loss.detach())
-            names = list(scores.measures)
-            part_sums, part_counts = position_totals(
-                scores.measures, student_states.positions, self.bin_edges
-            )
-            sums = part_sums if sums is None else sums + part_sums
-            counts_by_bin = part_counts if counts_by_bin is None else counts_by_bin + part_counts
+                token_loss = step_loss.rows(rows, student_states.rows,
+                                            student_states.hidden.device, reference_lp)
+                loss = student_states.hidden.new_zeros((), dtype=torch.float32)
+                for share, teacher_lp in zip(shares, teacher_lps, strict=True):
+                    tokens = share.tokens if share else None
+                    states = student_states.select(tokens)
+                    scores = score(
+                        states, teacher_lp, student_head=self.student_head,
+                        loss=token_loss.select(tokens),
+                        measures=lambda s, t, y, **exact: token_measures(
+                            s, t, y, config.measure_k, **exact),
+                        chunk_size=config.chunk_size,
+                    )
+                    loss = loss + scores.loss
+                    names = list(scores.measures)
+                    part = position_totals(scores.measures, states.positions, self.bin_edges)
+                    sums = part[0] if sums is None else sums + part[0]
+                    counts_by_bin = part[1] if counts_by_bin is None else counts_by_bin + part[1]
+                    if share and share.name is not None:
+                        seen = by_teacher.get(share.name)
+                        by_teacher[share.name] = part if seen is None else (
+                            seen[0] + part[0], seen[1] + part[1])
+                loss.backward()
+                loss_total += float(loss.detach())
 
         with timed(M.TIME_UPDATE, record):
             procs.sum_gradients(self.params)
@@ -312,9 +325,15 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
+        if self.teachers is not None and self.teachers.names:
+            record[M.BY_TEACHER] = {}
+            for name in self.teachers.names:  # every process, in one order, for the sums
+                part_sums, part_counts = by_teacher.get(name, (sums * 0, counts_by_bin * 0))
+                record[M.BY_TEACHER][name] = means_from_totals(
+                    names, procs.sum(part_sums).cpu(), procs.sum(part_counts).cpu())[0]
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
-        if self.teacher is None:
+        if self.teachers is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
@@ -329,16 +348,18 @@ class Trainer:
         return record
 
     def _teacher_logprobs(self, rollouts: Rollouts, indices: list[int], rows: slice,
-                          student: ResponseStates):
-        """The teacher's log-probs on the micro-batch; without a teacher, the student's own
-        (the teacher measures are then dropped from the record)."""
-        if self.teacher is None:
+                          student: ResponseStates, share: Share | None):
+        """The log-probs of the teacher of `share` (its rows of the micro-batch); without a
+        teacher, the student's own (the teacher measures are then dropped from the record)."""
+        if share is None:
             hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
                                     student.rows)
             return LocalTeacher(hidden, self.student_head,
                                 self.config.objective.teacher_temperature)
         inputs = self._teacher_inputs(rollouts, indices, rows)
-        return self.teacher.logprobs(inputs, student, self.student_head)
+        if share.rows is not None:
+            inputs = tuple(part[share.rows] for part in inputs)
+        return share.teacher.logprobs(inputs, student.select(share.tokens), self.student_head)
 
     def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
         if self.models.reference is None:
