@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd import metrics as M
 from opd.checkpoints import complete_checkpoints
@@ -198,6 +199,22 @@ def test_generate_returns_the_teachers_own_seeded_samples(tiny_pair, served):
     assert got == want
 
 
+def test_json_and_base64_answers_carry_the_same_bits(served):
+    from opd.teacher_service.protocol import ScoreRequest, decode_array
+
+    sequences = [[1, 5, 24, 6, 25, 7, 8], [1, 9, 24, 3, 25]]
+    candidates = [[[4, 5, 6], [7, 8, 9], [10, 11, 12]], [[4, 5], [6, 7]]]  # ragged across rows
+    answers = {encoding: TeacherClient(served).score(ScoreRequest(
+        sequences, [4, 3], 4, 0.8, candidates, encoding)) for encoding in ("json", "base64")}
+    for plain, packed in zip(answers["json"], answers["base64"], strict=True):
+        for name, dtype in (("token_logprobs", torch.float32), ("topk_ids", torch.long),
+                            ("topk_logprobs", torch.float32), ("entropy", torch.float32),
+                            ("candidate_logprobs", torch.float32)):
+            assert torch.equal(decode_array(plain[name], dtype), decode_array(packed[name], dtype))
+    assert len(answers["json"][0]["topk_ids"][0]) == 4
+    assert len(answers["json"][0]["candidate_logprobs"]) == 3
+
+
 # -- bad requests ------------------------------------------------------------------------------
 def post(url: str, body: bytes, key: str | None = None) -> tuple[int, dict]:
     headers = {"Content-Type": "application/json"}
@@ -231,6 +248,8 @@ BAD_REQUESTS = [
      "body: larger than max_request_bytes (4096)"),
     ("candidates of the wrong length", json.dumps({**GOOD, "candidates": [[[1]]]}).encode(), 422,
      "candidates[0]: 1 positions, but the response has 2"),
+    ("unknown encoding", json.dumps({**GOOD, "encoding": "pickle"}).encode(), 422,
+     'encoding: "pickle" is not one of ["json", "base64"]'),
     ("negative temperature", json.dumps({**GOOD, "temperature": -1}).encode(), 422,
      "temperature: -1 must be above 0"),
 ]

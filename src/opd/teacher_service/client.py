@@ -22,7 +22,7 @@ import torch
 
 from opd.errors import OPDError, one_line
 from opd.scoring import PARTIAL_FILL, Head, ResponseStates, TeacherChunk, student_topk_ids
-from opd.teacher_service.protocol import API_KEY_ENV, GenerateRequest, ScoreRequest
+from opd.teacher_service.protocol import API_KEY_ENV, GenerateRequest, ScoreRequest, decode_array
 
 SEQUENCES_PER_REQUEST = 16
 IN_FLIGHT = 4
@@ -85,7 +85,8 @@ class TeacherClient:
             parts.append(ScoreRequest(
                 request.sequences[rows], request.response_starts[rows], request.k,
                 request.temperature,
-                None if request.candidates is None else request.candidates[rows]).to_json())
+                None if request.candidates is None else request.candidates[rows],
+                request.encoding).to_json())
         with ThreadPoolExecutor(IN_FLIGHT) as pool:
             answers = list(pool.map(lambda part: self.call("/v1/score", part), parts))
         return [result for answer in answers for result in answer["results"]]
@@ -163,22 +164,27 @@ class ServedTeacher:
             candidates = [part.tolist() for part in per_token.split(lengths)]
         results = self.client.score(ScoreRequest(
             [s for s, _ in scored], [start for _, start in scored], self.k, self.temperature,
-            candidates)) if scored else []
-        token_lp = [v for r in results for v in r["token_logprobs"]]
-        ids = [top + cand for r, per in zip(results, candidates or [None] * len(results),
-                                            strict=True)
-               for top, cand in zip(r["topk_ids"], per or [[]] * len(r["topk_ids"]), strict=True)]
-        values = [top + cand for r in results
-                  for top, cand in zip(r["topk_logprobs"],
-                                       r["candidate_logprobs"] or [[]] * len(r["topk_ids"]),
-                                       strict=True)]
+            candidates, encoding="base64")) if scored else []
         width = self.k + self.candidates_k
+        ids, values = [], []
+        for result, per in zip(results, candidates or [None] * len(results), strict=True):
+            n = decode_array(result["entropy"], torch.float32).shape[0]
+            ids.append(torch.cat([decode_array(result["topk_ids"], torch.long).view(n, -1),
+                                  torch.tensor(per or [[]] * n, dtype=torch.long).view(n, -1)], 1))
+            values.append(torch.cat([
+                decode_array(result["topk_logprobs"], torch.float32).view(n, -1),
+                decode_array(result["candidate_logprobs"] or [], torch.float32).view(n, -1)], 1))
+
+        def joined(name: str | list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+            parts = name if isinstance(name, list) else [decode_array(r[name], dtype)
+                                                         for r in results]
+            return torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+
         return PartialTeacher(
             targets=student.targets.cpu(),
-            token_lp=torch.tensor(token_lp, dtype=torch.float32),
-            ids=torch.tensor(ids, dtype=torch.long).view(-1, width),
-            values=torch.tensor(values, dtype=torch.float32).view(-1, width),
-            entropy=torch.tensor([v for r in results for v in r["entropy"]],
-                                 dtype=torch.float32),
+            token_lp=joined("token_logprobs", torch.float32),
+            ids=joined(ids, torch.long).view(-1, width),
+            values=joined(values, torch.float32).view(-1, width),
+            entropy=joined("entropy", torch.float32),
             vocab_size=self.vocab_size,
         )

@@ -30,6 +30,7 @@ from opd.teacher_service.protocol import (
     GenerateRequest,
     Limits,
     ScoreRequest,
+    encode_array,
     parse_json,
     vocabulary_fingerprint,
 )
@@ -145,17 +146,15 @@ class HFBackend:
         for i in batch:
             n = len(request.sequences[i]) - request.response_starts[i]
             rows = slice(offset, offset + n)
-            result = {"token_logprobs": joined["token"][rows].tolist(),
-                      "topk_ids": joined["ids"][rows].tolist(),
-                      "topk_logprobs": joined["top"][rows].tolist(),
-                      "entropy": joined["entropy"][rows].tolist(), "candidate_logprobs": None}
+            arrays: dict[str, torch.Tensor | list[torch.Tensor] | None] = {
+                "token_logprobs": joined["token"][rows], "topk_ids": joined["ids"][rows],
+                "topk_logprobs": joined["top"][rows], "entropy": joined["entropy"][rows],
+                "candidate_logprobs": None}
             if request.candidates is not None:
-                log_probs = joined["log_probs"][rows]
-                result["candidate_logprobs"] = [
-                    log_probs[j, candidates].tolist()
-                    for j, candidates in enumerate(request.candidates[i])
-                ]
-            results.append(result)
+                arrays["candidate_logprobs"] = _gather_ragged(joined["log_probs"][rows],
+                                                              request.candidates[i])
+            results.append({name: None if value is None else encode_array(value, request.encoding)
+                            for name, value in arrays.items()})
             offset += n
         return results
 
@@ -165,7 +164,7 @@ class HFBackend:
             for batch in self._batches([len(s) for s in request.sequences]):
                 for i, result in zip(batch, self._score_batch(request, batch), strict=True):
                     results[i] = result
-        return {"results": results, "entropy": self.entropy}
+        return {"results": results, "entropy": self.entropy, "encoding": request.encoding}
 
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         with self.lock:
@@ -180,6 +179,15 @@ class HFBackend:
         return {"model": self.name, "backend": "hf", "vocab_size": self.vocab_size,
                 "tokenizer_fingerprint": self.fingerprint, "entropy": self.entropy,
                 "opd_version": __version__}
+
+
+def _gather_ragged(log_probs: torch.Tensor,
+                   ids: list[list[int]]) -> torch.Tensor | list[torch.Tensor]:
+    """`log_probs[j, ids[j]]` for each position j: one gather when every list has one length."""
+    if len({len(row) for row in ids}) <= 1:
+        index = torch.tensor(ids, dtype=torch.long).view(log_probs.shape[0], -1)
+        return log_probs.gather(-1, index)
+    return [log_probs[j, row] for j, row in enumerate(ids)]
 
 
 def _fastapi():
