@@ -121,6 +121,17 @@ def test_full_distribution_objectives_refuse_a_served_teacher_at_the_start(tiny_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("verb", ["diagnose", "cold-start", "select-prompts"])
+def test_verbs_without_a_client_say_they_need_a_folder(tiny_pair, tmp_path, verb, capsys):
+    code = main([verb, "--student", str(tiny_pair["student"]), "--teacher", "http://127.0.0.1:9",
+                 "--prompts", str(tiny_pair["prompts"]), "--out", str(tmp_path / "out")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1
+    assert ("'http://127.0.0.1:9' is the URL of a served teacher; this verb needs a model folder"
+            in errors[0])
+    assert not (tmp_path / "out").exists()
+
+
 def test_teacher_prompt_own_refuses_a_served_teacher(tiny_pair, tmp_path):
     with pytest.raises(OPDError, match="teacher_prompt: `own` needs the teacher's tokenizer"):
         tiny_config(tiny_pair, tmp_path / "run", teacher="http://127.0.0.1:9",
