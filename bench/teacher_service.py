@@ -3,8 +3,10 @@ throughput (needs the `serve` extra).
 
 Builds a random student and a larger random teacher (word-level vocabulary, float32) as HF
 folders, starts `opd serve-teacher` as its own process on 127.0.0.1, and runs the same
-fixed-seed `opd train` steps with `--teacher FOLDER` and `--teacher http://…`, reporting the
-mean step time (after a warm-up step) and its ratio. Then it measures the tokens per second
+fixed-seed `opd train` steps with `--teacher FOLDER` and `--teacher http://…`, alternating the
+two `--repeats` times, and reports the median step time of each (warm-up steps left out) and
+their ratio: on a machine shared with other jobs the median of alternated runs is what holds
+still. Then it measures the tokens per second
 `POST /v1/score` scores (k = 16 with 16 candidate ids per position) beside the same backend
 called in process, so the HTTP and JSON cost is visible.
 
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -53,7 +56,7 @@ def build(out: Path, vocab: int) -> dict[str, Path]:
 
 
 def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
-                 objective: str) -> float:
+                 objective: str) -> list[float]:
     from opd import metrics as M
     from opd.config import build_config
     from opd.train import run_training
@@ -68,7 +71,7 @@ def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
     }))
     records = M.read(out)[1:]  # the first step warms up
     keys = (M.TIME_ROLLOUT, M.TIME_SCORE, M.TIME_UPDATE)
-    return sum(sum(r[k] for k in keys) for r in records) / len(records)
+    return [sum(r[k] for k in keys) for r in records]
 
 
 def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict[str, float]:
@@ -86,23 +89,25 @@ def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict
     tokens = sum(len(s) - start for s, start in zip(sequences, starts, strict=True))
     client = TeacherClient(url, timeout=120)
     backend = HFBackend(str(teacher), dtype="float32", device=torch.device("cpu"))
-    rates = {}
-    for name, run in (("http", lambda: client.score(request)),
-                      ("in_process", lambda: backend.score(request))):
+    runs = {"http": lambda: client.score(request), "in_process": lambda: backend.score(request)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
         run()  # warm-up
-        started = time.perf_counter()
-        for _ in range(rounds):
+    for _ in range(rounds):  # alternated, one request at a time
+        for name, run in runs.items():
+            started = time.perf_counter()
             run()
-        rates[name] = tokens * rounds / (time.perf_counter() - started)
-    return rates
+            rates[name].append(tokens / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -120,9 +125,12 @@ def main() -> None:
         TeacherClient(url, timeout=120).info()  # waits for the server to come up
         rows = []
         for objective in ("topk", "sampled"):
-            local = step_seconds(folders, str(folders["teacher"]), out / "local", args.steps,
-                                 objective)
-            served = step_seconds(folders, url, out / "served", args.steps, objective)
+            times: dict[str, list[float]] = {"local": [], "served": []}
+            for _ in range(args.repeats):
+                for name, teacher in (("local", str(folders["teacher"])), ("served", url)):
+                    times[name] += step_seconds(folders, teacher, out / name, args.steps,
+                                                objective)
+            local, served = (statistics.median(times[n]) for n in ("local", "served"))
             rows.append({"objective": objective, "in_process_s": local, "served_s": served,
                          "ratio": served / local})
         rates = scoring_throughput(folders["teacher"], url, args.vocab, args.rounds)
@@ -131,13 +139,14 @@ def main() -> None:
         server.wait(30)
     print(f"threads: {torch.get_num_threads()}, vocab {args.vocab}, student {SHAPES['student']}, "
           f"teacher {SHAPES['teacher']} (hidden, layers, heads, mlp); 16 prompts × 4 rollouts "
-          "× 32 new tokens per step")
+          f"× 32 new tokens per step; median of {args.repeats} × {args.steps} steps each")
     print("| objective | step, in-process teacher (s) | step, served teacher (s) | ratio |")
     print("|---|---|---|---|")
     for row in rows:
         print(f"| {row['objective']} | {row['in_process_s']:.3f} | {row['served_s']:.3f} | "
               f"{row['ratio']:.2f}× |")
-    print(f"\nscored tokens/s (64 × 64 response tokens, k 16 + 16 candidates): over HTTP "
+    print(f"\nscored tokens/s, median of {args.rounds} alternated requests of 64 × 64 response "
+          "tokens (k 16 + 16 candidates): over HTTP "
           f"{rates['http']:.0f}, same backend in process {rates['in_process']:.0f}")
 
 
