@@ -128,12 +128,17 @@ def score(
     loss: TokenLoss | None = None,
     measures: MeasureFn | None = None,
     chunk_size: int = 256,
+    chunks: int = 0,
 ) -> Scores:
     """Run both heads over the response states a chunk at a time, feeding the consumers.
 
     With a loss and student states that need a gradient, the output head's gradient is
     accumulated here, chunk by chunk; `Scores.loss.backward()` then takes the rest of the way
-    through the backbone. Call it once per pass, as for any loss."""
+    through the backbone. Call it once per pass, as for any loss.
+
+    `chunks`: run at least this many chunks, the ones past the states empty. Under several
+    processes each head call (and its backward) is a collective (`opd.parallel`), so every
+    process passes the largest chunk count of any process."""
     total = student.hidden.new_zeros((), dtype=torch.float32)
     token_lps: list[torch.Tensor] = []
     columns: dict[str, list[torch.Tensor]] = {}
@@ -142,8 +147,9 @@ def score(
     hidden_grad = torch.zeros_like(student.hidden) if grad else None
     options = dict(student_head=student_head, teacher_head=teacher_head,
                    teacher_temperature=teacher_temperature, loss=loss, measures=measures)
-    for start in range(0, student.hidden.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
+    needed = -(-student.hidden.shape[0] // chunk_size)
+    for index in range(max(needed, chunks)):
+        part = slice(index * chunk_size, (index + 1) * chunk_size)
         hidden = student.hidden[part]
         if grad:
             hidden = hidden.detach().requires_grad_(True)
