@@ -14,6 +14,7 @@ processes (torchrun); on a machine without GPUs, as here, they run on the CPU ov
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -73,9 +74,14 @@ CONFIGURATIONS = {
     "fsdp, untied": {"parallel": "fsdp", "student": "UNTIED"},
     "fsdp, LoRA": {"parallel": "fsdp", "lora_rank": 4},
     "ddp, tied": {"parallel": "ddp"},
+    "fsdp, sharded teacher, activation checkpointing": {
+        "parallel": "fsdp", "teacher_parallel": "fsdp", "activation_checkpointing": True},
 }
-"""Two-process runs, each compared with one process (the same settings; `parallel` is ignored
-there). "UNTIED" stands for an untied student made by the fixture."""
+"""Two-process runs, each compared with one process of the same settings without the
+`PARALLEL_ONLY` ones. "UNTIED" stands for an untied student made by the fixture."""
+PARALLEL_ONLY = ("parallel", "teacher_parallel", "activation_checkpointing")
+BF16 = {"parallel": "fsdp", "mixed_precision": "bf16", "dtype": "float32"}
+"""A two-process run in bfloat16 with float32 master weights (meant for GPUs; here it must run)."""
 PROBED = ("fsdp, tied", "fsdp, LoRA")
 
 
@@ -88,8 +94,9 @@ def runs(tiny_pair, tmp_path_factory) -> dict:
     one, two, spec = {}, {}, []
     for name, overrides in CONFIGURATIONS.items():
         overrides = {**overrides, "student": str(untied)} if "student" in overrides else overrides
-        slug = name.replace(", ", "-")
-        single = {**overrides, "max_steps": 6} if name == "fsdp, tied" else overrides
+        slug = name.replace(", ", "-").replace(" ", "-")
+        single = {k: v for k, v in overrides.items() if k not in PARALLEL_ONLY}
+        single = {**single, "max_steps": 6} if name == "fsdp, tied" else single
         run_training(build_config(run_settings(tiny_pair, root / f"one-{slug}", **single)))
         one[name] = load_metrics(root / f"one-{slug}")
         two[name] = root / f"two-{slug}"
@@ -101,9 +108,10 @@ def runs(tiny_pair, tmp_path_factory) -> dict:
     shutil.rmtree(resumed / "checkpoints" / "step-000006")
     spec.append({"settings": run_settings(tiny_pair, resumed, parallel="fsdp", max_steps=6),
                  "resume": True})
+    spec.append({"settings": run_settings(tiny_pair, root / "two-bf16", **BF16)})
     (root / "spec.json").write_text(json.dumps(spec))
     launch(str(Path(__file__).with_name("distributed_runs.py")), str(root / "spec.json"))
-    return {"root": root, "one": one, "two": two, "one_on_two": resumed}
+    return {"root": root, "one": one, "two": two, "one_on_two": resumed, "bf16": root / "two-bf16"}
 
 
 @pytest.mark.parametrize("name", CONFIGURATIONS)
@@ -129,6 +137,19 @@ def test_the_gathered_model_loads_and_scores_like_the_one_in_memory(runs, name):
     in_memory = torch.tensor(json.loads((runs["root"] / f"probe-{name.replace(', ', '-')}.json")
                                         .read_text()))
     torch.testing.assert_close(loaded, in_memory, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_mixed_precision_trains_and_keeps_float32_weights(runs):
+    from safetensors.torch import load_file
+
+    records = load_metrics(runs["bf16"])
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    weights = load_file(runs["bf16"] / "model" / "model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    # bf16 arithmetic: near the float32 curve, not on it
+    first = runs["one"]["ddp, tied"][0]
+    assert records[0]["loss"] != first["loss"]
+    assert records[0]["loss"] == pytest.approx(first["loss"], rel=0.05)
 
 
 def test_a_one_process_checkpoint_continues_on_two(runs):

@@ -144,14 +144,18 @@ def grad_norm(total: torch.Tensor) -> float:
     return float(full() if full is not None else total)
 
 
+def check_parallel_settings(config: TrainConfig, world: int) -> None:
+    """Refuse what `prepare` cannot do for `world` processes (before any model loads)."""
+    if world == 1 and config.mixed_precision != "no":
+        raise OPDError("mixed_precision: bf16 needs several processes (accelerate launch "
+                       "--num_processes N); in one process set dtype=bfloat16 instead")
+
+
 def prepare(models: TrainingModels, config: TrainConfig, world: int) -> None:
     """Wrap the run's models as `config` asks, in place: with several processes the student per
     `parallel` (and the teacher per `teacher_parallel`); activation checkpointing in any case.
     Call it before the optimizer is made (wrapping replaces the parameters)."""
     if world == 1:
-        if config.mixed_precision != "no":
-            raise OPDError("mixed_precision: bf16 needs several processes (accelerate launch "
-                           "--num_processes N); in one process set dtype=bfloat16 instead")
         if config.activation_checkpointing:
             from torch.distributed._composable import checkpoint
 

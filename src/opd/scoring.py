@@ -72,8 +72,9 @@ def response_states(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     response_mask = response_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    hidden = model.base_model(  # no KV cache: a recomputed (checkpointed) layer would fill it twice
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state
     predicts = response_mask[:, 1:]
     rows = torch.arange(input_ids.shape[0], device=device)[:, None].expand_as(predicts)

@@ -49,7 +49,15 @@ from opd.models import context_window, load_training_models, original_config
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
-from opd.parallel import full_state_dict, gathered, grad_norm, is_wrapped, plain_class, prepare
+from opd.parallel import (
+    check_parallel_settings,
+    full_state_dict,
+    gathered,
+    grad_norm,
+    is_wrapped,
+    plain_class,
+    prepare,
+)
 from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import ResponseStates, output_head, response_states, score
@@ -126,6 +134,7 @@ class Trainer:
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
                 f"{self.procs.world} processes"
             )
+        check_parallel_settings(config, self.procs.world)
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(

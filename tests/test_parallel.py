@@ -1,0 +1,34 @@
+"""`opd.parallel` in one process: what it refuses, and that it leaves unwrapped models alone
+(the two-process behaviour is in tests/test_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd.errors import OPDError
+from opd.parallel import decoder_layers, gathered, grad_norm, is_wrapped, plain_class
+from tests.conftest import make_tokenizer
+from tests.tiny_models import build_model
+
+
+def test_a_model_without_named_decoder_layers_is_refused_with_its_name():
+    with pytest.raises(OPDError, match=r"parallel: Sequential names no decoder layer class"):
+        decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt"])
+def test_decoder_layers_are_the_classes_the_model_names(name):
+    model = build_model(name, make_tokenizer(), seed=0, tied=True)
+    layers = decoder_layers(model)
+    assert len(layers) == 2 and len({type(layer) for layer in layers}) == 1
+
+
+def test_an_unwrapped_model_passes_through_unchanged():
+    model = build_model("llama", make_tokenizer(), seed=0, tied=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with gathered(model), plain_class(model):
+        assert type(model).__name__ == "LlamaForCausalLM"
+    assert not is_wrapped(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert grad_norm(torch.tensor(2.5)) == 2.5
