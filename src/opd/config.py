@@ -20,10 +20,14 @@ from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
 from opd.optim import SCHEDULES
-from opd.parallel import MIXED_PRECISION, PARALLEL, TEACHER_PARALLEL
 from opd.settings import Config, build, group, setting
 from opd.verify import VERIFIERS
 
+PARALLEL = ("ddp", "fsdp")
+"""How a distributed launch spreads the student (`parallel`; see opd.parallel)."""
+TEACHER_PARALLEL = ("replicate", "fsdp")
+"""How it holds the teacher (`teacher_parallel`): a whole copy per process, or sharded."""
+MIXED_PRECISION = ("no", "bf16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 """Experiment trackers a run can report to (`report_to`), each an optional extra."""
 
@@ -140,13 +144,14 @@ class TrainConfig(Config):
     parallel: str = setting(
         "ddp", "How several processes (accelerate launch) share the student: ddp (a whole copy "
         "each, gradients all-reduced) or fsdp (FSDP2: parameters, gradients and AdamW state "
-        "sharded). One process uses neither.", choices=PARALLEL)
+        "sharded). Without a distributed launch neither applies.", choices=PARALLEL)
     teacher_parallel: str = setting(
         "replicate", "How several processes hold the teacher: replicate (a whole copy each) or "
         "fsdp (sharded, forward only).", choices=TEACHER_PARALLEL)
     mixed_precision: str = setting(
         "no", "bf16: the student's forward and backward in bfloat16 over float32 master weights, "
-        "gradients reduced in float32 (several processes, dtype float32; for GPUs).",
+        "gradients reduced in float32 (FSDP2; needs a distributed launch, even of one "
+        "process, and dtype float32; for GPUs).",
         choices=MIXED_PRECISION)
     activation_checkpointing: bool = setting(
         False, "Recompute each decoder layer of the student in backward instead of keeping its "

@@ -28,23 +28,11 @@ import torch
 from torch import nn
 
 from opd.errors import OPDError
+from opd.scoring import hf_model
 
 if TYPE_CHECKING:
     from opd.config import TrainConfig
     from opd.models import TrainingModels
-
-PARALLEL = ("ddp", "fsdp")
-"""How the student is spread over several processes (`parallel`)."""
-TEACHER_PARALLEL = ("replicate", "fsdp")
-"""How the teacher is (`teacher_parallel`): a whole copy per process, or sharded (forward only)."""
-MIXED_PRECISION = ("no", "bf16")
-"""`mixed_precision`: bf16 parameters in forward and backward, float32 master weights, float32
-gradient reduction (FSDP2's MixedPrecisionPolicy)."""
-
-
-def hf_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -144,18 +132,19 @@ def grad_norm(total: torch.Tensor) -> float:
     return float(full() if full is not None else total)
 
 
-def check_parallel_settings(config: TrainConfig, world: int) -> None:
-    """Refuse what `prepare` cannot do for `world` processes (before any model loads)."""
-    if world == 1 and config.mixed_precision != "no":
-        raise OPDError("mixed_precision: bf16 needs several processes (accelerate launch "
-                       "--num_processes N); in one process set dtype=bfloat16 instead")
+def check_parallel_settings(config: TrainConfig, launched: bool) -> None:
+    """Refuse what `prepare` cannot do outside a distributed launch (before any model loads)."""
+    if not launched and config.mixed_precision != "no":
+        raise OPDError("mixed_precision: bf16 needs a distributed launch (accelerate launch "
+                       "--num_processes N, or torchrun, N ≥ 1); without one set dtype=bfloat16")
 
 
-def prepare(models: TrainingModels, config: TrainConfig, world: int) -> None:
-    """Wrap the run's models as `config` asks, in place: with several processes the student per
-    `parallel` (and the teacher per `teacher_parallel`); activation checkpointing in any case.
-    Call it before the optimizer is made (wrapping replaces the parameters)."""
-    if world == 1:
+def prepare(models: TrainingModels, config: TrainConfig, launched: bool) -> None:
+    """Wrap the run's models as `config` asks, in place: under a distributed launch the
+    student per `parallel` (and the teacher per `teacher_parallel`), even a launch of one
+    process (FSDP2 then gives mixed precision on one GPU); activation checkpointing in any
+    case. Call it before the optimizer is made (wrapping replaces the parameters)."""
+    if not launched:
         if config.activation_checkpointing:
             from torch.distributed._composable import checkpoint
 

@@ -47,6 +47,8 @@ class Processes:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = self.state.device
         self.is_main = self.state.is_main_process
+        self.launched = dist.is_available() and dist.is_initialized()
+        """Started by a distributed launcher (a process group exists, even of one process)."""
         if self.world > 1 and self.device.type == "cpu":
             # Processes sharing a few cores must not each spin up all of them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))

@@ -27,13 +27,14 @@ from opd.objectives import TokenLoss
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def output_head(model: torch.nn.Module) -> Head:
     """hidden [n, H] → logits [n, V] (float32), including a model's logit scaling or cap."""
-    model = _hf_model(model)
+    model = hf_model(model)
     head = model.get_output_embeddings()
     config = model.config
     scale = getattr(config, "logit_scale", None)
@@ -67,7 +68,7 @@ def response_states(
     response_mask: torch.Tensor,
 ) -> ResponseStates:
     """Run the backbone (no output head) and keep the states before each response token."""
-    model = _hf_model(model)
+    model = hf_model(model)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     response_mask = response_mask.to(device)

@@ -134,7 +134,7 @@ class Trainer:
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
                 f"{self.procs.world} processes"
             )
-        check_parallel_settings(config, self.procs.world)
+        check_parallel_settings(config, self.procs.launched)
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
@@ -142,7 +142,7 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
-        prepare(self.models, config, self.procs.world)
+        prepare(self.models, config, self.procs.launched)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
