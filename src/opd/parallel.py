@@ -61,9 +61,13 @@ def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
     """Apply `mode` (fsdp or ddp) to `model`'s units in place; gradients are summed across
     processes. Activation checkpointing recomputes each decoder layer in backward."""
     from torch.distributed._composable import checkpoint
-    from torch.distributed._composable.replicate_with_fsdp import replicate
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    try:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise OPDError(f"parallel: torch {torch.__version__} lacks FSDP2's fully_shard and "
+                       "replicate; install torch 2.13 (tested) or train in one process") from None
     options: dict[str, Any] = {}
     if mixed_precision == "bf16":
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
