@@ -116,6 +116,36 @@ def gathered(model: nn.Module | None) -> Iterator[None]:
             unit.set_reshard_after_forward(True, recurse=False)
 
 
+@contextlib.contextmanager
+def whole_head(model: nn.Module | None) -> Iterator[None]:
+    """For the chunks of one scoring pass: the output head's unit stays gathered and keeps its
+    gradient to itself, so a chunk costs no collective; on exit the unit is sharded again and
+    the backward that follows the pass (through the backbone) reduces the head's gradient once.
+    A model that is not wrapped is left as it is."""
+    from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
+    from torch.distributed.fsdp import FSDPModule
+
+    head = hf_model(model).get_output_embeddings() if model is not None else None
+    if not isinstance(head, FSDPModule):
+        yield
+        return
+    sharded = not isinstance(head, ReplicateModule)
+
+    def keep_whole(whole: bool) -> None:
+        head.set_requires_gradient_sync(not whole, recurse=False)
+        if sharded:
+            head.set_reshard_after_forward(not whole, recurse=False)
+            head.set_reshard_after_backward(not whole, recurse=False)
+
+    keep_whole(True)
+    try:
+        yield
+    finally:
+        keep_whole(False)
+        if sharded:
+            head.reshard()
+
+
 def is_wrapped(model: nn.Module) -> bool:
     return bool(_wrapped_units(model))
 

@@ -57,6 +57,7 @@ from opd.parallel import (
     is_wrapped,
     plain_class,
     prepare,
+    whole_head,
 )
 from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
@@ -302,15 +303,16 @@ class Trainer:
                         student_states.hidden.detach(), student_states.targets,
                         student_states.positions, student_states.rows,
                     )
-                scores = score(
-                    student_states, teacher_states, student_head=self.student_head,
-                    teacher_head=self.teacher_head,
-                    teacher_temperature=config.objective.teacher_temperature,
-                    loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
-                                        reference_lp),
-                    measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
-                    chunk_size=config.chunk_size, chunks=chunks,
-                )
+                with whole_head(models.student), whole_head(models.teacher):
+                    scores = score(
+                        student_states, teacher_states, student_head=self.student_head,
+                        teacher_head=self.teacher_head,
+                        teacher_temperature=config.objective.teacher_temperature,
+                        loss=step_loss.rows(rows, student_states.rows,
+                                            student_states.hidden.device, reference_lp),
+                        measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
+                        chunk_size=config.chunk_size, chunks=chunks,
+                    )
                 scores.loss.backward()
                 loss_total += float(scores.loss.detach())
             names = list(scores.measures)
