@@ -1,5 +1,5 @@
-"""Several processes: the student (and, if asked, the teacher) under PyTorch's own data-parallel
-machinery, applied unit by unit so that the backbone and the output head can be called apart
+"""A distributed launch: the student (and, if asked, the teacher) under PyTorch's own
+data-parallel machinery, applied unit by unit so that the backbone and the output head can be called apart
 (the chunked head of `opd.scoring` calls them separately, which a wrapped `forward` cannot).
 
 - `parallel: fsdp` shards every unit with FSDP2 (`torch.distributed.fsdp.fully_shard`): each
@@ -14,14 +14,16 @@ The units, innermost first: each decoder layer (the classes named by the model's
 weight, so the shared weight has one owner), the backbone, the root. The loop normalises each
 process's loss by the global token count, so gradients are summed across processes, not
 averaged (gradient divide factor 1). Every unit call is a collective, so the processes must call
-each unit equally often: `score(..., chunks=…)` runs the same number of head chunks everywhere,
-and rollouts and evaluation run inside `gathered` (whole parameters, no collective per call).
+each unit equally often: `score(..., chunks=…)` runs the same number of head chunks everywhere
+(`whole_head` keeps the head gathered over them), and rollouts and evaluation run inside
+`gathered` (whole parameters, no collective per call).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,12 +58,19 @@ def _units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
     return [*decoder_layers(model), head_unit, inner.base_model, model]
 
 
-def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
-         activation_checkpointing: bool = False, trainable: bool = True) -> nn.Module:
-    """Apply `mode` (fsdp or ddp) to `model`'s units in place; gradients are summed across
-    processes. Activation checkpointing recomputes each decoder layer in backward."""
+def checkpoint_layers(model: nn.Module) -> None:
+    """Activation checkpointing: each decoder layer keeps only its inputs and is recomputed in
+    backward (before `wrap`, which must see the checkpointed layers)."""
     from torch.distributed._composable import checkpoint
 
+    for layer in decoder_layers(model):
+        checkpoint(layer)
+
+
+def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
+         trainable: bool = True) -> nn.Module:
+    """Apply `mode` (fsdp or ddp) to `model`'s units in place; gradients are summed across
+    processes (`trainable`)."""
     try:
         from torch.distributed._composable.replicate_with_fsdp import replicate
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -73,12 +82,9 @@ def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
         options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                     reduce_dtype=torch.float32)
     if mode == "fsdp":
-        apply = lambda unit: fully_shard(unit, reshard_after_forward=True, **options)  # noqa: E731
+        apply = partial(fully_shard, reshard_after_forward=True, **options)
     else:
-        apply = lambda unit: replicate(unit, **options)  # noqa: E731
-    if activation_checkpointing:
-        for layer in decoder_layers(model):
-            checkpoint(layer)
+        apply = partial(replicate, **options)
     for unit in _units(model):
         apply(unit)
     if trainable:
@@ -89,7 +95,7 @@ def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
     return model
 
 
-def _wrapped_units(model: nn.Module) -> list[Any]:
+def _wrapped_units(model: nn.Module) -> list[nn.Module]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -147,6 +153,7 @@ def whole_head(model: nn.Module | None) -> Iterator[None]:
 
 
 def is_wrapped(model: nn.Module) -> bool:
+    """Whether `wrap` was applied to `model`."""
     return bool(_wrapped_units(model))
 
 
@@ -178,15 +185,11 @@ def prepare(models: TrainingModels, config: TrainConfig, launched: bool) -> None
     student per `parallel` (and the teacher per `teacher_parallel`), even a launch of one
     process (FSDP2 then gives mixed precision on one GPU); activation checkpointing in any
     case. Call it before the optimizer is made (wrapping replaces the parameters)."""
+    if config.activation_checkpointing:
+        checkpoint_layers(models.student)
     if not launched:
-        if config.activation_checkpointing:
-            from torch.distributed._composable import checkpoint
-
-            for layer in decoder_layers(models.student):
-                checkpoint(layer)
         return
-    wrap(models.student, config.parallel, mixed_precision=config.mixed_precision,
-         activation_checkpointing=config.activation_checkpointing)
+    wrap(models.student, config.parallel, mixed_precision=config.mixed_precision)
     if models.teacher is not None and config.teacher_parallel == "fsdp":
         wrap(models.teacher, "fsdp", trainable=False)
 
