@@ -176,6 +176,21 @@ def test_a_sharded_checkpoint_continues_on_one_process(runs, tiny_pair, tmp_path
         assert all(close(a.get(key), b.get(key), 1e-3) for key in CURVE), (a, b)
 
 
+def test_a_damaged_sharded_optimizer_state_is_named(runs, tiny_pair, tmp_path, capsys):
+    """A share whose bytes are damaged but whose size is right (so the manifest passes)."""
+    from opd.cli import main
+
+    out = tmp_path / "damaged"
+    shutil.copytree(runs["two"]["fsdp, tied"], out)
+    share = next((out / "checkpoints" / "step-000004" / "optimizer").glob("*.safetensors"))
+    share.write_bytes(b"\0" * share.stat().st_size)
+    code = main(["train", *cli_args(run_settings(tiny_pair, out, parallel="fsdp", max_steps=6))[3:],
+                 "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "optimizer is damaged" in err and "delete" in err and "step-000004" in err
+
+
 def test_a_killed_sharded_run_resumes_to_the_uninterrupted_metrics(runs, tiny_pair, tmp_path):
     """SIGKILL to every process of the launch once step 3 is logged (the last checkpoint is
     step 2's), then `--resume` on two processes: the metrics of the uninterrupted run."""

@@ -32,3 +32,30 @@ def test_an_unwrapped_model_passes_through_unchanged():
     assert not is_wrapped(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert grad_norm(torch.tensor(2.5)) == 2.5
+
+
+def test_a_full_disk_while_writing_the_sharded_optimizer_state_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    from opd.checkpoints import save_sharded_optimizer, start_checkpoint
+
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    start_checkpoint(tmp_path, 1)
+    save_sharded_optimizer(tmp_path, 1, model, optimizer)  # writes alone, without a process group
+    assert list((tmp_path / "checkpoints" / "step-000001.tmp" / "optimizer").glob("*.safetensors"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(HuggingFaceStorageWriter, "write_data", full_disk)
+    start_checkpoint(tmp_path, 2)
+    with pytest.raises(OPDError) as raised:
+        save_sharded_optimizer(tmp_path, 2, model, optimizer)
+    message = str(raised.value)
+    assert "\n" not in message and "step 2" in message and "No space left on device" in message
+    assert "--resume" in message

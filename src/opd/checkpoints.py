@@ -17,11 +17,14 @@ the run resumes exactly, on another it continues (sums in another order: not bit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import random
 import shutil
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +147,39 @@ def start_checkpoint(out: Path, step: int) -> Path:
     return tmp
 
 
+def _cause(err: BaseException) -> str:
+    """What went wrong under `torch.distributed.checkpoint`, which gathers each process's
+    exception into one `CheckpointException`."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    return getattr(err, "strerror", None) or one_line(err, 80)
+
+
+@contextlib.contextmanager
+def _alone_quietly() -> Iterator[None]:
+    """Without a process group `torch.distributed.checkpoint` reads and writes alone, and says
+    so each time; that is intended here (a sharded state resumed by one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_sharded_optimizer(out: Path, step: int, model, optimizer) -> None:
     """Every process writes its share of the optimizer state into `step-N.tmp/optimizer`
     (a collective: call it on every process, after `start_checkpoint`)."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
 
     folder = checkpoint_dir(out, step).with_suffix(".tmp") / SHARDED_OPTIMIZER
     try:
-        save(_flat_optimizer_tensors(model, optimizer),
-             storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
-    except OSError as err:
-        raise OPDError(f"checkpoint: could not write step {step} to {folder} "
-                       f"({err.strerror or err}): free space, then run again with --resume"
-                       ) from None
+        with _alone_quietly():
+            save(_flat_optimizer_tensors(model, optimizer),
+                 storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    except (OSError, CheckpointException) as err:  # DCP gathers each process's error in one
+        raise OPDError(f"checkpoint: could not write step {step} to {folder} ({_cause(err)}): "
+                       "free space, then run again with --resume") from None
 
 
 def save_checkpoint(
@@ -234,6 +257,7 @@ def _load_sharded_optimizer(checkpoint: Path, model, optimizer) -> None:
     """The optimizer state of `optimizer/` into this process's shares (any number of
     processes; a collective when there are several)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -244,10 +268,12 @@ def _load_sharded_optimizer(checkpoint: Path, model, optimizer) -> None:
     state = get_optimizer_state_dict(model, optimizer, options=flat)
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     try:
-        load(tensors, storage_reader=HuggingFaceStorageReader(str(checkpoint / SHARDED_OPTIMIZER)))
-    except Exception as err:  # DCP wraps the reader's errors in its own type
+        with _alone_quietly():
+            load(tensors, storage_reader=HuggingFaceStorageReader(
+                str(checkpoint / SHARDED_OPTIMIZER)))
+    except (Exception, CheckpointException) as err:  # DCP gathers each process's error
         raise OPDError(f"--resume: {checkpoint / SHARDED_OPTIMIZER} is damaged "
-                       f"({one_line(err, 80)}); delete {checkpoint} to resume from the "
+                       f"({_cause(err)}); delete {checkpoint} to resume from the "
                        "checkpoint before it") from None
     set_optimizer_state_dict(model, optimizer, {**state, **tensors}, options=flat)
 
