@@ -59,3 +59,19 @@ def test_a_full_disk_while_writing_the_sharded_optimizer_state_is_one_line(tmp_p
     message = str(raised.value)
     assert "\n" not in message and "step 2" in message and "No space left on device" in message
     assert "--resume" in message
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_in_one_process_keeps_the_curve(tiny_pair, tmp_path):
+    """Recomputed layers give the same gradients (the scoring pass keeps no KV cache, which a
+    recomputed layer would fill twice)."""
+    from opd.metrics import read
+    from opd.train import run_training
+    from tests.test_faults import config
+
+    run_training(config(tiny_pair, tmp_path / "plain", max_steps=2))
+    run_training(config(tiny_pair, tmp_path / "checkpointed", max_steps=2,
+                        activation_checkpointing=True))
+    for a, b in zip(read(tmp_path / "plain"), read(tmp_path / "checkpointed"), strict=True):
+        for key in ("loss", "grad_norm", "overlap_ratio"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6), key
