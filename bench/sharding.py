@@ -89,7 +89,8 @@ def run_row(name: str, root: Path, settings: dict) -> dict:
                                 "result": str(root / f"result-{name}.json")}))
     command = [sys.executable, __file__, "--worker", str(spec)]
     if processes:
-        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                        str(processes)]
     subprocess.run(command, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     shares = [json.loads(f.read_text()) for f in sorted(root.glob(f"result-{name}.*.json"))]
     return {key: max(s[key] for s in shares) for key in shares[0]}

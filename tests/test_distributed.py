@@ -38,7 +38,8 @@ from tests.tiny_models import save_model
 TOLERANCE = 1e-4  # relative; float sums in another order, nothing more
 CURVE = ("loss", "grad_norm", "overlap_ratio", "reverse_kl", "response_length", "accuracy")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--main_process_port", "0"]  # a free port: other launches may run beside this one
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 pytestmark = pytest.mark.slow
