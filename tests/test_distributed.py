@@ -81,9 +81,9 @@ CONFIGURATIONS = {
         "parallel": "fsdp", "teacher_parallel": "fsdp", "activation_checkpointing": True},
 }
 """Two-process runs, each compared with one process of the same settings without the
-`PARALLEL_ONLY` ones. "UNTIED" stands for an untied student made by the fixture, "PROMPTS"
+`LEFT_OUT_OF_REFERENCE` ones. "UNTIED" stands for an untied student made by the fixture, "PROMPTS"
 for the prompt file (evaluated on whole parameters, by the main process alone)."""
-PARALLEL_ONLY = ("parallel", "teacher_parallel", "activation_checkpointing")
+LEFT_OUT_OF_REFERENCE = ("parallel", "teacher_parallel", "activation_checkpointing")
 BF16 = {"parallel": "fsdp", "mixed_precision": "bf16", "dtype": "float32"}
 """A two-process run in bfloat16 with float32 master weights (meant for GPUs; here it must run)."""
 PROBED = ("fsdp, tied", "fsdp, LoRA")
@@ -101,7 +101,7 @@ def runs(tiny_pair, tmp_path_factory) -> dict:
         overrides = {k: stand_ins.get(v, v) if isinstance(v, str) else v
                      for k, v in overrides.items()}
         slug = name.replace(", ", "-").replace(" ", "-")
-        single = {k: v for k, v in overrides.items() if k not in PARALLEL_ONLY}
+        single = {k: v for k, v in overrides.items() if k not in LEFT_OUT_OF_REFERENCE}
         single = {**single, "max_steps": 6} if name == "fsdp, tied" else single
         run_training(build_config(run_settings(tiny_pair, root / f"one-{slug}", **single)))
         one[name] = load_metrics(root / f"one-{slug}")
