@@ -132,6 +132,19 @@ def test_verbs_without_a_client_say_they_need_a_folder(tiny_pair, tmp_path, verb
     assert not (tmp_path / "out").exists()
 
 
+def test_a_served_teacher_with_a_sharded_student_on_several_processes_is_refused(tiny_pair,
+                                                                                tmp_path):
+    from types import SimpleNamespace
+
+    from opd.teachers import build_teachers
+
+    config = tiny_config(tiny_pair, tmp_path / "run", teacher="http://127.0.0.1:9",
+                         parallel="fsdp")
+    two = SimpleNamespace(world=2, device=torch.device("cpu"))
+    with pytest.raises(OPDError, match="parallel: a served teacher works with parallel ddp"):
+        build_teachers(config, models=None, records=[], procs=two)
+
+
 def test_teacher_prompt_own_refuses_a_served_teacher(tiny_pair, tmp_path):
     with pytest.raises(OPDError, match="teacher_prompt: `own` needs the teacher's tokenizer"):
         tiny_config(tiny_pair, tmp_path / "run", teacher="http://127.0.0.1:9",

@@ -2,7 +2,7 @@
 
 One process needs no set-up. Several (`accelerate launch --num_processes N -m opd train …`)
 share the step's prompts; `Processes` holds the few collective operations the loop needs and
-is a no-op for a single process.
+is a no-op for a single process (gradients are synchronised by PyTorch: `opd.parallel`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ class StepHook:
 
 
 class Processes:
-    """The process group as the loop sees it: rank, world size, device, and sums."""
+    """The process group as the loop sees it: rank, world size, device, sums and maxima."""
 
     def __init__(self) -> None:
         from accelerate import PartialState
@@ -47,6 +47,8 @@ class Processes:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = self.state.device
         self.is_main = self.state.is_main_process
+        self.launched = dist.is_available() and dist.is_initialized()
+        """Started by a distributed launcher (a process group exists, even of one process)."""
         if self.world > 1 and self.device.type == "cpu":
             # Processes sharing a few cores must not each spin up all of them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
@@ -57,16 +59,13 @@ class Processes:
             dist.all_reduce(tensor)
         return tensor
 
-    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+    def max(self, value: int) -> int:
+        """The largest `value` of any process."""
         if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+            return value
+        tensor = torch.tensor([value], device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor[0])
 
     def barrier(self) -> None:
         if self.world > 1:

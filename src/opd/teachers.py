@@ -15,6 +15,7 @@ from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord
 from opd.errors import OPDError
 from opd.models import TrainingModels, check_same_vocabulary, load_model, load_tokenizer
+from opd.runtime import Processes
 from opd.scoring import Head, LocalTeacher, ResponseStates, TeacherLogprobs, output_head, response_states
 from opd.teacher_service.client import ServedTeacher, TeacherClient, check_served_vocabulary
 from opd.teacher_service.protocol import is_url, vocabulary_fingerprint
@@ -54,6 +55,12 @@ class Share:
     rows: torch.Tensor | None
     tokens: torch.Tensor | None
 
+    @property
+    def empty(self) -> bool:
+        """No row of this micro-batch is this teacher's (it is still scored, with nothing,
+        so that every process calls the student's head equally often)."""
+        return self.rows is not None and self.rows.numel() == 0
+
 
 class Teachers:
     """The run's teachers: one (`name` None), or one per value of `teacher_field`."""
@@ -67,13 +74,14 @@ class Teachers:
         return sorted(n for n in self.by_name if n is not None)
 
     def split(self, prompts: Sequence[int], student: ResponseStates) -> list[Share]:
-        """Who scores what: `prompts` is the prompt (record index) of each micro-batch row."""
+        """Who scores what: `prompts` is the prompt (record index) of each micro-batch row. With
+        several teachers every teacher gets a share, in one order, even an empty one."""
         if self.of_prompt is None:
             return [Share(None, self.by_name[None], None, None)]
         names = [self.of_prompt[p] for p in prompts]
         shares = []
-        for name in sorted(set(names)):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name])
+        for name in self.names:
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
             tokens = torch.isin(student.rows, rows.to(student.rows.device))
             shares.append(Share(name, self.by_name[name], rows, tokens))
         return shares
@@ -116,12 +124,19 @@ def _load(path: str, role: str, config: TrainConfig, models: TrainingModels,
 
 
 def build_teachers(config: TrainConfig, models: TrainingModels,
-                   records: Sequence[PromptRecord], device: torch.device) -> Teachers | None:
+                   records: Sequence[PromptRecord], procs: Processes) -> Teachers | None:
     """The run's teachers (None without distillation). Every prompt's teacher is known, and
     every teacher loaded or asked for its model (a served one with another vocabulary is
-    refused), before the first step."""
+    refused), before the first step. Several teachers from folders are whole copies on each
+    process (`teacher_parallel` applies to a single `teacher`)."""
     if not config.distill_weight:
         return None
+    served = any(is_url(t) for t in (config.teacher, *config.teachers.values()))
+    if served and config.parallel == "fsdp" and procs.world > 1:
+        raise OPDError("parallel: a served teacher works with parallel ddp (or one process) so "
+                       "far: asking it for the student's candidates runs the sharded output "
+                       "head a different number of times on each process; set parallel=ddp")
+    device = procs.device
     if not config.teachers:
         return Teachers({None: _load(config.teacher, "teacher", config, models, device)}, None)
     of_prompt = _teacher_of_each_prompt(records, config.teacher_field, config.teachers)

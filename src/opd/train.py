@@ -6,8 +6,9 @@ log a line to metrics.jsonl, evaluate and checkpoint when due. On-policy distill
 RL loop with a different per-token signal (tinker-cookbook's view), so GRPO is the same loop
 with distill_weight 0 and outcome_weight 1.
 
-One process: `opd train …`. Several (DDP over gloo on CPU, NCCL on GPUs):
-`accelerate launch --num_processes 2 -m opd train …`. Each process takes an equal share of
+One process: `opd train …`. Several (gloo on CPU, NCCL on GPUs):
+`accelerate launch --num_processes 2 -m opd train …`, the student replicated (`parallel: ddp`)
+or sharded (`parallel: fsdp`) by PyTorch (`opd.parallel`). Each process takes an equal share of
 the step's prompts; losses are normalised by the global token count and gradients summed
 across processes, so the update equals the single-process one for the same global batch.
 Rollouts are seeded per (step, prompt, sample), so they do not depend on the sharding either.
@@ -35,6 +36,8 @@ from opd.checkpoints import (
     incomplete_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_sharded_optimizer,
+    start_checkpoint,
 )
 from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
@@ -46,6 +49,16 @@ from opd.models import context_window, load_training_models, original_config
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
+from opd.parallel import (
+    check_parallel_settings,
+    full_state_dict,
+    gathered,
+    grad_norm,
+    is_wrapped,
+    plain_class,
+    prepare,
+    whole_head,
+)
 from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
@@ -124,6 +137,7 @@ class Trainer:
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
                 f"{self.procs.world} processes"
             )
+        check_parallel_settings(config, self.procs.launched)
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
@@ -131,7 +145,8 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
-        self.teachers = build_teachers(config, self.models, self.records, self.procs.device)
+        prepare(self.models, config, self.procs.launched)
+        self.teachers = build_teachers(config, self.models, self.records, self.procs)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -140,7 +155,8 @@ class Trainer:
         )
         self.state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "initial_accuracy": None}
         if checkpoint:
-            self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler,
+                                         self.models.student)
         self._start_run_folder(resume, checkpoint)
         if checkpoint:
             self.monitor.restore(M.read(self.out))
@@ -253,7 +269,7 @@ class Trainer:
             config.prompts_per_step,
         )
         indices = global_indices[procs.rank * share : (procs.rank + 1) * share]
-        with timed(M.TIME_ROLLOUT, record):
+        with timed(M.TIME_ROLLOUT, record), gathered(models.student):
             rollouts = self._rollouts(step, indices)
 
         n = rollouts.input_ids.shape[0]
@@ -291,34 +307,35 @@ class Trainer:
                 token_loss = step_loss.rows(rows, student_states.rows,
                                             student_states.hidden.device, reference_lp)
                 loss = student_states.hidden.new_zeros((), dtype=torch.float32)
-                for share, teacher_lp in zip(shares, teacher_lps, strict=True):
-                    tokens = share.tokens if share else None
-                    states = student_states.select(tokens)
-                    scores = score(
-                        states, teacher_lp, student_head=self.student_head,
-                        loss=token_loss.select(tokens),
-                        measures=lambda s, t, y, **exact: token_measures(
-                            s, t, y, config.measure_k, **exact),
-                        chunk_size=config.chunk_size,
-                    )
-                    loss = loss + scores.loss
-                    names = list(scores.measures)
-                    part = position_totals(scores.measures, states.positions, self.bin_edges)
-                    sums = part[0] if sums is None else sums + part[0]
-                    counts_by_bin = part[1] if counts_by_bin is None else counts_by_bin + part[1]
-                    if share and share.name is not None:
-                        seen = by_teacher.get(share.name)
-                        by_teacher[share.name] = part if seen is None else (
-                            seen[0] + part[0], seen[1] + part[1])
+                with whole_head(models.student), whole_head(models.teacher):
+                    for share, teacher_lp in zip(shares, teacher_lps, strict=True):
+                        states = student_states.select(share.tokens if share else None)
+                        scores = score(
+                            states, teacher_lp, student_head=self.student_head,
+                            loss=token_loss.select(share.tokens if share else None),
+                            measures=lambda s, t, y, **exact: token_measures(
+                                s, t, y, config.measure_k, **exact),
+                            chunk_size=config.chunk_size,
+                            chunks=procs.max(-(-states.targets.shape[0] // config.chunk_size)),
+                        )
+                        loss = loss + scores.loss
+                        names = list(scores.measures)
+                        part = position_totals(scores.measures, states.positions, self.bin_edges)
+                        sums = part[0] if sums is None else sums + part[0]
+                        counts_by_bin = (part[1] if counts_by_bin is None
+                                         else counts_by_bin + part[1])
+                        if share and share.name is not None:
+                            seen = by_teacher.get(share.name)
+                            by_teacher[share.name] = part if seen is None else (
+                                seen[0] + part[0], seen[1] + part[1])
                 loss.backward()
                 loss_total += float(loss.detach())
 
         with timed(M.TIME_UPDATE, record):
-            procs.sum_gradients(self.params)
             clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            norm = grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
             loss_total = float(procs.sum(torch.tensor(loss_total, dtype=torch.float64)))
-            if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            if math.isfinite(loss_total) and math.isfinite(norm):
                 self.optimizer.step()
             else:
                 self.state["skipped_steps"] += 1
@@ -338,7 +355,7 @@ class Trainer:
                 overall[name] = None
                 by_position.pop(name)
         record.update({
-            M.LOSS: loss_total, **overall, M.GRAD_NORM: grad_norm,
+            M.LOSS: loss_total, **overall, M.GRAD_NORM: norm,
             M.RESPONSE_LENGTH: total_tokens / total_rows,
             M.TRUNCATION_RATE: counts[2] / total_rows,
             M.TRAIN_REWARD: None if math.isnan(counts[3]) else counts[3] / total_rows,
@@ -350,8 +367,9 @@ class Trainer:
     def _teacher_logprobs(self, rollouts: Rollouts, indices: list[int], rows: slice,
                           student: ResponseStates, share: Share | None):
         """The log-probs of the teacher of `share` (its rows of the micro-batch); without a
-        teacher, the student's own (the teacher measures are then dropped from the record)."""
-        if share is None:
+        teacher, or for a teacher with no row here, the student's own (the teacher measures
+        are then dropped from the record, or count nothing)."""
+        if share is None or share.empty:
             hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
                                     student.rows)
             return LocalTeacher(hidden, self.student_head,
@@ -381,32 +399,46 @@ class Trainer:
         if not self.eval_records:
             return None
         accuracy = torch.zeros(1, dtype=torch.float64)
-        if self.procs.is_main:
-            cfg = self.config
-            result = evaluate(
-                self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
-                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier, template=cfg.template,
-                seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
-            )
-            accuracy[0] = result.accuracy
+        with gathered(self.models.student):
+            if self.procs.is_main:
+                cfg = self.config
+                result = evaluate(
+                    self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
+                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                    max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier,
+                    template=cfg.template, seed=cfg.seed,
+                    chat_template_kwargs=cfg.chat_template_kwargs,
+                )
+                accuracy[0] = result.accuracy
         self.latest_accuracy = float(self.procs.sum(accuracy)[0])
         return self.latest_accuracy
 
     def checkpoint(self, step: int, record: dict[str, Any] | None = None) -> None:
-        """A checkpoint folder with its model card (the measures of `record`, the step's)."""
+        """A checkpoint folder with its model card (the measures of `record`, the step's). With
+        the student wrapped, every process takes part: the weights are gathered to the main
+        process and each process writes its share of the optimizer state."""
         self.procs.barrier()
+        student, sharded = self.models.student, is_wrapped(self.models.student)
+        model_state = full_state_dict(student) if sharded else None
+        if sharded:
+            if self.procs.is_main:
+                start_checkpoint(self.out, step)
+            self.procs.barrier()
+            save_sharded_optimizer(self.out, step, student, self.optimizer)
+            self.procs.barrier()
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
             card = model_card(self.config, step=step, record=record,
                               initial_accuracy=self.state.get("initial_accuracy"),
                               accuracy=self.latest_accuracy)
-            with original_config(self.models.student_dropout):
+            with original_config(self.models.student_dropout), plain_class(student):
                 save_checkpoint(
-                    self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
-                    self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
+                    self.out, step, student, self.models.tokenizer,
+                    None if sharded else self.optimizer, self.scheduler,
+                    {k: v for k, v in self.state.items() if k != "step"},
                     self.config.keep_checkpoints, settings=to_dict(self.config), card=card,
+                    model_state=model_state,
                 )
         self.procs.barrier()
 
