@@ -404,3 +404,19 @@ def test_a_prompt_whose_value_has_no_teacher_stops_the_run_at_start(tiny_pair, t
                                  prompts=str(two_sources["prompts"]),
                                  teachers={"a": str(tiny_pair["teacher"])}))
     assert not (tmp_path / "run").exists()
+
+
+def test_micro_batches_holding_one_teacher_only_give_the_single_teacher_run(tiny_pair,
+                                                                            two_sources, tmp_path):
+    """micro_batch 1: every micro-batch has a prompt of one source, the other teacher's share is
+    empty and scored with nothing; with the same teacher for both, the single-teacher run."""
+    common = {"prompts": str(two_sources["prompts"]), "max_steps": 2, "micro_batch": 1,
+              "save_every": 10}
+    teacher = str(tiny_pair["teacher"])
+    run_training(tiny_config(tiny_pair, tmp_path / "single", teacher=teacher, **common))
+    run_training(tiny_config(tiny_pair, tmp_path / "both", teacher="",
+                             teachers={"a": teacher, "b": teacher}, **common))
+    both = M.read(tmp_path / "both")
+    assert all(set(r[M.BY_TEACHER]) == {"a", "b"} for r in both)
+    _assert_records_close(M.read(tmp_path / "single"),
+                          [{k: v for k, v in r.items() if k != M.BY_TEACHER} for r in both])

@@ -319,6 +319,8 @@ class Trainer:
                             chunks=procs.max(-(-states.targets.shape[0] // config.chunk_size)),
                         )
                         loss = loss + scores.loss
+                        if not scores.measures:  # an empty share that no process has tokens for
+                            continue
                         names = list(scores.measures)
                         part = position_totals(scores.measures, states.positions, self.bin_edges)
                         sums = part[0] if sums is None else sums + part[0]
@@ -369,6 +371,8 @@ class Trainer:
         """The log-probs of the teacher of `share` (its rows of the micro-batch); without a
         teacher, or for a teacher with no row here, the student's own (the teacher measures
         are then dropped from the record, or count nothing)."""
+        if share is not None:
+            student = student.select(share.tokens)
         if share is None or share.empty:
             hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
                                     student.rows)
@@ -377,7 +381,7 @@ class Trainer:
         inputs = self._teacher_inputs(rollouts, indices, rows)
         if share.rows is not None:
             inputs = tuple(part[share.rows] for part in inputs)
-        return share.teacher.logprobs(inputs, student.select(share.tokens), self.student_head)
+        return share.teacher.logprobs(inputs, student, self.student_head)
 
     def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
         if self.models.reference is None:
