@@ -420,3 +420,31 @@ def test_micro_batches_holding_one_teacher_only_give_the_single_teacher_run(tiny
     assert all(set(r[M.BY_TEACHER]) == {"a", "b"} for r in both)
     _assert_records_close(M.read(tmp_path / "single"),
                           [{k: v for k, v in r.items() if k != M.BY_TEACHER} for r in both])
+
+
+def test_diagnose_gives_a_verdict_per_teacher_on_its_own_prompts(tiny_pair, two_sources,
+                                                                 tmp_path, capsys):
+    """`opd diagnose` with `teachers`: a diagnosis per teacher in OUT/<value>, equal to the
+    one-teacher diagnosis on that teacher's prompts alone."""
+    args = ["--student", str(tiny_pair["student"]), "--num-prompts", "20", "--n", "2",
+            "--max-new-tokens", "6", "--no-progress"]
+    teachers = {"a": str(tiny_pair["teacher"]), "b": str(tiny_pair["student"])}
+    assert main(["diagnose", *args, "--prompts", str(two_sources["prompts"]), "--out",
+                 str(tmp_path / "both"), "--set", f"teachers={json.dumps(teachers)}"]) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in two_sources["prompts"].read_text().splitlines()]
+    only_a = tmp_path / "a.jsonl"
+    only_a.write_text("".join(json.dumps(r) + "\n" for r in rows if r["source"] == "a"))
+    assert main(["diagnose", *args, "--prompts", str(only_a), "--teacher", teachers["a"],
+                 "--out", str(tmp_path / "alone")]) == 0
+    by_teacher = {name: json.loads((tmp_path / "both" / name / "diagnosis.json").read_text())
+                  for name in ("a", "b")}
+    alone = json.loads((tmp_path / "alone" / "diagnosis.json").read_text())
+    assert by_teacher["a"]["teacher"]["pattern"] == alone["teacher"]["pattern"]
+    assert by_teacher["a"]["verdict"] == alone["verdict"]
+    assert by_teacher["a"]["student"]["prompts"] == by_teacher["b"]["student"]["prompts"] == 10
+    # b is the student itself: every top-k set shared
+    assert by_teacher["b"]["teacher"]["pattern"]["by_k"]["4"]["overall"][
+        "overlap_share_teacher"] == pytest.approx(1.0)
+    assert f"teacher 'a' (source = a): {by_teacher['a']['verdict']}" in printed
+    assert f"teacher 'b' (source = b): {by_teacher['b']['verdict']}" in printed

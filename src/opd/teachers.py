@@ -87,8 +87,10 @@ class Teachers:
         return shares
 
 
-def _teacher_of_each_prompt(records: Sequence[PromptRecord], field: str,
+def teacher_of_each_prompt(records: Sequence[PromptRecord], field: str,
                             teachers: dict[str, str]) -> list[str]:
+    """The `teachers` key of each prompt (its `field` value); a value without a teacher stops
+    with the row named."""
     names = []
     for record in records:
         value = record.meta.get(field)
@@ -139,7 +141,7 @@ def build_teachers(config: TrainConfig, models: TrainingModels,
     device = procs.device
     if not config.teachers:
         return Teachers({None: _load(config.teacher, "teacher", config, models, device)}, None)
-    of_prompt = _teacher_of_each_prompt(records, config.teacher_field, config.teachers)
+    of_prompt = teacher_of_each_prompt(records, config.teacher_field, config.teachers)
     by_name: dict[str | None, Teacher] = {
         name: _load(path, f"teachers.{name}", config, models, device)
         for name, path in config.teachers.items() if name in set(of_prompt)}
