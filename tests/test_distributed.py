@@ -32,6 +32,7 @@ from opd.metrics import read as load_metrics
 from opd.train import run_training
 from tests.conftest import make_tokenizer
 from tests.distributed_runs import PROBE_IDS
+from tests.test_teacher_service import serving
 from tests.test_train import without_times
 from tests.tiny_models import save_model
 
@@ -79,10 +80,16 @@ CONFIGURATIONS = {
     "ddp, tied": {"parallel": "ddp"},
     "fsdp, sharded teacher, activation checkpointing": {
         "parallel": "fsdp", "teacher_parallel": "fsdp", "activation_checkpointing": True},
+    "fsdp, two teachers": {"parallel": "fsdp", "teacher": "", "prompts": "SOURCES",
+                           "teachers": {"a": "TEACHER", "b": "UNTIED"}},
+    "ddp, served teacher": {"parallel": "ddp", "teacher": "SERVED"},
 }
 """Two-process runs, each compared with one process of the same settings without the
 `LEFT_OUT_OF_REFERENCE` ones. "UNTIED" stands for an untied student made by the fixture, "PROMPTS"
-for the prompt file (evaluated on whole parameters, by the main process alone)."""
+for the prompt file (evaluated on whole parameters, by the main process alone), "TEACHER" for
+the teacher folder, "SOURCES" for the prompts tagged with two sources (a teacher each, so a
+process may hold no prompt of one of them), "SERVED" for the teacher served on 127.0.0.1 while
+the runs train (opd serve-teacher)."""
 LEFT_OUT_OF_REFERENCE = ("parallel", "teacher_parallel", "activation_checkpointing")
 BF16 = {"parallel": "fsdp", "mixed_precision": "bf16", "dtype": "float32"}
 """A two-process run in bfloat16 with float32 master weights (meant for GPUs; here it must run)."""
@@ -95,11 +102,26 @@ def runs(tiny_pair, tmp_path_factory) -> dict:
     one-process checkpoint resumed on two processes."""
     root = tmp_path_factory.mktemp("distributed")
     untied = save_model(root / "untied", "llama", make_tokenizer(), seed=3, tied=False)
+    rows = tiny_pair["prompts"].read_text().splitlines()
+    sources = root / "sources.jsonl"
+    sources.write_text("".join(json.dumps({**json.loads(row), "source": "ab"[i % 2]}) + "\n"
+                               for i, row in enumerate(rows)))
+    with serving(tiny_pair["teacher"]) as (url, _):
+        stand_ins = {"UNTIED": str(untied), "PROMPTS": str(tiny_pair["prompts"]),
+                     "TEACHER": str(tiny_pair["teacher"]), "SOURCES": str(sources),
+                     "SERVED": url}
+        return _train_every_configuration(tiny_pair, root, stand_ins)
+
+
+def _train_every_configuration(tiny_pair, root: Path, stand_ins: dict[str, str]) -> dict:
+    def stand_in(value):
+        if isinstance(value, dict):
+            return {k: stand_in(v) for k, v in value.items()}
+        return stand_ins.get(value, value) if isinstance(value, str) else value
+
     one, two, spec = {}, {}, []
     for name, overrides in CONFIGURATIONS.items():
-        stand_ins = {"UNTIED": str(untied), "PROMPTS": str(tiny_pair["prompts"])}
-        overrides = {k: stand_ins.get(v, v) if isinstance(v, str) else v
-                     for k, v in overrides.items()}
+        overrides = {k: stand_in(v) for k, v in overrides.items()}
         slug = name.replace(", ", "-").replace(" ", "-")
         single = {k: v for k, v in overrides.items() if k not in LEFT_OUT_OF_REFERENCE}
         single = {**single, "max_steps": 6} if name == "fsdp, tied" else single

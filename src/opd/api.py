@@ -42,7 +42,7 @@ ConfigLike = Any
 """A verb's config dataclass, a mapping of settings (nested or dotted keys), a YAML file path,
 or None."""
 
-RECORD_ONLY = {M.STEP, M.BY_POSITION, M.ALERTS}
+RECORD_ONLY = {M.STEP, M.BY_POSITION, M.BY_TEACHER, M.ALERTS}
 
 
 def _config(cls: type, config: ConfigLike, values: Mapping[str, Any], *,
@@ -293,6 +293,46 @@ def diagnose(student: str | None = None, teacher: str | None = None, prompts: st
     return Diagnosis.from_dict(json.loads(json.dumps(data)), folder)
 
 
+def diagnose_teachers(student: str | None = None, prompts: str | None = None, *,
+                      teachers: Mapping[str, str] | None = None, out: str | Path | None = None,
+                      config: ConfigLike = None, **settings: Any) -> dict[str, Diagnosis]:
+    """`opd diagnose` with several teachers (`teachers`: a value of the prompt field
+    `teacher_field` → teacher folder): one diagnosis per teacher on its own prompts, each in
+    `out/<value>`. A prompt whose value has no teacher stops before any measuring."""
+    from dataclasses import replace
+
+    from opd.data.prompts import load_prompts, source_of
+    from opd.diagnose.measure import run_diagnosis
+    from opd.diagnose.report import write_outputs
+    from opd.io import check_output_folder
+    from opd.models import check_model_folder
+    from opd.teachers import teacher_of_each_prompt
+
+    values = {"student": student, "prompts": prompts, "teachers": teachers,
+              "out": None if out is None else str(out), **settings}
+    diagnose_config = _config(DiagnoseConfig, config, values)
+    if not diagnose_config.teachers:
+        raise OPDError("teachers: no teachers given; pass teachers={value: folder, ...} (or use "
+                       "diagnose for one teacher)")
+    if out is not None:
+        check_output_folder(out, "out")
+    records = load_prompts(diagnose_config.prompts, **source_of(diagnose_config))
+    used = set(teacher_of_each_prompt(records, diagnose_config.teacher_field,
+                                      diagnose_config.teachers))
+    for name in sorted(used):  # every teacher's folder, before the first diagnosis is written
+        check_model_folder(diagnose_config.teachers[name], f"teachers.{name}",
+                           trust_remote_code=diagnose_config.trust_remote_code)
+    diagnoses = {}
+    for name in sorted(used):
+        folder = None if out is None else Path(out) / name
+        one = replace(diagnose_config, teacher=diagnose_config.teachers[name], teachers={},
+                      out=str(folder) if folder else diagnose_config.out)
+        data = run_diagnosis(one, writes=folder is not None, value=name)
+        written = write_outputs(data, folder) if folder is not None else None
+        diagnoses[name] = Diagnosis.from_dict(json.loads(json.dumps(data)), written)
+    return diagnoses
+
+
 # -- recipes ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ColdStartResult:
@@ -361,6 +401,16 @@ def select_prompts(student: str | None = None, teacher: str | None = None,
     return Selection(folder, folder / "prompts.jsonl", folder / "train.yaml", dict(data["counts"]),
                      data["step0"], (data["trial"] or {}).get("entropy_effect"),
                      tuple(data["warnings"]), data)
+
+
+# -- the teacher as a service ----------------------------------------------------------------
+def serve_teacher(model: str | None = None, *, config: ConfigLike = None,
+                  **settings: Any) -> None:
+    """Serve a teacher over HTTP until interrupted (`opd serve-teacher`); training runs use it
+    with `teacher="http://host:port"`. Needs the `serve` extra."""
+    from opd.teacher_service.server import ServeConfig, serve
+
+    serve(_config(ServeConfig, config, {"model": model, **settings}))
 
 
 # -- reports and the model organisms ----------------------------------------------------------

@@ -20,6 +20,7 @@ from opd.evaluate import EvalConfig
 from opd.lab import cli as lab_cli
 from opd.recipes import cli as recipes_cli
 from opd.runtime import is_main_process
+from opd.teacher_service.server import ServeConfig
 
 
 def print_result(result: dict[str, Any]) -> int:
@@ -42,6 +43,11 @@ def cmd_eval(config: EvalConfig, args: argparse.Namespace) -> int:
                          "n_prompts": result.n_prompts,
                          "mean_response_length": result.mean_response_length,
                          "truncation_rate": result.truncation_rate})
+
+
+def cmd_serve_teacher(config: ServeConfig, args: argparse.Namespace) -> int:
+    api.serve_teacher(config=config)
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -75,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_verb(verbs, "eval", EvalConfig, cmd_eval,
                       help="avg@n accuracy of a model on a prompt set with answers",
                       description="Sample n responses per prompt and verify each one.")
+    settings.add_verb(verbs, "serve-teacher", ServeConfig, cmd_serve_teacher,
+                      help="serve a teacher over HTTP for training runs elsewhere",
+                      description="Score token sequences with a teacher model for OPD runs "
+                      "that pass --teacher http://HOST:PORT (needs the serve extra).")
     report = verbs.add_parser("report", help="figures and a markdown report from run folders")
     report.add_argument("runs", nargs="+", help="run folders (each gets report.md + PNGs)")
     report.add_argument("--compare", help="also write one PNG with all runs' curves here")

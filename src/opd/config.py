@@ -21,6 +21,7 @@ from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
 from opd.optim import SCHEDULES
 from opd.settings import Config, build, group, setting
+from opd.teacher_service.protocol import is_url
 from opd.verify import VERIFIERS
 
 PARALLEL = ("ddp", "fsdp")
@@ -30,6 +31,22 @@ TEACHER_PARALLEL = ("replicate", "fsdp")
 MIXED_PRECISION = ("no", "bf16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 """Experiment trackers a run can report to (`report_to`), each an optional extra."""
+
+
+SERVED_OBJECTIVES = ("sampled", "topk", "subset_kl")
+"""Objectives that read only the teacher entries a served teacher sends (the sampled token, its
+top-k, the student's candidates); the others need its whole distribution."""
+
+
+def check_served_teacher(objective: str, teacher_prompt: str) -> None:
+    """Refuse, at the start, what a served teacher cannot do."""
+    if objective not in SERVED_OBJECTIVES:
+        raise OPDError(f"objective.name: {objective} needs the teacher's whole distribution, "
+                       "which a served teacher does not send; use one of "
+                       f"{', '.join(SERVED_OBJECTIVES)}, or a teacher folder")
+    if teacher_prompt != "student":
+        raise OPDError("teacher_prompt: `own` needs the teacher's tokenizer in this process; "
+                       "with a served teacher use teacher_prompt student")
 
 
 @dataclass(frozen=True)
@@ -61,7 +78,17 @@ class TrainConfig(Config):
     student: str = setting("", "Local Hugging Face folder (or hub id) of the student; it is "
                            "trained.")
     teacher: str = setting("", "Folder or hub id of the teacher; frozen. Not needed when "
-                           "distill_weight is 0 (GRPO).")
+                           "distill_weight is 0 (GRPO). A URL (http://host:port) scores with "
+                           "a teacher served by `opd serve-teacher`.")
+    teachers: dict[str, str] = setting(
+        factory=dict, help="Several teachers: a value of the prompt field `teacher_field` → the "
+        "teacher folder or URL that scores the prompts with that value, e.g. {math: ./t1, code: "
+        "http://host:8000}; instead of `teacher`.")
+    teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
+                                 "prompt (with `teachers`).")
+    teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
+                                     "(retried with backoff) before the run stops, keeping its "
+                                     "last checkpoint.", above=0)
     prompts: str = setting("", "Prompt file (.jsonl / .parquet), folder written by save_to_disk "
                            "or hub dataset id, with a `prompt` text or chat `messages` per row.")
     split: str | None = setting(None, SPLIT_HELP)
@@ -174,6 +201,11 @@ class TrainConfig(Config):
 
     def check(self) -> None:
         check_template(self.template, "template")
+        if self.teachers and self.teacher:
+            raise OPDError("teacher: give either teacher or teachers (one teacher per value of "
+                           "teacher_field), not both")
+        if self.distill_weight and any(is_url(t) for t in (self.teacher, *self.teachers.values())):
+            check_served_teacher(self.objective.name, self.teacher_prompt)
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.mixed_precision == "bf16" and self.dtype != "float32":

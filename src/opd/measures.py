@@ -17,9 +17,13 @@ from opd.distributions import entropy, masked_sum, renormalise, topk_mask
 
 @torch.no_grad()
 def token_measures(
-    student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor, k: int
+    student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor, k: int,
+    teacher_entropy: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each measure per position [N] from log-probs [N, V] and sampled tokens [N].
+
+    `teacher_entropy` [N] replaces the entropy of `teacher_lp` where that holds only some
+    entries (a served teacher's); every other measure reads only its top-k and sampled tokens.
 
     `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
     `position_totals` leaves such positions out of its mean.
@@ -33,7 +37,8 @@ def token_measures(
     teacher_bar = renormalise(teacher_lp, shared)
     advantage = masked_sum(student_bar.exp() * (teacher_bar - student_bar), shared)
     advantage = torch.where(n_shared > 0, advantage / n_shared.clamp(min=1), math.nan)
-    student_h, teacher_h = entropy(student_lp), entropy(teacher_lp)
+    student_h = entropy(student_lp)
+    teacher_h = entropy(teacher_lp) if teacher_entropy is None else teacher_entropy.to(dtype)
     tokens = targets[:, None]
     return {
         M.OVERLAP_RATIO: n_shared.to(dtype) / k,

@@ -95,6 +95,9 @@ ACCURACY = _declare("accuracy", "avg@n accuracy on `eval_prompts`.", "fraction",
 BY_POSITION = _declare("by_position", "Each token measure per response-position bin "
                        "(`position_bins` equal bins over `max_new_tokens`; null for an empty bin).",
                        "mapping")
+BY_TEACHER = _declare("by_teacher", "Each token measure's mean over the prompts of each "
+                      "teacher, by the teacher's name in `teachers` (runs with several "
+                      "teachers).", "mapping", "with several teachers")
 ALERTS = _declare("alerts", "Failure signatures the live monitor found at this step: rule, step, "
                   "evidence, likely cause and recipe.", "list", "when an alert fires")
 

@@ -20,6 +20,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
 from opd.errors import OPDError, one_line
+from opd.teacher_service.protocol import is_url
 
 if TYPE_CHECKING:
     from opd.config import TrainConfig
@@ -68,6 +69,9 @@ def _looks_local(path: str) -> bool:
 def _local_folder(path: str, role: str) -> Path | None:
     """The local folder `path` names (None: not on disk, so a hub id); a file or an empty
     folder is refused."""
+    if is_url(path):
+        raise OPDError(f"{role}: {path!r} is the URL of a served teacher; this verb needs a model "
+                       "folder (opd train and opd grpo score through `opd serve-teacher`)")
     folder = Path(path).expanduser()
     if not folder.exists():
         if _looks_local(path):
@@ -357,7 +361,8 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
 @dataclass
 class TrainingModels:
     """The models of one training run: the trained student, the frozen teacher (None without
-    distillation) and reference (None without a KL penalty), and their tokenizers."""
+    distillation, when it is served or when there are several) and reference (None without a
+    KL penalty), and their tokenizers."""
 
     student: torch.nn.Module
     teacher: torch.nn.Module | None
@@ -375,7 +380,9 @@ def load_training_models(config: TrainConfig, device: torch.device,
     teacher and reference frozen, in eval mode."""
     tokenizer = load_tokenizer(config.student, "student", config.trust_remote_code)
     teacher = teacher_tokenizer = None
-    if config.distill_weight:
+    # else: served, or several (`teachers`, loaded by opd.teachers)
+    local_teacher = config.distill_weight and not config.teachers and not is_url(config.teacher)
+    if local_teacher:
         teacher_tokenizer = load_tokenizer(config.teacher, "teacher", config.trust_remote_code)
         check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)
     common = dict(device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
@@ -390,7 +397,7 @@ def load_training_models(config: TrainConfig, device: torch.device,
                                    target_modules="all-linear")
             student = peft.get_peft_model(student, lora)
     student_dropout = disable_dropout(student) if config.disable_dropout else []
-    if config.distill_weight:
+    if local_teacher:
         teacher = load_model(config.teacher, "teacher", trainable=False, **common)
     reference = (
         load_model(config.student, "reference", trainable=False, **common)

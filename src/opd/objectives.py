@@ -11,7 +11,7 @@ models ever exists.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -185,6 +185,15 @@ class TokenLoss:
     reference_lp: torch.Tensor | None = None
     distill_weight: float = 1.0
     kl_coef: float = 0.0
+
+    def select(self, tokens: torch.Tensor | None) -> TokenLoss:
+        """The share of the tokens where `tokens` [M] is True (all of them for None)."""
+        if tokens is None:
+            return self
+        advantage, reference_lp = self.advantage, self.reference_lp
+        return replace(self, weight=self.weight[tokens],
+                       advantage=None if advantage is None else advantage[tokens],
+                       reference_lp=None if reference_lp is None else reference_lp[tokens])
 
     def chunk(self, student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
               token_lp: torch.Tensor, part: slice) -> torch.Tensor:

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from opd.distributions import shared_topk_masks
+from opd.distributions import shared_topk_masks, topk_mask
 from opd.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -60,6 +60,13 @@ class ResponseStates:
     positions: torch.Tensor  # [M] 0-based position within the response
     rows: torch.Tensor  # [M] rollout row
 
+    def select(self, tokens: torch.Tensor | None) -> ResponseStates:
+        """The states of the tokens where `tokens` [M] is True (all of them for None)."""
+        if tokens is None:
+            return self
+        return ResponseStates(self.hidden[tokens], self.targets[tokens], self.positions[tokens],
+                              self.rows[tokens])
+
 
 def response_states(
     model: torch.nn.Module,
@@ -88,8 +95,48 @@ def response_states(
     )
 
 
-MeasureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
-"""(student log-probs [n, V], teacher log-probs [n, V], sampled tokens [n]) → named values [n]."""
+MeasureFn = Callable[..., dict[str, torch.Tensor]]
+"""(student log-probs [n, V], teacher log-probs [n, V], sampled tokens [n]) → named values [n].
+When the teacher's log-probs hold only some entries (a served teacher), it is also called with
+`teacher_entropy=` [n], the teacher's exact entropy, which the entries cannot give."""
+
+
+@dataclass
+class TeacherChunk:
+    """The teacher's log-probs [n, V] for a chunk of positions, at the teacher temperature.
+
+    `entropy` is None when `log_probs` is the whole distribution. A served teacher sends only
+    some entries (the sampled token, its top-k, the student's candidates) and puts
+    `PARTIAL_FILL` elsewhere; its exact entropy [n] then comes with them."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+PARTIAL_FILL = -1e30
+"""Log-prob of the entries a served teacher did not send: below every real log-prob, so top-k
+and renormalisation on the known entries are exact, and finite, so a weight of 0 times it is 0
+(−inf would turn the zero gradient off the candidate set into NaN)."""
+
+
+class TeacherLogprobs(Protocol):
+    """Something that gives the teacher's log-probs of the scored positions, a chunk at a time."""
+
+    def chunk(self, part: slice, device: torch.device) -> TeacherChunk: ...
+
+
+@dataclass
+class LocalTeacher:
+    """The in-process teacher: its backbone's states and its output head."""
+
+    states: ResponseStates
+    head: Head
+    temperature: float = 1.0
+
+    @torch.no_grad()
+    def chunk(self, part: slice, device: torch.device) -> TeacherChunk:
+        hidden = self.states.hidden[part].to(device)
+        return TeacherChunk((self.head(hidden) / self.temperature).log_softmax(-1))
 
 
 @dataclass
@@ -105,34 +152,49 @@ class Scores:
     """The measures consumer's named values, each [M] (empty without measures)."""
 
 
-def _score_chunk(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
-                 targets: torch.Tensor, part: slice, *, student_head: Head, teacher_head: Head,
-                 teacher_temperature: float, loss: TokenLoss | None,
+@torch.no_grad()
+def student_topk_ids(student: ResponseStates, head: Head, k: int,
+                     chunk_size: int = 256) -> torch.Tensor:
+    """The student's top-k token ids [M, k] at each position (ties to the lower id, as
+    `topk_mask`): the candidates a served teacher is asked to score. Reuses the states of the
+    student's forward pass; only the head runs again, a chunk at a time."""
+    parts = []
+    for start in range(0, student.hidden.shape[0], chunk_size):
+        log_probs = head(student.hidden[start:start + chunk_size]).log_softmax(-1)
+        mask = topk_mask(log_probs, k)
+        parts.append(mask.nonzero()[:, 1].view(log_probs.shape[0], -1))
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)
+
+
+def _score_chunk(student_hidden: torch.Tensor, teacher: TeacherChunk, targets: torch.Tensor,
+                 part: slice, *, student_head: Head, loss: TokenLoss | None,
                  measures: MeasureFn | None) -> dict[str, Any]:
     student_lp = student_head(student_hidden).log_softmax(-1)
-    with torch.no_grad():
-        teacher_lp = (teacher_head(teacher_hidden) / teacher_temperature).log_softmax(-1)
+    teacher_lp = teacher.log_probs
     token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
+    exact = {} if teacher.entropy is None else {"teacher_entropy": teacher.entropy}
     with shared_topk_masks():
         total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
                  else token_lp.new_zeros(()))
-        values = measures(student_lp, teacher_lp, targets) if measures is not None else {}
+        values = measures(student_lp, teacher_lp, targets, **exact) if measures is not None else {}
     return {"loss": total, "token_lp": token_lp.detach(), "measures": values}
 
 
 def score(
     student: ResponseStates,
-    teacher: ResponseStates,
+    teacher: ResponseStates | TeacherLogprobs,
     *,
     student_head: Head,
-    teacher_head: Head,
+    teacher_head: Head | None = None,
     teacher_temperature: float = 1.0,
     loss: TokenLoss | None = None,
     measures: MeasureFn | None = None,
     chunk_size: int = 256,
     chunks: int = 0,
 ) -> Scores:
-    """Run both heads over the response states a chunk at a time, feeding the consumers.
+    """Run the student's head over its response states a chunk at a time, beside the teacher's
+    log-probs of the same positions (from its states and `teacher_head`, or from any
+    `TeacherLogprobs`, e.g. a served teacher), feeding the consumers.
 
     With a loss and student states that need a gradient, the output head's gradient is
     accumulated here, chunk by chunk; `Scores.loss.backward()` then takes the rest of the way
@@ -141,21 +203,23 @@ def score(
     `chunks`: run at least this many chunks, the ones past the states empty. Under several
     processes each head call (and its backward) is a collective (`opd.parallel`), so every
     process passes the largest chunk count of any process."""
+    if isinstance(teacher, ResponseStates):
+        assert teacher_head is not None, "teacher states need the teacher's head"
+        teacher = LocalTeacher(teacher, teacher_head, teacher_temperature)
     total = student.hidden.new_zeros((), dtype=torch.float32)
     token_lps: list[torch.Tensor] = []
     columns: dict[str, list[torch.Tensor]] = {}
-    teacher_hidden = teacher.hidden.to(student.hidden.device)
+    device = student.hidden.device
     grad = student.hidden.requires_grad and torch.is_grad_enabled() and loss is not None
     hidden_grad = torch.zeros_like(student.hidden) if grad else None
-    options = dict(student_head=student_head, teacher_head=teacher_head,
-                   teacher_temperature=teacher_temperature, loss=loss, measures=measures)
     needed = -(-student.hidden.shape[0] // chunk_size)
     for index in range(max(needed, chunks)):
         part = slice(index * chunk_size, (index + 1) * chunk_size)
         hidden = student.hidden[part]
         if grad:
             hidden = hidden.detach().requires_grad_(True)
-        out = _score_chunk(hidden, teacher_hidden[part], student.targets[part], part, **options)
+        out = _score_chunk(hidden, teacher.chunk(part, device), student.targets[part], part,
+                           student_head=student_head, loss=loss, measures=measures)
         if grad:
             out["loss"].backward()
             hidden_grad[part] = hidden.grad

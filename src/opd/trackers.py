@@ -51,7 +51,7 @@ MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "
 """The module each tracker needs; its extra has the tracker's name (`opd[mlflow]`)."""
 IDS_FILE = "trackers.json"
 FIGURES = ("curves.png", "entropy_heatmap.png")
-NOT_SCALARS = {M.STEP, M.BY_POSITION, M.ALERTS}
+NOT_SCALARS = {M.STEP, M.BY_POSITION, M.BY_TEACHER, M.ALERTS}
 
 
 def _installed(module: str) -> bool:

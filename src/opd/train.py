@@ -61,12 +61,14 @@ from opd.parallel import (
 )
 from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
 from opd.runtime import Processes, StepHook, timed
-from opd.scoring import ResponseStates, output_head, response_states, score
+from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
+from opd.teachers import Share, build_teachers
 from opd.verify import get_verifier
 
-RESUME_MUST_MATCH = ("student", "teacher", "prompts", "split", "prompt_field", "messages_field",
-                     "answer_field", "seed", "prompts_per_step", "rollouts_per_prompt", "objective")
+RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
+                     "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
+                     "rollouts_per_prompt", "objective")
 """Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
 an older opd, counts as its default)."""
 
@@ -144,6 +146,7 @@ class Trainer:
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
         prepare(self.models, config, self.procs.launched)
+        self.teachers = build_teachers(config, self.models, self.records, self.procs)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -158,7 +161,6 @@ class Trainer:
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
-        self.teacher_head = output_head(self.models.teacher or self.models.student)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
 
@@ -287,40 +289,49 @@ class Trainer:
         loss_total = 0.0
         sums = counts_by_bin = None
         names: list[str] = []
+        by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
-            with timed(M.TIME_SCORE, record), torch.no_grad():
-                teacher_states = self._teacher_states(rollouts, indices, rows)
-                reference_lp = self._reference_token_lp(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
                 student_states = response_states(
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
                 )
-                chunks = procs.max(-(-student_states.targets.shape[0] // config.chunk_size))
-                if teacher_states is None:
-                    teacher_states = ResponseStates(
-                        student_states.hidden.detach(), student_states.targets,
-                        student_states.positions, student_states.rows,
-                    )
+            shares = (self.teachers.split([indices[i] for i in rollouts.prompt_index[rows]],
+                                          student_states) if self.teachers else [None])
+            with timed(M.TIME_SCORE, record), torch.no_grad():
+                teacher_lps = [self._teacher_logprobs(rollouts, indices, rows, student_states, s)
+                               for s in shares]
+                reference_lp = self._reference_token_lp(rollouts, rows)
+            with timed(M.TIME_UPDATE, record):
+                token_loss = step_loss.rows(rows, student_states.rows,
+                                            student_states.hidden.device, reference_lp)
+                loss = student_states.hidden.new_zeros((), dtype=torch.float32)
                 with whole_head(models.student), whole_head(models.teacher):
-                    scores = score(
-                        student_states, teacher_states, student_head=self.student_head,
-                        teacher_head=self.teacher_head,
-                        teacher_temperature=config.objective.teacher_temperature,
-                        loss=step_loss.rows(rows, student_states.rows,
-                                            student_states.hidden.device, reference_lp),
-                        measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
-                        chunk_size=config.chunk_size, chunks=chunks,
-                    )
-                scores.loss.backward()
-                loss_total += float(scores.loss.detach())
-            names = list(scores.measures)
-            part_sums, part_counts = position_totals(
-                scores.measures, student_states.positions, self.bin_edges
-            )
-            sums = part_sums if sums is None else sums + part_sums
-            counts_by_bin = part_counts if counts_by_bin is None else counts_by_bin + part_counts
+                    for share, teacher_lp in zip(shares, teacher_lps, strict=True):
+                        states = student_states.select(share.tokens if share else None)
+                        scores = score(
+                            states, teacher_lp, student_head=self.student_head,
+                            loss=token_loss.select(share.tokens if share else None),
+                            measures=lambda s, t, y, **exact: token_measures(
+                                s, t, y, config.measure_k, **exact),
+                            chunk_size=config.chunk_size,
+                            chunks=procs.max(-(-states.targets.shape[0] // config.chunk_size)),
+                        )
+                        loss = loss + scores.loss
+                        if not scores.measures:  # an empty share that no process has tokens for
+                            continue
+                        names = list(scores.measures)
+                        part = position_totals(scores.measures, states.positions, self.bin_edges)
+                        sums = part[0] if sums is None else sums + part[0]
+                        counts_by_bin = (part[1] if counts_by_bin is None
+                                         else counts_by_bin + part[1])
+                        if share and share.name is not None:
+                            seen = by_teacher.get(share.name)
+                            by_teacher[share.name] = part if seen is None else (
+                                seen[0] + part[0], seen[1] + part[1])
+                loss.backward()
+                loss_total += float(loss.detach())
 
         with timed(M.TIME_UPDATE, record):
             clip = config.grad_clip if config.grad_clip > 0 else float("inf")
@@ -333,9 +344,15 @@ class Trainer:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
+        if self.teachers is not None and self.teachers.names:
+            record[M.BY_TEACHER] = {}
+            for name in self.teachers.names:  # every process, in one order, for the sums
+                part_sums, part_counts = by_teacher.get(name, (sums * 0, counts_by_bin * 0))
+                record[M.BY_TEACHER][name] = means_from_totals(
+                    names, procs.sum(part_sums).cpu(), procs.sum(part_counts).cpu())[0]
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
-        if models.teacher is None:
+        if self.teachers is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
@@ -349,11 +366,22 @@ class Trainer:
         })
         return record
 
-    def _teacher_states(self, rollouts: Rollouts, indices: list[int], rows: slice):
-        if self.models.teacher is None:
-            return None
-        ids, attention, response = self._teacher_inputs(rollouts, indices, rows)
-        return response_states(self.models.teacher, ids, attention, response)
+    def _teacher_logprobs(self, rollouts: Rollouts, indices: list[int], rows: slice,
+                          student: ResponseStates, share: Share | None):
+        """The log-probs of the teacher of `share` (its rows of the micro-batch); without a
+        teacher, or for a teacher with no row here, the student's own (the teacher measures
+        are then dropped from the record, or count nothing)."""
+        if share is not None:
+            student = student.select(share.tokens)
+        if share is None or share.empty:
+            hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
+                                    student.rows)
+            return LocalTeacher(hidden, self.student_head,
+                                self.config.objective.teacher_temperature)
+        inputs = self._teacher_inputs(rollouts, indices, rows)
+        if share.rows is not None:
+            inputs = tuple(part[share.rows] for part in inputs)
+        return share.teacher.logprobs(inputs, student, self.student_head)
 
     def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
         if self.models.reference is None:

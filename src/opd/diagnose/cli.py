@@ -13,9 +13,15 @@ def cmd_diagnose(config: DiagnoseConfig, args: argparse.Namespace) -> int:
     from opd import api
     from opd.diagnose.report import print_table
 
-    diagnosis = api.diagnose(config=config, out=config.out)
-    print_table(diagnosis.data)
-    print(f"wrote {diagnosis.out / 'diagnosis.json'} and {diagnosis.out / 'report.md'}")
+    if config.teachers:
+        diagnoses = api.diagnose_teachers(config=config, out=config.out)
+    else:
+        diagnoses = {None: api.diagnose(config=config, out=config.out)}
+    for name, diagnosis in diagnoses.items():
+        if name is not None:
+            print(f"teacher {name!r} ({config.teacher_field} = {name}): {diagnosis.verdict}")
+        print_table(diagnosis.data)
+        print(f"wrote {diagnosis.out / 'diagnosis.json'} and {diagnosis.out / 'report.md'}")
     return 0
 
 

@@ -62,6 +62,12 @@ class DiagnoseConfig(Config):
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
     teacher2: str | None = setting(None, "A second teacher: measured the same way, and compared "
                                    "with the first.")
+    teachers: dict[str, str] = setting(
+        factory=dict, help="Several teachers, as in training: a value of the prompt field "
+        "`teacher_field` → the teacher folder for the prompts with that value; each gets its "
+        "own diagnosis and verdict, in OUT/<value>. Instead of `teacher`.")
+    teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
+                                 "prompt (with `teachers`).")
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
                                            "student tokenizer's chat template.")
     teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -104,6 +110,9 @@ class DiagnoseConfig(Config):
 
     def check(self) -> None:
         check_template(self.student_template, "student_template")
+        if self.teachers and (self.teacher or self.teacher2):
+            raise OPDError("teacher: give either teacher (and teacher2) or teachers (one teacher "
+                           "per value of teacher_field), not both")
         check_template(self.teacher_template, "teacher_template")
         if list(self.depths) != sorted(set(self.depths)):
             raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
@@ -142,11 +151,14 @@ def cut_at(depth: float, length: int) -> int | None:
     return int(depth) if depth < length else None
 
 
-def _sample_records(config: DiagnoseConfig) -> list[PromptRecord]:
+def _sample_records(config: DiagnoseConfig, value: str | None = None) -> list[PromptRecord]:
+    """The seeded sample of prompts (of those whose `teacher_field` is `value`, when given)."""
     if not config.prompts:
         raise OPDError("prompts: no prompt file given; pass --prompts FILE (the prompts you plan "
                        "to train on)")
     records = load_prompts(config.prompts, **source_of(config))
+    if value is not None:
+        records = [r for r in records if str(r.meta.get(config.teacher_field)) == value]
     if config.num_prompts < len(records):
         records = random.Random(config.seed).sample(records, config.num_prompts)
     return records
@@ -503,16 +515,17 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     return {"k": k, "overall": overall, "prompts": prompts, "cost": ctx.cost}
 
 
-def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True) -> dict[str, Any]:
-    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict.
-    Every input is checked first: with `writes`, also the output folder `config.out` the
-    caller will write the diagnosis to."""
+def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
+                  value: str | None = None) -> dict[str, Any]:
+    """Measure the pair (and a second teacher) and return the diagnosis as a JSON-ready dict,
+    on the prompts whose `teacher_field` is `value` when given. Every input is checked first:
+    with `writes`, also the output folder `config.out` the caller will write the diagnosis to."""
     start = time.perf_counter()
     times: dict[str, float] = {}
     get_verifier(config.verifier)
     if writes:
         check_output_folder(config.out, "out")
-    records = _sample_records(config)
+    records = _sample_records(config, value)
     stages = 2 + 3 * (1 + bool(config.teacher2))
     bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)
     with timed("load", times):

@@ -1,0 +1,154 @@
+"""Step time with a served teacher against the in-process teacher, and the server's scoring
+throughput (needs the `serve` extra).
+
+Builds a random student and a larger random teacher (word-level vocabulary, float32) as HF
+folders, starts `opd serve-teacher` as its own process on 127.0.0.1, and runs the same
+fixed-seed `opd train` steps with `--teacher FOLDER` and `--teacher http://…`, alternating the
+two `--repeats` times, and reports the median step time of each (warm-up steps left out) and
+their ratio: on a machine shared with other jobs the median of alternated runs is what holds
+still. Then it measures the tokens per second
+`POST /v1/score` scores (k = 16 with 16 candidate ids per position) beside the same backend
+called in process, so the HTTP and JSON cost is visible.
+
+    python bench/teacher_service.py --out /tmp/opd-serve-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from opd_step import make_model, make_tokenizer  # noqa: E402
+
+SHAPES = {"student": (64, 2, 4, 128), "teacher": (128, 2, 4, 256)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def build(out: Path, vocab: int) -> dict[str, Path]:
+    tokenizer = make_tokenizer(vocab)
+    folders = {}
+    for seed, (name, shape) in enumerate(SHAPES.items(), start=1):
+        folders[name] = out / name
+        make_model(folders[name], shape, vocab, tokenizer, seed)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % (vocab - 4)}"
+                                                              for j in range(12))}) + "\n"
+                               for i in range(64)))
+    folders["prompts"] = prompts
+    return folders
+
+
+def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
+                 objective: str) -> list[float]:
+    from opd import metrics as M
+    from opd.config import build_config
+    from opd.train import run_training
+
+    shutil.rmtree(out, ignore_errors=True)
+    run_training(build_config({
+        "student": str(folders["student"]), "teacher": teacher,
+        "prompts": str(folders["prompts"]), "out": str(out), "max_steps": steps + 1,
+        "prompts_per_step": 16, "rollouts_per_prompt": 4, "max_new_tokens": 32,
+        "lr": 1e-4, "objective.name": objective, "objective.k": 16, "measure_k": 16,
+        "save_every": 1000, "progress": False, "dtype": "float32", "template": "{prompt}",
+    }))
+    records = M.read(out)[1:]  # the first step warms up
+    keys = (M.TIME_ROLLOUT, M.TIME_SCORE, M.TIME_UPDATE)
+    return [sum(r[k] for k in keys) for r in records]
+
+
+def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict[str, float]:
+    """Scored tokens/s: the server over HTTP, and the same backend in process."""
+    from opd.teacher_service.client import TeacherClient
+    from opd.teacher_service.protocol import ScoreRequest
+    from opd.teacher_service.server import HFBackend
+
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randint(4, vocab, (64, 96), generator=generator).tolist()
+    starts = [32] * len(sequences)
+    candidates = [torch.randint(4, vocab, (64, 16), generator=generator).tolist()
+                  for _ in sequences]
+    request = ScoreRequest(sequences, starts, 16, 1.0, candidates)
+    tokens = sum(len(s) - start for s, start in zip(sequences, starts, strict=True))
+    client = TeacherClient(url, timeout=120)
+    backend = HFBackend(str(teacher), dtype="float32", device=torch.device("cpu"))
+    runs = {"http": lambda: client.score(request), "in_process": lambda: backend.score(request)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):  # alternated, one request at a time
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            rates[name].append(tokens / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=9)
+    args = parser.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    folders = build(out, args.vocab)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    server = subprocess.Popen([sys.executable, "-m", "opd", "serve-teacher", "--model",
+                               str(folders["teacher"]), "--port", str(port), "--dtype",
+                               "float32"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        from opd.teacher_service.client import TeacherClient
+
+        TeacherClient(url, timeout=120).info()  # waits for the server to come up
+        rows = []
+        for objective in ("topk", "sampled"):
+            times: dict[str, list[float]] = {"local": [], "served": []}
+            for _ in range(args.repeats):
+                for name, teacher in (("local", str(folders["teacher"])), ("served", url)):
+                    times[name] += step_seconds(folders, teacher, out / name, args.steps,
+                                                objective)
+            local, served = (statistics.median(times[n]) for n in ("local", "served"))
+            rows.append({"objective": objective, "in_process_s": local, "served_s": served,
+                         "ratio": served / local})
+        rates = scoring_throughput(folders["teacher"], url, args.vocab, args.rounds)
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(f"threads: {torch.get_num_threads()}, vocab {args.vocab}, student {SHAPES['student']}, "
+          f"teacher {SHAPES['teacher']} (hidden, layers, heads, mlp); 16 prompts × 4 rollouts "
+          f"× 32 new tokens per step; median of {args.repeats} × {args.steps} steps each")
+    print("| objective | step, in-process teacher (s) | step, served teacher (s) | ratio |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['objective']} | {row['in_process_s']:.3f} | {row['served_s']:.3f} | "
+              f"{row['ratio']:.2f}× |")
+    print(f"\nscored tokens/s, median of {args.rounds} alternated requests of 64 × 64 response "
+          "tokens (k 16 + 16 candidates): over HTTP "
+          f"{rates['http']:.0f}, same backend in process {rates['in_process']:.0f}")
+
+
+if __name__ == "__main__":
+    main()
