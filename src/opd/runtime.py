@@ -8,6 +8,7 @@ is a no-op for a single process.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +58,12 @@ class Processes:
             dist.all_reduce(tensor)
         return tensor
 
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            tensor = tensor.to(self.device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         if self.world == 1:
             return
@@ -78,3 +85,11 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported (looked up without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
+        return False
