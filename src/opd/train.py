@@ -38,15 +38,22 @@ from opd.checkpoints import (
 )
 from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
+from opd.engines import (
+    generate,
+    model_length_limit,
+    require_engine,
+    sampled_token_logprobs,
+    vllm_engine,
+)
 from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import check_output_folder, write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from opd.models import context_window, load_training_models, original_config
+from opd.models import context_window, load_training_models, original_config, resolve_dtype
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
-from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
+from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
@@ -107,6 +114,10 @@ class Trainer:
         self.out = Path(config.out)
         check_output_folder(self.out, "out")
         self.verify = get_verifier(config.verifier)
+        require_engine(config.rollout_engine)
+        if config.rollout_engine == "vllm" and self.procs.world > 1:
+            raise OPDError("rollout_engine: vllm runs in a single process for now; launch one "
+                           "process, or use rollout_engine=hf with several")
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
         self.records = load_prompts(config.prompts, **source_of(config))
@@ -129,6 +140,13 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
+        self.engine = None
+        if config.rollout_engine == "vllm":
+            self.engine = vllm_engine(
+                config.student, dtype=resolve_dtype(config.dtype, self.procs.device),
+                max_model_len=model_length_limit(context_window(config.student),
+                                                 config.max_prompt_tokens, config.max_new_tokens),
+                settings=config.vllm, trust_remote_code=config.trust_remote_code)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -213,8 +231,8 @@ class Trainer:
         config, tok = self.config, self.models.tokenizer
         texts = [render_prompt(self.records[i].messages, tok, config.template,
                                config.chat_template_kwargs) for i in indices]
-        return generate_rollouts(
-            self.models.student, tok, texts, n=config.rollouts_per_prompt,
+        return generate(
+            self.engine, self.models.student, tok, texts, n=config.rollouts_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed * 1_000_003 + step, prompt_ids=indices,
             max_prompt_tokens=config.max_prompt_tokens,
@@ -266,11 +284,13 @@ class Trainer:
             total_tokens=total_tokens, total_rows=total_rows,
             distill_weight=config.distill_weight, kl_coef=config.kl_penalty,
             outcome_weight=config.outcome_weight, rewards=rewards, groups=rollouts.prompt_index,
+            tis_cap=config.tis_cap,
         )
         micro = config.micro_batch or n
         loss_total = 0.0
         sums = counts_by_bin = None
         names: list[str] = []
+        gap_max = torch.zeros((), dtype=torch.float64)
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
             with timed(M.TIME_SCORE, record), torch.no_grad():
@@ -286,21 +306,26 @@ class Trainer:
                         student_states.hidden.detach(), student_states.targets,
                         student_states.positions, student_states.rows,
                     )
+                engine_lp = sampled_token_logprobs(rollouts, rows)
                 scores = score(
                     student_states, teacher_states, student_head=self.student_head,
                     teacher_head=self.teacher_head,
                     teacher_temperature=config.objective.teacher_temperature,
                     loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
-                                        reference_lp),
+                                        reference_lp, engine_lp),
                     measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
                     chunk_size=config.chunk_size,
                 )
                 scores.loss.backward()
                 loss_total += float(scores.loss.detach())
-            names = list(scores.measures)
-            part_sums, part_counts = position_totals(
-                scores.measures, student_states.positions, self.bin_edges
-            )
+            measures = scores.measures
+            if engine_lp is not None:
+                gap = (scores.token_logprobs.cpu() - engine_lp).abs()
+                measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
+                gap_max = torch.cat([gap.double(), gap_max[None]]).max()
+            names = list(measures)
+            part_sums, part_counts = position_totals(measures, student_states.positions,
+                                                     self.bin_edges)
             sums = part_sums if sums is None else sums + part_sums
             counts_by_bin = part_counts if counts_by_bin is None else counts_by_bin + part_counts
 
@@ -318,6 +343,8 @@ class Trainer:
 
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
+        if self.engine is not None:
+            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = float(procs.max(gap_max))
         if models.teacher is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
@@ -361,7 +388,8 @@ class Trainer:
         if self.procs.is_main:
             cfg = self.config
             result = evaluate(
-                self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
+                self.models.student, self.models.tokenizer, self.eval_records, engine=self.engine,
+                n=cfg.eval_n,
                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier, template=cfg.template,
                 seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
@@ -410,7 +438,7 @@ class Trainer:
             alerts = self.monitor.observe(record)
             if alerts:
                 record[M.ALERTS] = [asdict(a) for a in alerts]
-            stop = bool(alerts) and self.monitor.stops
+            stop = any(a.stops for a in alerts) and self.monitor.stops
             stop = any([hook.on_step(record) for hook in self.hooks]) or stop
             if self.procs.is_main:
                 M.append(self.out, record)

@@ -212,8 +212,8 @@ class ColdStartHandover(StepHook):
         self.config = config
 
     def on_end(self, summary: dict[str, Any]) -> None:
-        if not summary["alerts"]:
-            return
+        if not any(alert.get("stops", True) for alert in summary["alerts"]):
+            return  # no alert, or only warnings that do not stop a run
         repair = dataclasses.replace(self.config, out=str(Path(self.config.out) / "cold-start"),
                                      on_failure="warn")
         summary["cold_start"] = run_cold_start(repair, resume=Path(repair.out).exists())
