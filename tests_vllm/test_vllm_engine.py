@@ -30,6 +30,7 @@ def engine_logprobs(engine: VLLMEngine, sequence: list[int]) -> torch.Tensor:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    engine.wake()  # asleep after sampling on a GPU
     out = engine.llm.generate([TokensPrompt(prompt_token_ids=sequence)],
                               SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False),
                               use_tqdm=False)[0]
