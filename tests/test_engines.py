@@ -40,6 +40,15 @@ def test_vllm_engine_without_vllm_stops_at_start_naming_the_extra(tiny_pair, tmp
     assert not out.exists()
 
 
+def test_cold_start_on_vllm_without_vllm_stops_before_writing(tiny_pair, tmp_path, without_vllm):
+    out = tmp_path / "cold"
+    with pytest.raises(OPDError, match=r'rollout_engine: vllm is not installed; pip install "opd\[vllm\]"'):
+        opd.cold_start(student=str(tiny_pair["student"]), teacher=str(tiny_pair["teacher"]),
+                       prompts=str(tiny_pair["prompts"]), out=str(out), rollout_engine="vllm",
+                       progress=False)
+    assert not out.exists()
+
+
 def test_eval_on_vllm_without_vllm_names_the_extra(tiny_pair, without_vllm):
     with pytest.raises(OPDError, match=r'rollout_engine: vllm is not installed; pip install "opd\[vllm\]"'):
         opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]), rollout_engine="vllm")

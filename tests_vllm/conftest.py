@@ -37,8 +37,10 @@ def vllm_pair(tmp_path_factory) -> dict[str, Path]:
     return {"student": student, "teacher": teacher, "prompts": prompts, "root": root}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def engine(vllm_pair) -> VLLMEngine:
-    """The session's engine on the student folder (every test gives it its own weights)."""
+    """The process's engine on the student folder: started by the first test that asks, then
+    reused (started again only after a test needed an engine on another model). Every test
+    gives it its own weights."""
     return vllm_engine(str(vllm_pair["student"]), dtype=torch.float32, max_model_len=CONTEXT,
                        settings=VLLM)

@@ -13,11 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import opd
 from opd import metrics as M
 from opd.data.prompts import load_prompts
-from opd.engines import VLLMEngine, sample_rollouts
+from opd.engines import VLLMEngine, sample_rollouts, vllm_engine
 from opd.evaluate import evaluate
 from opd.rollout import generate_rollouts, stop_token_ids
 from opd.verify import extract_answer
-from tests_vllm.conftest import SETTINGS
+from tests_vllm.conftest import CONTEXT, SETTINGS, VLLM
 
 SYNC_TOLERANCE = 1e-4
 """Largest |engine − trainer| log-prob allowed after a sync, in float32 (measured: ≤ 1e-6)."""
@@ -165,3 +165,32 @@ def test_a_seeded_rollout_does_not_depend_on_its_batch(engine, vllm_pair):
     assert len({tuple(r) for r in batch.response_ids}) > 3  # the samples do differ
     eos = stop_token_ids(model, tokenizer)
     assert all(r[-1] in eos or len(r) == 16 for r in batch.response_ids)
+
+
+
+def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):
+    """The kept responses are the engine's seeded samples of the teacher (opd's sampler would
+    draw others); the OPD stage trains on vLLM too. Runs last: it starts an engine on the
+    teacher, and the OPD stage one on sft/."""
+    options = {"cold_start.temperature": 1.0, "cold_start.top_p": 1.0,
+               "cold_start.samples_per_prompt": 1, "cold_start.keep": "all",
+               "cold_start.sft_steps": 1}
+    opd.cold_start(student=str(vllm_pair["student"]), teacher=str(vllm_pair["teacher"]),
+                   prompts=str(vllm_pair["prompts"]), out=str(tmp_path), max_steps=1,
+                   prompts_per_step=4, rollouts_per_prompt=1, max_new_tokens=64,
+                   max_prompt_tokens=16, progress=False, rollout_engine="vllm",
+                   **options, **SETTINGS)
+    kept = [json.loads(line) for line in (tmp_path / "teacher_data.jsonl").read_text().splitlines()]
+    assert kept
+    teacher = AutoModelForCausalLM.from_pretrained(vllm_pair["teacher"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(vllm_pair["teacher"])
+    texts = [r.messages[-1]["content"] for r in load_prompts(str(vllm_pair["prompts"]))]
+    on_teacher = vllm_engine(str(vllm_pair["teacher"]), dtype=torch.float32,
+                             max_model_len=CONTEXT, settings=VLLM)
+    samples = sample_rollouts(on_teacher, teacher, tokenizer, texts, max_new_tokens=64,
+                              temperature=1.0, top_p=1.0, seed=0)
+    assert [r["response"] for r in kept] == [
+        text for text, cut in zip(samples.texts, samples.truncated.tolist(), strict=True)
+        if not cut]
+    records = M.read(tmp_path / "opd")
+    assert records and records[-1][M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE

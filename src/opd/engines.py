@@ -28,6 +28,7 @@ from opd.errors import OPDError, one_line
 from opd.rollout import (
     Rollouts,
     assemble_rollouts,
+    encode_prompts,
     generate_rollouts,
     pad_token_id,
     prompt_token_rows,
@@ -192,6 +193,17 @@ def vllm_engine(model_path: str, *, dtype: torch.dtype, max_model_len: int, sett
     _ENGINE = VLLMEngine(model_path, dtype=dtype, max_model_len=max_model_len, settings=settings,
                          trust_remote_code=trust_remote_code)
     return _ENGINE
+
+
+def engine_for_prompts(model_path: str, tokenizer: Any, texts: Sequence[str], *,
+                       max_new_tokens: int, dtype: torch.dtype, settings: VLLMConfig,
+                       context_window: int | None, trust_remote_code: bool = False) -> VLLMEngine:
+    """The process's engine for `model_path`, long enough for the longest of the rendered
+    prompts `texts` plus `max_new_tokens` (within the model's context window)."""
+    longest = max((len(ids) for ids in encode_prompts(tokenizer, texts)), default=0)
+    return vllm_engine(model_path, dtype=dtype,
+                       max_model_len=model_length_limit(context_window, longest, max_new_tokens),
+                       settings=settings, trust_remote_code=trust_remote_code)
 
 
 def model_length_limit(context_window: int | None, prompt_tokens: int, max_new_tokens: int) -> int:

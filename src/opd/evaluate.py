@@ -114,9 +114,9 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
     input (verifier, prompts, model folder, each prompt's rendering and length) is checked
     before the model generates."""
     from opd.data.prompts import load_prompts, source_of
-    from opd.engines import model_length_limit, vllm_engine
+    from opd.engines import engine_for_prompts
     from opd.models import context_window, load_model, load_tokenizer, resolve_dtype
-    from opd.rollout import check_prompts, encode_prompts
+    from opd.rollout import check_prompts
 
     get_verifier(config.verifier)
     require_engine(config.rollout_engine)
@@ -133,12 +133,10 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
     if config.rollout_engine == "vllm":
         texts = [render_prompt(r.messages, tokenizer, config.template, config.chat_template_kwargs)
                  for r in records]
-        longest = max((len(ids) for ids in encode_prompts(tokenizer, texts)), default=0)
-        engine = vllm_engine(
-            config.model, dtype=resolve_dtype("auto", next(model.parameters()).device),
-            max_model_len=model_length_limit(context_window(config.model), longest,
-                                             config.max_new_tokens),
-            settings=config.vllm, trust_remote_code=config.trust_remote_code)
+        engine = engine_for_prompts(
+            config.model, tokenizer, texts, max_new_tokens=config.max_new_tokens,
+            dtype=resolve_dtype("auto", next(model.parameters()).device), settings=config.vllm,
+            context_window=context_window(config.model), trust_remote_code=config.trust_remote_code)
     return evaluate(
         model, tokenizer, records, n=config.n, temperature=config.temperature,
         top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
