@@ -45,6 +45,7 @@ from opd.data.prompts import (
     source_of,
 )
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
+from opd.engines import require_engine
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
 from opd.models import context_window
@@ -253,6 +254,8 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
         raise OPDError(f"--out: {str(out)!r} already holds a selection; choose a new folder "
                        "(nothing was changed)")
     trial_config = _trial_config(config, "selected", out / "trial") if config.trial_steps else None
+    if trial_config is not None:
+        require_engine(trial_config.rollout_engine, "trial_settings.rollout_engine")
     indices, records = _candidates(config)
     others = (load_prompts(config.other_prompts, "other_prompts", **source_of(config))
               if config.other_prompts else None)
