@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,6 +15,7 @@ import opd
 from opd import metrics as M
 from opd.data.prompts import load_prompts
 from opd.engines import VLLMEngine, sample_rollouts, vllm_engine
+from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.rollout import generate_rollouts, stop_token_ids
 from opd.verify import extract_answer
@@ -194,3 +196,20 @@ def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):
         if not cut]
     records = M.read(tmp_path / "opd")
     assert records and records[-1][M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE
+
+
+def test_a_prompt_longer_than_the_engine_allows_is_named(engine, vllm_pair):
+    model = AutoModelForCausalLM.from_pretrained(vllm_pair["student"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(vllm_pair["student"])
+    with pytest.raises(OPDError, match=r"rollout_engine: a prompt of 5 tokens plus "
+                       r"max_new_tokens \(200\) exceeds the vLLM engine's length limit \(128"):
+        sample_rollouts(engine, model, tokenizer, ["1 + 2 ="], max_new_tokens=200)
+
+
+def test_an_engine_that_cannot_start_is_one_line(vllm_pair):
+    """vLLM refuses a length limit beyond the model's context window (opd asks for at most the
+    window, so this stands for any refusal at start): one line naming the folder."""
+    with pytest.raises(OPDError, match=r"^rollout_engine: the vLLM engine could not start on") as err:
+        vllm_engine(str(vllm_pair["teacher"]), dtype=torch.float32, max_model_len=4 * CONTEXT,
+                    settings=VLLM)
+    assert "\n" not in str(err.value)

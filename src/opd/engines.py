@@ -118,9 +118,10 @@ class VLLMEngine:
                 trust_remote_code=trust_remote_code, seed=0,
             )
         except (ValueError, RuntimeError, OSError) as err:
-            raise OPDError(f"vllm: the engine could not start on {model_path!r} "
-                           f"({one_line(err, 300)}); lower vllm.memory_share or check the "
-                           "model folder") from None
+            raise OPDError(f"rollout_engine: the vLLM engine could not start on {model_path!r} "
+                           f"({one_line(err, 300)}); check the model folder, and that "
+                           "vllm.memory_share is a share of memory that is free and holds the "
+                           "model") from None
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Give the engine `model`'s current weights (in memory), and forget every cached
@@ -219,7 +220,8 @@ def sample_rollouts(engine: VLLMEngine, model: torch.nn.Module, tokenizer: Any,
                     seed: int = 0, prompt_ids: Sequence[int] | None = None,
                     max_prompt_tokens: int | None = None) -> Rollouts:
     """`generate_rollouts`' rollouts (same seeds, rows and padding) sampled by `engine` with
-    `model`'s current weights; `Rollouts.sampled_logprobs` holds the engine's log-probs."""
+    `model`'s current weights; `Rollouts.sampled_logprobs` holds the engine's log-probs. The
+    engine then sleeps (on a GPU, with `vllm.sleep`) until it is next given weights."""
     prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     encoded = prompt_token_rows(tokenizer, prompts, max_prompt_tokens)
     eos_ids = stop_token_ids(model, tokenizer)
@@ -233,6 +235,7 @@ def sample_rollouts(engine: VLLMEngine, model: torch.nn.Module, tokenizer: Any,
     responses, logprobs = engine.sample(
         encoded, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         seed=seed, prompt_ids=prompt_ids, eos_ids=eos_ids)
+    engine.sleep()
     return assemble_rollouts(tokenizer, encoded, [i for i, _ in rows], responses, eos_ids,
                              pad_token_id(tokenizer), sampled_logprobs=logprobs)
 
