@@ -59,6 +59,14 @@ def test_select_prompts_trials_on_vllm_without_vllm_stop_before_writing(tiny_pai
     assert not out.exists()
 
 
+def test_diagnose_on_vllm_without_vllm_stops_before_writing(tiny_pair, tmp_path, without_vllm):
+    out = tmp_path / "diagnosis"
+    with pytest.raises(OPDError, match=r'rollout_engine: vllm is not installed; pip install "opd\[vllm\]"'):
+        opd.diagnose(str(tiny_pair["student"]), str(tiny_pair["teacher"]), str(tiny_pair["prompts"]),
+                     out=out, rollout_engine="vllm", progress=False)
+    assert not out.exists()
+
+
 def test_eval_on_vllm_without_vllm_names_the_extra(tiny_pair, without_vllm):
     with pytest.raises(OPDError, match=r'rollout_engine: vllm is not installed; pip install "opd\[vllm\]"'):
         opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]), rollout_engine="vllm")

@@ -170,6 +170,20 @@ def test_a_seeded_rollout_does_not_depend_on_its_batch(engine, vllm_pair):
 
 
 
+def test_a_greedy_diagnosis_on_vllm_equals_opds_sampler(vllm_pair):
+    """Greedy rollouts, continuations and teacher attempts: the same tokens from either engine,
+    so the same measures, curves and verdict (the engine moves from student to teacher)."""
+    options = dict(num_prompts=8, n=1, max_new_tokens=12, temperature=0.0, depths=(0.0, 0.5),
+                   progress=False, dtype="float32",
+                   **{k: v for k, v in SETTINGS.items() if k.startswith("vllm.")})
+    args = (str(vllm_pair["student"]), str(vllm_pair["teacher"]), str(vllm_pair["prompts"]))
+    on_hf = opd.diagnose(*args, **options)
+    on_vllm = opd.diagnose(*args, rollout_engine="vllm", **options)
+    assert on_vllm.verdict == on_hf.verdict
+    assert on_vllm.data["teacher"] == on_hf.data["teacher"]
+    assert on_vllm.data["student"] == on_hf.data["student"]
+
+
 def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):
     """The kept responses are the engine's seeded samples of the teacher (opd's sampler would
     draw others); the OPD stage trains on vLLM too. Runs last: it starts an engine on the
