@@ -5,6 +5,9 @@ The engine itself is tested in tests_vllm/ (`make test-vllm`)."""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -65,6 +68,27 @@ def test_diagnose_on_vllm_without_vllm_stops_before_writing(tiny_pair, tmp_path,
         opd.diagnose(str(tiny_pair["student"]), str(tiny_pair["teacher"]), str(tiny_pair["prompts"]),
                      out=out, rollout_engine="vllm", progress=False)
     assert not out.exists()
+
+
+def test_select_prompts_on_vllm_without_vllm_stops_before_writing(tiny_pair, tmp_path,
+                                                                   without_vllm):
+    out = tmp_path / "selection"
+    with pytest.raises(OPDError, match=r"^rollout_engine: vllm is not installed"):
+        opd.select_prompts(str(tiny_pair["student"]), str(tiny_pair["teacher"]),
+                           str(tiny_pair["prompts"]), str(out), rollout_engine="vllm",
+                           progress=False)
+    assert not out.exists()
+
+
+def test_select_prompts_trials_follow_its_engine_unless_trial_settings_say_otherwise():
+    from opd.recipes.select_prompts import SelectConfig, _trial_config
+
+    config = SelectConfig(student="s", teacher="t", prompts="p", out="o", rollout_engine="vllm",
+                          vllm=opd.engines.VLLMConfig(memory_share=0.2))
+    trial = _trial_config(config, "selected", Path("o"))
+    assert trial.rollout_engine == "vllm" and trial.vllm.memory_share == 0.2
+    other = dataclasses.replace(config, trial_settings={"rollout_engine": "hf"})
+    assert _trial_config(other, "selected", Path("o")).rollout_engine == "hf"
 
 
 def test_eval_on_vllm_without_vllm_names_the_extra(tiny_pair, without_vllm):

@@ -184,6 +184,22 @@ def test_a_greedy_diagnosis_on_vllm_equals_opds_sampler(vllm_pair):
     assert on_vllm.data["student"] == on_hf.data["student"]
 
 
+def test_select_prompts_on_vllm_measures_and_runs_its_trials_there(vllm_pair, tmp_path):
+    vllm = {k: v for k, v in SETTINGS.items() if k.startswith("vllm.")}
+    opd.select_prompts(str(vllm_pair["student"]), str(vllm_pair["teacher"]),
+                       str(vllm_pair["prompts"]), str(tmp_path), num_prompts=8, n=2,
+                       max_new_tokens=6, k=4, trial_steps=1, trial_profile="cpu-small",
+                       trial_settings={"prompts_per_step": 2, "rollouts_per_prompt": 2,
+                                       "objective": {"k": 4}, "measure_k": 4, "dtype": "float32"},
+                       teacher_template="a b {prompt}", rollout_engine="vllm", dtype="float32",
+                       progress=False, **vllm)
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert selection["counts"]["candidates"] == 8
+    for run in ("selected", "unselected"):
+        records = M.read(tmp_path / "trial" / run)
+        assert records and records[0][M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE
+
+
 def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):
     """The kept responses are the engine's seeded samples of the teacher (opd's sampler would
     draw others); the OPD stage trains on vLLM too. Runs last: it starts an engine on the
