@@ -6,7 +6,6 @@ The engine itself is tested in tests_vllm/ (`make test-vllm`)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from pathlib import Path
 
 import pytest
@@ -95,22 +94,6 @@ def test_select_prompts_trials_follow_its_engine_unless_trial_settings_say_other
 def test_eval_on_vllm_without_vllm_names_the_extra(tiny_pair, without_vllm):
     with pytest.raises(OPDError, match=r'rollout_engine: vllm is not installed; pip install "opd\[vllm\]"'):
         opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]), rollout_engine="vllm")
-
-
-def test_vllm_under_several_processes_is_refused_at_start(tiny_pair, tmp_path, monkeypatch):
-    train_module = importlib.import_module("opd.train")  # the module, not opd.train()
-
-    class TwoProcesses:
-        rank, world, is_main = 0, 2, True
-
-    monkeypatch.setattr(opd.engines, "is_installed", lambda module: True)
-    monkeypatch.setattr(train_module, "Processes", TwoProcesses)
-    config = build_config({"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
-                           "prompts": str(tiny_pair["prompts"]), "out": str(tmp_path / "run"),
-                           "rollout_engine": "vllm"})
-    with pytest.raises(OPDError, match="rollout_engine: vllm runs in a single process for now"):
-        train_module.Trainer(config)
-    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_engine_is_named():

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,6 +201,31 @@ def test_select_prompts_on_vllm_measures_and_runs_its_trials_there(vllm_pair, tm
     for run in ("selected", "unselected"):
         records = M.read(tmp_path / "trial" / run)
         assert records and records[0][M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE
+
+
+def test_two_processes_on_vllm_match_one(engine, vllm_pair, tmp_path):
+    """Under torchrun each process runs its own engine on its share of the prompts; the seeded
+    rollouts, hence the loss curve, are the single process's (as tests/test_distributed.py)."""
+    options = ["--max-steps", "2", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
+               "--max-new-tokens", "8", "--max-prompt-tokens", "16", "--set", "lr=1e-3",
+               "--rollout-engine", "vllm", "--no-progress",
+               *[f"--set={key}={value}" for key, value in SETTINGS.items()]]
+    common = ["-m", "opd", "train", "--student", str(vllm_pair["student"]), "--teacher",
+              str(vllm_pair["teacher"]), "--prompts", str(vllm_pair["prompts"]), *options]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    double = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = M.read(tmp_path / "one"), M.read(tmp_path / "two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        for key in (M.LOSS, M.GRAD_NORM, M.OVERLAP_RATIO, M.REVERSE_KL, M.RESPONSE_LENGTH):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+        assert b[M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE
 
 
 def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):

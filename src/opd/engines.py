@@ -2,9 +2,10 @@
 
 `hf` is `opd.rollout`'s KV-cache sampler in transformers: exact and deterministic, the
 reference. `vllm` samples the same rollouts through vLLM running in the training process (as
-TRL's and verl's colocate modes do): the engine is started once per process, and before it
-generates it is given the student's current weights in memory (LoRA students: the adapters
-merged into copies of the base weights; the trained model is not changed). Every request is one
+TRL's and verl's colocate modes do): the engine is started once per process (under a launcher,
+one per process and device), and before it generates it is given the student's current weights
+in memory (LoRA students: the adapters merged into copies of the base weights; the trained
+model is not changed). Every request is one
 rollout carrying its own seed, `rollout_seed(seed, prompt id, sample)`, so a rollout does not
 depend on the other requests of its batch as far as vLLM's seeded sampling allows (docs in
 README.md, "Rollouts on vLLM"). vLLM also returns the log-prob of every sampled token, which the
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from opd.errors import OPDError, one_line
 from opd.rollout import (
@@ -96,7 +98,10 @@ class VLLMEngine:
     """A vLLM engine in this process that samples rollouts with the student's current weights.
 
     The engine core runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so weights move to it
-    as tensors, not through disk or a socket, and scripts need no `__main__` guard.
+    as tensors, not through disk or a socket, and scripts need no `__main__` guard. Under a
+    launcher with several processes (torchrun, `accelerate launch`) each process runs its own
+    engine on its own device through vLLM's `external_launcher` backend (tensor parallel size
+    1), and samples its share of the step's prompts: data-parallel rollouts.
     """
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int,
@@ -110,12 +115,14 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.sleeps = settings.sleep and torch.cuda.is_available()
         self.asleep = False
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        launcher = {"distributed_executor_backend": "external_launcher"} if several else {}
         try:
             self.llm = LLM(
                 model=model_path, dtype=str(dtype).removeprefix("torch."),
                 max_model_len=max_model_len, gpu_memory_utilization=settings.memory_share,
                 enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleeps,
-                trust_remote_code=trust_remote_code, seed=0,
+                trust_remote_code=trust_remote_code, seed=0, tensor_parallel_size=1, **launcher,
             )
         except (ValueError, RuntimeError, OSError) as err:
             raise OPDError(f"rollout_engine: the vLLM engine could not start on {model_path!r} "

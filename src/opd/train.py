@@ -115,9 +115,6 @@ class Trainer:
         check_output_folder(self.out, "out")
         self.verify = get_verifier(config.verifier)
         require_engine(config.rollout_engine)
-        if config.rollout_engine == "vllm" and self.procs.world > 1:
-            raise OPDError("rollout_engine: vllm runs in a single process for now; launch one "
-                           "process, or use rollout_engine=hf with several")
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
         self.records = load_prompts(config.prompts, **source_of(config))
