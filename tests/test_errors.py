@@ -99,6 +99,10 @@ def test_wrong_prompt_file_type_and_missing_file(tiny_pair, tmp_path, capsys):
         (["--set", "lr"], "is not key=value"),
         (["--max-steps", "0"], "max_steps must be at least 1"),
         (["--profile", "gpu-huge"], "profile: unknown value 'gpu-huge'"),
+        (["--set", "parallel=zero3"], "config: parallel must be one of"),
+        (["--set", "mixed_precision=bf16"], "mixed_precision: bf16 keeps float32 master weights"),
+        (["--set", "mixed_precision=bf16", "--set", "dtype=float32"],
+         "mixed_precision: bf16 needs a distributed launch"),
     ],
 )
 def test_bad_config_values(tiny_pair, tmp_path, capsys, extra, message):

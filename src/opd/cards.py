@@ -27,9 +27,9 @@ from opd.version import __version__
 CARD_FILE = "README.md"
 MODEL_DIR = "model"
 """The final model folder inside a run folder."""
-TRAINING_STATE = frozenset({"optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
-                            "run_config.yaml", "manifest.json", CARD_FILE})
-"""Checkpoint files that resume training and are not part of the model (the names
+TRAINING_STATE = frozenset({"optimizer.pt", "optimizer", "scheduler.pt", "rng.json",
+                            "trainer_state.json", "run_config.yaml", "manifest.json", CARD_FILE})
+"""Checkpoint files and folders that resume training and are not part of the model (the names
 `opd.checkpoints` writes; it imports this module, so they are spelled out here)."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 CARD_MEASURES = (M.LOSS, M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP,
@@ -163,7 +163,7 @@ def export_model(checkpoint: str | Path, folder: str | Path, card: str) -> Path:
     tmp.mkdir(parents=True)
     for source in sorted(checkpoint.rglob("*")):
         relative = source.relative_to(checkpoint)
-        if source.is_dir() or relative.as_posix() in TRAINING_STATE:
+        if source.is_dir() or relative.parts[0] in TRAINING_STATE:
             continue
         target = tmp / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -7,15 +7,24 @@ manifest is there and every file it lists has that size, so a folder cut short b
 full disk or a damaged copy is never resumed from. Nothing in a checkpoint is a pickle: the
 model is safetensors, optimizer and scheduler state are tensors and plain values loaded with
 `weights_only=True`, the RNG state and run state are JSON.
+
+A run of several processes (`opd.parallel`) saves the whole model gathered (an ordinary HF
+folder) and its AdamW state sharded: `optimizer/`, one safetensors file per process written by
+`torch.distributed.checkpoint` (each with the offsets of its shards in its header, so no
+pickled metadata). That state loads on any number of processes; on the number that saved it
+the run resumes exactly, on another it continues (sums in another order: not bit-equal).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import random
 import shutil
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +38,8 @@ from opd.errors import OPDError, one_line
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 RNG_FILE = "rng.json"
+SHARDED_OPTIMIZER = "optimizer"
+"""The folder of the sharded optimizer state (runs of several processes)."""
 SETTINGS_FILE = "run_config.yaml"
 """The run's settings when the checkpoint was taken (what `--resume` compares with)."""
 
@@ -118,21 +129,80 @@ def _remove(folder: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def _flat_optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state's tensors keyed by parameter name (`state.<name>.exp_avg`, …); each
+    process's share of a sharded one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    flat = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        flatten_optimizer_state_dict=True))
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def start_checkpoint(out: Path, step: int) -> Path:
+    """An empty `step-N.tmp` folder (main process) for the processes to write into."""
+    tmp = checkpoint_dir(out, step).with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong under `torch.distributed.checkpoint`, which gathers each process's
+    exception into one `CheckpointException`."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    return getattr(err, "strerror", None) or one_line(err, 80)
+
+
+@contextlib.contextmanager
+def _alone_quietly() -> Iterator[None]:
+    """Without a process group `torch.distributed.checkpoint` reads and writes alone, and says
+    so each time; that is intended here (a sharded state resumed by one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded_optimizer(out: Path, step: int, model, optimizer) -> None:
+    """Every process writes its share of the optimizer state into `step-N.tmp/optimizer`
+    (a collective: call it on every process, after `start_checkpoint`)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = checkpoint_dir(out, step).with_suffix(".tmp") / SHARDED_OPTIMIZER
+    try:
+        with _alone_quietly():
+            save(_flat_optimizer_tensors(model, optimizer),
+                 storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    except (OSError, CheckpointException) as err:  # DCP gathers each process's error in one
+        raise OPDError(f"checkpoint: could not write step {step} to {folder} ({_cause(err)}): "
+                       "free space, then run again with --resume") from None
+
+
 def save_checkpoint(
     out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
     settings: dict[str, Any] | None = None, card: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write everything (and the model card `card` as README.md) to `step-N.tmp`, the manifest
     last, then rename; keep the newest `keep` checkpoints. A write that fails (a full disk)
-    leaves the previous checkpoints as they were and stops with one line."""
+    leaves the previous checkpoints as they were and stops with one line.
+
+    `optimizer` None: the processes already wrote the sharded optimizer state into the folder
+    `start_checkpoint` made (`save_sharded_optimizer`); `model_state`: the gathered weights to
+    save instead of the model's own."""
     final = checkpoint_dir(out, step)
     tmp = final.with_suffix(".tmp")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp)
+        if optimizer is not None:
+            start_checkpoint(out, step)
+        model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
         if settings is not None:
@@ -183,11 +253,63 @@ def _load_tensors(file: Path, checkpoint: Path) -> Any:
                        "to resume from the checkpoint before it") from None
 
 
-def load_checkpoint(checkpoint: Path, optimizer, scheduler) -> dict[str, Any]:
+def _load_sharded_optimizer(checkpoint: Path, model, optimizer) -> None:
+    """The optimizer state of `optimizer/` into this process's shares (any number of
+    processes; a collective when there are several)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = get_optimizer_state_dict(model, optimizer, options=flat)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        with _alone_quietly():
+            load(tensors, storage_reader=HuggingFaceStorageReader(
+                str(checkpoint / SHARDED_OPTIMIZER)))
+    except (Exception, CheckpointException) as err:  # DCP gathers each process's error
+        raise OPDError(f"--resume: {checkpoint / SHARDED_OPTIMIZER} is damaged "
+                       f"({_cause(err)}); delete {checkpoint} to resume from the "
+                       "checkpoint before it") from None
+    set_optimizer_state_dict(model, optimizer, {**state, **tensors}, options=flat)
+
+
+def _shard_whole_optimizer(saved: dict[str, Any], model, optimizer) -> None:
+    """A one-process optimizer state (keyed by parameter index) into the shares of a wrapped
+    `model`'s optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    whole = {"state": {names[i]: value for i, value in saved["state"].items()},
+             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                              for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, whole,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_checkpoint(checkpoint: Path, optimizer, scheduler, model=None) -> dict[str, Any]:
     """Restore optimizer, scheduler and RNG state from `checkpoint`; returns the run state
-    (the model itself is loaded from the folder like any HF model). Nothing is unpickled."""
-    optimizer.load_state_dict(_load_tensors(checkpoint / "optimizer.pt", checkpoint))
+    (the model itself is loaded from the folder like any HF model). `model`: the student the
+    optimizer updates, which names its parameters; needed for a sharded optimizer state (it
+    loads on any number of processes) and when `opd.parallel` wrapped the student (a
+    one-process state is then split into the processes' shares). Nothing is unpickled."""
+    from torch.distributed.tensor import DTensor
+
+    if (checkpoint / SHARDED_OPTIMIZER).is_dir():
+        _load_sharded_optimizer(checkpoint, model, optimizer)
+    else:
+        saved = _load_tensors(checkpoint / "optimizer.pt", checkpoint)
+        if model is None or not any(isinstance(p, DTensor) for p in model.parameters()):
+            optimizer.load_state_dict(saved)
+        else:
+            _shard_whole_optimizer(saved, model, optimizer)
     scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt", checkpoint))
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # what the schedule set last (a sharded state does not carry it)
     try:
         rng = json.loads((checkpoint / RNG_FILE).read_text())
         state = json.loads((checkpoint / STATE_FILE).read_text())

@@ -24,6 +24,11 @@ from opd.optim import SCHEDULES
 from opd.settings import Config, build, group, setting
 from opd.verify import VERIFIERS
 
+PARALLEL = ("ddp", "fsdp")
+"""How a distributed launch spreads the student (`parallel`; see opd.parallel)."""
+TEACHER_PARALLEL = ("replicate", "fsdp")
+"""How it holds the teacher (`teacher_parallel`): a whole copy per process, or sharded."""
+MIXED_PRECISION = ("no", "bf16")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 """Experiment trackers a run can report to (`report_to`), each an optional extra."""
 
@@ -145,6 +150,21 @@ class TrainConfig(Config):
         "trained, so the policy scored and updated is the one that sampled the rollouts; "
         "teacher and reference always run in eval mode. Saved checkpoints keep the model's "
         "own dropout settings.")
+    parallel: str = setting(
+        "ddp", "How several processes (accelerate launch) share the student: ddp (a whole copy "
+        "each, gradients all-reduced) or fsdp (FSDP2: parameters, gradients and AdamW state "
+        "sharded). Without a distributed launch neither applies.", choices=PARALLEL)
+    teacher_parallel: str = setting(
+        "replicate", "How several processes hold the teacher: replicate (a whole copy each) or "
+        "fsdp (sharded, forward only).", choices=TEACHER_PARALLEL)
+    mixed_precision: str = setting(
+        "no", "bf16: the student's forward and backward in bfloat16 over float32 master weights, "
+        "gradients reduced in float32 (FSDP2; needs a distributed launch, even of one "
+        "process, and dtype float32; for GPUs).",
+        choices=MIXED_PRECISION)
+    activation_checkpointing: bool = setting(
+        False, "Recompute each decoder layer of the student in backward instead of keeping its "
+        "activations (less memory, one more forward).")
     on_failure: str = setting(
         "warn", "What the live monitor does when a run shows a failure signature: warn, stop, "
         "or cold-start (stop, then run the off-policy cold start into OUT/cold-start).",
@@ -168,6 +188,9 @@ class TrainConfig(Config):
         if self.tis_cap and self.rollout_engine == "hf":
             raise OPDError("config: tis_cap needs rollout_engine=vllm (opd's own sampler's "
                            "log-probs are the trainer's); set tis_cap=0 or rollout_engine=vllm")
+        if self.mixed_precision == "bf16" and self.dtype != "float32":
+            raise OPDError("mixed_precision: bf16 keeps float32 master weights; set dtype=float32 "
+                           "(or mixed_precision=no)")
         if self.outcome_weight and self.rollouts_per_prompt < 2:
             raise OPDError("config: outcome_weight needs rollouts_per_prompt ≥ 2 (a group "
                            "baseline)")

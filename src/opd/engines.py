@@ -70,28 +70,31 @@ def require_engine(name: str, field: str = "rollout_engine") -> None:
 
 
 def checkpoint_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The weights of `model` as its checkpoint names them, for vLLM's loader. For a peft LoRA
-    model: each adapted layer's base weight plus its adapters' delta (a new tensor, so the
-    trained model and its adapters stay as they are), under the base model's names."""
-    if not hasattr(model, "get_base_model"):
-        yield from model.state_dict().items()
-        return
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model()
+    """The parameters of `model` whole and under its checkpoint names, for vLLM's loader (a tied
+    weight under each of its names, as a checkpoint has it). For a peft LoRA model: each adapted
+    layer's base weight plus its adapters' delta (a new tensor, so the trained model and its
+    adapters stay as they are), under the base model's names. A wrapped student
+    (`opd.parallel`) must be gathered (`parallel.gathered`): a replicated parameter is taken
+    whole from this process."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     merged = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            weight = module.get_base_layer().weight.detach()
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-            merged[f"{name}.weight"] = weight
-    for name, tensor in base.state_dict().items():
+    if base is not model:
+        from peft.tuners.lora import LoraLayer
+
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                merged[f"{name}.weight"] = weight
+    for name, tensor in base.named_parameters(remove_duplicate=False):
         if "lora_" in name:
             continue
         name = name.replace(".base_layer.", ".")
-        yield name, merged.get(name, tensor)
+        tensor = merged.get(name, tensor).detach()
+        whole = getattr(tensor, "full_tensor", None)  # a DTensor of a wrapped model
+        yield name, whole() if whole is not None else tensor
 
 
 class VLLMEngine:
@@ -134,7 +137,7 @@ class VLLMEngine:
         """Give the engine `model`'s current weights (in memory), and forget every cached
         prefix computed with the old ones."""
         self.wake()
-        weights = [(name, tensor.detach()) for name, tensor in checkpoint_weights(model)]
+        weights = list(checkpoint_weights(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights,
                                                           "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()

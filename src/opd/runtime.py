@@ -2,7 +2,7 @@
 
 One process needs no set-up. Several (`accelerate launch --num_processes N -m opd train …`)
 share the step's prompts; `Processes` holds the few collective operations the loop needs and
-is a no-op for a single process.
+is a no-op for a single process (gradients are synchronised by PyTorch: `opd.parallel`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import contextlib
 import importlib.util
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+Number = TypeVar("Number", int, float)
 
 
 @contextlib.contextmanager
@@ -39,7 +41,7 @@ class StepHook:
 
 
 class Processes:
-    """The process group as the loop sees it: rank, world size, device, and sums."""
+    """The process group as the loop sees it: rank, world size, device, sums and maxima."""
 
     def __init__(self) -> None:
         from accelerate import PartialState
@@ -48,6 +50,8 @@ class Processes:
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.device = self.state.device
         self.is_main = self.state.is_main_process
+        self.launched = dist.is_available() and dist.is_initialized()
+        """Started by a distributed launcher (a process group exists, even of one process)."""
         if self.world > 1 and self.device.type == "cpu":
             # Processes sharing a few cores must not each spin up all of them.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.world))
@@ -58,22 +62,14 @@ class Processes:
             dist.all_reduce(tensor)
         return tensor
 
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            tensor = tensor.to(self.device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
-    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+    def max(self, value: Number) -> Number:
+        """The largest `value` (an int or a float) of any process."""
         if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        offset = 0
-        for p in params:
-            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+            return value
+        dtype = torch.float64 if isinstance(value, float) else torch.int64
+        tensor = torch.tensor([value], dtype=dtype, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return type(value)(tensor[0])
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -27,13 +27,14 @@ from opd.objectives import TokenLoss
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def output_head(model: torch.nn.Module) -> Head:
     """hidden [n, H] → logits [n, V] (float32), including a model's logit scaling or cap."""
-    model = _hf_model(model)
+    model = hf_model(model)
     head = model.get_output_embeddings()
     config = model.config
     scale = getattr(config, "logit_scale", None)
@@ -67,13 +68,14 @@ def response_states(
     response_mask: torch.Tensor,
 ) -> ResponseStates:
     """Run the backbone (no output head) and keep the states before each response token."""
-    model = _hf_model(model)
+    model = hf_model(model)
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     response_mask = response_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    hidden = model.base_model(  # no KV cache: a recomputed (checkpointed) layer would fill it twice
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
     ).last_hidden_state
     predicts = response_mask[:, 1:]
     rows = torch.arange(input_ids.shape[0], device=device)[:, None].expand_as(predicts)
@@ -128,12 +130,17 @@ def score(
     loss: TokenLoss | None = None,
     measures: MeasureFn | None = None,
     chunk_size: int = 256,
+    chunks: int = 0,
 ) -> Scores:
     """Run both heads over the response states a chunk at a time, feeding the consumers.
 
     With a loss and student states that need a gradient, the output head's gradient is
     accumulated here, chunk by chunk; `Scores.loss.backward()` then takes the rest of the way
-    through the backbone. Call it once per pass, as for any loss."""
+    through the backbone. Call it once per pass, as for any loss.
+
+    `chunks`: run at least this many chunks, the ones past the states empty. Under several
+    processes each head call (and its backward) is a collective (`opd.parallel`), so every
+    process passes the largest chunk count of any process."""
     total = student.hidden.new_zeros((), dtype=torch.float32)
     token_lps: list[torch.Tensor] = []
     columns: dict[str, list[torch.Tensor]] = {}
@@ -142,8 +149,9 @@ def score(
     hidden_grad = torch.zeros_like(student.hidden) if grad else None
     options = dict(student_head=student_head, teacher_head=teacher_head,
                    teacher_temperature=teacher_temperature, loss=loss, measures=measures)
-    for start in range(0, student.hidden.shape[0], chunk_size):
-        part = slice(start, start + chunk_size)
+    needed = -(-student.hidden.shape[0] // chunk_size)
+    for index in range(max(needed, chunks)):
+        part = slice(index * chunk_size, (index + 1) * chunk_size)
         hidden = student.hidden[part]
         if grad:
             hidden = hidden.detach().requires_grad_(True)

@@ -6,8 +6,9 @@ log a line to metrics.jsonl, evaluate and checkpoint when due. On-policy distill
 RL loop with a different per-token signal (tinker-cookbook's view), so GRPO is the same loop
 with distill_weight 0 and outcome_weight 1.
 
-One process: `opd train …`. Several (DDP over gloo on CPU, NCCL on GPUs):
-`accelerate launch --num_processes 2 -m opd train …`. Each process takes an equal share of
+One process: `opd train …`. Several (gloo on CPU, NCCL on GPUs):
+`accelerate launch --num_processes 2 -m opd train …`, the student replicated (`parallel: ddp`)
+or sharded (`parallel: fsdp`) by PyTorch (`opd.parallel`). Each process takes an equal share of
 the step's prompts; losses are normalised by the global token count and gradients summed
 across processes, so the update equals the single-process one for the same global batch.
 Rollouts are seeded per (step, prompt, sample), so they do not depend on the sharding either.
@@ -35,6 +36,8 @@ from opd.checkpoints import (
     incomplete_checkpoints,
     load_checkpoint,
     save_checkpoint,
+    save_sharded_optimizer,
+    start_checkpoint,
 )
 from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
@@ -53,6 +56,16 @@ from opd.models import context_window, load_training_models, original_config, re
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
+from opd.parallel import (
+    check_parallel_settings,
+    full_state_dict,
+    gathered,
+    grad_norm,
+    is_wrapped,
+    plain_class,
+    prepare,
+    whole_head,
+)
 from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import ResponseStates, output_head, response_states, score
@@ -130,6 +143,7 @@ class Trainer:
                 f"prompts_per_step ({config.prompts_per_step}) must divide evenly over "
                 f"{self.procs.world} processes"
             )
+        check_parallel_settings(config, self.procs.launched)
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
@@ -137,6 +151,7 @@ class Trainer:
         )
         check_training_prompts(config, self.records, self.models.tokenizer,
                                self.models.teacher_tokenizer, self.eval_records)
+        prepare(self.models, config, self.procs.launched)
         self.engine = None
         if config.rollout_engine == "vllm":
             self.engine = vllm_engine(
@@ -152,7 +167,8 @@ class Trainer:
         )
         self.state: dict[str, Any] = {"step": 0, "skipped_steps": 0, "initial_accuracy": None}
         if checkpoint:
-            self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler)
+            self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler,
+                                         self.models.student)
         self._start_run_folder(resume, checkpoint)
         if checkpoint:
             self.monitor.restore(M.read(self.out))
@@ -266,7 +282,7 @@ class Trainer:
             config.prompts_per_step,
         )
         indices = global_indices[procs.rank * share : (procs.rank + 1) * share]
-        with timed(M.TIME_ROLLOUT, record):
+        with timed(M.TIME_ROLLOUT, record), gathered(models.student):
             rollouts = self._rollouts(step, indices)
 
         n = rollouts.input_ids.shape[0]
@@ -287,7 +303,7 @@ class Trainer:
         loss_total = 0.0
         sums = counts_by_bin = None
         names: list[str] = []
-        gap_max = torch.zeros((), dtype=torch.float64)
+        gap_max = 0.0
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
             with timed(M.TIME_SCORE, record), torch.no_grad():
@@ -298,28 +314,31 @@ class Trainer:
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
                 )
+                chunks = procs.max(-(-student_states.targets.shape[0] // config.chunk_size))
                 if teacher_states is None:
                     teacher_states = ResponseStates(
                         student_states.hidden.detach(), student_states.targets,
                         student_states.positions, student_states.rows,
                     )
                 engine_lp = sampled_token_logprobs(rollouts, rows)
-                scores = score(
-                    student_states, teacher_states, student_head=self.student_head,
-                    teacher_head=self.teacher_head,
-                    teacher_temperature=config.objective.teacher_temperature,
-                    loss=step_loss.rows(rows, student_states.rows, student_states.hidden.device,
-                                        reference_lp, engine_lp),
-                    measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
-                    chunk_size=config.chunk_size,
-                )
+                with whole_head(models.student), whole_head(models.teacher):
+                    scores = score(
+                        student_states, teacher_states, student_head=self.student_head,
+                        teacher_head=self.teacher_head,
+                        teacher_temperature=config.objective.teacher_temperature,
+                        loss=step_loss.rows(rows, student_states.rows,
+                                            student_states.hidden.device, reference_lp,
+                                            engine_lp),
+                        measures=lambda s, t, y: token_measures(s, t, y, config.measure_k),
+                        chunk_size=config.chunk_size, chunks=chunks,
+                    )
                 scores.loss.backward()
                 loss_total += float(scores.loss.detach())
             measures = scores.measures
             if engine_lp is not None:
                 gap = (scores.token_logprobs.cpu() - engine_lp).abs()
                 measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
-                gap_max = torch.cat([gap.double(), gap_max[None]]).max()
+                gap_max = max(gap_max, float(gap.max()))
             names = list(measures)
             part_sums, part_counts = position_totals(measures, student_states.positions,
                                                      self.bin_edges)
@@ -327,11 +346,10 @@ class Trainer:
             counts_by_bin = part_counts if counts_by_bin is None else counts_by_bin + part_counts
 
         with timed(M.TIME_UPDATE, record):
-            procs.sum_gradients(self.params)
             clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+            norm = grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
             loss_total = float(procs.sum(torch.tensor(loss_total, dtype=torch.float64)))
-            if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            if math.isfinite(loss_total) and math.isfinite(norm):
                 self.optimizer.step()
             else:
                 self.state["skipped_steps"] += 1
@@ -341,13 +359,13 @@ class Trainer:
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
         if self.engine is not None:
-            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = float(procs.max(gap_max))
+            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(gap_max)
         if models.teacher is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
         record.update({
-            M.LOSS: loss_total, **overall, M.GRAD_NORM: grad_norm,
+            M.LOSS: loss_total, **overall, M.GRAD_NORM: norm,
             M.RESPONSE_LENGTH: total_tokens / total_rows,
             M.TRUNCATION_RATE: counts[2] / total_rows,
             M.TRAIN_REWARD: None if math.isnan(counts[3]) else counts[3] / total_rows,
@@ -382,33 +400,47 @@ class Trainer:
         if not self.eval_records:
             return None
         accuracy = torch.zeros(1, dtype=torch.float64)
-        if self.procs.is_main:
-            cfg = self.config
-            result = evaluate(
-                self.models.student, self.models.tokenizer, self.eval_records, engine=self.engine,
-                n=cfg.eval_n,
-                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier, template=cfg.template,
-                seed=cfg.seed, chat_template_kwargs=cfg.chat_template_kwargs,
-            )
-            accuracy[0] = result.accuracy
+        with gathered(self.models.student):
+            if self.procs.is_main:
+                cfg = self.config
+                result = evaluate(
+                    self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
+                    engine=self.engine,
+                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                    max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier,
+                    template=cfg.template, seed=cfg.seed,
+                    chat_template_kwargs=cfg.chat_template_kwargs,
+                )
+                accuracy[0] = result.accuracy
         self.latest_accuracy = float(self.procs.sum(accuracy)[0])
         return self.latest_accuracy
 
     def checkpoint(self, step: int, record: dict[str, Any] | None = None) -> None:
-        """A checkpoint folder with its model card (the measures of `record`, the step's)."""
+        """A checkpoint folder with its model card (the measures of `record`, the step's). With
+        the student wrapped, every process takes part: the weights are gathered to the main
+        process and each process writes its share of the optimizer state."""
         self.procs.barrier()
+        student, sharded = self.models.student, is_wrapped(self.models.student)
+        model_state = full_state_dict(student) if sharded else None
+        if sharded:
+            if self.procs.is_main:
+                start_checkpoint(self.out, step)
+            self.procs.barrier()
+            save_sharded_optimizer(self.out, step, student, self.optimizer)
+            self.procs.barrier()
         if self.procs.is_main:
             self.state["step"] = step
             self.state["consumed_prompts"] = step * self.config.prompts_per_step
             card = model_card(self.config, step=step, record=record,
                               initial_accuracy=self.state.get("initial_accuracy"),
                               accuracy=self.latest_accuracy)
-            with original_config(self.models.student_dropout):
+            with original_config(self.models.student_dropout), plain_class(student):
                 save_checkpoint(
-                    self.out, step, self.models.student, self.models.tokenizer, self.optimizer,
-                    self.scheduler, {k: v for k, v in self.state.items() if k != "step"},
+                    self.out, step, student, self.models.tokenizer,
+                    None if sharded else self.optimizer, self.scheduler,
+                    {k: v for k, v in self.state.items() if k != "step"},
                     self.config.keep_checkpoints, settings=to_dict(self.config), card=card,
+                    model_state=model_state,
                 )
         self.procs.barrier()
 
