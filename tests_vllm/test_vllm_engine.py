@@ -203,9 +203,11 @@ def test_select_prompts_on_vllm_measures_and_runs_its_trials_there(vllm_pair, tm
         assert records and records[0][M.ROLLOUT_LOGPROB_GAP] < GAP_TOLERANCE
 
 
-def test_two_processes_on_vllm_match_one(engine, vllm_pair, tmp_path):
-    """Under torchrun each process runs its own engine on its share of the prompts; the seeded
-    rollouts, hence the loss curve, are the single process's (as tests/test_distributed.py)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_on_vllm_match_one(engine, vllm_pair, tmp_path, parallel):
+    """Under torchrun each process runs its own engine on its share of the prompts, given the
+    student's whole weights (replicated, or gathered from the FSDP shards); the seeded rollouts,
+    hence the loss curve, are the single process's (as tests/test_distributed.py)."""
     options = ["--max-steps", "2", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
                "--max-new-tokens", "8", "--max-prompt-tokens", "16", "--set", "lr=1e-3",
                "--rollout-engine", "vllm", "--no-progress",
@@ -217,7 +219,8 @@ def test_two_processes_on_vllm_match_one(engine, vllm_pair, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    double = subprocess.run([*launch, *common, "--out", str(tmp_path / "two")], env=env,
+    double = subprocess.run([*launch, *common, "--out", str(tmp_path / "two"),
+                             f"--set=parallel={parallel}"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = M.read(tmp_path / "one"), M.read(tmp_path / "two")
