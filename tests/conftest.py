@@ -25,7 +25,7 @@ def make_tokenizer():
     )
 
 
-def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2):
+def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2, heads: int = 4):
     """A random tiny LlamaForCausalLM saved with its tokenizer in `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +33,7 @@ def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=128, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -138,7 +138,7 @@ def half_deleted(path, *args, **kwargs):
 
 
 KILL_POINTS: dict[str, Callable[[], None]] = {
-    "in the rollouts of step 3": lambda: on_call(train_module, "generate_rollouts", 3),
+    "in the rollouts of step 3": lambda: on_call(train_module, "generate", 3),
     "in the update of step 3 (after backward, before the optimizer step)":
         lambda: on_call(torch.nn.utils, "clip_grad_norm_", 3),
     "half-way through the metrics line of step 3": lambda: on_call(
@@ -164,7 +164,7 @@ def _rmtree_dying_on_old(path, *args, **kwargs):
 
 
 MORE_KILLS: dict[str, Callable[[], None]] = {
-    "in the rollouts of step 4": lambda: on_call(train_module, "generate_rollouts", 4),
+    "in the rollouts of step 4": lambda: on_call(train_module, "generate", 4),
     "while a resume cuts metrics.jsonl back": lambda: on_call(
         opd.metrics, "write_jsonl_atomic", 1, before=lambda path, rows: (list(rows), die())),
 }

@@ -51,13 +51,13 @@ def test_evaluation_with_the_math_verifier(math_prompts, monkeypatch):
     """avg@n through `evaluate`, the model's samples replaced by the responses above."""
     evaluate_module = importlib.import_module("opd.evaluate")  # the module, not opd.evaluate()
 
-    def rollouts(model, tokenizer, texts, *, n, **options):
+    def rollouts(engine, model, tokenizer, texts, *, n, **options):
         texts_out = [t for _, _, right, wrong in MATH for t in (right, wrong)]
         return SimpleNamespace(texts=texts_out, prompt_index=torch.arange(len(MATH)).repeat_interleave(n),
                                response_lengths=torch.ones(len(texts_out)),
                                truncated=torch.zeros(len(texts_out), dtype=torch.bool))
 
-    monkeypatch.setattr(evaluate_module, "generate_rollouts", rollouts)
+    monkeypatch.setattr(evaluate_module, "generate", rollouts)
     tokenizer = SimpleNamespace(chat_template=None)
     records = load_prompts(math_prompts)
     result = evaluate_module.evaluate(None, tokenizer, records, n=2, verifier="math")

@@ -16,6 +16,7 @@ from opd.data.prompts import (
     SPLIT_HELP,
     check_template,
 )
+from opd.engines import ENGINES, VLLMConfig
 from opd.errors import OPDError
 from opd.monitor import ON_FAILURE
 from opd.objectives import AGGREGATIONS, ObjectiveConfig
@@ -107,6 +108,14 @@ class TrainConfig(Config):
                                      "front with its row named, never cut.", minimum=1)
     temperature: float = setting(1.0, "Rollout sampling temperature (0 = greedy).", minimum=0)
     top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
+    rollout_engine: str = setting(
+        "hf", "What samples the student's rollouts: hf (opd's own sampler in transformers: exact "
+        "and deterministic) or vllm (a vLLM engine in the training process, given the new weights "
+        "after every step; needs the vllm extra).", choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The colocated vLLM engine (rollout_engine: vllm).")
+    tis_cap: float = setting(
+        0.0, "Truncated importance sampling against the rollout engine: each token's loss is "
+        "weighted by min(p_trainer / p_engine, tis_cap) (rollout_engine: vllm; 0 = off).", minimum=0)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
                                    "the student tokenizer's chat template.")
     chat_template_kwargs: dict[str, Any] = setting(
@@ -208,6 +217,9 @@ class TrainConfig(Config):
             check_served_teacher(self.objective.name, self.teacher_prompt)
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
+        if self.tis_cap and self.rollout_engine == "hf":
+            raise OPDError("config: tis_cap needs rollout_engine=vllm (opd's own sampler's "
+                           "log-probs are the trainer's); set tis_cap=0 or rollout_engine=vllm")
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise OPDError("mixed_precision: bf16 keeps float32 master weights; set dtype=float32 "
                            "(or mixed_precision=no)")

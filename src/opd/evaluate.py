@@ -18,8 +18,8 @@ from opd.data.prompts import (
     render_prompt,
     require_answers,
 )
-from opd.rollout import generate_rollouts
-from opd.settings import Config, setting
+from opd.engines import ENGINES, VLLMConfig, VLLMEngine, generate, require_engine
+from opd.settings import Config, group, setting
 from opd.verify import VERIFIERS, get_verifier
 
 
@@ -46,6 +46,9 @@ class EvalConfig(Config):
         factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
         "false}.")
     seed: int = setting(0, "Seed of the samples.")
+    rollout_engine: str = setting("hf", "What generates the responses: hf (opd's own sampler) or "
+                                  "vllm (needs the vllm extra).", choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     trust_remote_code: bool = setting(False, "Allow model code from the model folder (off "
                                       "unless asked).")
 
@@ -79,14 +82,16 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     chat_template_kwargs: dict[str, Any] | None = None,
+    engine: VLLMEngine | None = None,
 ) -> EvalResult:
-    """Sample `n` responses per prompt (greedy at temperature 0) and verify each one."""
+    """Sample `n` responses per prompt (greedy at temperature 0) and verify each one, with
+    `engine` given `model`'s weights (opd's own sampler when it is None)."""
     require_answers(records, "prompts", "evaluation")
     check = get_verifier(verifier)
     texts = [render_prompt(r.messages, tokenizer, template, chat_template_kwargs)
              for r in records]
-    rollouts = generate_rollouts(
-        model, tokenizer, texts, n=n, max_new_tokens=max_new_tokens,
+    rollouts = generate(
+        engine, model, tokenizer, texts, n=n, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, batch_size=batch_size,
     )
     correct = [
@@ -109,10 +114,12 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
     input (verifier, prompts, model folder, each prompt's rendering and length) is checked
     before the model generates."""
     from opd.data.prompts import load_prompts, source_of
-    from opd.models import context_window, load_model, load_tokenizer
+    from opd.engines import engine_for_prompts
+    from opd.models import context_window, load_model, load_tokenizer, resolve_dtype
     from opd.rollout import check_prompts
 
     get_verifier(config.verifier)
+    require_engine(config.rollout_engine)
     records = load_prompts(config.prompts, **source_of(config))
     require_answers(records, "prompts", "evaluation")
     tokenizer = load_tokenizer(config.model, "model", config.trust_remote_code)
@@ -122,9 +129,17 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
                   limit=context_window(config.model), limit_name="the model's context window",
                   fix="shorten or remove the row",
                   chat_template_kwargs=config.chat_template_kwargs)
+    engine = None
+    if config.rollout_engine == "vllm":
+        texts = [render_prompt(r.messages, tokenizer, config.template, config.chat_template_kwargs)
+                 for r in records]
+        engine = engine_for_prompts(
+            config.model, tokenizer, texts, max_new_tokens=config.max_new_tokens,
+            dtype=resolve_dtype("auto", next(model.parameters()).device), settings=config.vllm,
+            context_window=context_window(config.model), trust_remote_code=config.trust_remote_code)
     return evaluate(
         model, tokenizer, records, n=config.n, temperature=config.temperature,
         top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
-        chat_template_kwargs=config.chat_template_kwargs,
+        chat_template_kwargs=config.chat_template_kwargs, engine=engine,
     )

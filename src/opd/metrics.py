@@ -75,6 +75,16 @@ REVERSE_KL = _declare(
     "reverse_kl", "Sampled-token estimate of KL(p‖q): log p_t(ŷ_t) − log q_t(ŷ_t).", "nats",
     "with a teacher", by_position=True)
 
+ENGINE_PRESENT = "with rollout_engine vllm"
+ROLLOUT_LOGPROB_GAP = _declare(
+    "rollout_logprob_gap", "Mean absolute gap |log p_trainer(ŷ_t) − log p_engine(ŷ_t)| between the "
+    "student's log-prob of each sampled token as the trainer computes it and as the rollout "
+    "engine reported it (vLLM: numerics, dtype drift, a weight sync gone wrong).", "nats",
+    ENGINE_PRESENT, by_position=True)
+ROLLOUT_LOGPROB_GAP_MAX = _declare(
+    "rollout_logprob_gap_max", "Largest such gap over the step's response tokens.", "nats",
+    ENGINE_PRESENT)
+
 GRAD_NORM = _declare("grad_norm", "Global gradient norm before clipping.", "norm")
 RESPONSE_LENGTH = _declare("response_length", "Mean response length of the step's rollouts, "
                            "EOS included.", "tokens")
@@ -101,8 +111,9 @@ BY_TEACHER = _declare("by_teacher", "Each token measure's mean over the prompts 
 ALERTS = _declare("alerts", "Failure signatures the live monitor found at this step: rule, step, "
                   "evidence, likely cause and recipe.", "list", "when an alert fires")
 
-TOKEN_MEASURES: tuple[str, ...] = tuple(m.name for m in SCHEMA.values() if m.by_position)
-"""Measures computed per response token (and so also by position)."""
+TOKEN_MEASURES: tuple[str, ...] = tuple(
+    m.name for m in SCHEMA.values() if m.by_position and m.present != ENGINE_PRESENT)
+"""The study's measures computed per response token (and so also by position)."""
 TEACHER_MEASURES: tuple[str, ...] = tuple(
     m.name for m in SCHEMA.values() if m.by_position and m.present == "with a teacher")
 """Token measures that need a teacher; null in a run without one (GRPO)."""

@@ -33,6 +33,10 @@ class MonitorThresholds:
     tail_entropy_ratio: float = 1.5
     """Tail-of-response student entropy over its first-window level that counts as a spike
     (when the front of the response does not rise as much)."""
+    rollout_logprob_gap: float = 0.1
+    """Mean absolute gap (nats) between the rollout engine's and the trainer's log-probs of the
+    sampled tokens, over the last window, above which the engine no longer samples the policy
+    being trained (measured on a tiny model: ~1e-7 in float32, ~1e-3 in bf16; docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Alert:
     evidence: dict[str, float]
     cause: str
     recipe: str
+    stops: bool = True
+    """Whether the alert stops the run under on_failure stop / cold-start (a warning does not)."""
 
 
 def _window_mean(records: Sequence[dict[str, Any]], key: str) -> float | None:
@@ -73,11 +79,11 @@ def _tail_bin(records: Sequence[dict[str, Any]]) -> int | None:
 
 def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) -> list[Alert]:
     """Every failing signature visible in the metrics history (oldest first)."""
+    alerts = _engine_mismatch(history, t)
     if len(history) < 2 * t.window:
-        return []
+        return alerts
     first, recent = history[: t.window], history[-t.window :]
     step = history[-1][M.STEP]
-    alerts: list[Alert] = []
     overlap_now, overlap_then = _window_mean(recent, M.OVERLAP_RATIO), _window_mean(first, M.OVERLAP_RATIO)
     if overlap_now is not None and overlap_then is not None and overlap_now < t.low_overlap \
             and overlap_now - overlap_then < t.min_overlap_rise:
@@ -115,6 +121,26 @@ def check_signatures(history: Sequence[dict[str, Any]], t: MonitorThresholds) ->
                 "outcome reward",
             ))
     return alerts
+
+
+def _engine_mismatch(history: Sequence[dict[str, Any]], t: MonitorThresholds) -> list[Alert]:
+    """A warning (it does not stop the run) when the rollout engine's log-probs drift from the
+    trainer's, judged on the last window (or the steps so far)."""
+    gap = _window_mean(history[-t.window :], M.ROLLOUT_LOGPROB_GAP)
+    if gap is None or gap <= t.rollout_logprob_gap:
+        return []
+    return [Alert(
+        "rollout-mismatch", history[-1][M.STEP],
+        {M.ROLLOUT_LOGPROB_GAP: gap,
+         M.ROLLOUT_LOGPROB_GAP_MAX: _window_mean(history[-t.window :], M.ROLLOUT_LOGPROB_GAP_MAX)
+         or 0.0},
+        "the rollout engine's log-probs of the sampled tokens differ from the trainer's: the "
+        "rollouts no longer come from the policy being trained (bf16 or kernel drift, a prompt "
+        "rendered differently, weights not synced)",
+        "run the engine in the trainer's dtype (dtype: float32), check that engine and trainer "
+        "see the same tokens, and/or set tis_cap (e.g. 2) to reweight the loss",
+        stops=False,
+    )]
 
 
 class Monitor:

@@ -170,13 +170,23 @@ def aggregation_weights(
     return mask / lengths / max(total_sequences, 1.0)
 
 
+def truncated_importance_weight(trainer_lp: torch.Tensor, engine_lp: torch.Tensor,
+                                cap: float) -> torch.Tensor:
+    """min(p(ŷ) / μ(ŷ), cap) per token, detached: corrects for the rollout engine's
+    distribution μ differing from the trainer's p (truncated importance sampling, as verl and
+    NeMo-RL offer it)."""
+    return (trainer_lp.detach() - engine_lp).exp().clamp(max=cap)
+
+
 @dataclass(frozen=True)
 class TokenLoss:
     """One micro-batch's share of the step's loss, per response token [M] (no gradient):
 
-    loss = Σ_t weight_t · (distill_weight · D_t − advantage_t · log p(ŷ_t) + kl_coef · K_t)
+    loss = Σ_t weight_t · ρ_t · (distill_weight · D_t − advantage_t · log p(ŷ_t) + kl_coef · K_t)
 
-    with D the distillation objective and K the k3 penalty against `reference_lp`.
+    with D the distillation objective, K the k3 penalty against `reference_lp`, and ρ_t the
+    truncated importance weight min(p(ŷ_t) / μ(ŷ_t), tis_cap) (detached) against the rollout
+    engine's log-probs `behaviour_lp` when `tis_cap` is set (else 1).
     """
 
     objective: ObjectiveConfig
@@ -185,15 +195,18 @@ class TokenLoss:
     reference_lp: torch.Tensor | None = None
     distill_weight: float = 1.0
     kl_coef: float = 0.0
+    behaviour_lp: torch.Tensor | None = None
+    tis_cap: float = 0.0
 
     def select(self, tokens: torch.Tensor | None) -> TokenLoss:
         """The share of the tokens where `tokens` [M] is True (all of them for None)."""
         if tokens is None:
             return self
-        advantage, reference_lp = self.advantage, self.reference_lp
-        return replace(self, weight=self.weight[tokens],
-                       advantage=None if advantage is None else advantage[tokens],
-                       reference_lp=None if reference_lp is None else reference_lp[tokens])
+        def pick(values: torch.Tensor | None) -> torch.Tensor | None:
+            return None if values is None else values[tokens]
+
+        return replace(self, weight=self.weight[tokens], advantage=pick(self.advantage),
+                       reference_lp=pick(self.reference_lp), behaviour_lp=pick(self.behaviour_lp))
 
     def chunk(self, student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
               token_lp: torch.Tensor, part: slice) -> torch.Tensor:
@@ -208,6 +221,9 @@ class TokenLoss:
         if self.reference_lp is not None and self.kl_coef:
             per_token = per_token + self.kl_coef * reference_kl_penalty(
                 token_lp, self.reference_lp[part])
+        if self.behaviour_lp is not None and self.tis_cap:
+            per_token = per_token * truncated_importance_weight(
+                token_lp, self.behaviour_lp[part], self.tis_cap)
         return (self.weight[part] * per_token).sum()
 
 
@@ -225,24 +241,27 @@ class StepLoss:
     advantage: torch.Tensor | None
     distill_weight: float
     kl_coef: float
+    tis_cap: float = 0.0
 
     @classmethod
     def build(cls, objective: ObjectiveConfig, response_mask: torch.Tensor, *, aggregation: str,
               total_tokens: float, total_rows: float, distill_weight: float, kl_coef: float,
               outcome_weight: float = 0.0, rewards: torch.Tensor | None = None,
-              groups: torch.Tensor | None = None) -> StepLoss:
+              groups: torch.Tensor | None = None, tis_cap: float = 0.0) -> StepLoss:
         """`rewards` [N] and `groups` [N] (prompt of each rollout) are needed when
         `outcome_weight` is not 0."""
         advantage = None
         if outcome_weight:
             advantage = outcome_weight * group_advantages(rewards, groups)
         weight = aggregation_weights(response_mask, aggregation, total_tokens, total_rows)
-        return cls(objective, response_mask, weight, advantage, distill_weight, kl_coef)
+        return cls(objective, response_mask, weight, advantage, distill_weight, kl_coef, tis_cap)
 
     def rows(self, rows: slice, token_rows: torch.Tensor, device: torch.device,
-             reference_lp: torch.Tensor | None = None) -> TokenLoss:
+             reference_lp: torch.Tensor | None = None,
+             behaviour_lp: torch.Tensor | None = None) -> TokenLoss:
         """The share of rollouts `rows`, per response token; `token_rows` [M] is the row (within
-        `rows`) of each token, as `ResponseStates.rows` gives it."""
+        `rows`) of each token, as `ResponseStates.rows` gives it; `behaviour_lp` [M] the rollout
+        engine's log-probs of the tokens (for `tis_cap`)."""
         predicts = self.response_mask[rows][:, 1:]
         advantage = None
         if self.advantage is not None:
@@ -251,4 +270,6 @@ class StepLoss:
             objective=self.objective, weight=self.weight[rows][:, 1:][predicts].to(device),
             advantage=advantage, reference_lp=reference_lp,
             distill_weight=self.distill_weight, kl_coef=self.kl_coef,
+            behaviour_lp=None if behaviour_lp is None else behaviour_lp.to(device),
+            tis_cap=self.tis_cap,
         )

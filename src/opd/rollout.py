@@ -36,6 +36,9 @@ class Rollouts:
     truncated: torch.Tensor  # [N] bool: no EOS before max_new_tokens
     response_ids: list[list[int]]
     texts: list[str]
+    sampled_logprobs: list[list[float]] | None = None
+    """The sampling engine's log-prob of each response token (vLLM's), per rollout; None
+    from opd's own sampler, whose log-probs are the trainer's."""
 
     @property
     def response_lengths(self) -> torch.Tensor:
@@ -227,6 +230,20 @@ def check_prompts(records: Sequence[PromptRecord], tokenizer, template: str | No
                                f"with {who}, more than {limit_name} ({limit}); {fix}")
 
 
+def prompt_token_rows(tokenizer, prompts: Sequence[str] | Sequence[list[int]],
+                      max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt: rendered texts are encoded, id rows kept as they are; at most
+    `max_prompt_tokens` (the last ones) each."""
+    if all(isinstance(p, str) for p in prompts):
+        return encode_prompts(tokenizer, prompts, max_prompt_tokens)
+    return [list(p)[-max_prompt_tokens:] if max_prompt_tokens else list(p) for p in prompts]
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that pads rollout rows: the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def generate_rollouts(
     model: torch.nn.Module,
     tokenizer,
@@ -251,11 +268,8 @@ def generate_rollouts(
     was_training = model.training
     model.eval()
     prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
-    if all(isinstance(p, str) for p in prompts):
-        encoded = encode_prompts(tokenizer, prompts, max_prompt_tokens)
-    else:
-        encoded = [list(p)[-max_prompt_tokens:] if max_prompt_tokens else list(p) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = prompt_token_rows(tokenizer, prompts, max_prompt_tokens)
+    pad_id = pad_token_id(tokenizer)
     eos_ids = stop_token_ids(model, tokenizer)
     rows = [(i, r) for i in range(len(prompts)) for r in range(n)]
     batch_size = batch_size or len(rows)
@@ -274,15 +288,23 @@ def generate_rollouts(
             eos_ids=eos_ids, pad_id=pad_id,
         )
     model.train(was_training)
-    input_ids, attention, response_mask = pack([encoded[i] for i, _ in rows], responses, pad_id)
-    truncated = torch.tensor([not r or r[-1] not in eos_ids for r in responses])
-    texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+    return assemble_rollouts(tokenizer, encoded, [i for i, _ in rows], responses, eos_ids, pad_id)
+
+
+def assemble_rollouts(tokenizer, prompt_rows: Sequence[Sequence[int]], prompt_index: Sequence[int],
+                      responses: list[list[int]], eos_ids: set[int], pad_id: int,
+                      sampled_logprobs: list[list[float]] | None = None) -> Rollouts:
+    """`Rollouts` from each rollout's prompt (`prompt_rows[prompt_index[j]]`) and response,
+    whichever engine sampled them."""
+    input_ids, attention, response_mask = pack([prompt_rows[i] for i in prompt_index], responses,
+                                               pad_id)
     return Rollouts(
         input_ids=input_ids,
         attention_mask=attention,
         response_mask=response_mask,
-        prompt_index=torch.tensor([i for i, _ in rows]),
-        truncated=truncated,
+        prompt_index=torch.tensor(list(prompt_index), dtype=torch.long),
+        truncated=torch.tensor([not r or r[-1] not in eos_ids for r in responses]),
         response_ids=responses,
-        texts=texts,
+        texts=tokenizer.batch_decode(responses, skip_special_tokens=True),
+        sampled_logprobs=sampled_logprobs,
     )

@@ -8,13 +8,16 @@ is a no-op for a single process (gradients are synchronised by PyTorch: `opd.par
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+Number = TypeVar("Number", int, float)
 
 
 @contextlib.contextmanager
@@ -59,13 +62,14 @@ class Processes:
             dist.all_reduce(tensor)
         return tensor
 
-    def max(self, value: int) -> int:
-        """The largest `value` of any process."""
+    def max(self, value: Number) -> Number:
+        """The largest `value` (an int or a float) of any process."""
         if self.world == 1:
             return value
-        tensor = torch.tensor([value], device=self.device)
+        dtype = torch.float64 if isinstance(value, float) else torch.int64
+        tensor = torch.tensor([value], dtype=dtype, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return int(tensor[0])
+        return type(value)(tensor[0])
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -77,3 +81,11 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState().is_main_process
+
+
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported (looked up without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
+        return False

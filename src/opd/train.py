@@ -41,11 +41,18 @@ from opd.checkpoints import (
 )
 from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
+from opd.engines import (
+    generate,
+    model_length_limit,
+    require_engine,
+    sampled_token_logprobs,
+    vllm_engine,
+)
 from opd.errors import OPDError
 from opd.evaluate import evaluate
 from opd.io import check_output_folder, write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from opd.models import context_window, load_training_models, original_config
+from opd.models import context_window, load_training_models, original_config, resolve_dtype
 from opd.monitor import Monitor
 from opd.objectives import StepLoss
 from opd.optim import adamw_with_schedule
@@ -59,7 +66,7 @@ from opd.parallel import (
     prepare,
     whole_head,
 )
-from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
+from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import Processes, StepHook, timed
 from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
 from opd.settings import to_dict
@@ -122,6 +129,7 @@ class Trainer:
         self.out = Path(config.out)
         check_output_folder(self.out, "out")
         self.verify = get_verifier(config.verifier)
+        require_engine(config.rollout_engine)
         if not config.prompts:
             raise OPDError("prompts: no prompt file given; pass --prompts FILE")
         self.records = load_prompts(config.prompts, **source_of(config))
@@ -147,6 +155,13 @@ class Trainer:
                                self.models.teacher_tokenizer, self.eval_records)
         prepare(self.models, config, self.procs.launched)
         self.teachers = build_teachers(config, self.models, self.records, self.procs)
+        self.engine = None
+        if config.rollout_engine == "vllm":
+            self.engine = vllm_engine(
+                config.student, dtype=resolve_dtype(config.dtype, self.procs.device),
+                max_model_len=model_length_limit(context_window(config.student),
+                                                 config.max_prompt_tokens, config.max_new_tokens),
+                settings=config.vllm, trust_remote_code=config.trust_remote_code)
         self.params = [p for p in self.models.student.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.params, lr=config.lr, weight_decay=config.weight_decay,
@@ -231,8 +246,8 @@ class Trainer:
         config, tok = self.config, self.models.tokenizer
         texts = [render_prompt(self.records[i].messages, tok, config.template,
                                config.chat_template_kwargs) for i in indices]
-        return generate_rollouts(
-            self.models.student, tok, texts, n=config.rollouts_per_prompt,
+        return generate(
+            self.engine, self.models.student, tok, texts, n=config.rollouts_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed * 1_000_003 + step, prompt_ids=indices,
             max_prompt_tokens=config.max_prompt_tokens,
@@ -284,12 +299,14 @@ class Trainer:
             total_tokens=total_tokens, total_rows=total_rows,
             distill_weight=config.distill_weight, kl_coef=config.kl_penalty,
             outcome_weight=config.outcome_weight, rewards=rewards, groups=rollouts.prompt_index,
+            tis_cap=config.tis_cap,
         )
         micro = config.micro_batch or n
         loss_total = 0.0
         sums = counts_by_bin = None
         names: list[str] = []
         by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        gap_max = 0.0
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
             with timed(M.TIME_UPDATE, record):
@@ -303,9 +320,10 @@ class Trainer:
                 teacher_lps = [self._teacher_logprobs(rollouts, indices, rows, student_states, s)
                                for s in shares]
                 reference_lp = self._reference_token_lp(rollouts, rows)
+            engine_lp = sampled_token_logprobs(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
                 token_loss = step_loss.rows(rows, student_states.rows,
-                                            student_states.hidden.device, reference_lp)
+                                            student_states.hidden.device, reference_lp, engine_lp)
                 loss = student_states.hidden.new_zeros((), dtype=torch.float32)
                 with whole_head(models.student), whole_head(models.teacher):
                     for share, teacher_lp in zip(shares, teacher_lps, strict=True):
@@ -321,8 +339,16 @@ class Trainer:
                         loss = loss + scores.loss
                         if not scores.measures:  # an empty share that no process has tokens for
                             continue
-                        names = list(scores.measures)
-                        part = position_totals(scores.measures, states.positions, self.bin_edges)
+                        measures = scores.measures
+                        if engine_lp is not None:
+                            tokens = None if share is None else share.tokens
+                            engine = engine_lp if tokens is None else engine_lp[tokens.cpu()]
+                            gap = (scores.token_logprobs.cpu() - engine).abs()
+                            measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
+                            if gap.numel():
+                                gap_max = max(gap_max, float(gap.max()))
+                        names = list(measures)
+                        part = position_totals(measures, states.positions, self.bin_edges)
                         sums = part[0] if sums is None else sums + part[0]
                         counts_by_bin = (part[1] if counts_by_bin is None
                                          else counts_by_bin + part[1])
@@ -352,6 +378,8 @@ class Trainer:
                     names, procs.sum(part_sums).cpu(), procs.sum(part_counts).cpu())[0]
         sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
+        if self.engine is not None:
+            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(gap_max)
         if self.teachers is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
@@ -408,6 +436,7 @@ class Trainer:
                 cfg = self.config
                 result = evaluate(
                     self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
+                    engine=self.engine,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                     max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier,
                     template=cfg.template, seed=cfg.seed,
@@ -469,7 +498,7 @@ class Trainer:
             alerts = self.monitor.observe(record)
             if alerts:
                 record[M.ALERTS] = [asdict(a) for a in alerts]
-            stop = bool(alerts) and self.monitor.stops
+            stop = any(a.stops for a in alerts) and self.monitor.stops
             stop = any([hook.on_step(record) for hook in self.hooks]) or stop
             if self.procs.is_main:
                 M.append(self.out, record)

@@ -35,11 +35,12 @@ from opd.data.prompts import (
     source_of,
 )
 from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
+from opd.engines import ENGINES, VLLMConfig, generate, model_length_limit, require_engine, vllm_engine
 from opd.errors import OPDError
 from opd.io import check_output_folder
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures, topk_mass
 from opd.models import check_same_vocabulary, context_window, default_device, load_model, load_tokenizer
-from opd.rollout import Rollouts, check_prompts, encode_prompts, generate_rollouts, pack
+from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import timed
 from opd.scoring import output_head, response_states, score
 from opd.settings import Config, group, setting
@@ -96,6 +97,11 @@ class DiagnoseConfig(Config):
     verifier: str = setting("exact", "exact or math (needs math-verify).",
                             choices=tuple(VERIFIERS))
     seed: int = setting(0, "Seed of the prompt sample, rollouts and continuations.")
+    rollout_engine: str = setting(
+        "hf", "What generates the rollouts, continuations and the teacher's own attempts: hf "
+        "(opd's own sampler) or vllm (needs the vllm extra; one engine, on each model in turn).",
+        choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
     dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
                          choices=("auto", "float32", "bfloat16", "float16"))
@@ -192,6 +198,20 @@ def _decode_correct(tokenizer: Any, records: Sequence[PromptRecord], verifier: s
     return [bool(check(t, records[i].answer)) for t, i in zip(texts, prompt_index, strict=True)]
 
 
+def _generate(pair: Pair, config: DiagnoseConfig, prompts: Sequence[str] | Sequence[list[int]],
+              **options: Any) -> Rollouts:
+    """`pair`'s samples from the configured engine (vLLM: the process's engine, on `pair`'s
+    folder, long enough for a continuation: prompt, prefix and new tokens)."""
+    engine = None
+    if config.rollout_engine == "vllm":
+        longest = max(len(row) for row in pair.prompt_rows) + config.max_new_tokens
+        engine = vllm_engine(pair.path, dtype=next(pair.model.parameters()).dtype,
+                             max_model_len=model_length_limit(context_window(pair.path), longest,
+                                                              config.max_new_tokens),
+                             settings=config.vllm, trust_remote_code=config.trust_remote_code)
+    return generate(engine, pair.model, pair.tokenizer, prompts, **options)
+
+
 def _body_length(ids: list[int], eos: int) -> int:
     return len(ids) - 1 if ids and ids[-1] == eos else len(ids)
 
@@ -207,8 +227,8 @@ def _continue(pair: Pair, ctx: Context, depth_index: int) -> tuple[list[bool], i
     index = rollouts.prompt_index.tolist()
     inputs = [pair.prompt_rows[index[j]] + p for j, p in zip(rows, prefixes, strict=True)]
     budget = config.max_new_tokens - min(len(p) for p in prefixes)
-    out = generate_rollouts(
-        pair.model, pair.tokenizer, inputs, n=1, max_new_tokens=max(budget, 1),
+    out = _generate(
+        pair, config, inputs, n=1, max_new_tokens=max(budget, 1),
         temperature=config.capability_temperature, top_p=config.top_p, seed=config.seed + 1,
         prompt_ids=[j * len(config.depths) + depth_index for j in rows],
         batch_size=config.batch_size,
@@ -364,7 +384,7 @@ def _accuracy_own(pair: Pair, ctx: Context) -> float:
     """The teacher's accuracy from scratch on the prompts, with its own template."""
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
-    out = generate_rollouts(pair.model, pair.tokenizer, texts, n=config.n,
+    out = _generate(pair, config, texts, n=config.n,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
@@ -457,8 +477,8 @@ def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], st
     correctness and the student's own continuations at every depth."""
     cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
             "generated_tokens": 0, "scored_tokens": 0}
-    rollouts = generate_rollouts(
-        student.model, student.tokenizer, student.prompt_rows, n=config.n,
+    rollouts = _generate(
+        student, config, student.prompt_rows, n=config.n,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
     )
@@ -523,6 +543,7 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
     start = time.perf_counter()
     times: dict[str, float] = {}
     get_verifier(config.verifier)
+    require_engine(config.rollout_engine)
     if writes:
         check_output_folder(config.out, "out")
     records = _sample_records(config, value)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
+from opd.engines import VLLMEngine, engine_for_prompts, generate, require_engine
 from opd.errors import OPDError
 from opd.hooks import run_hooks
 from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
@@ -37,7 +38,7 @@ from opd.models import (
     load_tokenizer,
     original_config,
 )
-from opd.rollout import check_prompts, generate_rollouts
+from opd.rollout import check_prompts
 from opd.runtime import StepHook
 from opd.sft import SFTConfig, train_sft
 from opd.trackers import require as require_trackers
@@ -48,10 +49,11 @@ from opd.verify import get_verifier
 def generate_teacher_data(
     teacher, tokenizer, records: Sequence[PromptRecord], config: ColdStartConfig, *,
     max_new_tokens: int, verifier: str, seed: int, progress: bool = True,
-    chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None, engine: VLLMEngine | None = None,
 ) -> list[dict[str, Any]]:
     """Teacher responses per prompt, deduplicated; with answers and keep != all, only the
-    verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times."""
+    verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times. `engine`
+    (given the teacher's weights) samples them when set, else opd's own sampler."""
     check = get_verifier(verifier)
     with_answers = all(r.answer is not None for r in records)
     keep = config.keep if config.keep != "auto" else ("correct" if with_answers else "all")
@@ -66,8 +68,8 @@ def generate_teacher_data(
     for attempt in range(config.max_attempts if keep == "correct" else 1):
         if not pending:
             break
-        rollouts = generate_rollouts(
-            teacher, tokenizer, [texts[i] for i in pending], n=config.samples_per_prompt,
+        rollouts = generate(
+            engine, teacher, tokenizer, [texts[i] for i in pending], n=config.samples_per_prompt,
             max_new_tokens=max_new_tokens, temperature=config.temperature, top_p=config.top_p,
             seed=seed + 7919 * attempt, prompt_ids=pending, batch_size=256,
         )
@@ -123,6 +125,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
     if not train.teacher:
         raise OPDError("teacher: cold start needs a teacher; pass --teacher PATH")
     get_verifier(train.verifier)
+    require_engine(train.rollout_engine)
     require_trackers(train.report_to)
     # Everything that can be refused is looked at before the first file is written.
     prompts_field = "cold_start.prompts" if cold.prompts else "prompts"
@@ -153,6 +156,14 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
                   fix="shorten or remove the row", chat_template_kwargs=train.chat_template_kwargs)
     check_training_prompts(train, train_records, student_tok, teacher_tok, eval_records)
     report: dict[str, Any] = _read_report(report_path)
+    engine = None
+    if teacher is not None and train.rollout_engine == "vllm":
+        texts = [render_prompt(r.messages, teacher_tok, chat_template_kwargs=train.chat_template_kwargs)
+                 for r in records]
+        engine = engine_for_prompts(
+            train.teacher, teacher_tok, texts, max_new_tokens=train.max_new_tokens,
+            dtype=next(teacher.parameters()).dtype, settings=train.vllm,
+            context_window=context_window(train.teacher), trust_remote_code=train.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
 
     if teacher is not None:
@@ -160,7 +171,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
         rows = generate_teacher_data(
             teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
-            chat_template_kwargs=train.chat_template_kwargs,
+            chat_template_kwargs=train.chat_template_kwargs, engine=engine,
         )
         if not rows:
             raise OPDError("cold start: the teacher produced no usable response (none verified "
@@ -212,8 +223,8 @@ class ColdStartHandover(StepHook):
         self.config = config
 
     def on_end(self, summary: dict[str, Any]) -> None:
-        if not summary["alerts"]:
-            return
+        if not any(alert.get("stops", True) for alert in summary["alerts"]):
+            return  # no alert, or only warnings that do not stop a run
         repair = dataclasses.replace(self.config, out=str(Path(self.config.out) / "cold-start"),
                                      on_failure="warn")
         summary["cold_start"] = run_cold_start(repair, resume=Path(repair.out).exists())

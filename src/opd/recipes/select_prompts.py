@@ -45,12 +45,13 @@ from opd.data.prompts import (
     source_of,
 )
 from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
+from opd.engines import ENGINES, VLLMConfig, require_engine
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
 from opd.models import context_window
 from opd.report import fmt, save_figure
 from opd.rollout import check_prompts
-from opd.settings import Config, setting
+from opd.settings import Config, group, setting, to_dict
 from opd.train import run_training
 
 RANKABLE = (M.OVERLAP_RATIO, "overlap_share", M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER,
@@ -104,6 +105,10 @@ class SelectConfig(Config):
         factory=dict, help="Further training settings of the trial runs, e.g. "
         "trial_settings.lr=1e-4.")
     seed: int = setting(0, "Seed of the sampling of candidates and rollouts.")
+    rollout_engine: str = setting("hf", "What generates the candidates' rollouts and the trial "
+                                  "runs' (unless trial_settings says otherwise): hf or vllm "
+                                  "(needs the vllm extra).", choices=ENGINES)
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
     dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
                          choices=("auto", "float32", "bfloat16", "float16"))
@@ -229,7 +234,8 @@ def _trial_config(config: SelectConfig, name: str, folder: Path) -> TrainConfig:
               "progress": config.progress, "trust_remote_code": config.trust_remote_code,
               **USE_WITH}
     try:
-        return build_config(config.trial_settings, forced, profile=config.trial_profile)
+        engine = {"rollout_engine": config.rollout_engine, "vllm": to_dict(config.vllm)}
+        return build_config(engine, config.trial_settings, forced, profile=config.trial_profile)
     except OPDError as err:
         raise OPDError(str(err).replace("config: ", "config: trial_settings.", 1)) from None
 
@@ -252,7 +258,10 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     if (out / "selection.json").exists():
         raise OPDError(f"--out: {str(out)!r} already holds a selection; choose a new folder "
                        "(nothing was changed)")
+    require_engine(config.rollout_engine)
     trial_config = _trial_config(config, "selected", out / "trial") if config.trial_steps else None
+    if trial_config is not None:
+        require_engine(trial_config.rollout_engine, "trial_settings.rollout_engine")
     indices, records = _candidates(config)
     others = (load_prompts(config.other_prompts, "other_prompts", **source_of(config))
               if config.other_prompts else None)
@@ -271,7 +280,8 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
         n=config.n, max_new_tokens=config.max_new_tokens,
         depths=(0.0,) if ranking_needs_answers else (), seed=config.seed,
         batch_size=config.batch_size, dtype=config.dtype, progress=False,
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=config.trust_remote_code, rollout_engine=config.rollout_engine,
+        vllm=config.vllm,
     )
     student = load_pair(config.student, "student", measure)
     teacher = load_pair(config.teacher, "teacher", measure, student)
