@@ -326,7 +326,7 @@ def _saved_dataset(ws: Workspace, argv: list[str]) -> list[str]:
 
 
 def _tracker_missing(ws: Workspace, argv: list[str]) -> list[str]:
-    ws.monkeypatch.setattr(opd.trackers, "_installed", lambda module: False)
+    ws.monkeypatch.setattr(opd.trackers, "is_installed", lambda module: False)
     return [*argv, "--report-to", "tensorboard"]
 
 

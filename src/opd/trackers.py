@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import importlib.util
 import json
 import os
 import time
@@ -43,7 +42,7 @@ from opd.config import TRACKERS, TrainConfig
 from opd.errors import OPDError
 from opd.io import write_text_atomic
 from opd.measures import position_bin_edges
-from opd.runtime import StepHook, is_main_process
+from opd.runtime import StepHook, is_installed, is_main_process
 from opd.settings import flatten, to_dict
 from opd.version import __version__
 
@@ -54,16 +53,10 @@ FIGURES = ("curves.png", "entropy_heatmap.png")
 NOT_SCALARS = {M.STEP, M.BY_POSITION, M.BY_TEACHER, M.ALERTS}
 
 
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # e.g. a module set to None in sys.modules
-        return False
-
 
 def require(names: Sequence[str]) -> None:
     """Stop with one line naming the extra(s) when a tracker in `names` is not installed."""
-    missing = [name for name in names if not _installed(MODULES[name])]
+    missing = [name for name in names if not is_installed(MODULES[name])]
     if missing:
         verb = "is" if len(missing) == 1 else "are"
         raise OPDError(f"report_to: {' and '.join(missing)} {verb} not installed; "

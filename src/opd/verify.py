@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable
 
 from opd.errors import OPDError
+from opd.runtime import is_installed
 
 Verifier = Callable[[str, str], bool]
 
@@ -69,13 +69,7 @@ def get_verifier(name: str) -> Verifier:
     so a run stops before it loads a model."""
     if name not in VERIFIERS:
         raise OPDError(f"verifier: unknown name {name!r}; choose one of {sorted(VERIFIERS)}")
-    if name in REQUIRES and not _installed(REQUIRES[name]):
+    if name in REQUIRES and not is_installed(REQUIRES[name]):
         raise OPDError(MATH_EXTRA)
     return VERIFIERS[name]
 
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a module set to None in sys.modules
-        return False
