@@ -193,6 +193,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "save_every": 25,
         "eval_every": 25,
         "eval_temperature": 0.0,
+        "cold_start": {"sft_lr": 1e-3, "sft_batch_size": 64},
     },
 }
 """Defaults profiles (`--profile`); the first is the default."""

@@ -38,13 +38,15 @@ def data_warnings(rows: Sequence[dict[str, Any]], train_prompts: set[int], min_p
                   tokenizer: Any) -> list[str]:
     """Up front, before the fine-tuning: too few distinct prompts for the responses' length
     and variety (the student can learn them by heart instead of the pattern)."""
-    covered = {r["prompt_index"] for r in rows} & train_prompts
+    rows = [r for r in rows if r["prompt_index"] in train_prompts]
+    covered = {r["prompt_index"] for r in rows}
     if len(covered) >= min_prompts:
         return []
     lengths = [len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows]
-    variety = len({r["response"] for r in rows}) / max(len(covered), 1)
+    variety = len({(r["prompt_index"], r["response"]) for r in rows}) / max(len(covered), 1)
     return [f"teacher data: only {len(covered)} distinct training prompts (fewer than "
-            f"cold_start.min_prompts={min_prompts}) for responses of {sum(lengths) / len(lengths):.0f} "
+            f"cold_start.min_prompts={min_prompts}) for responses of "
+            f"{sum(lengths) / max(len(lengths), 1):.0f} "
             f"tokens on average, {variety:.1f} distinct responses per prompt: the student may learn "
             "these answers by heart instead of the pattern; give more prompts with "
             "--cold-start.prompts"]
