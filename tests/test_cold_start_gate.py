@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from opd.recipes.gate import (
     MEMORISATION_RISE,
+    accuracy_warning,
     data_warnings,
     gate_line,
     next_step,
@@ -81,4 +82,14 @@ def test_the_stop_line_gives_the_numbers_and_the_next_step() -> None:
         "overlap share with the teacher is 0.31 (needs ≥ 0.50, top-4); held-out accuracy is "
         "0.00 (before SFT 0.09, teacher 1.00, 40 prompts); next: raise --cold-start.sft-lr "
         "(now 0.0001), in a new --out (or delete OUT/sft and --resume, keeping the teacher "
-        "data); --force runs OPD anyway")
+        "data)")
+
+
+def test_a_fall_in_accuracy_is_said_beside_the_gate_not_a_stop() -> None:
+    accuracy = {"student_before": 0.6, "student_after_sft": 0.2, "teacher": 1.0, "fell": True}
+    [warning] = accuracy_warning({"prompts": 10, "accuracy": accuracy})
+    assert warning == ("gate: the fine-tuning lowered held-out accuracy from 0.60 to 0.20 "
+                       "(teacher 1.00, 10 prompts); OPD may lift it back, else give more "
+                       "prompts with --cold-start.prompts")
+    assert accuracy_warning({"prompts": 10, "accuracy": accuracy | {"fell": False}}) == []
+    assert accuracy_warning({"prompts": 10, "accuracy": None}) == []

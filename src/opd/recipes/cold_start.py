@@ -44,6 +44,7 @@ from opd.models import (
 )
 from opd.recipes.cold_start_report import write_report
 from opd.recipes.gate import (
+    accuracy_warning,
     data_warnings,
     gate_line,
     held_out_accuracy,
@@ -254,16 +255,18 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
         gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
         report["gate"] = measure_gate(train, str(sft_dir), gate_records)
         report["gate"]["seconds"] = round(time.perf_counter() - start, 1)
+        report["warnings"] += accuracy_warning(report["gate"])
+        _say(accuracy_warning(report["gate"]))
         write_text_atomic(report_path, json.dumps(report, indent=2))
     gate = report["gate"]
     if not gate["passed"]:
         line = gate_line(gate, report.get("sft", {}),
                          next_step(report.get("sft", {}), report["warnings"], cold))
-        report["stopped"] = None if force else line
+        report["stopped"] = None if force else f"{line}; --force runs OPD anyway"
         if not force:
             write_report(out, report)
-            raise GateStopped(line, report)
-        _say([f"{line} (--force: OPD runs anyway)"])
+            raise GateStopped(report["stopped"], report)
+        _say([f"{line}; --force: OPD runs anyway"])
 
     opd_config = opd_stage(train)
     opd_resume = (out / "opd").exists()

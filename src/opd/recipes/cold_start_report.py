@@ -56,9 +56,6 @@ def markdown(report: dict[str, Any]) -> str:
                   "| check | value | threshold | passed |", "|---|---|---|---|",
                   f"| overlap share | {fmt(pattern['value'])} | ≥ {fmt(pattern['threshold'])} | "
                   f"{fmt(pattern['passed'])} |"]
-        if accuracy:
-            lines.append(f"| accuracy change by SFT | {fmt(accuracy['change'], '+.3f')} | ≥ "
-                         f"{fmt(accuracy['threshold'], '+.3f')} | {fmt(accuracy['passed'])} |")
         lines.append("")
         if accuracy:
             lines += ["| held-out accuracy (greedy) | student before SFT | after SFT | after OPD | "

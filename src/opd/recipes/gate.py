@@ -106,8 +106,10 @@ def held_out_accuracy(path: str, role: str, train: TrainConfig,
 def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRecord]) -> dict[str, Any]:
     """The fine-tuned student (folder `fine_tuned`) against the teacher on held-out `records`:
     the pattern check of `opd diagnose` on its own rollouts and, with answers, its greedy
-    accuracy beside the teacher's and the student's before the fine-tuning. It passes when the
-    pattern check passes and the accuracy has not fallen below the one before, beyond z·SE."""
+    accuracy beside the teacher's and the student's before the fine-tuning. It passes on the
+    pattern check alone: a student that took the teacher's pattern but lost accuracy is what
+    OPD lifts (docs/results.md: 0.39 → 0.65 on the zoo's sub-skill), so a fall beyond z·SE is
+    a warning (`accuracy_warning`), not a stop."""
     thresholds = Thresholds()
     config = diagnose_config(train, fine_tuned)
     student = load_pair(fine_tuned, "student", config)
@@ -124,16 +126,24 @@ def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRe
         before = held_out_accuracy(train.student, "student", train, records)
         after = held_out_accuracy(fine_tuned, "student", train, records)
         change, se = mean_se([a - b for a, b in zip(after, before, strict=True)])
-        bar = -thresholds.z * (se or 0.0)
         gate["accuracy"] = {
             "student_before": sum(before) / len(before), "student_after_sft": sum(after) / len(after),
             "teacher": sum(held_out_accuracy(train.teacher, "teacher", train, records)) / len(records),
-            "change": change, "change_se": se, "threshold": bar,
-            "passed": change >= bar,
+            "change": change, "change_se": se, "fell": change < -thresholds.z * (se or 0.0),
         }
-    gate["passed"] = bool(gate["pattern"]["passed"] and (gate["accuracy"] is None
-                                                         or gate["accuracy"]["passed"]))
+    gate["passed"] = bool(gate["pattern"]["passed"])
     return gate
+
+
+def accuracy_warning(gate: dict[str, Any]) -> list[str]:
+    """A held-out accuracy that the fine-tuning lowered beyond z·SE, said beside the gate."""
+    accuracy = gate["accuracy"]
+    if not accuracy or not accuracy["fell"]:
+        return []
+    return [f"gate: the fine-tuning lowered held-out accuracy from {accuracy['student_before']:.2f} "
+            f"to {accuracy['student_after_sft']:.2f} (teacher {accuracy['teacher']:.2f}, "
+            f"{gate['prompts']} prompts); OPD may lift it back, else give more prompts with "
+            "--cold-start.prompts"]
 
 
 def next_step(sft: dict[str, Any], warnings: Sequence[str], cold: Any) -> str:
@@ -161,4 +171,4 @@ def gate_line(gate: dict[str, Any], sft: dict[str, Any], advice: str) -> str:
     return (f"cold start stopped before OPD: after SFT (step {sft.get('best_step')} of "
             f"{sft.get('steps')} run, cap {sft.get('cap')}) the student's {'; '.join(parts)}; "
             f"next: {advice}, in a new --out (or delete OUT/sft and --resume, keeping the "
-            "teacher data); --force runs OPD anyway")
+            "teacher data)")
