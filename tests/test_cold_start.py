@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from opd.cli import main
 from opd.errors import OPDError
 from opd.recipes.cold_start import ColdStartHandover, GateStopped, run_cold_start
 from tests.conftest import make_tokenizer
@@ -107,3 +108,18 @@ def test_too_few_prompts_are_named_up_front(tiny_pair, tmp_path, capsys):
     assert any("distinct training prompts (fewer than cold_start.min_prompts=50)" in w
                and "--cold-start.prompts" in w for w in report["warnings"])
     assert "[opd cold-start] teacher data: only" in capsys.readouterr().out
+
+
+def test_the_verb_stops_with_one_line_and_exit_2_then_force_runs_opd(tiny_pair, tmp_path, capsys):
+    out = tmp_path / "cold"
+    argv = ["cold-start", "--student", str(tiny_pair["student"]), "--teacher",
+            str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out", str(out),
+            "--max-steps", "1", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+            "--max-new-tokens", "4", "--set", "progress=false", "--set", "cold_start.keep=all",
+            "--set", "cold_start.sft_steps=2"]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("opd ")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "opd cold-start: error: cold start stopped before OPD: after SFT (step 2 of 2 run, cap 2)")
+    assert main([*argv, "--resume", "--force"]) == 0
+    assert json.loads((out / "cold_start.json").read_text())["opd"]["steps"] == 1

@@ -106,7 +106,7 @@ OTHER = World("counting", dialects := (
 ), vocabulary(dialects))
 """A world of other words and orders than the zoo's (X starts from the carry; Y is terse)."""
 
-SMALL = Size(2, 96)
+SMALL = Size(2, 64)
 SECOND_WORLD = Profile("second-world", (2,), 3000, 100, 10, models=(
     ModelStage("student", "student", "X", 1, ("student-train",), 200, 31, SMALL),
     ModelStage("teacher", "teacher", "Y", 1, ("teacher-train",), 300, 32, SMALL),
