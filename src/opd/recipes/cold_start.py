@@ -203,9 +203,9 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
 
     train_prompts, held_prompts = split_prompts(len(records), cold.sft_validation_share,
                                                 train.seed)
-    if "warnings" not in report:
-        report["warnings"] = data_warnings(rows, set(train_prompts), cold.min_prompts, student_tok)
-        _say(report["warnings"])
+    gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
+    data_notes = data_warnings(rows, set(train_prompts), cold.min_prompts, student_tok)
+    _say(data_notes)
 
     if student is not None:
         start = time.perf_counter()
@@ -243,22 +243,23 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
             "train_losses": run.train_losses,
             "validation_losses": [list(point) for point in run.validation],
             "seconds": round(time.perf_counter() - start, 1),
+            "warnings": sft_warnings(run, cold.sft_steps, len(examples["train"]),
+                                     cold.sft_batch_size),
         }
         report.pop("gate", None)
-        sft_notes = sft_warnings(run, cold.sft_steps, len(examples["train"]), cold.sft_batch_size)
-        report["warnings"] += sft_notes
-        _say(sft_notes)
+        _say(report["sft"]["warnings"])
         write_text_atomic(report_path, json.dumps(report, indent=2))
 
     if "gate" not in report:
         start = time.perf_counter()
-        gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
         report["gate"] = measure_gate(train, str(sft_dir), gate_records)
         report["gate"]["seconds"] = round(time.perf_counter() - start, 1)
-        report["warnings"] += accuracy_warning(report["gate"])
-        _say(accuracy_warning(report["gate"]))
-        write_text_atomic(report_path, json.dumps(report, indent=2))
+        report["gate"]["warnings"] = accuracy_warning(report["gate"])
+        _say(report["gate"]["warnings"])
     gate = report["gate"]
+    report["warnings"] = [*data_notes, *report.get("sft", {}).get("warnings", []),
+                          *gate["warnings"]]
+    write_text_atomic(report_path, json.dumps(report, indent=2))
     if not gate["passed"]:
         line = gate_line(gate, report.get("sft", {}),
                          next_step(report.get("sft", {}), report["warnings"], cold))
@@ -273,7 +274,6 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
     trained = report["opd"].get("final_model") or report["opd"].get("final_checkpoint")
     if gate["accuracy"] is not None and trained:
-        gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
         after = held_out_accuracy(str(trained), "student", train, gate_records)
         gate["accuracy"]["student_after_opd"] = sum(after) / len(after)
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
