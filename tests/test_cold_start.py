@@ -123,3 +123,14 @@ def test_the_verb_stops_with_one_line_and_exit_2_then_force_runs_opd(tiny_pair, 
         "opd cold-start: error: cold start stopped before OPD: after SFT (step 2 of 2 run, cap 2)")
     assert main([*argv, "--resume", "--force"]) == 0
     assert json.loads((out / "cold_start.json").read_text())["opd"]["steps"] == 1
+
+
+def test_the_python_function_raises_the_gate_as_an_opd_error_and_takes_force(tiny_pair, tmp_path):
+    import opd
+
+    config = tiny_config(tiny_pair, tmp_path / "cold", max_steps=1, cold_start=COLD)
+    with pytest.raises(opd.OPDError, match="cold start stopped before OPD"):
+        opd.cold_start(config=config)
+    result = opd.cold_start(config=config, resume=True, force=True)
+    assert result.opd.steps == 1 and result.report["gate"]["passed"] is False
+    assert result.sft == tmp_path / "cold" / "sft"
