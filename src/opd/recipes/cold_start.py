@@ -258,7 +258,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
         _say(report["gate"]["warnings"])
     gate = report["gate"]
     report["warnings"] = [*data_notes, *report.get("sft", {}).get("warnings", []),
-                          *gate["warnings"]]
+                          *gate.get("warnings", [])]
     write_text_atomic(report_path, json.dumps(report, indent=2))
     if not gate["passed"]:
         line = gate_line(gate, report.get("sft", {}),
