@@ -48,6 +48,7 @@ from opd.recipes.gate import (
     data_warnings,
     gate_line,
     held_out_accuracy,
+    load_for_evaluation,
     measure_gate,
     next_step,
     sft_warnings,
@@ -274,7 +275,8 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
     trained = report["opd"].get("final_model") or report["opd"].get("final_checkpoint")
     if gate["accuracy"] is not None and trained:
-        after = held_out_accuracy(str(trained), "student", train, gate_records)
+        after = held_out_accuracy(*load_for_evaluation(str(trained), "student", train), train,
+                                  gate_records)
         gate["accuracy"]["student_after_opd"] = sum(after) / len(after)
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
                         "opd": str(out / "opd")}

@@ -90,17 +90,21 @@ def diagnose_config(train: TrainConfig, student: str) -> DiagnoseConfig:
     )
 
 
-def held_out_accuracy(path: str, role: str, train: TrainConfig,
+def held_out_accuracy(model: Any, tokenizer: Any, train: TrainConfig,
                       records: Sequence[PromptRecord]) -> list[float]:
-    """Greedy per-prompt correctness of the model in `path` on `records`, prompts rendered as
-    OPD renders them."""
-    model = load_model(path, role, trainable=False, dtype=train.dtype,
-                       trust_remote_code=train.trust_remote_code)
-    tokenizer = load_tokenizer(path, role, train.trust_remote_code)
+    """Greedy per-prompt correctness of `model` on `records`, prompts rendered as OPD
+    renders them."""
     return evaluate(model, tokenizer, records, temperature=0.0,
                     max_new_tokens=train.max_new_tokens, verifier=train.verifier,
                     template=train.template,
                     chat_template_kwargs=train.chat_template_kwargs).per_prompt
+
+
+def load_for_evaluation(path: str, role: str, train: TrainConfig) -> tuple[Any, Any]:
+    """The model in `path` (frozen) and its tokenizer, as the run loads them."""
+    return (load_model(path, role, trainable=False, dtype=train.dtype,
+                       trust_remote_code=train.trust_remote_code),
+            load_tokenizer(path, role, train.trust_remote_code))
 
 
 def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRecord]) -> dict[str, Any]:
@@ -114,22 +118,23 @@ def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRe
     config = diagnose_config(train, fine_tuned)
     student = load_pair(fine_tuned, "student", config)
     teacher = load_pair(train.teacher, "teacher", config, student)
-    measured = alignment_by_prompt(config, records, student, teacher, thresholds.pattern_k)
-    del student, teacher
-    overall = measured["overall"]
+    overall = alignment_by_prompt(config, records, student, teacher, thresholds.pattern_k)["overall"]
     gate: dict[str, Any] = {
         "prompts": len(records), "rollouts_per_prompt": config.n,
         "pattern": pattern_check(overall["overlap_share"], thresholds),
         "overlap_ratio": overall["overlap_ratio"], "accuracy": None,
     }
     if all(r.answer is not None for r in records):
-        before = held_out_accuracy(train.student, "student", train, records)
-        after = held_out_accuracy(fine_tuned, "student", train, records)
+        after = held_out_accuracy(student.model, student.tokenizer, train, records)
+        solved = held_out_accuracy(teacher.model, teacher.tokenizer, train, records)
+        del student, teacher
+        before = held_out_accuracy(*load_for_evaluation(train.student, "student", train), train,
+                                   records)
         change, se = mean_se([a - b for a, b in zip(after, before, strict=True)])
         gate["accuracy"] = {
             "student_before": sum(before) / len(before), "student_after_sft": sum(after) / len(after),
-            "teacher": sum(held_out_accuracy(train.teacher, "teacher", train, records)) / len(records),
-            "change": change, "change_se": se, "fell": change < -thresholds.z * (se or 0.0),
+            "teacher": sum(solved) / len(solved), "change": change, "change_se": se,
+            "fell": change < -thresholds.z * (se or 0.0),
         }
     gate["passed"] = bool(gate["pattern"]["passed"])
     return gate
