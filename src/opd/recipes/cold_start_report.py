@@ -60,7 +60,8 @@ def markdown(report: dict[str, Any]) -> str:
         if accuracy:
             lines += ["| held-out accuracy (greedy) | student before SFT | after SFT | after OPD | "
                       "teacher |", "|---|---|---|---|---|",
-                      f"| | {fmt(accuracy['student_before'])} | {fmt(accuracy['student_after_sft'])} | "
+                      f"| {gate['prompts']} prompts | {fmt(accuracy['student_before'])} | "
+                      f"{fmt(accuracy['student_after_sft'])} | "
                       f"{fmt(accuracy.get('student_after_opd'))} | {fmt(accuracy['teacher'])} |", ""]
     opd = report.get("opd")
     if opd:
