@@ -15,6 +15,11 @@ Two dialects say the same reasoning differently (order of steps, words, separato
 that does not decide the answer draws from a few synonyms or an optional filler word, so that
 next-token distributions are broad there, while the tokens that decide the answer (column sums,
 digits, carries, the answer) stay deterministic.
+
+A `World` is a set of `Dialect`s (data: the slots of a column) with its vocabulary. The zoo's is
+`ADDITION` (dialects A and B); another world, with other words and other orders of the same
+steps, is one value away (`World(name, dialects, vocabulary(dialects))`), and `solve`,
+`sft_examples`, `max_new_tokens`, `lab.tokenizer.build_tokenizer` and a zoo `Profile` take it.
 """
 
 from __future__ import annotations
