@@ -49,7 +49,7 @@ def register(verbs: Any, add_training_verb: Callable[..., argparse.ArgumentParse
     `opd select-prompts`."""
     cold_start = add_training_verb(
         verbs, "cold-start", cmd_cold_start,
-        help="teacher data → SFT → OPD (docs/method.md#recipes)",
+        help="teacher data → SFT → gate → OPD (docs/method.md#recipes)",
         description="Off-policy cold start: the teacher answers the prompts (verified-correct "
         "answers kept), the student is fine-tuned on them, then OPD runs from that checkpoint. "
         "The first two stages take the cold_start settings (--cold-start.sft-steps …). Each "
