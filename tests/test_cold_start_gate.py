@@ -73,7 +73,7 @@ def test_the_next_step_follows_the_evidence() -> None:
 
 
 def test_the_stop_line_gives_the_numbers_and_the_next_step() -> None:
-    gate = {"prompts": 40, "pattern": {"value": 0.312, "threshold": 0.5},
+    gate = {"prompts": 40, "pattern": {"value": 0.312, "threshold": 0.5, "passed": False},
             "accuracy": {"student_after_sft": 0.0, "student_before": 0.09, "teacher": 1.0}}
     sft = {"best_step": 75, "steps": 175, "cap": 1000}
     line = gate_line(gate, sft, "raise --cold-start.sft-lr (now 0.0001)")
@@ -93,3 +93,17 @@ def test_a_fall_in_accuracy_is_said_beside_the_gate_not_a_stop() -> None:
                        "prompts with --cold-start.prompts")
     assert accuracy_warning({"prompts": 10, "accuracy": accuracy | {"fell": False}}) == []
     assert accuracy_warning({"prompts": 10, "accuracy": None}) == []
+
+
+def test_a_student_that_solves_nothing_held_out_is_stopped_with_that_reason() -> None:
+    gate = {"prompts": 6, "pattern": {"value": 0.89, "threshold": 0.5, "passed": True},
+            "accuracy": {"student_after_sft": 0.0, "student_before": 0.83, "teacher": 1.0,
+                         "fell": True, "solves_none": True}}
+    line = gate_line(gate, {"best_step": 100, "steps": 200, "cap": 1000}, "give more prompts")
+    assert line == (
+        "cold start stopped before OPD: after SFT (step 100 of 200 run, cap 1000) the student "
+        "answers none of the 6 held-out prompts (before SFT 0.83, teacher 1.00) though its "
+        "overlap share with the teacher is 0.89 (needs ≥ 0.50, top-4): it learned the "
+        "teacher's answers, not the skill; next: give more prompts, in a new --out (or delete "
+        "OUT/sft and --resume, keeping the teacher data)")
+    assert accuracy_warning(gate) == []  # the stop line says it

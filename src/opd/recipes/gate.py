@@ -110,10 +110,12 @@ def load_for_evaluation(path: str, role: str, train: TrainConfig) -> tuple[Any, 
 def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRecord]) -> dict[str, Any]:
     """The fine-tuned student (folder `fine_tuned`) against the teacher on held-out `records`:
     the pattern check of `opd diagnose` on its own rollouts and, with answers, its greedy
-    accuracy beside the teacher's and the student's before the fine-tuning. It passes on the
-    pattern check alone: a student that took the teacher's pattern but lost accuracy is what
-    OPD lifts (docs/results.md: 0.39 → 0.65 on the zoo's sub-skill), so a fall beyond z·SE is
-    a warning (`accuracy_warning`), not a stop."""
+    accuracy beside the teacher's and the student's before the fine-tuning. It passes when the
+    pattern check passes and the student solves some held-out prompt (where the teacher
+    solves any): a student that took the teacher's pattern but lost accuracy is what OPD lifts
+    (docs/results.md: 0.39 → 0.65 on the zoo's sub-skill), so a fall beyond z·SE is only a
+    warning (`accuracy_warning`); one that solves nothing had learned the answers by heart,
+    and 100 OPD steps did not rescue it in either world."""
     thresholds = Thresholds()
     config = diagnose_config(train, fine_tuned)
     student = load_pair(fine_tuned, "student", config)
@@ -135,16 +137,18 @@ def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRe
             "student_before": sum(before) / len(before), "student_after_sft": sum(after) / len(after),
             "teacher": sum(solved) / len(solved), "change": change, "change_se": se,
             "fell": change < -thresholds.z * (se or 0.0),
+            "solves_none": sum(after) == 0 < sum(solved),
         }
-    gate["passed"] = bool(gate["pattern"]["passed"])
+    gate["passed"] = bool(gate["pattern"]["passed"]
+                          and not (gate["accuracy"] or {}).get("solves_none"))
     return gate
 
 
 def accuracy_warning(gate: dict[str, Any]) -> list[str]:
     """A held-out accuracy that the fine-tuning lowered beyond z·SE, said beside the gate."""
     accuracy = gate["accuracy"]
-    if not accuracy or not accuracy["fell"]:
-        return []
+    if not accuracy or not accuracy["fell"] or accuracy.get("solves_none"):
+        return []  # no fall, or one the gate stops on
     return [f"gate: the fine-tuning lowered held-out accuracy from {accuracy['student_before']:.2f} "
             f"to {accuracy['student_after_sft']:.2f} (teacher {accuracy['teacher']:.2f}, "
             f"{gate['prompts']} prompts); OPD may lift it back, else give more prompts with "
@@ -157,23 +161,27 @@ def next_step(sft: dict[str, Any], warnings: Sequence[str], cold: Any) -> str:
         return (f"raise --cold-start.sft-steps (the validation loss was still falling at the cap "
                 f"of {sft.get('cap')})")
     if any("memorisation" in w or "distinct training prompts" in w for w in warnings):
-        return ("give more distinct prompts with --cold-start.prompts (the student learned the "
-                "answers, not the pattern)")
+        return ("give more distinct prompts with --cold-start.prompts (too few to learn the "
+                "skill from)")
     return (f"raise --cold-start.sft-lr (now {cold.sft_lr:g}) or give more prompts with "
             "--cold-start.prompts")
 
 
 def gate_line(gate: dict[str, Any], sft: dict[str, Any], advice: str) -> str:
     """The one line that stops the cold start before OPD: the numbers and the next step."""
-    pattern = gate["pattern"]
-    parts = [f"overlap share with the teacher is {pattern['value']:.2f} (needs ≥ "
-             f"{pattern['threshold']:.2f}, top-{Thresholds().pattern_k})"]
-    accuracy = gate["accuracy"]
-    if accuracy is not None:
+    pattern, accuracy = gate["pattern"], gate["accuracy"]
+    share = f"{pattern['value']:.2f} (needs ≥ {pattern['threshold']:.2f}, top-{Thresholds().pattern_k})"
+    parts = [f"the student's overlap share with the teacher is {share}"]
+    if pattern["passed"] and accuracy is not None:  # stopped because it solves nothing
+        parts = [f"the student answers none of the {gate['prompts']} held-out prompts (before SFT "
+                 f"{accuracy['student_before']:.2f}, teacher {accuracy['teacher']:.2f}) though "
+                 f"its overlap share with the teacher is {share}: it learned the teacher's "
+                 "answers, not the skill"]
+    elif accuracy is not None:
         parts.append(f"held-out accuracy is {accuracy['student_after_sft']:.2f} (before SFT "
                      f"{accuracy['student_before']:.2f}, teacher {accuracy['teacher']:.2f}, "
                      f"{gate['prompts']} prompts)")
     return (f"cold start stopped before OPD: after SFT (step {sft.get('best_step')} of "
-            f"{sft.get('steps')} run, cap {sft.get('cap')}) the student's {'; '.join(parts)}; "
+            f"{sft.get('steps')} run, cap {sft.get('cap')}) {'; '.join(parts)}; "
             f"next: {advice}, in a new --out (or delete OUT/sft and --resume, keeping the "
             "teacher data)")
