@@ -63,7 +63,7 @@ def main() -> None:
             }, profile="cpu-small")
             resume = run.exists()
             if cold:
-                report = run_cold_start(config, resume=resume)
+                report = run_cold_start(config, resume=resume, force=True)  # measured either way
                 trained = report["opd"]["final_checkpoint"]
                 records = M.read(run / "opd")
                 after_sft = accuracy(str(run / "sft"), eval_file, tokens)

@@ -442,6 +442,11 @@ VERBS: dict[str, Verb] = {
                "config: cold_start.sft_lr must be positive"),
               ("unknown keep", adding("--set", "cold_start.keep=some"),
                "config: cold_start.keep must be one of"),
+              ("validation share above one half",
+               adding("--cold-start.sft-validation-share", "0.9"),
+               "config: cold_start.sft_validation_share must lie in (0, 0.5], got 0.9"),
+              ("patience of 0", adding("--cold-start.sft-patience", "0"),
+               "config: cold_start.sft_patience must be at least 1, got 0"),
               ("keep correct without answers",
                lambda ws, a: with_flag("--cold-start.prompts", NO_ANSWERS)(
                    ws, [*a, "--set", "cold_start.keep=correct"]),

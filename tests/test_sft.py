@@ -12,7 +12,16 @@ from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import sample_problems, sft_examples
 from opd.lab.zoo import Size, build_model
 from opd.optim import lr_multiplier
-from opd.sft import IGNORE_INDEX, SFTConfig, _encode, collate, train_sft
+from opd.sft import (
+    IGNORE_INDEX,
+    EarlyStopping,
+    SFTConfig,
+    _encode,
+    collate,
+    fit_sft,
+    train_sft,
+    validation_loss,
+)
 
 
 def test_prompt_is_masked_and_eos_appended() -> None:
@@ -62,3 +71,32 @@ def test_training_lowers_the_loss_and_ignores_the_prompt() -> None:
     _, labels = _encode(tokenizer, examples[0], SFTConfig())
     scored = sum(label != IGNORE_INDEX for label in labels)
     assert scored == len(examples[0][1].split()) + 1
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops_before_the_cap() -> None:
+    """On easy data the validation loss flattens long before a generous cap: the fine-tuning
+    stops after `patience` measurements without a 1% improvement, and the model it leaves
+    has the best measured validation loss."""
+    torch.set_num_threads(2)
+    tokenizer = build_tokenizer(1)
+    records = [p.record() for p in sample_problems(80, digits=[2], skills=["nocarry"], seed=0)]
+    examples = sft_examples(records, "A", seed=0)
+    model = build_model(Size(layers=1, hidden=32), tokenizer, seed=0)
+    config = SFTConfig(steps=2000, batch_size=16, lr=1e-2, warmup_steps=5, progress=False)
+    run = fit_sft(model, tokenizer, examples[:64], config, validation=examples[64:],
+                  stopping=EarlyStopping(every=10, patience=3))
+    assert run.stopped_early and run.steps < 2000 and not model.training
+    assert [step for step, _ in run.validation] == list(range(10, run.steps + 1, 10))
+    assert run.best_step == min(run.validation, key=lambda point: point[1])[0] < run.steps
+    pad = tokenizer.pad_token_id
+    encoded = [_encode(tokenizer, example, config) for example in examples[64:]]
+    assert validation_loss(model, encoded, pad, 16) == pytest.approx(run.best_loss, rel=1e-5)
+
+
+def test_without_validation_the_cap_is_the_step_count() -> None:
+    tokenizer = build_tokenizer(1)
+    records = [p.record() for p in sample_problems(8, digits=[1], skills=["nocarry"], seed=0)]
+    model = build_model(Size(layers=1, hidden=16), tokenizer, seed=0)
+    run = fit_sft(model, tokenizer, sft_examples(records, "A", seed=0),
+                  SFTConfig(steps=7, batch_size=4, progress=False))
+    assert run.steps == 7 and run.validation == [] and run.best_step is None

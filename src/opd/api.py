@@ -351,16 +351,18 @@ class ColdStartResult:
 
 def cold_start(student: str | None = None, teacher: str | None = None, prompts: str | None = None,
                *, out: str | Path | None = None, config: ConfigLike = None, resume: bool = False,
-               profile: str | None = None, **settings: Any) -> ColdStartResult:
-    """Teacher data → SFT → OPD (`opd cold-start`); the first two stages take the
+               force: bool = False, profile: str | None = None, **settings: Any) -> ColdStartResult:
+    """Teacher data → SFT → gate → OPD (`opd cold-start`); the first two stages take the
     `cold_start` settings (`cold_start={"sft_steps": 400}`). Each stage is kept in `out` and
-    skipped on `resume` once complete."""
+    skipped on `resume` once complete. When the fine-tuned student has not moved to the
+    teacher's pattern, `opd.recipes.cold_start.GateStopped` (an OPDError) is raised with the
+    numbers and the next step, its report written, unless `force`."""
     from opd.recipes.cold_start import opd_stage, run_cold_start
 
     values = {"student": student, "teacher": teacher, "prompts": prompts,
               "out": None if out is None else str(out), **settings}
     train_config = _config(TrainConfig, config, values, profile=profile)
-    report = run_cold_start(train_config, resume=resume)
+    report = run_cold_start(train_config, resume=resume, force=force)
     stages = report["stages"]
     opd_config = opd_stage(train_config)
     return ColdStartResult(Path(train_config.out), Path(stages["teacher_data"]), Path(stages["sft"]),

@@ -65,9 +65,26 @@ class ColdStartConfig(Config):
     keep: str = setting("auto", "Which responses to keep: auto (verified-correct when every "
                         "prompt has an answer, else all), correct or all.",
                         choices=("auto", "correct", "all"))
-    sft_steps: int = setting(200, "Fine-tuning steps.", minimum=1)
-    sft_lr: float = setting(1e-4, "Fine-tuning peak learning rate.", above=0)
+    sft_steps: int = setting(1000, "Most fine-tuning steps: a cap, since the fine-tuning stops "
+                             "once the validation loss stops improving (sft_patience).",
+                             minimum=1)
+    sft_lr: float = setting(1e-4, "Fine-tuning peak learning rate (linear warm-up over a tenth "
+                            "of the cap, at most 20 steps, then cosine decay over the cap).",
+                            above=0)
     sft_batch_size: int = setting(32, "Fine-tuning examples per step.", minimum=1)
+    sft_validation_share: float = setting(
+        0.1, "Share of the prompts held out (with their teacher responses) to measure the "
+        "validation loss, and on which the gate measures accuracy.", above=0, maximum=0.5)
+    sft_eval_every: int = setting(25, "Fine-tuning steps between two validation losses.",
+                                  minimum=1)
+    sft_patience: int = setting(4, "Validation losses in a row without a 1% improvement after "
+                                "which the fine-tuning stops (the best weights are kept).",
+                                minimum=1)
+    min_prompts: int = setting(256, "Fewest distinct prompts with a kept teacher response below "
+                               "which the cold start warns that the student may learn the "
+                               "answers by heart instead of the pattern.", minimum=1)
+    gate_prompts: int = setting(64, "Held-out prompts on which the gate before OPD measures the "
+                                "fine-tuned student against the teacher.", minimum=1)
     sft_dropout: bool = setting(True, "Keep the student's own dropout during the fine-tuning "
                                 "(off: switched off, as in the on-policy stage).")
 
@@ -243,6 +260,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "save_every": 25,
         "eval_every": 25,
         "eval_temperature": 0.0,
+        "cold_start": {"sft_lr": 1e-3, "sft_batch_size": 64},
     },
 }
 """Defaults profiles (`--profile`); the first is the default."""

@@ -11,12 +11,15 @@ from opd.errors import OPDError
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import (
     DIALECTS,
+    Dialect,
     Problem,
+    World,
     max_new_tokens,
     problem_from_record,
     sample_problems,
     sft_examples,
     solve,
+    vocabulary,
 )
 from opd.verify import exact_match
 
@@ -91,3 +94,35 @@ def test_templates_pose_the_same_problem_differently() -> None:
                            "assistant", ":"]
     assert two.split() == ["<bos>", "question", ":", "add", "4", "5", "6", "and", "5", "6",
                            "7", ".", "solution", ":"]
+
+
+OTHER = World("other", dialects := (
+    Dialect("X", ("carry_in", "with", "bottom", "and", "top", "yields", "total", ("keep", "save"),
+                  "digit", ("send", "pass"), "carry_out", "/"), filler=("uh", "so"), filler_at=12),
+    Dialect("Y", ("sum", "top", "bottom", "carry_in", "total", ("d", "low"), "digit",
+                  ("c", "high"), "carry_out", "~"), filler=("mm",)),
+), vocabulary(dialects))
+
+
+def test_another_world_speaks_its_own_words_and_is_verified() -> None:
+    problem = Problem(456, 567, 3)
+    assert solve(problem, "X", world=OTHER).startswith("0 with 7 and 6 yields 13 keep 3 send 1 /")
+    assert solve(problem, "Y", world=OTHER).startswith("sum 6 7 0 13 d 3 c 1 ~")
+    rng = random.Random(0)
+    for problem in sample_problems(100, digits=(2, 3), skills=("carry", "chain"), seed=1):
+        for dialect in ("X", "Y"):
+            text = solve(problem, dialect, rng, OTHER)
+            assert exact_match(text, problem.answer)
+            assert len(text.split()) + 1 <= max_new_tokens(problem.digits, OTHER)
+    tokenizer = build_tokenizer(1, OTHER)
+    assert "write" not in tokenizer.get_vocab() and {"yields", "~", "uh"} <= set(tokenizer.get_vocab())
+    text = solve(problem, "X", random.Random(1), OTHER)
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_a_world_refuses_an_unknown_dialect_and_words_outside_its_vocabulary() -> None:
+    with pytest.raises(OPDError, match=r"unknown dialect 'A'; choose one of \('X', 'Y'\)"):
+        solve(Problem(1, 2, 1), "A", world=OTHER)
+    with pytest.raises(OPDError, match=r"world 'broken' lacks words in its vocab "
+                       r"\(\['with', 'yields', 'keep'\]\)"):
+        World("broken", OTHER.dialects, vocabulary(OTHER.dialects[1:]))

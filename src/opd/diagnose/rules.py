@@ -124,6 +124,14 @@ def _check(value: float | None, threshold: float, passed: bool | None, note: str
     return {"value": value, "threshold": threshold, "margin": margin, "passed": passed, "note": note}
 
 
+def pattern_check(share: float, thresholds: Thresholds) -> dict[str, Any]:
+    """The thinking-pattern check (value, threshold, margin, passed): the overlap share at
+    `pattern_k` against `min_overlap_share`. Shared by the verdict and the cold start's gate."""
+    return _check(share, thresholds.min_overlap_share, share >= thresholds.min_overlap_share,
+                  f"min overlap share (student, teacher) at top-{thresholds.pattern_k} on the "
+                  "student's rollouts")
+
+
 def decide(summary: dict[str, Any], thresholds: Thresholds) -> Decision:
     """Verdict from the measured summary, first failing condition wins:
     pattern-mismatch, then no-novelty, then horizon-risk, else go.
@@ -137,12 +145,8 @@ def decide(summary: dict[str, Any], thresholds: Thresholds) -> Decision:
     warnings: list[str] = []
     advice: list[str] = []
 
-    share = summary["overlap_share"]
-    pattern_ok = share >= t.min_overlap_share
-    checks["pattern"] = _check(
-        share, t.min_overlap_share, pattern_ok,
-        f"min overlap share (student, teacher) at top-{t.pattern_k} on the student's rollouts",
-    )
+    checks["pattern"] = pattern_check(summary["overlap_share"], t)
+    pattern_ok = checks["pattern"]["passed"]
 
     template = summary.get("template")
     template_fires = False

@@ -2,14 +2,28 @@
 models (a student and teachers with planted properties) to study OPD on a CPU in minutes."""
 
 from opd.lab.tokenizer import build_tokenizer
-from opd.lab.world import DIALECTS, SKILLS, Problem, sample_problems, sft_examples, solve
+from opd.lab.world import (
+    ADDITION,
+    DIALECTS,
+    SKILLS,
+    Dialect,
+    Problem,
+    World,
+    sample_problems,
+    sft_examples,
+    solve,
+    vocabulary,
+)
 from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
 
 __all__ = [
+    "ADDITION",
     "DIALECTS",
     "PROFILES",
     "SKILLS",
+    "Dialect",
     "Problem",
+    "World",
     "build_tokenizer",
     "build_zoo",
     "load_sets",
@@ -17,4 +31,5 @@ __all__ = [
     "sample_problems",
     "sft_examples",
     "solve",
+    "vocabulary",
 ]

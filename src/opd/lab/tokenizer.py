@@ -1,4 +1,4 @@
-"""The world's one tokenizer: a word-level Hugging Face fast tokenizer over `world.VOCAB`.
+"""The world's one tokenizer: a word-level Hugging Face fast tokenizer over a world's vocabulary.
 
 Every model of the world shares this vocabulary (token-level OPD needs identical ids); only the
 chat template differs between models, as a teacher carries the template it was post-trained with.
@@ -10,14 +10,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from opd.errors import OPDError
-from opd.lab.world import TEMPLATES, VOCAB
+from opd.lab.world import ADDITION, TEMPLATES, World
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 
 
-def build_tokenizer(template: int = 1) -> PreTrainedTokenizerFast:
-    """The shared word-level tokenizer with prompt template `template` (1 or 2) as chat template.
+def build_tokenizer(template: int = 1, world: World = ADDITION) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of `world` (the zoo's by default) with prompt template
+    `template` (1 or 2) as chat template.
 
     Words are split on whitespace and decoded joined by single spaces, so the world's texts
     (single-spaced words) round-trip exactly. No special token is added on encoding: the chat
@@ -25,7 +26,7 @@ def build_tokenizer(template: int = 1) -> PreTrainedTokenizerFast:
     """
     if template not in TEMPLATES:
         raise OPDError(f"lab: unknown prompt template {template}; choose one of {sorted(TEMPLATES)}")
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *VOCAB))}
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *world.vocab))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)

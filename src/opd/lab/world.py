@@ -15,6 +15,11 @@ Two dialects say the same reasoning differently (order of steps, words, separato
 that does not decide the answer draws from a few synonyms or an optional filler word, so that
 next-token distributions are broad there, while the tokens that decide the answer (column sums,
 digits, carries, the answer) stay deterministic.
+
+A `World` is a set of `Dialect`s (data: the slots of a column) with its vocabulary. The zoo's is
+`ADDITION` (dialects A and B); another world, with other words and other orders of the same
+steps, is one value away (`World(name, dialects, vocabulary(dialects))`), and `solve`,
+`sft_examples`, `max_new_tokens`, `lab.tokenizer.build_tokenizer` and a zoo `Profile` take it.
 """
 
 from __future__ import annotations
@@ -27,39 +32,99 @@ from opd.data.prompts import PromptRecord
 from opd.errors import OPDError
 
 SKILLS = ("nocarry", "carry", "chain")
-DIALECTS = ("A", "B")
+FIELDS = ("top", "bottom", "carry_in", "total", "digit", "carry_out")
+"""The numbers of a column a dialect can write (the `Column` fields)."""
 
-# Dialect A: `a + b + c = s , write d carry c' ;`  Dialect B: `col b a c c gives s -> digit d next c' |`
-_A_WRITE = ("write", "put", "note")
-_A_CARRY = ("carry", "keep", "hold")
-_A_FILLER = ("now", "then", "ok")
-_B_DIGIT = ("digit", "emit", "out")
-_B_NEXT = ("next", "pass", "fwd")
-_B_FILLER = ("hmm", "well", "right")
-_FILLER_P = 0.25
+Slot = str | tuple[str, ...]
+"""One slot of a dialect's column: a `FIELDS` name (its number), a word, or synonyms (one drawn)."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One way of writing the same column-by-column reasoning: the slots of a column, in order,
+    with an optional filler word (drawn with probability `filler_p`) inserted before slot
+    `filler_at` (`len(column)`: at the end)."""
+
+    name: str
+    column: tuple[Slot, ...]
+    filler: tuple[str, ...]
+    filler_at: int = 0
+    filler_p: float = 0.25
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """Every word the dialect can write besides numbers, in order of first appearance."""
+        found = [w for slot in (*self.column, self.filler)
+                 for w in ((slot,) if isinstance(slot, str) else slot)
+                 if not isinstance(slot, str) or slot not in FIELDS]
+        return tuple(dict.fromkeys(found))
+
 
 TEMPLATE_WORDS = ("user", "assistant", ":", "question", "add", "and", "solution", ".")
 NUMBERS = tuple(str(i) for i in range(20))  # a column sum is at most 9 + 9 + 1
-VOCAB: tuple[str, ...] = (
-    *NUMBERS,
-    "+",
-    "=",
-    ",",
-    ";",
-    "answer",
-    *_A_WRITE,
-    *_A_CARRY,
-    *_A_FILLER,
-    "col",
-    "c",
-    "gives",
-    "->",
-    "|",
-    *_B_DIGIT,
-    *_B_NEXT,
-    *_B_FILLER,
-    *TEMPLATE_WORDS,
+ANSWER = "answer"
+
+
+@dataclass(frozen=True)
+class World:
+    """The dialects of a world and its vocabulary: the numbers, the dialects' words, `answer`
+    and the templates' words (`vocabulary` builds one in that order). Problems, templates and
+    the tokenizer's construction are shared by every world; the tokens and the ways of
+    reasoning are what differ."""
+
+    name: str
+    dialects: tuple[Dialect, ...]
+    vocab: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        missing = [w for d in self.dialects for w in d.words if w not in self.vocab]
+        if missing or set(NUMBERS + TEMPLATE_WORDS + (ANSWER,)) - set(self.vocab):
+            raise OPDError(f"lab: world {self.name!r} lacks words in its vocab "
+                           f"({missing[:3] or 'numbers, answer or template words'}); build it "
+                           "with opd.lab.world.vocabulary")
+
+    def dialect(self, name: str) -> Dialect:
+        """The dialect called `name` (OPDError naming the choices when there is none)."""
+        for dialect in self.dialects:
+            if dialect.name == name:
+                return dialect
+        raise OPDError(f"lab: unknown dialect {name!r}; choose one of "
+                       f"{tuple(d.name for d in self.dialects)}")
+
+    def max_new_tokens(self, digits: int) -> int:
+        """A generation budget that fits any solution of a `digits`-digit problem in any of
+        the dialects (the longest column with its filler, then `answer` and up to `digits + 1`
+        digits), with slack."""
+        column = max(len(d.column) + 1 for d in self.dialects)
+        return column * digits + digits + 10
+
+
+def vocabulary(dialects: Iterable[Dialect]) -> tuple[str, ...]:
+    """The vocabulary of a world with these dialects: numbers, the dialects' words, `answer`,
+    the templates' words."""
+    words = [w for d in dialects for w in d.words]
+    return tuple(dict.fromkeys((*NUMBERS, *words, ANSWER, *TEMPLATE_WORDS)))
+
+
+# Dialect A: `a + b + c = s , write d carry c' ;`  Dialect B: `col b a c c gives s -> digit d next c' |`
+ADDITION = World(
+    "addition",
+    (
+        Dialect("A", ("top", "+", "bottom", "+", "carry_in", "=", "total", ",",
+                      ("write", "put", "note"), "digit", ("carry", "keep", "hold"), "carry_out",
+                      ";"), filler=("now", "then", "ok"), filler_at=0),
+        Dialect("B", ("col", "bottom", "top", "c", "carry_in", "gives", "total", "->",
+                      ("digit", "emit", "out"), "digit", ("next", "pass", "fwd"), "carry_out",
+                      "|"), filler=("hmm", "well", "right"), filler_at=12),
+    ),
+    # The vocabulary as the first zoo was built with (ids are part of every zoo model).
+    vocab=(*NUMBERS, "+", "=", ",", ";", ANSWER, "write", "put", "note", "carry", "keep",
+           "hold", "now", "then", "ok", "col", "c", "gives", "->", "|", "digit", "emit", "out",
+           "next", "pass", "fwd", "hmm", "well", "right", *TEMPLATE_WORDS),
 )
+"""The zoo's world: 3-digit-style addition in dialects A and B."""
+DIALECTS = tuple(d.name for d in ADDITION.dialects)
+VOCAB = ADDITION.vocab
 
 # Prompt templates, as Jinja chat templates stored in each model's tokenizer. The user message is
 # the problem as written ("123 + 459"); the templates spell it out one character per word so that
@@ -189,46 +254,42 @@ def sample_problems(
     )
 
 
-def solve(problem: Problem, dialect: str, rng: random.Random | None = None) -> str:
-    """A correct chain-of-thought solution in `dialect` ("A" or "B").
+def solve(problem: Problem, dialect: str, rng: random.Random | None = None,
+          world: World = ADDITION) -> str:
+    """A correct chain-of-thought solution in `dialect` (a name in `world`).
 
     With `rng`, the non-deciding slots draw synonyms and optional fillers (training data);
     without it, the canonical wording (first synonym, no filler).
     """
+    spec = world.dialect(dialect)
 
-    def pick(options: tuple[str, ...]) -> str:
-        return rng.choice(options) if rng else options[0]
-
-    def filler(options: tuple[str, ...]) -> list[str]:
-        return [rng.choice(options)] if rng and rng.random() < _FILLER_P else []
+    def filler() -> list[str]:
+        return [rng.choice(spec.filler)] if rng and rng.random() < spec.filler_p else []
 
     words: list[str] = []
     for col in problem.columns:
-        if dialect == "A":
-            words += filler(_A_FILLER)
-            words += [str(col.top), "+", str(col.bottom), "+", str(col.carry_in), "=",
-                      str(col.total), ",", pick(_A_WRITE), str(col.digit),
-                      pick(_A_CARRY), str(col.carry_out), ";"]
-        elif dialect == "B":
-            words += ["col", str(col.bottom), str(col.top), "c", str(col.carry_in), "gives",
-                      str(col.total), "->", pick(_B_DIGIT), str(col.digit),
-                      pick(_B_NEXT), str(col.carry_out)]
-            words += filler(_B_FILLER)
-            words += ["|"]
-        else:
-            raise OPDError(f"lab: unknown dialect {dialect!r}; choose one of {DIALECTS}")
-    return " ".join([*words, "answer", problem.answer])
+        for i, slot in enumerate(spec.column):
+            if i == spec.filler_at:
+                words += filler()
+            if isinstance(slot, tuple):
+                words.append(rng.choice(slot) if rng else slot[0])
+            else:
+                words.append(str(getattr(col, slot)) if slot in FIELDS else slot)
+        if spec.filler_at == len(spec.column):
+            words += filler()
+    return " ".join([*words, ANSWER, problem.answer])
 
 
 def sft_examples(
-    records: Iterable[PromptRecord], dialect: str, seed: int
+    records: Iterable[PromptRecord], dialect: str, seed: int, world: World = ADDITION
 ) -> list[tuple[PromptRecord, str]]:
     """(prompt, solution) pairs in `dialect`, with seeded synonyms and fillers, for `train_sft`."""
     rng = random.Random(seed)
-    return [(record, solve(problem_from_record(record), dialect, rng)) for record in records]
+    return [(record, solve(problem_from_record(record), dialect, rng, world))
+            for record in records]
 
 
-def max_new_tokens(digits: int) -> int:
-    """A generation budget that fits any solution of a `digits`-digit problem in either dialect
-    (at most 14 words per column, then `answer` and up to `digits + 1` digits), with slack."""
-    return 14 * digits + digits + 10
+def max_new_tokens(digits: int, world: World = ADDITION) -> int:
+    """A generation budget that fits any solution of a `digits`-digit problem in any dialect of
+    `world` (for the zoo's: 14 words per column, then `answer` and the digits), with slack."""
+    return world.max_new_tokens(digits)

@@ -45,7 +45,7 @@ from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
-from opd.lab.world import max_new_tokens, sample_problems, sft_examples
+from opd.lab.world import ADDITION, World, sample_problems, sft_examples
 from opd.models import load_model, load_tokenizer
 from opd.sft import SFTConfig, train_sft
 from opd.version import __version__
@@ -108,6 +108,8 @@ class Profile:
     eval_size: int
     post_size: int
     models: tuple[ModelStage | RLStage, ...]
+    world: World = ADDITION
+    """The dialects and vocabulary the models speak (`ModelStage.dialect` names one)."""
 
 
 def _profile(
@@ -313,7 +315,7 @@ def _run_stage(
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]]
+    model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]], world: World = ADDITION
 ) -> dict[str, float]:
     """Greedy exact-match accuracy on every `eval-*` set, with the model's own template."""
     from opd.evaluate import evaluate
@@ -322,22 +324,25 @@ def evaluate_model(
     for name, records in sets.items():
         if name.startswith("eval-"):
             digits = max(int(r.meta["digits"]) for r in records)
-            result = evaluate(model, tokenizer, records, max_new_tokens=max_new_tokens(digits))
+            result = evaluate(model, tokenizer, records,
+                              max_new_tokens=world.max_new_tokens(digits))
             out[name] = round(result.accuracy, 4)
     return out
 
 
 def _sft_stage(
-    spec: ModelStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool
+    spec: ModelStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool,
+    world: World,
 ) -> Callable[[Path], dict[str, Any]]:
     def build(folder: Path) -> dict[str, Any]:
-        tokenizer = build_tokenizer(spec.template)
+        tokenizer = build_tokenizer(spec.template, world)
         if spec.init_from:
             model = load_model(str(root / spec.init_from), "zoo model", trainable=True)
         else:
             model = build_model(spec.size, tokenizer, spec.seed)
         examples = [
-            ex for name in spec.data for ex in sft_examples(sets[name], spec.dialect, spec.seed)
+            ex for name in spec.data
+            for ex in sft_examples(sets[name], spec.dialect, spec.seed, world)
         ]
         losses: list[float] = []
         if spec.steps:
@@ -353,14 +358,15 @@ def _sft_stage(
                            "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
                            "final_loss": round(losses[-1], 4) if losses else None},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets),
+            "accuracy": evaluate_model(model, tokenizer, sets, world),
         }
 
     return build
 
 
 def _rl_stage(
-    spec: RLStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool
+    spec: RLStage, root: Path, sets: dict[str, list[PromptRecord]], progress: bool,
+    world: World,
 ) -> Callable[[Path], dict[str, Any]]:
     def build(folder: Path) -> dict[str, Any]:
         from opd.config import build_config
@@ -374,7 +380,8 @@ def _rl_stage(
                 "distill_weight": 0.0, "outcome_weight": 1.0, "temperature": spec.temperature,
                 "prompts_per_step": spec.prompts_per_step,
                 "rollouts_per_prompt": spec.rollouts_per_prompt,
-                "max_new_tokens": max_new_tokens(max(int(r.meta["digits"]) for r in sets[spec.data])),
+                "max_new_tokens": world.max_new_tokens(max(int(r.meta["digits"])
+                                                           for r in sets[spec.data])),
                 "save_every": spec.steps, "keep_checkpoints": 1, "progress": progress,
             },
             profile="cpu-small",
@@ -393,7 +400,7 @@ def _rl_stage(
                            "prompts_per_step": spec.prompts_per_step,
                            "rollouts_per_prompt": spec.rollouts_per_prompt},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets),
+            "accuracy": evaluate_model(model, tokenizer, sets, world),
         }
 
     return build
@@ -424,15 +431,17 @@ def _with_ancestors(spec: Profile, names: Sequence[str]) -> list[str]:
 
 
 def build_zoo(
-    root: str | Path, profile: str = "full", progress: bool = True,
+    root: str | Path, profile: str | Profile = "full", progress: bool = True,
     only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Build (or load from cache) every stage of the zoo under `root`; returns and writes
-    `root/zoo.json`. With `only`, just those models (and those they start from) are built and
-    returned, and zoo.json is left as it was."""
-    if profile not in PROFILES:
+    `root/zoo.json`. `profile` names one of `PROFILES` or is a `Profile` of one's own (another
+    `World`, other sizes). With `only`, just those models (and those they start from) are
+    built and returned, and zoo.json is left as it was."""
+    if isinstance(profile, str) and profile not in PROFILES:
         raise OPDError(f"zoo: unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    spec = PROFILES[profile]
+    spec = PROFILES[profile] if isinstance(profile, str) else profile
+    profile = spec.name
     root = Path(root)
     check_output_folder(root, "root")
     root.mkdir(parents=True, exist_ok=True)
@@ -453,7 +462,8 @@ def build_zoo(
         code = rl_code if isinstance(stage, RLStage) else sft_code
         prints[name] = _fingerprint(code, asdict(stage), [prints[p] for p in parents])
         make = _rl_stage if isinstance(stage, RLStage) else _sft_stage
-        metas[name] = _run_stage(root, name, prints[name], make(stage, root, sets, progress))
+        metas[name] = _run_stage(root, name, prints[name],
+                                 make(stage, root, sets, progress, spec.world))
     zoo = {
         "profile": profile,
         "code_version": {"sft": sft_code, "rl": rl_code},

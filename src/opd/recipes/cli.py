@@ -16,7 +16,7 @@ from opd.runtime import is_main_process
 def cmd_cold_start(config: TrainConfig, args: argparse.Namespace) -> int:
     from opd import api
 
-    result = api.cold_start(config=config, resume=args.resume)
+    result = api.cold_start(config=config, resume=args.resume, force=args.force)
     if is_main_process():
         print(json.dumps(result.report, indent=2))
     return 0
@@ -47,14 +47,19 @@ def cmd_select_prompts(config: SelectConfig, args: argparse.Namespace) -> int:
 def register(verbs: Any, add_training_verb: Callable[..., argparse.ArgumentParser]) -> None:
     """Add `opd cold-start` (a training verb: TrainConfig with its cold_start group) and
     `opd select-prompts`."""
-    add_training_verb(
+    cold_start = add_training_verb(
         verbs, "cold-start", cmd_cold_start,
-        help="teacher data → SFT → OPD (docs/method.md#recipes)",
+        help="teacher data → SFT → gate → OPD (docs/method.md#recipes)",
         description="Off-policy cold start: the teacher answers the prompts (verified-correct "
         "answers kept), the student is fine-tuned on them, then OPD runs from that checkpoint. "
         "The first two stages take the cold_start settings (--cold-start.sft-steps …). Each "
-        "stage is kept in --out and skipped on --resume once complete.",
+        "stage is kept in --out and skipped on --resume once complete. The fine-tuning holds "
+        "out a share of the prompts and stops when their loss stops improving; a gate then "
+        "measures the student as opd diagnose does and stops before OPD, saying what to change, "
+        "when the pattern has not moved.",
     )
+    cold_start.add_argument("--force", action="store_true",
+                            help="run OPD even when the gate after the fine-tuning fails")
     settings.add_verb(
         verbs, "select-prompts", SelectConfig, cmd_select_prompts,
         help="teacher-aligned prompts: teacher template, ranked content (docs/method.md#recipes)",

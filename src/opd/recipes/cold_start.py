@@ -1,11 +1,16 @@
 """Off-policy cold start (docs/method.md#recipes): the teacher writes responses, the student is
 fine-tuned on them, then OPD runs from that checkpoint.
 
-Three stages, each kept in the output folder and each skipped when its output is already
+Its stages, each kept in the output folder and each skipped when its output is already
 complete, so a killed run continues where it stopped:
     teacher_data.jsonl   the teacher's responses (verified-correct ones when answers exist)
-    sft/                 the student after supervised fine-tuning on them (HF folder)
+    sft/                 the student after supervised fine-tuning on them (HF folder): a share
+                         of the prompts is held out, and the fine-tuning stops once their
+                         loss stops improving, keeping the best weights
+    (gate)               the fine-tuned student measured as `opd diagnose` measures a pair
+                         (`recipes.gate`); a repair that did not take stops here with one line
     opd/                 the OPD run from sft/ (resumable like any `opd train` run)
+cold_start.json and report.md show each stage's numbers side by side.
 
 `ColdStartHandover` is the step hook through which `opd train --set on_failure=cold-start`
 runs this recipe when the live monitor stops a failing run.
@@ -38,9 +43,21 @@ from opd.models import (
     load_tokenizer,
     original_config,
 )
+from opd.recipes.cold_start_report import write_report
+from opd.recipes.gate import (
+    accuracy_warning,
+    data_warnings,
+    gate_line,
+    held_out_accuracy,
+    load_for_evaluation,
+    measure_gate,
+    next_step,
+    sft_warnings,
+    split_prompts,
+)
 from opd.rollout import check_prompts
-from opd.runtime import StepHook
-from opd.sft import SFTConfig, train_sft
+from opd.runtime import StepHook, is_main_process
+from opd.sft import EarlyStopping, SFTConfig, fit_sft
 from opd.trackers import require as require_trackers
 from opd.train import check_training_prompts, run_training
 from opd.verify import get_verifier
@@ -112,9 +129,20 @@ def _read_report(path: Path) -> dict[str, Any]:
     return report
 
 
-def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """All three stages into `train.out` (settings of the first two in `train.cold_start`);
-    returns (and writes) the stage report."""
+class GateStopped(OPDError):
+    """The gate before OPD found the fine-tuned student's pattern (or accuracy) not moved
+    enough: its message is the one line with the numbers and the next step; `report` is
+    cold_start.json as written."""
+
+    def __init__(self, line: str, report: dict[str, Any]) -> None:
+        super().__init__(line)
+        self.report = report
+
+
+def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """All stages into `train.out` (settings of the first two in `train.cold_start`): teacher
+    data, SFT with early stopping, the gate, OPD; returns (and writes) the stage report.
+    Raises `GateStopped` after writing the report when the gate fails, unless `force`."""
     cold = train.cold_start
     out = Path(train.out)
     report_path = out / "cold_start.json"
@@ -182,17 +210,34 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
             "prompts_covered": len({r["prompt_index"] for r in rows}),
             "seconds": round(time.perf_counter() - start, 1),
         }
+        del teacher
     rows = read_jsonl(data_path)
+
+    train_prompts, held_prompts = split_prompts(len(records), cold.sft_validation_share,
+                                                train.seed)
+    gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
+    data_notes = data_warnings(rows, set(train_prompts), cold.min_prompts, student_tok)
+    _say(data_notes)
 
     if student is not None:
         start = time.perf_counter()
+        held = set(held_prompts)
+        examples = {split: [(r["messages"], r["response"]) for r in rows
+                            if (r["prompt_index"] in held) == (split == "validation")]
+                    for split in ("train", "validation")}
+        if not examples["train"]:
+            raise OPDError("cold start: every kept teacher response belongs to a held-out prompt; "
+                           "give more prompts (--cold-start.prompts) or a lower "
+                           "--cold-start.sft-validation-share")
         dropout = [] if cold.sft_dropout else disable_dropout(student)
-        losses = train_sft(
-            student, student_tok, [(r["messages"], r["response"]) for r in rows],
+        run = fit_sft(
+            student, student_tok, examples["train"],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
                       warmup_steps=min(20, cold.sft_steps // 10), seed=train.seed,
                       progress=train.progress, desc="cold-start sft", template=train.template,
                       chat_template_kwargs=train.chat_template_kwargs),
+            validation=examples["validation"],
+            stopping=EarlyStopping(every=cold.sft_eval_every, patience=cold.sft_patience),
         )
         tmp = sft_dir.with_suffix(".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,24 +245,67 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False) -> dict[str, Any
             student.save_pretrained(tmp)
         student_tok.save_pretrained(tmp)
         tmp.rename(sft_dir)
-        report["sft"] = {"examples": len(rows), "steps": cold.sft_steps,
-                         "first_loss": losses[0], "last_loss": losses[-1],
-                         "seconds": round(time.perf_counter() - start, 1)}
+        del student
+        report["sft"] = {
+            "examples": len(examples["train"]), "validation_examples": len(examples["validation"]),
+            "prompts": len(train_prompts), "validation_prompts": len(held_prompts),
+            "cap": cold.sft_steps, "steps": run.steps, "best_step": run.best_step or run.steps,
+            "stopped_early": run.stopped_early, "first_loss": run.train_losses[0],
+            "last_loss": run.train_losses[-1], "best_validation_loss": run.best_loss,
+            "train_losses": run.train_losses,
+            "validation_losses": [list(point) for point in run.validation],
+            "seconds": round(time.perf_counter() - start, 1),
+            "warnings": sft_warnings(run, cold.sft_steps, len(examples["train"]),
+                                     cold.sft_batch_size),
+        }
+        report.pop("gate", None)
+        _say(report["sft"]["warnings"])
+        write_text_atomic(report_path, json.dumps(report, indent=2))
+
+    if "gate" not in report:
+        start = time.perf_counter()
+        report["gate"] = measure_gate(train, str(sft_dir), gate_records)
+        report["gate"]["seconds"] = round(time.perf_counter() - start, 1)
+        report["gate"]["warnings"] = accuracy_warning(report["gate"])
+        _say(report["gate"]["warnings"])
+    gate = report["gate"]
+    report["warnings"] = [*data_notes, *report.get("sft", {}).get("warnings", []),
+                          *gate.get("warnings", [])]
     write_text_atomic(report_path, json.dumps(report, indent=2))
+    if not gate["passed"]:
+        line = gate_line(gate, report.get("sft", {}),
+                         next_step(report.get("sft", {}), report["warnings"], cold))
+        report["stopped"] = None if force else f"{line}; --force runs OPD anyway"
+        if not force:
+            write_report(out, report)
+            raise GateStopped(report["stopped"], report)
+        _say([f"{line}; --force: OPD runs anyway"])
 
     opd_config = opd_stage(train)
     opd_resume = (out / "opd").exists()
     report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
+    trained = report["opd"].get("final_model") or report["opd"].get("final_checkpoint")
+    if gate["accuracy"] is not None and trained:
+        after = held_out_accuracy(*load_for_evaluation(str(trained), "student", train), train,
+                                  gate_records)
+        gate["accuracy"]["student_after_opd"] = sum(after) / len(after)
     report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
                         "opd": str(out / "opd")}
-    write_text_atomic(report_path, json.dumps(report, indent=2))
+    write_report(out, report)
     return report
+
+
+def _say(lines: Sequence[str]) -> None:
+    if is_main_process():
+        for line in lines:
+            print(f"[opd cold-start] {line}", flush=True)
 
 
 class ColdStartHandover(StepHook):
     """`on_failure: cold-start`: when the live monitor stops the run, the cold-start recipe
     follows into OUT/cold-start (same teacher, prompts and settings; its OPD stage only
-    warns, so it never hands over twice). Its report joins the run's summary."""
+    warns, so it never hands over twice). Its gate is the verb's: a repair that did not take
+    stops before OPD with its line. Its report joins the run's summary."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -227,4 +315,8 @@ class ColdStartHandover(StepHook):
             return  # no alert, or only warnings that do not stop a run
         repair = dataclasses.replace(self.config, out=str(Path(self.config.out) / "cold-start"),
                                      on_failure="warn")
-        summary["cold_start"] = run_cold_start(repair, resume=Path(repair.out).exists())
+        try:
+            summary["cold_start"] = run_cold_start(repair, resume=Path(repair.out).exists())
+        except GateStopped as stopped:
+            _say([str(stopped)])
+            summary["cold_start"] = stopped.report
