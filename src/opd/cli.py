@@ -19,6 +19,7 @@ from opd.errors import OPDError, one_line
 from opd.evaluate import EvalConfig
 from opd.lab import cli as lab_cli
 from opd.recipes import cli as recipes_cli
+from opd.reproduce.run import ReproduceConfig
 from opd.runtime import is_main_process
 from opd.teacher_service.server import ServeConfig
 
@@ -47,6 +48,21 @@ def cmd_eval(config: EvalConfig, args: argparse.Namespace) -> int:
 
 def cmd_serve_teacher(config: ServeConfig, args: argparse.Namespace) -> int:
     api.serve_teacher(config=config)
+    return 0
+
+
+def cmd_reproduce(config: ReproduceConfig, args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = api.reproduce(config=config)
+    table = Table(title=f"the study's findings ({config.profile}, {config.seeds} seeds)")
+    for column in ("#", "finding", "verdict"):
+        table.add_column(column)
+    for finding in summary["findings"]:
+        table.add_row(str(finding["number"]), finding["title"], finding["verdict"])
+    Console().print(table)
+    print(f"{config.out}/report.md")
     return 0
 
 
@@ -85,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="serve a teacher over HTTP for training runs elsewhere",
                       description="Score token sequences with a teacher model for OPD runs "
                       "that pass --teacher http://HOST:PORT (needs the serve extra).")
+    settings.add_verb(verbs, "reproduce", ReproduceConfig, cmd_reproduce,
+                      help="re-run the study's findings on the model organisms",
+                      description="Builds the zoo it needs, runs every finding's experiments for "
+                      "each seed (finished ones are kept: run again to resume), judges each "
+                      "finding by its rule and writes OUT/report.md, results.json and figures "
+                      "(docs/method.md#reproduce).")
     report = verbs.add_parser("report", help="figures and a markdown report from run folders")
     report.add_argument("runs", nargs="+", help="run folders (each gets report.md + PNGs)")
     report.add_argument("--compare", help="also write one PNG with all runs' curves here")
