@@ -67,6 +67,9 @@ class OPDRun:
     teacher: str
     objective: Mapping[str, Any] = field(default_factory=dict)
     probe: bool = False
+    leader: str = "teacher"
+    """Who leads on the evaluation set the run is judged on (`eval_set`): the teacher, whose
+    lead the run should recover, or the student, whose lead it may lose."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ EXPERIMENTS: dict[str, Spec] = {
     "opd-aligned": OPDRun("student", "teacher-aligned", probe=True),
     "opd-foreign": OPDRun("student", "teacher-foreign", probe=True),
     "opd-same-pipeline": OPDRun("student", "teacher-same-pipeline"),
-    "opd-reverse": OPDRun("student-rl", "student-prerl"),
+    "opd-reverse": OPDRun("student-rl", "student-prerl", leader="student"),
     "opd-overlap-only": OPDRun("student", "teacher-aligned", {"strategy": "intersection"}),
     "opd-non-overlap-only": OPDRun("student", "teacher-aligned",
                                    {"strategy": "symmetric-difference"}),
@@ -145,12 +148,14 @@ def _tokens(ctx: Context) -> int:
     return spec.world.max_new_tokens(max(spec.digits))
 
 
-def eval_set(zoo: Mapping[str, Any], student: str, teacher: str) -> str:
+def eval_set(zoo: Mapping[str, Any], student: str, teacher: str, leader: str = "teacher") -> str:
     """The evaluation set on which a run is judged: the hardest (longest) set of the group
-    where teacher and student differ most at the start, by the zoo's accuracies."""
+    where `leader` (teacher or student) leads the other most at the start, by the zoo's
+    accuracies."""
     models = zoo["models"]
-    group = max(zoo["eval_groups"], key=lambda g: abs(models[teacher]["accuracy"][g]
-                                                      - models[student]["accuracy"][g]))
+    sign = 1 if leader == "teacher" else -1
+    group = max(zoo["eval_groups"], key=lambda g: sign * (models[teacher]["accuracy"][g]
+                                                          - models[student]["accuracy"][g]))
     return zoo["eval_groups"][group][-1]
 
 
@@ -183,10 +188,11 @@ def _series(run: Path) -> dict[str, list[float | None]]:
     return {name: [r.get(name) for r in records] for name in SERIES}
 
 
-def _judged(ctx: Context, student: str, teacher: str, trained: str) -> dict[str, Any]:
+def _judged(ctx: Context, student: str, teacher: str, trained: str,
+            leader: str = "teacher") -> dict[str, Any]:
     """Accuracy of the trained student on the run's evaluation set, beside the zoo's
     accuracies of the starting student and the teacher there, and the share of the gap."""
-    name = eval_set(ctx.zoo, student, teacher)
+    name = eval_set(ctx.zoo, student, teacher, leader)
     before = ctx.zoo["models"][student]["accuracy"][name]
     teacher_acc = ctx.zoo["models"][teacher]["accuracy"][name]
     after = _accuracy(trained, _set(ctx, name), _tokens(ctx))
@@ -224,7 +230,7 @@ def _opd_run(ctx: Context, spec: OPDRun, seed: int, folder: Path) -> dict[str, A
     run = folder / "run"
     run_training(_train_config(ctx, spec, seed, run))
     trained = str(complete_checkpoints(run)[-1])
-    out = {**_judged(ctx, spec.student, spec.teacher, trained), "series": _series(run)}
+    out = {**_judged(ctx, spec.student, spec.teacher, trained, spec.leader), "series": _series(run)}
     if spec.probe:
         out["probe_after"] = _overlap_by_k(ctx, trained, spec.teacher, seed)
     return out
@@ -289,8 +295,10 @@ def run_job(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     """Run one experiment for one seed from scratch (whatever an unfinished attempt left is
     removed first) and write its result; returns it."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()  # the reproduction's own bar says what is happening
     folder = job_folder(ctx.out, name, seed)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

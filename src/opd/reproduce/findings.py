@@ -146,7 +146,8 @@ FINDINGS: tuple[Finding, ...] = (
          "recovery, teacher-same-pipeline": recovery("opd-same-pipeline"),
          "same-pipeline: teacher − student on its set":
              minus(field_of("opd-same-pipeline", "teacher"), field_of("opd-same-pipeline", "before")),
-         "RL student before → after (accuracy)": field_of("opd-reverse", "after")},
+         "student-rl's accuracy before OPD from student-prerl": field_of("opd-reverse", "before"),
+         "student-rl's accuracy after it": field_of("opd-reverse", "after")},
     ),
     Finding(
         3, "dynamics", "Dynamics of a succeeding and a failing run",
@@ -162,10 +163,10 @@ FINDINGS: tuple[Finding, ...] = (
                BELOW0, change("opd-aligned", M.ENTROPY_GAP)),
          Claim("failing run: the overlap ratio stays flat", "Δ overlap ratio, teacher-foreign",
                SAME, change("opd-foreign", M.OVERLAP_RATIO))),
-        {**{f"overlap ratio top-{k}: before → after (aligned)":
+        {**{f"change of the overlap ratio at top-{k} (after − before the run), aligned":
             minus(probe("opd-aligned", k, M.OVERLAP_RATIO, True),
                   probe("diagnose-aligned", k, M.OVERLAP_RATIO, False)) for k in (1, 2, 4, 8, 16)},
-         **{f"overlap share top-{k}: before → after (aligned)":
+         **{f"change of the overlap share at top-{k} (student mass), aligned":
             minus(probe("opd-aligned", k, "overlap_share_student", True),
                   probe("diagnose-aligned", k, "overlap_share_student", False)) for k in (1, 4, 16)},
          "Δ overlap-token advantage, teacher-foreign": change("opd-foreign", M.OVERLAP_TOKEN_ADVANTAGE),

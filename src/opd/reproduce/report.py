@@ -115,11 +115,13 @@ def _recipes_figure(results: Results, profile: ReproduceProfile) -> Any:
           [[s["step0_overlap"][k] for s in selections] for k in kinds], "step-0 overlap ratio")
     lowest = min(s["step0_overlap"][k] for s in selections for k in kinds)
     axes[1].set_ylim(bottom=max(0.0, lowest - 0.05))
-    for trial, colour in (("kept_only", "tab:purple"), ("selected", "tab:blue"), ("unselected", "tab:gray")):
+    trials = (("kept_only", "kept only", "tab:purple"), ("selected", "kept + mixed in", "tab:blue"),
+              ("unselected", "not kept", "tab:gray"))
+    for trial, label, colour in trials:
         rows = [s["entropy"][trial] for s in selections]
         steps = range(min(len(r) for r in rows))
         axes[2].plot([i + 1 for i in steps], [sum(r[i] for r in rows) / len(rows) for i in steps],
-                     color=colour, label=trial.replace("_", " ").replace("selected", "kept + mixed"))
+                     color=colour, label=label)
     axes[2].set_title("student entropy in the trials", fontsize=9)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
