@@ -317,6 +317,16 @@ def test_binding_beyond_this_machine_needs_an_api_key(monkeypatch):
     assert config.key() == "from-env"
 
 
+def test_the_vllm_backend_without_vllm_names_its_extra(monkeypatch, capsys):
+    """Before any model loads (the vllm backend's own tests are in tests_vllm)."""
+    monkeypatch.setattr("opd.engines.is_installed", lambda name: name != "vllm")
+    code = main(["serve-teacher", "--model", "some/teacher", "--backend", "vllm"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1
+    assert 'backend: vllm is not installed; pip install "opd[vllm]"' in errors[0]
+    assert errors[0].endswith("or set backend=hf")
+
+
 def test_an_unreachable_teacher_is_named_after_its_timeout(tiny_pair, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()

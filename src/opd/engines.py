@@ -108,8 +108,9 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int,
-                 settings: VLLMConfig, trust_remote_code: bool = False) -> None:
-        require_engine("vllm")
+                 settings: VLLMConfig, trust_remote_code: bool = False,
+                 max_logprobs: int | None = None, field: str = "rollout_engine") -> None:
+        require_engine("vllm", field)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
@@ -126,9 +127,10 @@ class VLLMEngine:
                 max_model_len=max_model_len, gpu_memory_utilization=settings.memory_share,
                 enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleeps,
                 trust_remote_code=trust_remote_code, seed=0, tensor_parallel_size=1, **launcher,
+                **({} if max_logprobs is None else {"max_logprobs": max_logprobs}),
             )
         except (ValueError, RuntimeError, OSError) as err:
-            raise OPDError(f"rollout_engine: the vLLM engine could not start on {model_path!r} "
+            raise OPDError(f"{field}: the vLLM engine could not start on {model_path!r} "
                            f"({one_line(err, 300)}); check the model folder, and that "
                            "vllm.memory_share is a share of memory that is free and holds the "
                            "model") from None

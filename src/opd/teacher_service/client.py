@@ -115,11 +115,27 @@ def check_served_vocabulary(info: dict[str, Any], fingerprint: str, vocab_size: 
             "vocabulary: serve a teacher from the student's tokenizer family")
 
 
+def check_served_capabilities(info: dict[str, Any], url: str, *, candidates: bool,
+                              temperature: float) -> None:
+    """Refuse, before the first step, a served teacher whose backend cannot answer what the
+    objective will ask: the student's candidate tokens, or a temperature other than 1."""
+    backend = f"the teacher served at {url} ({info.get('backend')} backend)"
+    if candidates and not info.get("candidates", True):
+        raise OPDError(f"objective.strategy: {backend} cannot score the student's candidate "
+                       "tokens, which the student-side top-k strategies (student, union, "
+                       "symmetric-difference) need; serve it with --backend hf, or choose "
+                       "strategy teacher or intersection")
+    if temperature != 1 and not info.get("temperatures", True):
+        raise OPDError(f"objective.teacher_temperature: {backend} scores at temperature 1 only; "
+                       "set objective.teacher_temperature=1, or serve it with --backend hf")
+
+
 @dataclass
 class PartialTeacher:
     """A served teacher's answer for the scored positions, as `TeacherLogprobs`: dense [n, V]
     log-probs a chunk at a time, with the sent entries (sampled token, teacher top-k, student
-    candidates) and `PARTIAL_FILL` elsewhere, plus the exact entropy."""
+    candidates) and `PARTIAL_FILL` elsewhere, plus the entropy the server sent (exact, or a
+    top-k estimate: `ServedTeacher.entropy`)."""
 
     targets: torch.Tensor  # [M]
     token_lp: torch.Tensor  # [M]
@@ -138,11 +154,12 @@ class PartialTeacher:
 
 class ServedTeacher:
     """The trainer's teacher when `teacher` is a URL: per micro-batch, one scoring request for
-    the rollouts with the student's own top-`candidates_k` ids as candidates."""
+    the rollouts with the student's own top-`candidates_k` ids as candidates. `entropy` is what
+    the server's entropies are: exact, or topk (estimates from the top-k)."""
 
     def __init__(self, client: TeacherClient, *, vocab_size: int, k: int, candidates_k: int,
-                 temperature: float, chunk_size: int = 256) -> None:
-        self.client, self.vocab_size = client, vocab_size
+                 temperature: float, chunk_size: int = 256, entropy: str = "exact") -> None:
+        self.client, self.vocab_size, self.entropy = client, vocab_size, entropy
         self.k, self.candidates_k = k, candidates_k
         self.temperature, self.chunk_size = temperature, chunk_size
 
