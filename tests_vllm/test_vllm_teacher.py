@@ -1,7 +1,7 @@
 """The vllm backend of `opd serve-teacher` against the hf backend on the same float32 teacher
 (`make test-vllm`): equal token and top-k log-probs within TOPK_TOLERANCE, a top-k entropy
 estimate that says so, refusals naming the hf backend, the same greedy samples, and a training
-run against the served vllm teacher."""
+run and a diagnosis against the served vllm teacher."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import json
 
 import pytest
 import torch
-from tests.test_teacher_service import _assert_records_close, serving
+from tests.test_teacher_service import _assert_records_close, assert_close, serving
 from tests.test_train import tiny_config
 
 from opd import metrics as M
+from opd.cli import main
 from opd.errors import OPDError
 from opd.teacher_service.protocol import BadRequest, GenerateRequest, Limits, ScoreRequest
 from opd.teacher_service.server import HFBackend
@@ -141,3 +142,26 @@ def test_teachers_with_exact_and_estimated_entropies_are_not_mixed(vllm_pair, se
         run_training(tiny_config(vllm_pair, tmp_path / "run", prompts=str(prompts),
                                  teachers=teachers, teacher="", **{"objective.name": "sampled"}))
     assert not (tmp_path / "run").exists()
+
+
+def test_diagnose_against_a_served_vllm_teacher(vllm_pair, served_vllm, tmp_path):
+    """Every measure of the local diagnosis within TOPK_TOLERANCE (greedy continuations and
+    own attempts through vLLM alike) but the entropies, which the diagnosis and its report
+    mark as top-k estimates."""
+    common = ["diagnose", "--student", str(vllm_pair["student"]), "--prompts",
+              str(vllm_pair["prompts"]), "--num-prompts", "6", "--n", "2", "--max-new-tokens", "6",
+              "--dtype", "float32", "--no-progress"]
+    assert main([*common, "--teacher", str(vllm_pair["teacher"]), "--out", str(tmp_path / "l")]) == 0
+    assert main([*common, "--teacher", served_vllm, "--out", str(tmp_path / "s")]) == 0
+    local, remote = (json.loads((tmp_path / name / "diagnosis.json").read_text())["teacher"]
+                     for name in ("l", "s"))
+    assert (local.pop("entropy"), remote.pop("entropy")) == ("exact", "topk")
+    assert "entropy gap (top-k estimate of the served teacher's entropy)" in (
+        tmp_path / "s" / "report.md").read_text()
+    for diagnosis in (local, remote):
+        diagnosis.pop("path")
+        for block in diagnosis["pattern"]["by_k"].values():
+            for part in (block["overall"], block["by_position"]):
+                part.pop(M.TEACHER_ENTROPY)
+                part.pop(M.ENTROPY_GAP)
+    assert_close(local, remote, tolerance=TOPK_TOLERANCE)

@@ -39,6 +39,7 @@ from opd.rollout import (
 )
 from opd.runtime import is_installed
 from opd.settings import Config, setting
+from opd.teacher_service.client import TeacherClient
 
 ENGINES = ("hf", "vllm")
 VLLM_EXTRA = 'pip install "opd[vllm]"'
@@ -261,11 +262,15 @@ def sampled_token_logprobs(rollouts: Rollouts, rows: slice) -> torch.Tensor | No
     return torch.tensor(flat, dtype=torch.float32)
 
 
-def generate(engine: VLLMEngine | None, model: torch.nn.Module, tokenizer: Any,
-             prompts: Sequence[str] | Sequence[list[int]], **options: Any) -> Rollouts:
-    """Rollouts from `engine`, or from opd's own sampler when it is None (same options as
-    `generate_rollouts`; `batch_size` only applies to the sampler)."""
+def generate(engine: VLLMEngine | TeacherClient | None, model: torch.nn.Module | None,
+             tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], **options: Any
+             ) -> Rollouts:
+    """Rollouts from `engine` (given `model`'s weights), from a served teacher (`engine` its
+    client, `tokenizer` its own, no `model`), or from opd's own sampler when `engine` is None
+    (same options as `generate_rollouts`; `batch_size` only applies to the sampler)."""
     if engine is None:
         return generate_rollouts(model, tokenizer, prompts, **options)
     options.pop("batch_size", None)
+    if isinstance(engine, TeacherClient):
+        return engine.rollouts(tokenizer, prompts, **options)
     return sample_rollouts(engine, model, tokenizer, prompts, **options)

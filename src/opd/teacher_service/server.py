@@ -35,6 +35,7 @@ from opd.teacher_service.protocol import (
     ScoreRequest,
     encode_array,
     parse_json,
+    tokenizer_files,
     vocabulary_fingerprint,
 )
 from opd.version import __version__
@@ -103,6 +104,8 @@ class Backend(Protocol):
     name: str
     vocab_size: int
     fingerprint: str
+    files: dict[str, str]
+    """The tokenizer and generation config files (`protocol.tokenizer_files`)."""
     entropy: str
     """exact, or topk: the entropy sent is an estimate from the top-k."""
     candidates: bool
@@ -133,6 +136,7 @@ class HFBackend:
         self.head = output_head(self.model)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.fingerprint = vocabulary_fingerprint(self.tokenizer)
+        self.files = tokenizer_files(self.tokenizer, self.model.generation_config)
         self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
         self.lock = threading.Lock()
 
@@ -235,7 +239,7 @@ def _fastapi():
 
 
 def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
-    """The FastAPI application: the four endpoints, the key check, the size limit, and every
+    """The FastAPI application: the five endpoints, the key check, the size limit, and every
     refusal as `{"error": one line}` with its status (never a traceback)."""
     fastapi, _ = _fastapi()
     from fastapi.responses import JSONResponse
@@ -245,6 +249,10 @@ def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
 
     def refuse(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    def unauthorised() -> JSONResponse:
+        return refuse(401, f"authorization: missing or wrong API key; send 'Authorization: "
+                      f"Bearer KEY' (clients read {API_KEY_ENV})")
 
     def authorised(request: Any) -> bool:
         if api_key is None:
@@ -270,8 +278,7 @@ def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
     def answer(run: Any) -> Any:
         async def endpoint(request: fastapi.Request) -> Any:
             if not authorised(request):
-                return refuse(401, f"authorization: missing or wrong API key; send "
-                              f"'Authorization: Bearer KEY' (clients read {API_KEY_ENV})")
+                return unauthorised()
             try:
                 parsed = parse_json(await body(request))
                 return await fastapi.concurrency.run_in_threadpool(run, parsed)
@@ -291,10 +298,15 @@ def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
     @app.get("/v1/model")
     def model(request: fastapi.Request) -> Any:
         if not authorised(request):
-            return refuse(401, f"authorization: missing or wrong API key; send "
-                          f"'Authorization: Bearer KEY' (clients read {API_KEY_ENV})")
+            return unauthorised()
         limits_json = {name: getattr(limits, name) for name in Limits.__dataclass_fields__}
         return {**describe(backend), "limits": limits_json}
+
+    @app.get("/v1/tokenizer")
+    def tokenizer(request: fastapi.Request) -> Any:
+        if not authorised(request):
+            return unauthorised()
+        return {"files": backend.files}
 
     return app
 

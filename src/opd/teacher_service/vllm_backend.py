@@ -27,6 +27,7 @@ from opd.teacher_service.protocol import (
     Limits,
     ScoreRequest,
     encode_array,
+    tokenizer_files,
     vocabulary_fingerprint,
 )
 
@@ -66,6 +67,7 @@ class VLLMBackend:
         except OSError:  # the folder has no generation_config.json
             generation = None
         self.eos_ids = eos_token_ids(self.tokenizer, generation)
+        self.files = tokenizer_files(self.tokenizer, generation)
         self.max_model_len = model_length_limit(context_window(path), limits.max_sequence_tokens,
                                                 limits.max_new_tokens)
         self.engine = VLLMEngine(path, dtype=resolve_dtype(dtype, default_device()),
