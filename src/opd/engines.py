@@ -21,7 +21,7 @@ import gc
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,6 @@ from opd.rollout import (
 )
 from opd.runtime import is_installed
 from opd.settings import Config, setting
-from opd.teacher_service.client import TeacherClient
 
 ENGINES = ("hf", "vllm")
 VLLM_EXTRA = 'pip install "opd[vllm]"'
@@ -262,7 +261,15 @@ def sampled_token_logprobs(rollouts: Rollouts, rows: slice) -> torch.Tensor | No
     return torch.tensor(flat, dtype=torch.float32)
 
 
-def generate(engine: VLLMEngine | TeacherClient | None, model: torch.nn.Module | None,
+class ServedSampler(Protocol):
+    """A model served elsewhere that samples rollouts itself, with the options of
+    `generate_rollouts` (`opd.teacher_service.client.TeacherClient`)."""
+
+    def rollouts(self, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]],
+                 **options: Any) -> Rollouts: ...
+
+
+def generate(engine: VLLMEngine | ServedSampler | None, model: torch.nn.Module | None,
              tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], **options: Any
              ) -> Rollouts:
     """Rollouts from `engine` (given `model`'s weights), from a served teacher (`engine` its
@@ -271,6 +278,6 @@ def generate(engine: VLLMEngine | TeacherClient | None, model: torch.nn.Module |
     if engine is None:
         return generate_rollouts(model, tokenizer, prompts, **options)
     options.pop("batch_size", None)
-    if isinstance(engine, TeacherClient):
-        return engine.rollouts(tokenizer, prompts, **options)
-    return sample_rollouts(engine, model, tokenizer, prompts, **options)
+    if isinstance(engine, VLLMEngine):
+        return sample_rollouts(engine, model, tokenizer, prompts, **options)
+    return engine.rollouts(tokenizer, prompts, **options)

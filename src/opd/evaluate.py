@@ -18,9 +18,8 @@ from opd.data.prompts import (
     render_prompt,
     require_answers,
 )
-from opd.engines import ENGINES, VLLMConfig, VLLMEngine, generate, require_engine
+from opd.engines import ENGINES, ServedSampler, VLLMConfig, VLLMEngine, generate, require_engine
 from opd.settings import Config, group, setting
-from opd.teacher_service.client import TeacherClient
 from opd.verify import VERIFIERS, get_verifier
 
 
@@ -83,7 +82,7 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     chat_template_kwargs: dict[str, Any] | None = None,
-    engine: VLLMEngine | TeacherClient | None = None,
+    engine: VLLMEngine | ServedSampler | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt (greedy at temperature 0) and verify each one, with
     `engine` given `model`'s weights, or a served teacher's client (`model` None, `tokenizer`

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
-from opd.engines import VLLMEngine, engine_for_prompts, generate, require_engine
+from opd.engines import ServedSampler, VLLMEngine, engine_for_prompts, generate, require_engine
 from opd.errors import OPDError
 from opd.hooks import run_hooks
 from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
@@ -69,7 +69,7 @@ def generate_teacher_data(
     teacher, tokenizer, records: Sequence[PromptRecord], config: ColdStartConfig, *,
     max_new_tokens: int, verifier: str, seed: int, progress: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
-    engine: VLLMEngine | TeacherClient | None = None,
+    engine: VLLMEngine | ServedSampler | None = None,
 ) -> list[dict[str, Any]]:
     """Teacher responses per prompt, deduplicated; with answers and keep != all, only the
     verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times. `engine`
@@ -192,7 +192,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
                   fix="shorten or remove the row", chat_template_kwargs=train.chat_template_kwargs)
     check_training_prompts(train, train_records, student_tok, teacher_tok, eval_records)
     report: dict[str, Any] = _read_report(report_path)
-    engine: VLLMEngine | TeacherClient | None = served  # a served teacher samples on its server
+    engine: VLLMEngine | ServedSampler | None = served  # a served teacher samples on its server
     if teacher is not None and train.rollout_engine == "vllm":
         texts = [render_prompt(r.messages, teacher_tok, chat_template_kwargs=train.chat_template_kwargs)
                  for r in records]

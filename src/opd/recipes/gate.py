@@ -16,10 +16,10 @@ from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord
 from opd.diagnose.measure import DiagnoseConfig, alignment_by_prompt, load_pair
 from opd.diagnose.rules import Thresholds, mean_se, pattern_check
+from opd.engines import ServedSampler
 from opd.evaluate import evaluate
 from opd.models import load_model, load_tokenizer
 from opd.sft import SFTRun
-from opd.teacher_service.client import TeacherClient
 
 MEMORISATION_RISE = 0.05
 """Rise of the last validation loss over its best (5%) that, with the training loss still
@@ -94,7 +94,7 @@ def diagnose_config(train: TrainConfig, student: str) -> DiagnoseConfig:
 
 def held_out_accuracy(model: Any, tokenizer: Any, train: TrainConfig,
                       records: Sequence[PromptRecord],
-                      served: TeacherClient | None = None) -> list[float]:
+                      served: ServedSampler | None = None) -> list[float]:
     """Greedy per-prompt correctness of `model` (or of the teacher `served`, model None) on
     `records`, prompts rendered as OPD renders them."""
     return evaluate(model, tokenizer, records, temperature=0.0,
