@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Sample n responses per prompt and verify each one.")
     settings.add_verb(verbs, "serve-teacher", ServeConfig, cmd_serve_teacher,
                       help="serve a teacher over HTTP for training runs elsewhere",
-                      description="Score token sequences with a teacher model for OPD runs "
-                      "that pass --teacher http://HOST:PORT (needs the serve extra).")
+                      description="Score and sample with a teacher model for the verbs that "
+                      "pass --teacher http://HOST:PORT (train, grpo, diagnose, cold-start, "
+                      "select-prompts); needs the serve extra (--backend vllm: the vllm extra).")
     report = verbs.add_parser("report", help="figures and a markdown report from run folders")
     report.add_argument("runs", nargs="+", help="run folders (each gets report.md + PNGs)")
     report.add_argument("--compare", help="also write one PNG with all runs' curves here")

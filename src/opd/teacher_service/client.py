@@ -141,7 +141,6 @@ class TeacherClient:
                                  pad_token_id(tokenizer))
 
 
-
 def _server_message(err: urllib.error.HTTPError) -> str:
     try:
         return one_line(json.loads(err.read()).get("error", ""), 300) or err.reason
