@@ -137,8 +137,8 @@ def test_teachers_with_exact_and_estimated_entropies_are_not_mixed(vllm_pair, se
     prompts.write_text("".join(json.dumps({**row, "source": "ab"[i % 2]}) + "\n"
                                for i, row in enumerate(rows)))
     teachers = {"a": str(vllm_pair["teacher"]), "b": served_vllm}
-    with pytest.raises(OPDError, match=r"^teachers: b give top-k entropy estimates .* serve every "
-                       r"teacher with the same backend$"):
+    with pytest.raises(OPDError, match=r"^teachers: the entropies of b are top-k estimates .* "
+                       r"serve every teacher with the same backend$"):
         run_training(tiny_config(vllm_pair, tmp_path / "run", prompts=str(prompts),
                                  teachers=teachers, teacher="", **{"objective.name": "sampled"}))
     assert not (tmp_path / "run").exists()

@@ -168,7 +168,7 @@ def build_teachers(config: TrainConfig, models: TrainingModels,
     kinds = {name: teacher.entropy for name, teacher in by_name.items()}
     if len(set(kinds.values())) > 1:
         estimated = sorted(str(n) for n, kind in kinds.items() if kind != "exact")
-        raise OPDError(f"teachers: {', '.join(estimated)} give top-k entropy estimates (a vllm "
-                       "backend) and the others exact entropies; teacher_entropy would mix the "
-                       "two: serve every teacher with the same backend")
+        raise OPDError(f"teachers: the entropies of {', '.join(estimated)} are top-k estimates "
+                       "(a vllm backend), the others' exact; teacher_entropy would mix the two: "
+                       "serve every teacher with the same backend")
     return Teachers(by_name, of_prompt)
