@@ -182,6 +182,15 @@ def test_a_served_teachers_tokenizer_comes_with_its_chat_template(templated):
     assert "generation_config.json" in client.files
 
 
+def test_a_tokenizer_file_name_that_is_a_path_is_refused(monkeypatch):
+    """The client writes the served files into a folder of its own, by their bare names."""
+    client = TeacherClient("http://127.0.0.1:9")
+    monkeypatch.setattr(client, "call", lambda path: {"files": {"../tokenizer.json": "{}"}})
+    with pytest.raises(OPDError, match=r"^teacher: http://127.0.0.1:9 sent a tokenizer file named "
+                       r"'\.\./tokenizer\.json', not a plain file name"):
+        client.tokenizer("teacher")
+
+
 def test_diagnose_against_a_served_teacher_equals_the_local_diagnosis(tiny_pair, templated,
                                                                      tmp_path):
     """Every measure, the template check, the teacher's own attempts and continuations, and

@@ -77,6 +77,9 @@ def test_what_vllm_cannot_score_is_refused_naming_the_hf_backend(backends):
     with pytest.raises(BadRequest, match=r"^sequences\[0\]: 200 tokens, more than the vllm "
                        r"engine's max_model_len \(128"):
         served.score(ScoreRequest([[5] * 200], [1], K))
+    with pytest.raises(BadRequest, match=r"^prompts\[0\]: 100 tokens plus max_new_tokens \(64\), "
+                       r"more than the vllm engine's max_model_len \(128"):
+        served.generate(GenerateRequest([[5] * 100], max_new_tokens=64))
 
 
 def test_vllm_greedy_samples_equal_the_hf_backends(backends):
