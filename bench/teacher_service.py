@@ -10,12 +10,19 @@ still. Then it measures the tokens per second
 `POST /v1/score` scores (k = 16 with 16 candidate ids per position) beside the same backend
 called in process, so the HTTP and JSON cost is visible.
 
+With `--vllm` (in the .venv-vllm environment of `make test-vllm`) it measures instead the
+server's scored tokens/s with each backend, hf and vllm, on a teacher whose attention heads
+vLLM's CPU build runs (size 64), k = 16 without candidates (which the vllm backend does not
+take).
+
     python bench/teacher_service.py --out /tmp/opd-serve-bench
+    VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python bench/teacher_service.py --out /tmp/b --vllm
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -33,6 +40,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from opd_step import make_model, make_tokenizer  # noqa: E402
 
 SHAPES = {"student": (64, 2, 4, 128), "teacher": (128, 2, 4, 256)}
+VLLM_TEACHER = (128, 2, 2, 256)
+"""The teacher's shape with heads of 64, which vLLM's CPU attention takes."""
 
 
 def free_port() -> int:
@@ -74,31 +83,78 @@ def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
     return [sum(r[k] for k in keys) for r in records]
 
 
-def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict[str, float]:
-    """Scored tokens/s: the server over HTTP, and the same backend in process."""
+@contextlib.contextmanager
+def serving(teacher: Path, backend: str = "hf"):
+    """`opd serve-teacher` on `teacher` as its own process; yields its URL once it answers."""
     from opd.teacher_service.client import TeacherClient
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    server = subprocess.Popen([sys.executable, "-m", "opd", "serve-teacher", "--model",
+                               str(teacher), "--port", str(port), "--dtype", "float32",
+                               "--backend", backend], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        TeacherClient(url, timeout=300).info()  # waits for the server to come up
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def score_request(vocab: int, candidates: bool):
+    """64 random sequences of 96 tokens, the last 64 scored at k = 16 (with 16 random
+    candidate ids per position when `candidates`), and the number of scored tokens."""
     from opd.teacher_service.protocol import ScoreRequest
-    from opd.teacher_service.server import HFBackend
 
     generator = torch.Generator().manual_seed(0)
     sequences = torch.randint(4, vocab, (64, 96), generator=generator).tolist()
     starts = [32] * len(sequences)
-    candidates = [torch.randint(4, vocab, (64, 16), generator=generator).tolist()
-                  for _ in sequences]
-    request = ScoreRequest(sequences, starts, 16, 1.0, candidates)
+    ids = [torch.randint(4, vocab, (64, 16), generator=generator).tolist() for _ in sequences]
     tokens = sum(len(s) - start for s, start in zip(sequences, starts, strict=True))
-    client = TeacherClient(url, timeout=120)
-    backend = HFBackend(str(teacher), dtype="float32", device=torch.device("cpu"))
-    runs = {"http": lambda: client.score(request), "in_process": lambda: backend.score(request)}
+    return ScoreRequest(sequences, starts, 16, 1.0, ids if candidates else None), tokens
+
+
+def alternated_rates(runs: dict, tokens: int, rounds: int) -> dict[str, float]:
+    """Median tokens/s of each run, after a warm-up, the runs alternated one at a time."""
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
         run()  # warm-up
-    for _ in range(rounds):  # alternated, one request at a time
+    for _ in range(rounds):
         for name, run in runs.items():
             started = time.perf_counter()
             run()
             rates[name].append(tokens / (time.perf_counter() - started))
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict[str, float]:
+    """Scored tokens/s: the server over HTTP, and the same backend in process."""
+    from opd.teacher_service.client import TeacherClient
+    from opd.teacher_service.server import HFBackend
+
+    request, tokens = score_request(vocab, candidates=True)
+    client = TeacherClient(url, timeout=120)
+    backend = HFBackend(str(teacher), dtype="float32", device=torch.device("cpu"))
+    return alternated_rates({"http": lambda: client.score(request),
+                             "in_process": lambda: backend.score(request)}, tokens, rounds)
+
+
+def backend_throughput(out: Path, vocab: int, rounds: int) -> dict[str, float]:
+    """The server's scored tokens/s over HTTP with each backend, on one teacher (one server
+    at a time: the machine's cores go to one backend)."""
+    from opd.teacher_service.client import TeacherClient
+
+    teacher = out / "teacher-64"
+    make_model(teacher, VLLM_TEACHER, vocab, make_tokenizer(vocab), 3)
+    request, tokens = score_request(vocab, candidates=False)
+    rates = {}
+    for backend in ("hf", "vllm"):
+        with serving(teacher, backend) as url:
+            score = TeacherClient(url, timeout=300).score
+            rates.update(alternated_rates({backend: lambda score=score: score(request)},
+                                          tokens, rounds))
+    return rates
 
 
 def main() -> None:
@@ -108,21 +164,21 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--vllm", action="store_true",
+                        help="measure the hf and vllm backends' scored tokens/s instead")
     args = parser.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    if args.vllm:
+        rates = backend_throughput(out, args.vocab, args.rounds)
+        print(f"threads: {torch.get_num_threads()}, vocab {args.vocab}, teacher {VLLM_TEACHER} "
+              f"(hidden, layers, heads, mlp), float32; scored tokens/s over HTTP, median of "
+              f"{args.rounds} requests of 64 × 64 response tokens (k 16, no candidates): "
+              + ", ".join(f"{name} backend {rate:.0f}" for name, rate in rates.items()))
+        return
     folders = build(out, args.vocab)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen([sys.executable, "-m", "opd", "serve-teacher", "--model",
-                               str(folders["teacher"]), "--port", str(port), "--dtype",
-                               "float32"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        from opd.teacher_service.client import TeacherClient
-
-        TeacherClient(url, timeout=120).info()  # waits for the server to come up
+    with serving(folders["teacher"]) as url:
         rows = []
         for objective in ("topk", "sampled"):
             times: dict[str, list[float]] = {"local": [], "served": []}
@@ -134,9 +190,6 @@ def main() -> None:
             rows.append({"objective": objective, "in_process_s": local, "served_s": served,
                          "ratio": served / local})
         rates = scoring_throughput(folders["teacher"], url, args.vocab, args.rounds)
-    finally:
-        server.terminate()
-        server.wait(30)
     print(f"threads: {torch.get_num_threads()}, vocab {args.vocab}, student {SHAPES['student']}, "
           f"teacher {SHAPES['teacher']} (hidden, layers, heads, mlp); 16 prompts × 4 rollouts "
           f"× 32 new tokens per step; median of {args.repeats} × {args.steps} steps each")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,17 +20,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from opd import metrics as M
 from opd.checkpoints import complete_checkpoints
 from opd.cli import main
 from opd.errors import OPDError
+from opd.recipes.cold_start import run_cold_start
 from opd.settings import build
 from opd.teacher_service.client import TeacherClient, TeacherUnavailable
 from opd.teacher_service.protocol import API_KEY_ENV, GenerateRequest
 from opd.teacher_service.server import ServeConfig, build_server
 from opd.train import run_training
 from tests.conftest import make_model
+from tests.test_cold_start import COLD
+from tests.test_select_prompts import select_args
 from tests.test_train import KillAt, tiny_config, without_times
 
 
@@ -121,15 +126,156 @@ def test_full_distribution_objectives_refuse_a_served_teacher_at_the_start(tiny_
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("verb", ["diagnose", "cold-start", "select-prompts"])
-def test_verbs_without_a_client_say_they_need_a_folder(tiny_pair, tmp_path, verb, capsys):
-    code = main([verb, "--student", str(tiny_pair["student"]), "--teacher", "http://127.0.0.1:9",
-                 "--prompts", str(tiny_pair["prompts"]), "--out", str(tmp_path / "out")])
+def assert_close(local, served, path="", tolerance=1e-5):
+    """Two JSON values equal, floats within `tolerance` (absolute and relative)."""
+    if isinstance(local, dict):
+        assert set(local) == set(served), path
+        for key in local:
+            assert_close(local[key], served[key], f"{path}.{key}", tolerance)
+    elif isinstance(local, list):
+        assert len(local) == len(served), path
+        for i, (a, b) in enumerate(zip(local, served, strict=True)):
+            assert_close(a, b, f"{path}[{i}]", tolerance)
+    elif isinstance(local, float):
+        assert served == pytest.approx(local, abs=tolerance, rel=tolerance, nan_ok=True), path
+    else:
+        assert served == local, path
+
+
+@pytest.mark.parametrize("verb", ["eval --model", "diagnose --student", "cold-start --student"])
+def test_only_teachers_may_be_served(tiny_pair, tmp_path, verb, capsys):
+    code = main([*verb.split(), "http://127.0.0.1:9", "--teacher", str(tiny_pair["teacher"]),
+                 "--prompts", str(tiny_pair["prompts"]), "--out", str(tmp_path / "out")]
+                if verb != "eval --model" else
+                [*verb.split(), "http://127.0.0.1:9", "--prompts", str(tiny_pair["prompts"])])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and len(errors) == 1
-    assert ("'http://127.0.0.1:9' is the URL of a served teacher; this verb needs a model folder"
-            in errors[0])
+    assert ("'http://127.0.0.1:9' is the URL of a served teacher; give a model folder here (only "
+            "teachers may be served: --teacher URL)") in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+DIAGNOSE = ["--num-prompts", "8", "--n", "2", "--max-new-tokens", "6", "--no-progress"]
+CHAT_TEMPLATE = "{% for m in messages %}answer {{ m['content'] }} {% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def templated(tiny_pair, tmp_path_factory):
+    """The tiny teacher with a chat template of its own (the student has none), and its URL."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("templated") / "teacher"
+    shutil.copytree(tiny_pair["teacher"], folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    with serving(folder) as (url, _):
+        yield folder, url
+
+
+def test_a_served_teachers_tokenizer_comes_with_its_chat_template(templated):
+    folder, url = templated
+    client = TeacherClient(url)
+    tokenizer = client.tokenizer("teacher")
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(folder).get_vocab()
+    assert "generation_config.json" in client.files
+
+
+def test_a_tokenizer_file_name_that_is_a_path_is_refused(monkeypatch):
+    """The client writes the served files into a folder of its own, by their bare names."""
+    client = TeacherClient("http://127.0.0.1:9")
+    monkeypatch.setattr(client, "call", lambda path: {"files": {"../tokenizer.json": "{}"}})
+    with pytest.raises(OPDError, match=r"^teacher: http://127.0.0.1:9 sent a tokenizer file named "
+                       r"'\.\./tokenizer\.json', not a plain file name"):
+        client.tokenizer("teacher")
+
+
+def test_diagnose_against_a_served_teacher_equals_the_local_diagnosis(tiny_pair, templated,
+                                                                     tmp_path):
+    """Every measure, the template check, the teacher's own attempts and continuations, and
+    the verdict; the served teacher's tokenizer and chat template come from the server."""
+    folder, url = templated
+    common = ["diagnose", "--student", str(tiny_pair["student"]), "--prompts",
+              str(tiny_pair["prompts"]), *DIAGNOSE]
+    assert main([*common, "--teacher", str(folder), "--out", str(tmp_path / "l")]) == 0
+    assert main([*common, "--teacher", url, "--out", str(tmp_path / "s")]) == 0
+    local, remote = (json.loads((tmp_path / name / "diagnosis.json").read_text())
+                     for name in ("l", "s"))
+    assert remote["teacher"].pop("path") == url and remote["teacher"]["entropy"] == "exact"
+    local["teacher"].pop("path")
+    assert local["teacher"]["continuation"] and local["teacher"]["template"]["applies"]
+    assert local["teacher"]["template"]["example_own"] == "<bos> answer 3 + 0 ="
+    assert_close(local["teacher"], remote["teacher"])
+    assert_close(local["student"], remote["student"])
+    assert remote["verdict"] == local["verdict"]
+    assert remote["cost"]["teacher_rollouts"] == local["cost"]["teacher_rollouts"] > 0
+
+
+def test_select_prompts_against_a_served_teacher_equals_the_local_selection(tiny_pair, templated,
+                                                                           tmp_path):
+    """The ranking (step-0 measures and advantage per prompt), the prompts written in the
+    teacher's chat template (from the server), and the trial runs against the served teacher."""
+    folder, url = templated
+    selections = {}
+    for name, teacher in (("local", str(folder)), ("served", url)):
+        args = select_args(tiny_pair, tmp_path / name, "--rank-by", "overlap_ratio,advantage",
+                           "--keep-fraction", "0.5")
+        args[args.index("--teacher") + 1] = teacher
+        assert main(args) == 0
+        selections[name] = json.loads((tmp_path / name / "selection.json").read_text())
+        for trial in selections[name]["trial"].values():
+            if isinstance(trial, dict):
+                trial.pop("run")
+    local, remote = selections["local"], selections["served"]
+    written = (tmp_path / "served" / "prompts.jsonl").read_text().splitlines()
+    assert all(json.loads(row)["prompt"].startswith("answer ") for row in written)
+    for key in ("counts", "prompts", "step0", "trial"):
+        assert_close(local[key], remote[key], key)
+    assert (tmp_path / "local" / "prompts.jsonl").read_text() == (
+        tmp_path / "served" / "prompts.jsonl").read_text()
+
+
+def test_cold_start_with_a_served_teacher_equals_the_local_one(tiny_pair, served, tmp_path):
+    """The teacher data (sampled on the server), the SFT, the gate (its pattern check and the
+    teacher's held-out accuracy through the server) and the OPD stage."""
+    reports = {}
+    for name, teacher in (("local", str(tiny_pair["teacher"])), ("served", served)):
+        config = tiny_config(tiny_pair, tmp_path / name, teacher=teacher, max_steps=1,
+                             cold_start=COLD)
+        reports[name] = run_cold_start(config, force=True)
+    data = [(tmp_path / name / "teacher_data.jsonl").read_text() for name in ("local", "served")]
+    assert data[0] and data[0] == data[1]
+    for report in reports.values():
+        for stage in ("teacher_data", "sft", "gate"):
+            report[stage].pop("seconds", None)
+    for stage in ("teacher_data", "sft", "gate"):
+        assert_close(reports["local"][stage], reports["served"][stage], stage)
+    assert reports["served"]["gate"]["accuracy"]["teacher"] is not None
+    _assert_records_close(M.read(tmp_path / "local" / "opd"), M.read(tmp_path / "served" / "opd"))
+
+
+def test_diagnose_compares_a_served_teacher2_but_not_a_served_first_teacher(tiny_pair, served,
+                                                                           tmp_path, capsys):
+    common = ["diagnose", "--student", str(tiny_pair["student"]), "--prompts",
+              str(tiny_pair["prompts"]), *DIAGNOSE]
+    code = main([*common, "--teacher", served, "--teacher2", str(tiny_pair["teacher"]),
+                 "--out", str(tmp_path / "refused")])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1
+    assert ("teacher: comparing it with teacher2 needs its whole distribution, which a served "
+            "teacher does not send; give the first teacher as a model folder") in errors[0]
+    assert not (tmp_path / "refused").exists()
+    assert main([*common, "--teacher", str(tiny_pair["teacher"]), "--teacher2", served,
+                 "--out", str(tmp_path / "s")]) == 0
+    assert main([*common, "--teacher", str(tiny_pair["teacher"]), "--teacher2",
+                 str(tiny_pair["teacher"]), "--out", str(tmp_path / "l")]) == 0
+    local, remote = (json.loads((tmp_path / name / "diagnosis.json").read_text())
+                     for name in ("l", "s"))
+    for diagnosis in (local, remote):
+        diagnosis["teacher2"].pop("path")
+    assert_close(local["teacher2"], remote["teacher2"])
+    assert remote["teacher2"]["versus_teacher"]["overlap_share"] == pytest.approx(1.0)
 
 
 def test_a_served_teacher_with_a_sharded_student_on_several_processes_is_refused(tiny_pair,
@@ -317,6 +463,16 @@ def test_binding_beyond_this_machine_needs_an_api_key(monkeypatch):
     assert config.key() == "from-env"
 
 
+def test_the_vllm_backend_without_vllm_names_its_extra(monkeypatch, capsys):
+    """Before any model loads (the vllm backend's own tests are in tests_vllm)."""
+    monkeypatch.setattr("opd.engines.is_installed", lambda name: name != "vllm")
+    code = main(["serve-teacher", "--model", "some/teacher", "--backend", "vllm"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(errors) == 1
+    assert 'backend: vllm is not installed; pip install "opd[vllm]"' in errors[0]
+    assert errors[0].endswith("or set backend=hf")
+
+
 def test_an_unreachable_teacher_is_named_after_its_timeout(tiny_pair, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -422,25 +578,25 @@ def test_micro_batches_holding_one_teacher_only_give_the_single_teacher_run(tiny
                           [{k: v for k, v in r.items() if k != M.BY_TEACHER} for r in both])
 
 
-def test_diagnose_gives_a_verdict_per_teacher_on_its_own_prompts(tiny_pair, two_sources,
+def test_diagnose_gives_a_verdict_per_teacher_on_its_own_prompts(tiny_pair, two_sources, served,
                                                                  tmp_path, capsys):
-    """`opd diagnose` with `teachers`: a diagnosis per teacher in OUT/<value>, equal to the
-    one-teacher diagnosis on that teacher's prompts alone."""
+    """`opd diagnose` with `teachers` (one served, one a folder): a diagnosis per teacher in
+    OUT/<value>, equal to the one-teacher diagnosis on that teacher's prompts alone."""
     args = ["--student", str(tiny_pair["student"]), "--num-prompts", "20", "--n", "2",
             "--max-new-tokens", "6", "--no-progress"]
-    teachers = {"a": str(tiny_pair["teacher"]), "b": str(tiny_pair["student"])}
+    teachers = {"a": served, "b": str(tiny_pair["student"])}
     assert main(["diagnose", *args, "--prompts", str(two_sources["prompts"]), "--out",
                  str(tmp_path / "both"), "--set", f"teachers={json.dumps(teachers)}"]) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in two_sources["prompts"].read_text().splitlines()]
     only_a = tmp_path / "a.jsonl"
     only_a.write_text("".join(json.dumps(r) + "\n" for r in rows if r["source"] == "a"))
-    assert main(["diagnose", *args, "--prompts", str(only_a), "--teacher", teachers["a"],
-                 "--out", str(tmp_path / "alone")]) == 0
+    assert main(["diagnose", *args, "--prompts", str(only_a), "--teacher",
+                 str(tiny_pair["teacher"]), "--out", str(tmp_path / "alone")]) == 0
     by_teacher = {name: json.loads((tmp_path / "both" / name / "diagnosis.json").read_text())
                   for name in ("a", "b")}
     alone = json.loads((tmp_path / "alone" / "diagnosis.json").read_text())
-    assert by_teacher["a"]["teacher"]["pattern"] == alone["teacher"]["pattern"]
+    assert_close(alone["teacher"]["pattern"], by_teacher["a"]["teacher"]["pattern"])
     assert by_teacher["a"]["verdict"] == alone["verdict"]
     assert by_teacher["a"]["student"]["prompts"] == by_teacher["b"]["student"]["prompts"] == 10
     # b is the student itself: every top-k set shared

@@ -37,6 +37,8 @@ def make_record(step: int) -> dict:
     for i, name in enumerate(M.TOKEN_MEASURES):
         record[name] = 0.1 * (i + 1) + 0.01 * step
     record[M.BY_POSITION] = {name: [0.1 * step + i, None, 0.3 - i] for i, name in enumerate(M.TOKEN_MEASURES)}
+    record[M.BY_TEACHER] = {"math": {M.REVERSE_KL: 0.2 * step, M.OVERLAP_RATIO: None},
+                            "code": {M.REVERSE_KL: 0.3 * step, M.OVERLAP_RATIO: 0.5}}
     if step == 2:
         record[M.ALERTS] = [ALERT]
     if step == 3:
@@ -81,6 +83,12 @@ def expected_scalars(record):
             if k not in {M.STEP, M.BY_POSITION, M.ALERTS} and isinstance(v, int | float)}
 
 
+def teacher_scalars(record):
+    """Each teacher's numeric measures under `by_teacher/<name>/<measure>` (None left out)."""
+    return {f"{M.BY_TEACHER}/{name}/{key}": v for name, values in record[M.BY_TEACHER].items()
+            for key, v in values.items() if v is not None}
+
+
 def heights(values):
     return [0.0 if v is None else v for v in values]
 
@@ -97,6 +105,11 @@ def test_tensorboard_event_files_hold_the_records(tracker_env):
         want = {r[M.STEP]: r[key] for r in records if key in r}
         assert logged == pytest.approx(want, rel=1e-6), key
     assert [e.step for e in events.Scalars(M.ACCURACY)] == [3]
+    teacher_tags = {t for t in events.Tags()["scalars"] if t.startswith(f"{M.BY_TEACHER}/")}
+    assert teacher_tags == set(teacher_scalars(records[0]))
+    for key in teacher_tags:
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx({r[M.STEP]: teacher_scalars(r)[key] for r in records}), key
     for name in M.TOKEN_MEASURES:
         for event, record in zip(events.Histograms(f"by_position/{name}"), records, strict=True):
             assert event.step == record[M.STEP]

@@ -306,6 +306,8 @@ def diagnose_teachers(student: str | None = None, prompts: str | None = None, *,
     from opd.diagnose.report import write_outputs
     from opd.io import check_output_folder
     from opd.models import check_model_folder
+    from opd.teacher_service.client import TeacherClient
+    from opd.teacher_service.protocol import is_url
     from opd.teachers import teacher_of_each_prompt
 
     values = {"student": student, "prompts": prompts, "teachers": teachers,
@@ -319,9 +321,13 @@ def diagnose_teachers(student: str | None = None, prompts: str | None = None, *,
     records = load_prompts(diagnose_config.prompts, **source_of(diagnose_config))
     used = set(teacher_of_each_prompt(records, diagnose_config.teacher_field,
                                       diagnose_config.teachers))
-    for name in sorted(used):  # every teacher's folder, before the first diagnosis is written
-        check_model_folder(diagnose_config.teachers[name], f"teachers.{name}",
-                           trust_remote_code=diagnose_config.trust_remote_code)
+    for name in sorted(used):  # every teacher, before the first diagnosis is written
+        path = diagnose_config.teachers[name]
+        if is_url(path):
+            TeacherClient(path, timeout=diagnose_config.teacher_timeout).info()
+        else:
+            check_model_folder(path, f"teachers.{name}",
+                               trust_remote_code=diagnose_config.trust_remote_code)
     diagnoses = {}
     for name in sorted(used):
         folder = None if out is None else Path(out) / name

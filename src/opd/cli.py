@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       description="Sample n responses per prompt and verify each one.")
     settings.add_verb(verbs, "serve-teacher", ServeConfig, cmd_serve_teacher,
                       help="serve a teacher over HTTP for training runs elsewhere",
-                      description="Score token sequences with a teacher model for OPD runs "
-                      "that pass --teacher http://HOST:PORT (needs the serve extra).")
+                      description="Score and sample with a teacher model for the verbs that "
+                      "pass --teacher http://HOST:PORT (train, grpo, diagnose, cold-start, "
+                      "select-prompts); needs the serve extra (--backend vllm: the vllm extra).")
     settings.add_verb(verbs, "reproduce", ReproduceConfig, cmd_reproduce,
                       help="re-run the study's findings on the model organisms",
                       description="Builds the zoo it needs, runs every finding's experiments for "

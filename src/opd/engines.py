@@ -21,7 +21,7 @@ import gc
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -108,8 +108,9 @@ class VLLMEngine:
     """
 
     def __init__(self, model_path: str, *, dtype: torch.dtype, max_model_len: int,
-                 settings: VLLMConfig, trust_remote_code: bool = False) -> None:
-        require_engine("vllm")
+                 settings: VLLMConfig, trust_remote_code: bool = False,
+                 max_logprobs: int | None = None, field: str = "rollout_engine") -> None:
+        require_engine("vllm", field)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
@@ -126,9 +127,10 @@ class VLLMEngine:
                 max_model_len=max_model_len, gpu_memory_utilization=settings.memory_share,
                 enforce_eager=settings.enforce_eager, enable_sleep_mode=self.sleeps,
                 trust_remote_code=trust_remote_code, seed=0, tensor_parallel_size=1, **launcher,
+                **({} if max_logprobs is None else {"max_logprobs": max_logprobs}),
             )
         except (ValueError, RuntimeError, OSError) as err:
-            raise OPDError(f"rollout_engine: the vLLM engine could not start on {model_path!r} "
+            raise OPDError(f"{field}: the vLLM engine could not start on {model_path!r} "
                            f"({one_line(err, 300)}); check the model folder, and that "
                            "vllm.memory_share is a share of memory that is free and holds the "
                            "model") from None
@@ -259,11 +261,23 @@ def sampled_token_logprobs(rollouts: Rollouts, rows: slice) -> torch.Tensor | No
     return torch.tensor(flat, dtype=torch.float32)
 
 
-def generate(engine: VLLMEngine | None, model: torch.nn.Module, tokenizer: Any,
-             prompts: Sequence[str] | Sequence[list[int]], **options: Any) -> Rollouts:
-    """Rollouts from `engine`, or from opd's own sampler when it is None (same options as
-    `generate_rollouts`; `batch_size` only applies to the sampler)."""
+class ServedSampler(Protocol):
+    """A model served elsewhere that samples rollouts itself, with the options of
+    `generate_rollouts` (`opd.teacher_service.client.TeacherClient`)."""
+
+    def rollouts(self, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]],
+                 **options: Any) -> Rollouts: ...
+
+
+def generate(engine: VLLMEngine | ServedSampler | None, model: torch.nn.Module | None,
+             tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], **options: Any
+             ) -> Rollouts:
+    """Rollouts from `engine` (given `model`'s weights), from a served teacher (`engine` its
+    client, `tokenizer` its own, no `model`), or from opd's own sampler when `engine` is None
+    (same options as `generate_rollouts`; `batch_size` only applies to the sampler)."""
     if engine is None:
         return generate_rollouts(model, tokenizer, prompts, **options)
     options.pop("batch_size", None)
-    return sample_rollouts(engine, model, tokenizer, prompts, **options)
+    if isinstance(engine, VLLMEngine):
+        return sample_rollouts(engine, model, tokenizer, prompts, **options)
+    return engine.rollouts(tokenizer, prompts, **options)

@@ -18,7 +18,7 @@ from opd.data.prompts import (
     render_prompt,
     require_answers,
 )
-from opd.engines import ENGINES, VLLMConfig, VLLMEngine, generate, require_engine
+from opd.engines import ENGINES, ServedSampler, VLLMConfig, VLLMEngine, generate, require_engine
 from opd.settings import Config, group, setting
 from opd.verify import VERIFIERS, get_verifier
 
@@ -69,7 +69,7 @@ class EvalResult:
 
 
 def evaluate(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer,
     records: Sequence[PromptRecord],
     *,
@@ -82,10 +82,11 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 64,
     chat_template_kwargs: dict[str, Any] | None = None,
-    engine: VLLMEngine | None = None,
+    engine: VLLMEngine | ServedSampler | None = None,
 ) -> EvalResult:
     """Sample `n` responses per prompt (greedy at temperature 0) and verify each one, with
-    `engine` given `model`'s weights (opd's own sampler when it is None)."""
+    `engine` given `model`'s weights, or a served teacher's client (`model` None, `tokenizer`
+    its own); opd's own sampler when it is None."""
     require_answers(records, "prompts", "evaluation")
     check = get_verifier(verifier)
     texts = [render_prompt(r.messages, tokenizer, template, chat_template_kwargs)

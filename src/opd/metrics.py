@@ -75,6 +75,12 @@ REVERSE_KL = _declare(
     "reverse_kl", "Sampled-token estimate of KL(p‖q): log p_t(ŷ_t) − log q_t(ŷ_t).", "nats",
     "with a teacher", by_position=True)
 
+TEACHER_ENTROPY_ESTIMATE = _declare(
+    "teacher_entropy_estimate", "`topk` when teacher_entropy and entropy_gap are estimates: the "
+    "teacher is served by a backend that sends only its top-k (vllm), and its entropy is "
+    "−Σ over its top-k tokens of q log q, a lower bound. Absent when they are exact.", "text",
+    "with a teacher served by the vllm backend")
+
 ENGINE_PRESENT = "with rollout_engine vllm"
 ROLLOUT_LOGPROB_GAP = _declare(
     "rollout_logprob_gap", "Mean absolute gap |log p_trainer(ŷ_t) − log p_engine(ŷ_t)| between the "

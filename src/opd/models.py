@@ -70,8 +70,8 @@ def _local_folder(path: str, role: str) -> Path | None:
     """The local folder `path` names (None: not on disk, so a hub id); a file or an empty
     folder is refused."""
     if is_url(path):
-        raise OPDError(f"{role}: {path!r} is the URL of a served teacher; this verb needs a model "
-                       "folder (opd train and opd grpo score through `opd serve-teacher`)")
+        raise OPDError(f"{role}: {path!r} is the URL of a served teacher; give a model folder "
+                       "here (only teachers may be served: --teacher URL)")
     folder = Path(path).expanduser()
     if not folder.exists():
         if _looks_local(path):

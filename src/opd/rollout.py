@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -190,7 +191,12 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> set[int]:
     generation config (chat models often end a turn with a token other than the tokenizer's
     EOS: Gemma's `<end_of_turn>`, Llama-3's `<|eot_id|>`, listed there beside it)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    generation = getattr(base, "generation_config", None)
+    return eos_token_ids(tokenizer, getattr(base, "generation_config", None))
+
+
+def eos_token_ids(tokenizer, generation: Any) -> set[int]:
+    """`stop_token_ids` from a tokenizer and a generation config (None: the tokenizer's EOS
+    only), for a model that is not loaded in this process (a vLLM teacher)."""
     listed = getattr(generation, "eos_token_id", None)
     listed = [] if listed is None else [listed] if isinstance(listed, int) else list(listed)
     return {i for i in [tokenizer.eos_token_id, *listed] if i is not None}

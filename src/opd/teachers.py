@@ -17,7 +17,12 @@ from opd.errors import OPDError
 from opd.models import TrainingModels, check_same_vocabulary, load_model, load_tokenizer
 from opd.runtime import Processes
 from opd.scoring import Head, LocalTeacher, ResponseStates, TeacherLogprobs, output_head, response_states
-from opd.teacher_service.client import ServedTeacher, TeacherClient, check_served_vocabulary
+from opd.teacher_service.client import (
+    ServedTeacher,
+    TeacherClient,
+    check_served_capabilities,
+    check_served_vocabulary,
+)
 from opd.teacher_service.protocol import is_url, vocabulary_fingerprint
 
 STUDENT_CANDIDATE_SETS = ("student", "union", "symmetric-difference")
@@ -29,12 +34,18 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Teacher(Protocol):
+    entropy: str
+    """exact, or topk: its teacher entropies are estimates from its top-k (a served vllm
+    teacher)."""
+
     def logprobs(self, inputs: Inputs, student: ResponseStates,
                  student_head: Head) -> TeacherLogprobs: ...
 
 
 class InProcessTeacher:
     """A teacher model loaded in this process: its backbone's states and its head."""
+
+    entropy = "exact"
 
     def __init__(self, model: torch.nn.Module, temperature: float) -> None:
         self.model, self.head, self.temperature = model, output_head(model), temperature
@@ -67,6 +78,12 @@ class Teachers:
 
     def __init__(self, by_name: dict[str | None, Teacher], of_prompt: list[str] | None) -> None:
         self.by_name, self.of_prompt = by_name, of_prompt
+
+    @property
+    def entropy(self) -> str:
+        """exact, or topk when the teacher entropies (and entropy gaps) are top-k estimates;
+        `build_teachers` refuses teachers of both kinds in one run."""
+        return next(iter(self.by_name.values())).entropy
 
     @property
     def names(self) -> list[str]:
@@ -115,14 +132,17 @@ def _load(path: str, role: str, config: TrainConfig, models: TrainingModels,
         return InProcessTeacher(model, objective.teacher_temperature)
     vocab_size = int(models.student.get_output_embeddings().weight.shape[0])
     client = TeacherClient(path, timeout=config.teacher_timeout)
-    check_served_vocabulary(client.info(), vocabulary_fingerprint(models.tokenizer), vocab_size,
-                            path)
+    info = client.info()
+    check_served_vocabulary(info, vocabulary_fingerprint(models.tokenizer), vocab_size, path)
     top = objective.name in ("topk", "subset_kl")
     uses_student_set = top and objective.strategy in STUDENT_CANDIDATE_SETS
+    check_served_capabilities(info, path, candidates=uses_student_set,
+                              temperature=objective.teacher_temperature)
     k = max(config.measure_k, objective.k if top else 1)
     return ServedTeacher(client, vocab_size=vocab_size, k=min(k, vocab_size),
                          candidates_k=min(objective.k, vocab_size) if uses_student_set else 0,
-                         temperature=objective.teacher_temperature, chunk_size=config.chunk_size)
+                         temperature=objective.teacher_temperature, chunk_size=config.chunk_size,
+                         entropy=info.get("entropy", "exact"))
 
 
 def build_teachers(config: TrainConfig, models: TrainingModels,
@@ -145,4 +165,10 @@ def build_teachers(config: TrainConfig, models: TrainingModels,
     by_name: dict[str | None, Teacher] = {
         name: _load(path, f"teachers.{name}", config, models, device)
         for name, path in config.teachers.items() if name in set(of_prompt)}
+    kinds = {name: teacher.entropy for name, teacher in by_name.items()}
+    if len(set(kinds.values())) > 1:
+        estimated = sorted(str(n) for n, kind in kinds.items() if kind != "exact")
+        raise OPDError(f"teachers: the entropies of {', '.join(estimated)} are top-k estimates "
+                       "(a vllm backend), the others' exact; teacher_entropy would mix the two: "
+                       "serve every teacher with the same backend")
     return Teachers(by_name, of_prompt)

@@ -4,7 +4,8 @@
 per tracker. Each is fed from the metrics schema (`opd.metrics`), the same record that
 metrics.jsonl gets, under the same names:
 - every numeric key of the step's record (loss, the measures, lengths, times, accuracy …) as a
-  scalar at its step;
+  scalar at its step, and with several teachers each teacher's measures as
+  `by_teacher/<name>/<measure>`;
 - each by-position measure as a histogram whose x axis is the response position (one bucket per
   position bin, bounded by the bin edges in tokens; its height is the measure there, 0 for an
   empty bin) — TensorBoard, W&B and trackio — and, in MLflow, which has no histograms, as one
@@ -70,10 +71,17 @@ def tracker_hooks(config: TrainConfig) -> list[StepHook]:
 
 
 def scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The record's numeric keys (the schema's scalars), by their metrics.jsonl names."""
-    return {key: float(value) for key, value in record.items()
-            if key in M.SCHEMA and key not in NOT_SCALARS
-            and isinstance(value, int | float) and not isinstance(value, bool)}
+    """The record's numeric keys (the schema's scalars), by their metrics.jsonl names, and with
+    several teachers each teacher's measures as `by_teacher/<name>/<measure>`."""
+    def numeric(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    values = {key: float(value) for key, value in record.items()
+              if key in M.SCHEMA and key not in NOT_SCALARS and numeric(value)}
+    for name, measures in (record.get(M.BY_TEACHER) or {}).items():
+        values.update({f"{M.BY_TEACHER}/{name}/{key}": float(value)
+                       for key, value in measures.items() if numeric(value)})
+    return values
 
 
 def alert_text(alert: Mapping[str, Any]) -> str:

@@ -380,6 +380,8 @@ class Trainer:
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
         if self.engine is not None:
             overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(gap_max)
+        if self.teachers is not None and self.teachers.entropy != "exact":
+            record[M.TEACHER_ENTROPY_ESTIMATE] = self.teachers.entropy
         if self.teachers is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None

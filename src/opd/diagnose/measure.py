@@ -9,6 +9,11 @@ same prefix with the same random numbers (continuation advantage by depth: novel
 horizon); the sequence-mean reward is compared across correct and wrong rollouts (AUROC).
 The result is one JSON-ready dict; `rules.decide` turns it into a verdict and `report` draws
 it. The teacher sees the prompt as OPD would show it (`teacher_prompt`, as in TrainConfig).
+
+A teacher may be served (`opd serve-teacher`, a URL): its tokenizer and chat template come from
+the server, its samples from `/v1/generate`, its scores from `/v1/score` (its top-k and the
+sampled tokens, which is all the measures read, so they are exact; its entropy is exact from
+the hf backend and a top-k estimate from vllm, which the diagnosis says: `entropy`).
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from opd.measures import means_from_totals, position_bin_edges, position_totals,
 from opd.models import check_same_vocabulary, context_window, default_device, load_model, load_tokenizer
 from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import timed
-from opd.scoring import output_head, response_states, score
+from opd.scoring import LocalTeacher, output_head, response_states, score
 from opd.settings import Config, group, setting
+from opd.teacher_service.client import ServedTeacher, TeacherClient, check_served_vocabulary
+from opd.teacher_service.protocol import is_url, vocabulary_fingerprint
 from opd.verify import VERIFIERS, get_verifier
 
 
@@ -52,7 +59,8 @@ class DiagnoseConfig(Config):
     """Inputs and sampling settings of one diagnosis (`opd diagnose`)."""
 
     student: str = setting("", "Student model folder (or hub id).")
-    teacher: str = setting("", "Teacher model folder (or hub id).")
+    teacher: str = setting("", "Teacher model folder (or hub id), or the URL of `opd "
+                           "serve-teacher` (http://host:port).")
     prompts: str = setting("", "The prompts you plan to train on (.jsonl / .parquet, a "
                            "save_to_disk folder or a hub dataset id); an 'answer' per row enables "
                            "the accuracy checks.")
@@ -61,11 +69,11 @@ class DiagnoseConfig(Config):
     messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
     answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
-    teacher2: str | None = setting(None, "A second teacher: measured the same way, and compared "
-                                   "with the first.")
+    teacher2: str | None = setting(None, "A second teacher (folder or URL): measured the same "
+                                   "way, and compared with the first.")
     teachers: dict[str, str] = setting(
         factory=dict, help="Several teachers, as in training: a value of the prompt field "
-        "`teacher_field` → the teacher folder for the prompts with that value; each gets its "
+        "`teacher_field` → the teacher folder or URL for the prompts with that value; each gets its "
         "own diagnosis and verdict, in OUT/<value>. Instead of `teacher`.")
     teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
                                  "prompt (with `teachers`).")
@@ -110,6 +118,8 @@ class DiagnoseConfig(Config):
     train_rollouts: int = setting(256, "Rollouts per step of that run (the study: 64 prompts × "
                                   "4).", minimum=1)
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
+    teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
+                                     "(retried with backoff) before the diagnosis stops.", above=0)
     progress: bool = setting(True, "Show a progress bar.")
     trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
                                       "unless asked).")
@@ -120,6 +130,10 @@ class DiagnoseConfig(Config):
             raise OPDError("teacher: give either teacher (and teacher2) or teachers (one teacher "
                            "per value of teacher_field), not both")
         check_template(self.teacher_template, "teacher_template")
+        if self.teacher2 and is_url(self.teacher):
+            raise OPDError("teacher: comparing it with teacher2 needs its whole distribution, which "
+                           "a served teacher does not send; give the first teacher as a model "
+                           "folder (teacher2 may be a URL)")
         if list(self.depths) != sorted(set(self.depths)):
             raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
                            f"{','.join(f'{d:g}' for d in self.depths)}")
@@ -127,13 +141,15 @@ class DiagnoseConfig(Config):
 
 @dataclass
 class Pair:
-    """A loaded model with its tokenizer and how it renders the prompts."""
+    """A loaded model with its tokenizer and how it renders the prompts; a served teacher has
+    its client and entropy kind (exact or topk) instead of a model."""
 
     name: str
     path: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None
     tokenizer: Any
     prompt_rows: list[list[int]]
+    served: ServedTeacher | None = None
 
 
 @dataclass
@@ -172,13 +188,31 @@ def _sample_records(config: DiagnoseConfig, value: str | None = None) -> list[Pr
 
 def load_pair(path: str, role: str, config: DiagnoseConfig, student: Pair | None = None) -> Pair:
     """A model and its tokenizer, no prompts rendered yet; a teacher's vocabulary is checked
-    against the `student`'s first (OPDError on a mismatch)."""
+    against the `student`'s first (OPDError on a mismatch). A teacher's URL gives a served
+    teacher (its tokenizer from the server)."""
+    if is_url(path) and student is not None:
+        return _served_pair(path, role, config, student)
     tokenizer = load_tokenizer(path, role, config.trust_remote_code)
     if student is not None:
         check_same_vocabulary(student.tokenizer, tokenizer, student.path, path)
     model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device(),
                        trust_remote_code=config.trust_remote_code)
     return Pair(role, path, model, tokenizer, [])
+
+
+def _served_pair(url: str, role: str, config: DiagnoseConfig, student: Pair) -> Pair:
+    """The teacher served at `url`, asked for its top-k at the largest k measured (no
+    candidates: every measure reads only each side's own top-k and the sampled token)."""
+    client = TeacherClient(url, timeout=config.teacher_timeout)
+    info = client.info()
+    vocab_size = int(student.model.get_output_embeddings().weight.shape[0])
+    check_served_vocabulary(info, vocabulary_fingerprint(student.tokenizer), vocab_size, url)
+    tokenizer = client.tokenizer(role, config.trust_remote_code)
+    check_same_vocabulary(student.tokenizer, tokenizer, student.path, url)
+    k = min(max([*config.k, config.thresholds.pattern_k]), vocab_size, info["limits"]["max_k"])
+    teacher = ServedTeacher(client, vocab_size=vocab_size, k=k, candidates_k=0, temperature=1.0,
+                            entropy=info.get("entropy", "exact"))
+    return Pair(role, url, None, tokenizer, [], served=teacher)
 
 
 def _render(pair: Pair, records: Sequence[PromptRecord], template: str | None) -> Pair:
@@ -202,8 +236,8 @@ def _generate(pair: Pair, config: DiagnoseConfig, prompts: Sequence[str] | Seque
               **options: Any) -> Rollouts:
     """`pair`'s samples from the configured engine (vLLM: the process's engine, on `pair`'s
     folder, long enough for a continuation: prompt, prefix and new tokens)."""
-    engine = None
-    if config.rollout_engine == "vllm":
+    engine = None if pair.served is None else pair.served.client
+    if engine is None and config.rollout_engine == "vllm":
         longest = max(len(row) for row in pair.prompt_rows) + config.max_new_tokens
         engine = vllm_engine(pair.path, dtype=next(pair.model.parameters()).dtype,
                              max_model_len=model_length_limit(context_window(pair.path), longest,
@@ -255,10 +289,11 @@ against itself whatever its entropy."""
 def _measures_at(ks: Sequence[int]):
     """The measures consumer of the scoring pass: every token measure and both overlap shares
     for each k, named `measure@k`."""
-    def measure(student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor):
+    def measure(student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
+                teacher_entropy: torch.Tensor | None = None):
         values = {}
         for k in ks:
-            at_k = token_measures(student_lp, teacher_lp, targets, k)
+            at_k = token_measures(student_lp, teacher_lp, targets, k, teacher_entropy)
             share_student, share_teacher = SHARES
             at_k[share_student] = at_k[M.OVERLAP_MASS_STUDENT] / topk_mass(student_lp, k)
             at_k[share_teacher] = at_k[M.OVERLAP_MASS_TEACHER] / topk_mass(teacher_lp, k)
@@ -270,19 +305,22 @@ def _measures_at(ks: Sequence[int]):
 
 @torch.no_grad()
 def _score(left: Pair, right: Pair, ctx: Context, k: Sequence[int]) -> dict[str, Any]:
-    """Per-token measures of `right` against `left` (left plays the student) on the student's
-    rollouts, for each k: a dict k → {measure: [M] tensor} (the token measures and SHARES),
-    plus positions and rows. Rows are scored `batch_size` at a time, in one pass for all k."""
+    """Per-token measures of `right` against `left` (left plays the student; right may be
+    served) on the student's rollouts, for each k: a dict k → {measure: [M] tensor} (the token
+    measures and SHARES), plus positions and rows. Rows are scored `batch_size` at a time, in
+    one pass for all k."""
     rollouts, size = ctx.rollouts, ctx.config.batch_size
-    left_head, right_head = output_head(left.model), output_head(right.model)
+    left_head = output_head(left.model)
+    right_head = None if right.served else output_head(right.model)
     columns: dict[str, list[torch.Tensor]] = {}
     positions, rows = [], []
     for start in range(0, rollouts.input_ids.shape[0], size):
         part = slice(start, start + size)
         left_states = response_states(left.model, *_teacher_inputs(left, ctx, part))
-        right_states = response_states(right.model, *_teacher_inputs(right, ctx, part))
-        scores = score(left_states, right_states, student_head=left_head, teacher_head=right_head,
-                       measures=_measures_at(k))
+        right_inputs = _teacher_inputs(right, ctx, part)
+        teacher = (right.served.logprobs(right_inputs, left_states, left_head) if right.served
+                   else LocalTeacher(response_states(right.model, *right_inputs), right_head))
+        scores = score(left_states, teacher, student_head=left_head, measures=_measures_at(k))
         for name, value in scores.measures.items():
             columns.setdefault(name, []).append(value.cpu())
         positions.append(left_states.positions.cpu())
@@ -324,18 +362,32 @@ def _template_check(teacher: Pair, ctx: Context) -> dict[str, Any]:
     if teacher.prompt_rows == asked.prompt_rows:
         return {"identical": True, "applies": False, "gap": 0.0, "se": 0.0,
                 "note": "the teacher's template renders the prompts exactly as the student's"}
-    k = ctx.config.thresholds.pattern_k
-    scored = _score(teacher, asked, ctx, [k])
-    gap_tokens = scored["measures"][k][M.REVERSE_KL]  # log p_own(ŷ) − log p_asked(ŷ)
-    per_row = _row_means(gap_tokens, scored["rows"], ctx.rollouts.input_ids.shape[0])
+    if teacher.served:  # log p_own(ŷ) − log p_asked(ŷ) from the server's token log-probs
+        everything = slice(None)
+        gap_tokens, rows = (teacher.served.token_logprobs(_teacher_inputs(teacher, ctx, everything))
+                            - teacher.served.token_logprobs(_teacher_inputs(asked, ctx, everything)),
+                            _response_rows(ctx))
+        ctx.cost["scored_tokens"] += 2 * gap_tokens.numel()
+    else:
+        k = ctx.config.thresholds.pattern_k
+        scored = _score(teacher, asked, ctx, [k])
+        gap_tokens = scored["measures"][k][M.REVERSE_KL]  # log p_own(ŷ) − log p_asked(ŷ)
+        rows = scored["rows"]
+    per_row = _row_means(gap_tokens, rows, ctx.rollouts.input_ids.shape[0])
     stats = clustered_mean_se(per_row, ctx.rollouts.prompt_index.tolist())
     decode = teacher.tokenizer.decode
     return {"identical": False, "applies": applies, "gap": stats["mean"], "se": stats["se"],
             "example_own": decode(teacher.prompt_rows[0]), "example_student": decode(asked.prompt_rows[0])}
 
 
+def _response_rows(ctx: Context) -> torch.Tensor:
+    """The rollout row of each response token, row-major (as `ResponseStates.rows`)."""
+    lengths = torch.tensor([len(r) for r in ctx.rollouts.response_ids])
+    return torch.arange(len(lengths)).repeat_interleave(lengths)
+
+
 def _as_student_rendering(teacher: Pair, ctx: Context) -> Pair:
-    return Pair(teacher.name, teacher.path, teacher.model, teacher.tokenizer, ctx.student.prompt_rows)
+    return replace(teacher, prompt_rows=ctx.student.prompt_rows)
 
 
 def _continuation_curve(pair: Pair, ctx: Context) -> tuple[list[dict[str, Any]], list[list[bool]]]:
@@ -399,7 +451,8 @@ def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, flo
     """Everything about one teacher on the student's states, with its verdict."""
     config, t = ctx.config, ctx.config.thresholds
     asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
-    out: dict[str, Any] = {"path": teacher.path}
+    out: dict[str, Any] = {"path": teacher.path,
+                           "entropy": teacher.served.entropy if teacher.served else "exact"}
     with timed(f"{teacher.name}_scoring", times):
         bar.set_postfix_str(f"{teacher.name}: step-0 measures")
         scored = _score(ctx.student, asked, ctx, sorted({*config.k, t.pattern_k}))

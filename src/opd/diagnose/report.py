@@ -51,8 +51,11 @@ def measure_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
                          f"{fmt(o['overlap_share_teacher'])}"))
         k = str(diagnosis["thresholds"]["pattern_k"])
         o = result["pattern"]["by_k"][k]["overall"]
+        topk = result.get("entropy") == "topk"
+        estimate = " (top-k estimate of the served teacher's entropy)" if topk else ""
         rows += [(f"{name} overlap-token advantage (top-{k})", fmt(o["overlap_token_advantage"])),
-                 (f"{name} entropy gap / reverse KL", f"{fmt(o['entropy_gap'])} / {fmt(o['reverse_kl'])}")]
+                 (f"{name} entropy gap{estimate} / reverse KL",
+                  f"{fmt(o['entropy_gap'])} / {fmt(o['reverse_kl'])}")]
         template = result["template"]
         rows.append((f"{name} template gap (nats/token)",
                      "same rendering" if template["identical"]

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from opd.config import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
-from opd.engines import VLLMEngine, engine_for_prompts, generate, require_engine
+from opd.engines import ServedSampler, VLLMEngine, engine_for_prompts, generate, require_engine
 from opd.errors import OPDError
 from opd.hooks import run_hooks
 from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
@@ -58,6 +58,8 @@ from opd.recipes.gate import (
 from opd.rollout import check_prompts
 from opd.runtime import StepHook, is_main_process
 from opd.sft import EarlyStopping, SFTConfig, fit_sft
+from opd.teacher_service.client import TeacherClient
+from opd.teacher_service.protocol import is_url
 from opd.trackers import require as require_trackers
 from opd.train import check_training_prompts, run_training
 from opd.verify import get_verifier
@@ -66,11 +68,13 @@ from opd.verify import get_verifier
 def generate_teacher_data(
     teacher, tokenizer, records: Sequence[PromptRecord], config: ColdStartConfig, *,
     max_new_tokens: int, verifier: str, seed: int, progress: bool = True,
-    chat_template_kwargs: dict[str, Any] | None = None, engine: VLLMEngine | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    engine: VLLMEngine | ServedSampler | None = None,
 ) -> list[dict[str, Any]]:
     """Teacher responses per prompt, deduplicated; with answers and keep != all, only the
     verified-correct ones, re-sampling unsolved prompts up to `max_attempts` times. `engine`
-    (given the teacher's weights) samples them when set, else opd's own sampler."""
+    (given the teacher's weights, or a served teacher's client with `teacher` None) samples
+    them when set, else opd's own sampler."""
     check = get_verifier(verifier)
     with_answers = all(r.answer is not None for r in records)
     keep = config.keep if config.keep != "auto" else ("correct" if with_answers else "all")
@@ -166,25 +170,29 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     eval_records = (load_prompts(train.eval_prompts, "eval_prompts", **source_of(train, "eval_split"))
                     if train.eval_prompts else [])
     require_answers(eval_records, "eval_prompts", "evaluation")
+    served = (TeacherClient(train.teacher, timeout=train.teacher_timeout)
+              if is_url(train.teacher) else None)
     student_tok = load_tokenizer(train.student, "student", train.trust_remote_code)
-    teacher_tok = load_tokenizer(train.teacher, "teacher", train.trust_remote_code)
+    teacher_tok = (served.tokenizer("teacher", train.trust_remote_code) if served
+                   else load_tokenizer(train.teacher, "teacher", train.trust_remote_code))
     check_same_vocabulary(student_tok, teacher_tok, train.student, train.teacher)
     data_path, sft_dir = out / "teacher_data.jsonl", out / "sft"
     common = dict(dtype=train.dtype, trust_remote_code=train.trust_remote_code)
     # The models of the stages still to run are loaded now, so that weights which cannot be
     # used stop the recipe before its folder exists; the others are only looked at.
+    generates = not data_path.exists()
     teacher = (load_model(train.teacher, "teacher", trainable=False, **common)
-               if not data_path.exists() else None)
+               if generates and served is None else None)
     student = (load_model(train.student, "student", trainable=True, **common)
                if not (sft_dir / "config.json").exists() else None)
-    for path, role in ((train.student, "student"), (train.teacher, "teacher")):
+    for path, role in ((train.student, "student"), *(() if served else [(train.teacher, "teacher")])):
         check_model_folder(path, role, tokenizer=False, trust_remote_code=train.trust_remote_code)
     check_prompts(records, teacher_tok, None, who="the teacher's rendering",
                   limit=context_window(train.teacher), limit_name="the teacher's context window",
                   fix="shorten or remove the row", chat_template_kwargs=train.chat_template_kwargs)
     check_training_prompts(train, train_records, student_tok, teacher_tok, eval_records)
     report: dict[str, Any] = _read_report(report_path)
-    engine = None
+    engine: VLLMEngine | ServedSampler | None = served  # a served teacher samples on its server
     if teacher is not None and train.rollout_engine == "vllm":
         texts = [render_prompt(r.messages, teacher_tok, chat_template_kwargs=train.chat_template_kwargs)
                  for r in records]
@@ -194,7 +202,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
             context_window=context_window(train.teacher), trust_remote_code=train.trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
 
-    if teacher is not None:
+    if generates:
         start = time.perf_counter()
         rows = generate_teacher_data(
             teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,

@@ -16,6 +16,7 @@ from opd.config import TrainConfig
 from opd.data.prompts import PromptRecord
 from opd.diagnose.measure import DiagnoseConfig, alignment_by_prompt, load_pair
 from opd.diagnose.rules import Thresholds, mean_se, pattern_check
+from opd.engines import ServedSampler
 from opd.evaluate import evaluate
 from opd.models import load_model, load_tokenizer
 from opd.sft import SFTRun
@@ -87,17 +88,19 @@ def diagnose_config(train: TrainConfig, student: str) -> DiagnoseConfig:
         temperature=train.temperature, top_p=train.top_p, depths=(),
         k=(Thresholds().pattern_k,), verifier=train.verifier, seed=train.seed, dtype=train.dtype,
         progress=False, trust_remote_code=train.trust_remote_code,
+        teacher_timeout=train.teacher_timeout,
     )
 
 
 def held_out_accuracy(model: Any, tokenizer: Any, train: TrainConfig,
-                      records: Sequence[PromptRecord]) -> list[float]:
-    """Greedy per-prompt correctness of `model` on `records`, prompts rendered as OPD
-    renders them."""
+                      records: Sequence[PromptRecord],
+                      served: ServedSampler | None = None) -> list[float]:
+    """Greedy per-prompt correctness of `model` (or of the teacher `served`, model None) on
+    `records`, prompts rendered as OPD renders them."""
     return evaluate(model, tokenizer, records, temperature=0.0,
                     max_new_tokens=train.max_new_tokens, verifier=train.verifier,
-                    template=train.template,
-                    chat_template_kwargs=train.chat_template_kwargs).per_prompt
+                    template=train.template, chat_template_kwargs=train.chat_template_kwargs,
+                    engine=served).per_prompt
 
 
 def load_for_evaluation(path: str, role: str, train: TrainConfig) -> tuple[Any, Any]:
@@ -128,7 +131,8 @@ def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRe
     }
     if all(r.answer is not None for r in records):
         after = held_out_accuracy(student.model, student.tokenizer, train, records)
-        solved = held_out_accuracy(teacher.model, teacher.tokenizer, train, records)
+        solved = held_out_accuracy(teacher.model, teacher.tokenizer, train, records,
+                                   teacher.served.client if teacher.served else None)
         del student, teacher
         before = held_out_accuracy(*load_for_evaluation(train.student, "student", train), train,
                                    records)

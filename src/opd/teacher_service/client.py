@@ -9,18 +9,25 @@ line. A 4xx answer is the caller's mistake and stops at once, with the server's 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from opd.errors import OPDError, one_line
+from opd.models import load_tokenizer
+from opd.rollout import Rollouts, assemble_rollouts, eos_token_ids, pad_token_id, prompt_token_rows
 from opd.scoring import PARTIAL_FILL, Head, ResponseStates, TeacherChunk, student_topk_ids
 from opd.teacher_service.protocol import API_KEY_ENV, GenerateRequest, ScoreRequest, decode_array
 
@@ -95,6 +102,44 @@ class TeacherClient:
         """The teacher's sampled responses (token ids), prompt-major, `n` per prompt."""
         return self.call("/v1/generate", request.to_json())["responses"]
 
+    @functools.cached_property
+    def files(self) -> dict[str, str]:
+        """The served tokenizer's files and generation config (`GET /v1/tokenizer`)."""
+        files = self.call("/v1/tokenizer")["files"]
+        for name in files:
+            if Path(name).name != name or name.startswith("."):
+                raise OPDError(f"teacher: {self.url} sent a tokenizer file named {name!r}, not a "
+                               "plain file name; is it an opd serve-teacher?")
+        return files
+
+    def tokenizer(self, role: str, trust_remote_code: bool = False) -> Any:
+        """The served teacher's tokenizer, chat template included, loaded as from a folder (its
+        files written to a temporary one)."""
+        with tempfile.TemporaryDirectory() as folder:
+            for name, text in self.files.items():
+                (Path(folder) / name).write_text(text, encoding="utf-8")
+            return load_tokenizer(folder, role, trust_remote_code)
+
+    def rollouts(self, tokenizer: Any, prompts: Sequence[str] | Sequence[list[int]], *, n: int = 1,
+                 max_new_tokens: int = 256, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0, prompt_ids: Sequence[int] | None = None,
+                 max_prompt_tokens: int | None = None) -> Rollouts:
+        """`generate_rollouts`' rollouts (same seeds, rows and padding) sampled by the served
+        teacher; `tokenizer` is its own (`tokenizer`). Sent in parts, several at once."""
+        encoded = prompt_token_rows(tokenizer, prompts, max_prompt_tokens)
+        ids = list(range(len(encoded))) if prompt_ids is None else list(prompt_ids)
+        parts = [GenerateRequest(encoded[start:start + SEQUENCES_PER_REQUEST], n, max_new_tokens,
+                                 temperature, top_p, seed, ids[start:start + SEQUENCES_PER_REQUEST])
+                 for start in range(0, len(encoded), SEQUENCES_PER_REQUEST)]
+        with ThreadPoolExecutor(IN_FLIGHT) as pool:
+            answers = list(pool.map(self.generate, parts))
+        generation = self.files.get("generation_config.json")
+        eos_ids = eos_token_ids(tokenizer, None if generation is None else
+                                GenerationConfig.from_dict(json.loads(generation)))
+        return assemble_rollouts(tokenizer, encoded, [i for i in range(len(encoded)) for _ in range(n)],
+                                 [r for answer in answers for r in answer], eos_ids,
+                                 pad_token_id(tokenizer))
+
 
 def _server_message(err: urllib.error.HTTPError) -> str:
     try:
@@ -115,11 +160,27 @@ def check_served_vocabulary(info: dict[str, Any], fingerprint: str, vocab_size: 
             "vocabulary: serve a teacher from the student's tokenizer family")
 
 
+def check_served_capabilities(info: dict[str, Any], url: str, *, candidates: bool,
+                              temperature: float) -> None:
+    """Refuse, before the first step, a served teacher whose backend cannot answer what the
+    objective will ask: the student's candidate tokens, or a temperature other than 1."""
+    backend = f"the teacher served at {url} ({info.get('backend')} backend)"
+    if candidates and not info.get("candidates", True):
+        raise OPDError(f"objective.strategy: {backend} cannot score the student's candidate "
+                       "tokens, which the student-side top-k strategies (student, union, "
+                       "symmetric-difference) need; serve it with --backend hf, or choose "
+                       "strategy teacher or intersection")
+    if temperature != 1 and not info.get("temperatures", True):
+        raise OPDError(f"objective.teacher_temperature: {backend} scores at temperature 1 only; "
+                       "set objective.teacher_temperature=1, or serve it with --backend hf")
+
+
 @dataclass
 class PartialTeacher:
     """A served teacher's answer for the scored positions, as `TeacherLogprobs`: dense [n, V]
     log-probs a chunk at a time, with the sent entries (sampled token, teacher top-k, student
-    candidates) and `PARTIAL_FILL` elsewhere, plus the exact entropy."""
+    candidates) and `PARTIAL_FILL` elsewhere, plus the entropy the server sent (exact, or a
+    top-k estimate: `ServedTeacher.entropy`)."""
 
     targets: torch.Tensor  # [M]
     token_lp: torch.Tensor  # [M]
@@ -138,24 +199,29 @@ class PartialTeacher:
 
 class ServedTeacher:
     """The trainer's teacher when `teacher` is a URL: per micro-batch, one scoring request for
-    the rollouts with the student's own top-`candidates_k` ids as candidates."""
+    the rollouts with the student's own top-`candidates_k` ids as candidates. `entropy` is what
+    the server's entropies are: exact, or topk (estimates from the top-k)."""
 
     def __init__(self, client: TeacherClient, *, vocab_size: int, k: int, candidates_k: int,
-                 temperature: float, chunk_size: int = 256) -> None:
-        self.client, self.vocab_size = client, vocab_size
+                 temperature: float, chunk_size: int = 256, entropy: str = "exact") -> None:
+        self.client, self.vocab_size, self.entropy = client, vocab_size, entropy
         self.k, self.candidates_k = k, candidates_k
         self.temperature, self.chunk_size = temperature, chunk_size
 
+    def token_logprobs(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                       ) -> torch.Tensor:
+        """The teacher's log-prob [M] of each response token of `inputs`, row-major (as
+        `ResponseStates`), at its temperature."""
+        scored = _scored_sequences(inputs)
+        results = self.client.score(ScoreRequest(
+            [s for s, _ in scored], [start for _, start in scored], 1, self.temperature,
+            encoding="base64")) if scored else []
+        parts = [decode_array(r["token_logprobs"], torch.float32) for r in results]
+        return torch.cat(parts) if parts else torch.empty(0)
+
     def logprobs(self, inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                  student: ResponseStates, student_head: Head) -> PartialTeacher:
-        input_ids, attention, response = inputs
-        sequences, starts = [], []
-        for ids, keep, answer in zip(input_ids, attention.bool(), response, strict=True):
-            kept = ids[keep].tolist()
-            first = int(answer[keep].nonzero()[0]) if answer.any() else len(kept)
-            sequences.append(kept)
-            starts.append(first)
-        scored = [(s, start) for s, start in zip(sequences, starts, strict=True) if start < len(s)]
+        scored = _scored_sequences(inputs)
         candidates = None
         if self.candidates_k:
             per_token = student_topk_ids(student, student_head, self.candidates_k,
@@ -188,3 +254,17 @@ class ServedTeacher:
             entropy=joined("entropy", torch.float32),
             vocab_size=self.vocab_size,
         )
+
+
+def _scored_sequences(inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> list[tuple[list[int], int]]:
+    """Each row of a packed batch (input ids, attention, response mask) as its tokens and the
+    index of its first response token; rows without a response token are left out."""
+    input_ids, attention, response = inputs
+    sequences = []
+    for ids, keep, answer in zip(input_ids, attention.bool(), response, strict=True):
+        kept = ids[keep].tolist()
+        first = int(answer[keep].nonzero()[0]) if answer.any() else len(kept)
+        if first < len(kept):
+            sequences.append((kept, first))
+    return sequences

@@ -18,7 +18,9 @@ naming the field (or the limit) and the fix, which the server sends back as `{"e
                         "temperature": 1.0, "top_p": 1.0, "seed": 0, "prompt_ids": [...] | null}
                     →  {"responses": [[id, ...]]}   (prompt-major, n per prompt)
     GET  /v1/model  →  {"model", "backend", "vocab_size", "tokenizer_fingerprint", "entropy",
-                        "limits"}
+                        "candidates", "temperatures", "limits"}
+    GET  /v1/tokenizer → {"files": {name: text}}  (the tokenizer's text files as save_pretrained
+                        writes them, chat template included, and generation_config.json)
     GET  /health    →  {"status": "ok"}
 
 Position j of a sequence's answer scores the token at `response_starts + j` (every token from
@@ -31,7 +33,9 @@ import base64
 import hashlib
 import json
 import math
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,6 +82,23 @@ def vocabulary_fingerprint(tokenizer: Any) -> str:
     token the same id, which token-level scoring needs."""
     items = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
     return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+TOKENIZER_SUFFIXES = (".json", ".jinja", ".txt")
+"""The files `GET /v1/tokenizer` sends: text only (JSON, the chat template, vocabularies);
+a fast tokenizer loads from them without its binary sentencepiece model."""
+
+
+def tokenizer_files(tokenizer: Any, generation: Any) -> dict[str, str]:
+    """The tokenizer's text files as `save_pretrained` writes them, and the generation config
+    (the EOS ids that end a response) when there is one: what a client needs to render prompts,
+    encode and decode as the served teacher does."""
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        if generation is not None:
+            generation.save_pretrained(folder)
+        return {path.name: path.read_text(encoding="utf-8")
+                for path in sorted(Path(folder).iterdir()) if path.suffix in TOKENIZER_SUFFIXES}
 
 
 def encode_array(values: torch.Tensor | list[torch.Tensor], encoding: str) -> Any:

@@ -4,7 +4,9 @@
 The `hf` backend runs the model through transformers exactly as the trainer does (backbone
 once, then output head and log-softmax a chunk of positions at a time), so a served teacher's
 log-probs equal an in-process one's. Requests are batched inside the server by a token budget
-and run one batch at a time. The wire format and its checks are in `protocol`.
+and run one batch at a time. The `vllm` backend (`vllm_backend`) scores through vLLM's prompt
+log-probs: top-k only, with a top-k entropy estimate. The wire format and its checks are in
+`protocol`.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations
@@ -13,16 +15,17 @@ import hmac
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from opd.distributions import entropy, topk_mask
+from opd.engines import VLLMConfig, require_engine
 from opd.errors import OPDError
 from opd.models import default_device, load_model, load_tokenizer
 from opd.rollout import generate_rollouts
 from opd.scoring import output_head, response_states
-from opd.settings import Config, setting
+from opd.settings import Config, group, setting
 from opd.teacher_service.protocol import (
     API_KEY_ENV,
     LOCAL_HOSTS,
@@ -32,6 +35,7 @@ from opd.teacher_service.protocol import (
     ScoreRequest,
     encode_array,
     parse_json,
+    tokenizer_files,
     vocabulary_fingerprint,
 )
 from opd.version import __version__
@@ -46,7 +50,11 @@ class ServeConfig(Config):
                         "needs an API key.")
     port: int = setting(8000, "TCP port.", minimum=0, maximum=65535)
     backend: str = setting("hf", "Scoring backend: hf (transformers; CPU or GPU; exact "
-                           "log-probs and entropy).", choices=("hf",))
+                           "log-probs and entropy; any temperature; the student's candidates) or "
+                           "vllm (the vllm extra; top-k and the tokens' log-probs at temperature "
+                           "1, a top-k entropy estimate, no candidates).", choices=("hf", "vllm"))
+    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (backend vllm; memory_share is the "
+                             "share of the GPU it takes, sleep does not apply).")
     api_key: str | None = setting(None, f"Key clients must send (Authorization: Bearer KEY); "
                                   f"default: the {API_KEY_ENV} environment variable.")
     dtype: str = setting("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), "
@@ -72,6 +80,8 @@ class ServeConfig(Config):
     def check(self) -> None:
         if not self.model:
             raise OPDError("model: no teacher given; pass --model PATH")
+        if self.backend == "vllm":
+            require_engine("vllm", "backend")
 
     def limits(self) -> Limits:
         return Limits(self.max_request_bytes, self.max_sequences, self.max_sequence_tokens,
@@ -87,10 +97,34 @@ class ServeConfig(Config):
         return key
 
 
+class Backend(Protocol):
+    """What the app serves: a model's scoring and sampling, and what it can answer."""
+
+    kind: str
+    name: str
+    vocab_size: int
+    fingerprint: str
+    files: dict[str, str]
+    """The tokenizer and generation config files (`protocol.tokenizer_files`)."""
+    entropy: str
+    """exact, or topk: the entropy sent is an estimate from the top-k."""
+    candidates: bool
+    """Whether it scores given candidate ids (the student-side top-k strategies)."""
+    temperatures: bool
+    """Whether it scores at temperatures other than 1."""
+
+    def score(self, request: ScoreRequest) -> dict[str, Any]: ...
+
+    def generate(self, request: GenerateRequest) -> dict[str, Any]: ...
+
+
 class HFBackend:
     """A transformers teacher: exact log-probs, top-k and entropy, batched by a token budget."""
 
+    kind = "hf"
     entropy = "exact"
+    candidates = True
+    temperatures = True
 
     def __init__(self, path: str, *, dtype: str = "auto", device: torch.device | None = None,
                  batch_tokens: int = 16384, chunk_size: int = 256,
@@ -102,6 +136,7 @@ class HFBackend:
         self.head = output_head(self.model)
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.fingerprint = vocabulary_fingerprint(self.tokenizer)
+        self.files = tokenizer_files(self.tokenizer, self.model.generation_config)
         self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
         self.lock = threading.Lock()
 
@@ -175,10 +210,14 @@ class HFBackend:
             )
         return {"responses": rollouts.response_ids}
 
-    def info(self) -> dict[str, Any]:
-        return {"model": self.name, "backend": "hf", "vocab_size": self.vocab_size,
-                "tokenizer_fingerprint": self.fingerprint, "entropy": self.entropy,
-                "opd_version": __version__}
+
+
+def describe(backend: Backend) -> dict[str, Any]:
+    """The served model as `/v1/model` tells it (the limits aside)."""
+    return {"model": backend.name, "backend": backend.kind, "vocab_size": backend.vocab_size,
+            "tokenizer_fingerprint": backend.fingerprint, "entropy": backend.entropy,
+            "candidates": backend.candidates, "temperatures": backend.temperatures,
+            "opd_version": __version__}
 
 
 def _gather_ragged(log_probs: torch.Tensor,
@@ -199,8 +238,8 @@ def _fastapi():
     return fastapi, uvicorn
 
 
-def make_app(backend: HFBackend, *, api_key: str | None, limits: Limits) -> Any:
-    """The FastAPI application: the four endpoints, the key check, the size limit, and every
+def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
+    """The FastAPI application: the five endpoints, the key check, the size limit, and every
     refusal as `{"error": one line}` with its status (never a traceback)."""
     fastapi, _ = _fastapi()
     from fastapi.responses import JSONResponse
@@ -210,6 +249,10 @@ def make_app(backend: HFBackend, *, api_key: str | None, limits: Limits) -> Any:
 
     def refuse(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
+
+    def unauthorised() -> JSONResponse:
+        return refuse(401, f"authorization: missing or wrong API key; send 'Authorization: "
+                      f"Bearer KEY' (clients read {API_KEY_ENV})")
 
     def authorised(request: Any) -> bool:
         if api_key is None:
@@ -235,8 +278,7 @@ def make_app(backend: HFBackend, *, api_key: str | None, limits: Limits) -> Any:
     def answer(run: Any) -> Any:
         async def endpoint(request: fastapi.Request) -> Any:
             if not authorised(request):
-                return refuse(401, f"authorization: missing or wrong API key; send "
-                              f"'Authorization: Bearer KEY' (clients read {API_KEY_ENV})")
+                return unauthorised()
             try:
                 parsed = parse_json(await body(request))
                 return await fastapi.concurrency.run_in_threadpool(run, parsed)
@@ -256,12 +298,28 @@ def make_app(backend: HFBackend, *, api_key: str | None, limits: Limits) -> Any:
     @app.get("/v1/model")
     def model(request: fastapi.Request) -> Any:
         if not authorised(request):
-            return refuse(401, f"authorization: missing or wrong API key; send "
-                          f"'Authorization: Bearer KEY' (clients read {API_KEY_ENV})")
+            return unauthorised()
         limits_json = {name: getattr(limits, name) for name in Limits.__dataclass_fields__}
-        return {**backend.info(), "limits": limits_json}
+        return {**describe(backend), "limits": limits_json}
+
+    @app.get("/v1/tokenizer")
+    def tokenizer(request: fastapi.Request) -> Any:
+        if not authorised(request):
+            return unauthorised()
+        return {"files": backend.files}
 
     return app
+
+
+def load_backend(config: ServeConfig) -> Backend:
+    """The configured backend with its model loaded."""
+    if config.backend == "vllm":
+        from opd.teacher_service.vllm_backend import VLLMBackend
+
+        return VLLMBackend(config.model, limits=config.limits(), dtype=config.dtype,
+                           settings=config.vllm, trust_remote_code=config.trust_remote_code)
+    return HFBackend(config.model, dtype=config.dtype, batch_tokens=config.batch_tokens,
+                     chunk_size=config.chunk_size, trust_remote_code=config.trust_remote_code)
 
 
 def build_server(config: ServeConfig) -> Any:
@@ -269,9 +327,7 @@ def build_server(config: ServeConfig) -> Any:
     thread and set `.should_exit`)."""
     _, uvicorn = _fastapi()
     key = config.key()
-    backend = HFBackend(config.model, dtype=config.dtype, batch_tokens=config.batch_tokens,
-                        chunk_size=config.chunk_size, trust_remote_code=config.trust_remote_code)
-    app = make_app(backend, api_key=key, limits=config.limits())
+    app = make_app(load_backend(config), api_key=key, limits=config.limits())
     return uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port,
                                          log_level="warning", access_log=False))
 
@@ -279,6 +335,7 @@ def build_server(config: ServeConfig) -> Any:
 def serve(config: ServeConfig) -> None:
     """Load the teacher and answer requests until interrupted."""
     server = build_server(config)
-    print(f"opd serve-teacher: {config.model} on http://{config.host}:{config.port}",
+    print(f"opd serve-teacher: {config.model} ({config.backend}) on "
+          f"http://{config.host}:{config.port}",
           flush=True)
     server.run()
