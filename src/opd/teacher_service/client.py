@@ -140,6 +140,8 @@ class ServedTeacher:
     """The trainer's teacher when `teacher` is a URL: per micro-batch, one scoring request for
     the rollouts with the student's own top-`candidates_k` ids as candidates."""
 
+    reads_student = True
+
     def __init__(self, client: TeacherClient, *, vocab_size: int, k: int, candidates_k: int,
                  temperature: float, chunk_size: int = 256) -> None:
         self.client, self.vocab_size = client, vocab_size
