@@ -172,7 +172,7 @@ def _sample_batch(
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if bool(finished.all()):
+        if len(tokens) == max_new_tokens or bool(finished.all()):  # no logits needed after
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(
