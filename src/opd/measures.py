@@ -12,7 +12,7 @@ import math
 import torch
 
 from opd import metrics as M
-from opd.distributions import entropy, masked_sum, renormalise, topk_mask
+from opd.distributions import entropy, masked_sum, topk_mask
 
 
 @torch.no_grad()
@@ -33,9 +33,15 @@ def token_measures(
     k = min(k, student_lp.shape[-1])
     shared = topk_mask(student_lp, k) & topk_mask(teacher_lp, k)
     n_shared = shared.sum(-1)
-    student_bar = renormalise(student_lp, shared)
-    teacher_bar = renormalise(teacher_lp, shared)
-    advantage = masked_sum(student_bar.exp() * (teacher_bar - student_bar), shared)
+    off = ~shared
+    # Log of each model's mass on the shared set (−inf where it is empty), and the student's
+    # renormalised there, p̄; as Σ p̄ = 1, Σ p̄·(log q̄ − log p̄) = Σ p̄·(log q − log p) +
+    # log P(shared) − log Q(shared): no renormalised teacher needed.
+    student_mass = student_lp.masked_fill(off, -math.inf).logsumexp(-1)
+    teacher_mass = teacher_lp.masked_fill(off, -math.inf).logsumexp(-1)
+    student_bar = (student_lp - student_mass[:, None]).exp()
+    advantage = (masked_sum(student_bar * (teacher_lp - student_lp), shared)
+                 + student_mass - teacher_mass)
     advantage = torch.where(n_shared > 0, advantage / n_shared.clamp(min=1), math.nan)
     student_h = entropy(student_lp)
     teacher_h = entropy(teacher_lp) if teacher_entropy is None else teacher_entropy.to(dtype)
@@ -44,8 +50,8 @@ def token_measures(
         M.OVERLAP_RATIO: n_shared.to(dtype) / k,
         M.OVERLAP_TOKEN_ADVANTAGE: advantage,
         M.ENTROPY_GAP: (teacher_h - student_h).abs(),
-        M.OVERLAP_MASS_STUDENT: masked_sum(student_lp.exp(), shared),
-        M.OVERLAP_MASS_TEACHER: masked_sum(teacher_lp.exp(), shared),
+        M.OVERLAP_MASS_STUDENT: student_mass.exp(),
+        M.OVERLAP_MASS_TEACHER: teacher_mass.exp(),
         M.STUDENT_ENTROPY: student_h,
         M.TEACHER_ENTROPY: teacher_h,
         M.REVERSE_KL: (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),

@@ -61,7 +61,7 @@ def topk_loss(student_lp, teacher_lp, targets, config):
     its gradient is exactly that of the full reverse KL (Σ_v p ∇log p = 0)."""
     support = candidate_set(student_lp, teacher_lp, config.k, config.strategy)
     weights = WEIGHTINGS[config.weighting](student_lp, teacher_lp, support)
-    reward = (weights * (teacher_lp - student_lp)).detach()
+    reward = weights * (teacher_lp - student_lp.detach())
     return -masked_sum(reward * student_lp, support)
 
 

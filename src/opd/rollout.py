@@ -56,12 +56,13 @@ def rollout_seed(seed: int, prompt_id: int, rollout: int) -> int:
 
 
 class RolloutNoise:
-    """Uniform noise [rows, V] for each sampling step, from each rollout's own generator.
+    """Gumbel noise [rows, V] for each sampling step, from each rollout's own generator.
 
-    It is drawn a block of steps at a time (one call per rollout per block, not per token).
-    On the CPU a generator's stream is the same however it is split into calls, so a rollout
-    sees exactly the numbers one call per step would give; the block size depends only on the
-    vocabulary and the length cap, so no rollout depends on the others in its batch.
+    It is drawn, and turned from uniform into Gumbel noise, a block of steps at a time (one
+    call per rollout per block, not per token). On the CPU a generator's stream is the same
+    however it is split into calls, so a rollout sees exactly the numbers one call per step
+    would give; the block size depends only on the vocabulary and the length cap, so no
+    rollout depends on the others in its batch.
     """
 
     BLOCK_ELEMENTS = 1 << 18
@@ -73,13 +74,14 @@ class RolloutNoise:
         self.index = self.drawn = 0
 
     def next(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """The next step's noise, [rows, vocab] on `device`."""
+        """The next step's noise −log(−log u), u uniform, [rows, vocab] on `device`."""
         if self.block is None or self.index == self.block.shape[0]:
             steps = max(1, min(self.BLOCK_ELEMENTS // vocab, self.max_steps - self.drawn))
-            self.block = torch.stack(
+            uniform = torch.stack(
                 [torch.rand(steps, vocab, generator=g, device=g.device) for g in self.generators],
                 dim=1,
             ).to(device)
+            self.block = uniform.clamp_(1e-20, 1.0).log_().neg_().log_().neg_()
             self.drawn += steps
             self.index = 0
         self.index += 1
@@ -92,16 +94,16 @@ def sample_next(
     """One token per row: greedy at temperature 0, else Gumbel-max over the nucleus."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_p < 1.0:
         sorted_logits, order = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
         outside = probs.cumsum(-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    uniform = noise.next(logits.shape[-1], logits.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0)))
-    return (logits + gumbel).argmax(-1)
+    return (logits + noise.next(logits.shape[-1], logits.device)).argmax(-1)
 
 
 def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
@@ -143,7 +145,7 @@ def pack(
     return input_ids, attention, response_mask
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _sample_batch(
     model: torch.nn.Module,
     prompt_rows: list[list[int]],
@@ -171,7 +173,7 @@ def _sample_batch(
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
-        if bool(finished.all()):
+        if len(tokens) == max_new_tokens or bool(finished.all()):  # no logits needed after
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         logits = model(

@@ -85,14 +85,19 @@ def response_states(
         use_cache=False,
     ).last_hidden_state
     predicts = response_mask[:, 1:]
-    rows = torch.arange(input_ids.shape[0], device=device)[:, None].expand_as(predicts)
     positions = (predicts.cumsum(-1) - 1).clamp(min=0)
     return ResponseStates(
         hidden=hidden[:, :-1][predicts],
         targets=input_ids[:, 1:][predicts],
         positions=positions[predicts],
-        rows=rows[predicts],
+        rows=response_token_rows(response_mask),
     )
+
+
+def response_token_rows(response_mask: torch.Tensor) -> torch.Tensor:
+    """The row of each response token [M], in row-major order (`ResponseStates.rows`), known
+    before any forward pass."""
+    return response_mask[:, 1:].nonzero()[:, 0]
 
 
 MeasureFn = Callable[..., dict[str, torch.Tensor]]

@@ -37,8 +37,12 @@ class Teacher(Protocol):
     entropy: str
     """exact, or topk: its teacher entropies are estimates from its top-k (a served vllm
     teacher)."""
+    reads_student: bool
+    """Whether `logprobs` reads the student's states. One that does not is passed None and
+    asked before the student's forward pass: on the CPU a teacher's forward pass run while the
+    student's graph is held takes ~30% longer (its memory is freshly faulted in)."""
 
-    def logprobs(self, inputs: Inputs, student: ResponseStates,
+    def logprobs(self, inputs: Inputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs: ...
 
 
@@ -46,12 +50,13 @@ class InProcessTeacher:
     """A teacher model loaded in this process: its backbone's states and its head."""
 
     entropy = "exact"
+    reads_student = False
 
     def __init__(self, model: torch.nn.Module, temperature: float) -> None:
         self.model, self.head, self.temperature = model, output_head(model), temperature
 
     @torch.no_grad()
-    def logprobs(self, inputs: Inputs, student: ResponseStates,
+    def logprobs(self, inputs: Inputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs:
         return LocalTeacher(response_states(self.model, *inputs), self.head, self.temperature)
 
@@ -90,16 +95,17 @@ class Teachers:
         """The teachers' names when there are several (empty with one)."""
         return sorted(n for n in self.by_name if n is not None)
 
-    def split(self, prompts: Sequence[int], student: ResponseStates) -> list[Share]:
-        """Who scores what: `prompts` is the prompt (record index) of each micro-batch row. With
-        several teachers every teacher gets a share, in one order, even an empty one."""
+    def split(self, prompts: Sequence[int], token_rows: torch.Tensor) -> list[Share]:
+        """Who scores what: `prompts` is the prompt (record index) of each micro-batch row,
+        `token_rows` [M] the row of each response token. With several teachers every teacher
+        gets a share, in one order, even an empty one."""
         if self.of_prompt is None:
             return [Share(None, self.by_name[None], None, None)]
         names = [self.of_prompt[p] for p in prompts]
         shares = []
         for name in self.names:
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
-            tokens = torch.isin(student.rows, rows.to(student.rows.device))
+            tokens = torch.isin(token_rows, rows.to(token_rows.device))
             shares.append(Share(name, self.by_name[name], rows, tokens))
         return shares
 

@@ -54,7 +54,7 @@ from opd.io import check_output_folder, write_text_atomic
 from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
 from opd.models import context_window, load_training_models, original_config, resolve_dtype
 from opd.monitor import Monitor
-from opd.objectives import StepLoss
+from opd.objectives import StepLoss, TokenLoss
 from opd.optim import adamw_with_schedule
 from opd.parallel import (
     check_parallel_settings,
@@ -68,7 +68,15 @@ from opd.parallel import (
 )
 from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.runtime import Processes, StepHook, timed
-from opd.scoring import LocalTeacher, ResponseStates, output_head, response_states, score
+from opd.scoring import (
+    LocalTeacher,
+    ResponseStates,
+    TeacherLogprobs,
+    output_head,
+    response_states,
+    response_token_rows,
+    score,
+)
 from opd.settings import to_dict
 from opd.teachers import Share, build_teachers
 from opd.verify import get_verifier
@@ -303,23 +311,27 @@ class Trainer:
         )
         micro = config.micro_batch or n
         loss_total = 0.0
-        sums = counts_by_bin = None
+        totals: tuple[torch.Tensor, torch.Tensor] | None = None
         names: list[str] = []
         by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         gap_max = 0.0
         for start in range(0, n, micro):
             rows = slice(start, start + micro)
+            shares = self._shares(rollouts, indices, rows)
+            with timed(M.TIME_SCORE, record), torch.no_grad():
+                early = {i: self._teacher_logprobs(rollouts, indices, rows, None, s)
+                         for i, s in enumerate(shares) if s and not s.empty
+                         and not s.teacher.reads_student}
+                reference_lp = self._reference_token_lp(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
                 student_states = response_states(
                     models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows],
                 )
-            shares = (self.teachers.split([indices[i] for i in rollouts.prompt_index[rows]],
-                                          student_states) if self.teachers else [None])
             with timed(M.TIME_SCORE, record), torch.no_grad():
-                teacher_lps = [self._teacher_logprobs(rollouts, indices, rows, student_states, s)
-                               for s in shares]
-                reference_lp = self._reference_token_lp(rollouts, rows)
+                teacher_lps = [early[i] if i in early else
+                               self._teacher_logprobs(rollouts, indices, rows, student_states, s)
+                               for i, s in enumerate(shares)]
             engine_lp = sampled_token_logprobs(rollouts, rows)
             with timed(M.TIME_UPDATE, record):
                 token_loss = step_loss.rows(rows, student_states.rows,
@@ -327,35 +339,19 @@ class Trainer:
                 loss = student_states.hidden.new_zeros((), dtype=torch.float32)
                 with whole_head(models.student), whole_head(models.teacher):
                     for share, teacher_lp in zip(shares, teacher_lps, strict=True):
-                        states = student_states.select(share.tokens if share else None)
-                        scores = score(
-                            states, teacher_lp, student_head=self.student_head,
-                            loss=token_loss.select(share.tokens if share else None),
-                            measures=lambda s, t, y, **exact: token_measures(
-                                s, t, y, config.measure_k, **exact),
-                            chunk_size=config.chunk_size,
-                            chunks=procs.max(-(-states.targets.shape[0] // config.chunk_size)),
-                        )
-                        loss = loss + scores.loss
-                        if not scores.measures:  # an empty share that no process has tokens for
+                        share_loss, measures, positions = self._score_share(
+                            share, student_states, teacher_lp, token_loss, engine_lp)
+                        loss = loss + share_loss
+                        if not measures:  # an empty share that no process has tokens for
                             continue
-                        measures = scores.measures
-                        if engine_lp is not None:
-                            tokens = None if share is None else share.tokens
-                            engine = engine_lp if tokens is None else engine_lp[tokens.cpu()]
-                            gap = (scores.token_logprobs.cpu() - engine).abs()
-                            measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
-                            if gap.numel():
-                                gap_max = max(gap_max, float(gap.max()))
+                        gap = measures.get(M.ROLLOUT_LOGPROB_GAP)
+                        if gap is not None and gap.numel():
+                            gap_max = max(gap_max, float(gap.max()))
                         names = list(measures)
-                        part = position_totals(measures, states.positions, self.bin_edges)
-                        sums = part[0] if sums is None else sums + part[0]
-                        counts_by_bin = (part[1] if counts_by_bin is None
-                                         else counts_by_bin + part[1])
+                        part = position_totals(measures, positions, self.bin_edges)
+                        totals = _added(totals, part)
                         if share and share.name is not None:
-                            seen = by_teacher.get(share.name)
-                            by_teacher[share.name] = part if seen is None else (
-                                seen[0] + part[0], seen[1] + part[1])
+                            by_teacher[share.name] = _added(by_teacher.get(share.name), part)
                 loss.backward()
                 loss_total += float(loss.detach())
 
@@ -373,10 +369,10 @@ class Trainer:
         if self.teachers is not None and self.teachers.names:
             record[M.BY_TEACHER] = {}
             for name in self.teachers.names:  # every process, in one order, for the sums
-                part_sums, part_counts = by_teacher.get(name, (sums * 0, counts_by_bin * 0))
+                part_sums, part_counts = by_teacher.get(name, (totals[0] * 0, totals[1] * 0))
                 record[M.BY_TEACHER][name] = means_from_totals(
                     names, procs.sum(part_sums).cpu(), procs.sum(part_counts).cpu())[0]
-        sums, counts_by_bin = procs.sum(sums), procs.sum(counts_by_bin)
+        sums, counts_by_bin = procs.sum(totals[0]), procs.sum(totals[1])
         overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
         if self.engine is not None:
             overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(gap_max)
@@ -396,12 +392,20 @@ class Trainer:
         })
         return record
 
+    def _shares(self, rollouts: Rollouts, indices: list[int], rows: slice) -> list[Share | None]:
+        """Which teacher scores which rows of the micro-batch (`[None]`: no teacher)."""
+        if self.teachers is None:
+            return [None]
+        token_rows = response_token_rows(rollouts.response_mask[rows]).to(self.procs.device)
+        return self.teachers.split([indices[i] for i in rollouts.prompt_index[rows]], token_rows)
+
     def _teacher_logprobs(self, rollouts: Rollouts, indices: list[int], rows: slice,
-                          student: ResponseStates, share: Share | None):
+                          student: ResponseStates | None, share: Share | None):
         """The log-probs of the teacher of `share` (its rows of the micro-batch); without a
         teacher, or for a teacher with no row here, the student's own (the teacher measures
-        are then dropped from the record, or count nothing)."""
-        if share is not None:
+        are then dropped from the record, or count nothing). `student` is None for a teacher
+        that does not read the student's states."""
+        if share is not None and student is not None:
             student = student.select(share.tokens)
         if share is None or share.empty:
             hidden = ResponseStates(student.hidden.detach(), student.targets, student.positions,
@@ -412,6 +416,29 @@ class Trainer:
         if share.rows is not None:
             inputs = tuple(part[share.rows] for part in inputs)
         return share.teacher.logprobs(inputs, student, self.student_head)
+
+    def _score_share(self, share: Share | None, student: ResponseStates,
+                     teacher_lp: TeacherLogprobs, token_loss: TokenLoss,
+                     engine_lp: torch.Tensor | None,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """The tokens of `share` (all of the micro-batch's for None) through the scoring pass:
+        their loss, their measures (with the gap to the rollout engine's log-probs `engine_lp`
+        when an engine sampled; none for a share that no process has tokens for) and their
+        positions in the responses."""
+        config, tokens = self.config, share.tokens if share else None
+        states = student.select(tokens)
+        scores = score(
+            states, teacher_lp, student_head=self.student_head, loss=token_loss.select(tokens),
+            measures=lambda s, t, y, **exact: token_measures(s, t, y, config.measure_k, **exact),
+            chunk_size=config.chunk_size,
+            chunks=self.procs.max(-(-states.targets.shape[0] // config.chunk_size)),
+        )
+        measures = scores.measures
+        if engine_lp is not None and measures:
+            engine = engine_lp if tokens is None else engine_lp[tokens.cpu()]
+            gap = (scores.token_logprobs.cpu() - engine).abs()
+            measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
+        return scores.loss, measures, states.positions
 
     def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
         if self.models.reference is None:
@@ -527,6 +554,12 @@ class Trainer:
         for hook in self.hooks:
             hook.on_end(summary)
         return summary
+
+
+def _added(total: tuple[torch.Tensor, torch.Tensor] | None,
+           part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts of `position_totals` added to a running total (None: nothing yet)."""
+    return part if total is None else (total[0] + part[0], total[1] + part[1])
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:

@@ -202,6 +202,8 @@ class ServedTeacher:
     the rollouts with the student's own top-`candidates_k` ids as candidates. `entropy` is what
     the server's entropies are: exact, or topk (estimates from the top-k)."""
 
+    reads_student = True
+
     def __init__(self, client: TeacherClient, *, vocab_size: int, k: int, candidates_k: int,
                  temperature: float, chunk_size: int = 256, entropy: str = "exact") -> None:
         self.client, self.vocab_size, self.entropy = client, vocab_size, entropy
