@@ -145,7 +145,7 @@ def pack(
     return input_ids, attention, response_mask
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 unshards with version counters
 def _sample_batch(
     model: torch.nn.Module,
     prompt_rows: list[list[int]],
