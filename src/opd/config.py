@@ -14,6 +14,7 @@ from opd.data.prompts import (
     MESSAGES_FIELD_HELP,
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
+    TEACHER_FIELD_HELP,
     check_template,
 )
 from opd.engines import ENGINES, VLLMConfig
@@ -102,8 +103,7 @@ class TrainConfig(Config):
         factory=dict, help="Several teachers: a value of the prompt field `teacher_field` → the "
         "teacher folder or URL that scores the prompts with that value, e.g. {math: ./t1, code: "
         "http://host:8000}; instead of `teacher`.")
-    teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
-                                 "prompt (with `teachers`).")
+    teacher_field: str = setting("source", TEACHER_FIELD_HELP)
     teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
                                      "(retried with backoff) before the run stops, keeping its "
                                      "last checkpoint.", above=0)

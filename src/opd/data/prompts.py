@@ -42,6 +42,7 @@ PROMPT_FIELD_HELP = "Column of the prompt text (or verl-style message list)."
 MESSAGES_FIELD_HELP = "Column of the chat messages (read before prompt_field when a row has both)."
 ANSWER_FIELD_HELP = ("Column of the reference answer (dotted for a nested one, e.g. "
                      "reward_model.ground_truth).")
+TEACHER_FIELD_HELP = "Prompt field whose value picks the teacher of each prompt (with `teachers`)."
 """Help of the prompt-source settings every verb that reads prompts declares."""
 
 

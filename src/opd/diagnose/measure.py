@@ -33,6 +33,7 @@ from opd.data.prompts import (
     MESSAGES_FIELD_HELP,
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
+    TEACHER_FIELD_HELP,
     PromptRecord,
     check_template,
     load_prompts,
@@ -75,8 +76,7 @@ class DiagnoseConfig(Config):
         factory=dict, help="Several teachers, as in training: a value of the prompt field "
         "`teacher_field` → the teacher folder or URL for the prompts with that value; each gets its "
         "own diagnosis and verdict, in OUT/<value>. Instead of `teacher`.")
-    teacher_field: str = setting("source", "Prompt field whose value picks the teacher of each "
-                                 "prompt (with `teachers`).")
+    teacher_field: str = setting("source", TEACHER_FIELD_HELP)
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
                                            "student tokenizer's chat template.")
     teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
