@@ -9,6 +9,7 @@ other k) that are shown, not judged.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,8 +86,10 @@ def first_window(name: str, metric: str) -> PerSeed:
 
 
 def run_mean(name: str, metric: str) -> PerSeed:
-    return lambda r, p: [sum(_values(x["series"][metric])) / len(_values(x["series"][metric]))
-                         for x in r[name]]
+    """Mean of a per-step series over the whole run, per seed."""
+    def values(r: Results, p: ReproduceProfile) -> list[float]:
+        return [statistics.fmean(_values(x["series"][metric])) for x in r[name]]
+    return values
 
 
 def retained_rl_gain(r: Results, p: ReproduceProfile) -> list[float]:

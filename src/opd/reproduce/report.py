@@ -32,7 +32,7 @@ def _seeds_text(values: Sequence[float]) -> str:
 
 # -- figures ----------------------------------------------------------------------------------
 def _mean_curve(runs: Sequence[Mapping[str, Any]], metric: str) -> tuple[list[int], list[float]]:
-    rows = [[v for v in r["series"][metric]] for r in runs]
+    rows = [r["series"][metric] for r in runs]
     steps = range(min(len(r) for r in rows))
     mean = []
     for i in steps:
@@ -84,7 +84,7 @@ def _dynamics_figure(results: Results, profile: ReproduceProfile) -> Any:
     _curves(axes[1, 0], results, runs, M.ENTROPY_GAP, "entropy gap")
     ax = axes[1, 1]
     for run, before in (("opd-aligned", "diagnose-aligned"), ("opd-foreign", "diagnose-foreign")):
-        for when, rows, style in (("before", [r for r in results[before]], "--"),
+        for when, rows, style in (("before", results[before], "--"),
                                   ("after", [r["probe_after"] for r in results[run]], "-")):
             means = [sum(r["by_k"][str(k)][M.OVERLAP_RATIO] for r in rows) / len(rows) for k in PROBE_K]
             ax.plot(PROBE_K, means, style, marker="o", color=COLOURS[run], label=f"{run} {when}")

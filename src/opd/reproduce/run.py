@@ -117,7 +117,7 @@ def run_reproduce(config: ReproduceConfig) -> dict[str, Any]:
                     "experiments": {n: [r["seconds"] for r in rs] for n, rs in results.items()},
                     "cached_jobs": done},
         "findings": judged,
-        "experiments": {n: [{k: v for k, v in r.items() if k not in ("series",)} for r in rs]
+        "experiments": {n: [{k: v for k, v in r.items() if k != "series"} for r in rs]
                         for n, rs in results.items()},
     }
     write_report(out, summary, results)
