@@ -118,13 +118,9 @@ def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids.view(len(rows), width), mask.view(len(rows), width)
 
 
 def pack(
@@ -133,12 +129,10 @@ def pack(
     """[N, P + R] ids, attention mask and response mask from ragged prompts and responses."""
     prompt_ids, prompt_mask = left_pad(prompt_rows, pad_id)
     width = max((len(r) for r in response_rows), default=0)
-    resp = torch.full((len(response_rows), width), pad_id, dtype=torch.long)
-    resp_mask = torch.zeros((len(response_rows), width), dtype=torch.long)
-    for i, row in enumerate(response_rows):
-        if row:
-            resp[i, : len(row)] = torch.tensor(row)
-            resp_mask[i, : len(row)] = 1
+    resp = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in response_rows],
+                        dtype=torch.long).view(len(response_rows), width)
+    resp_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in response_rows],
+                             dtype=torch.long).view(len(response_rows), width)
     input_ids = torch.cat([prompt_ids, resp], dim=1)
     attention = torch.cat([prompt_mask, resp_mask], dim=1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask), resp_mask], dim=1).bool()
@@ -207,7 +201,7 @@ def eos_token_ids(tokenizer, generation: Any) -> set[int]:
 def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_tokens: int | None = None):
     """Token ids of rendered prompts, BOS first when the tokenizer has one, at most
     `max_prompt_tokens` (the last ones) each."""
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []
     bos = tokenizer.bos_token_id
     if bos is not None:
         encoded = [e if e[:1] == [bos] else [bos, *e] for e in encoded]
