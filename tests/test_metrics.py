@@ -54,7 +54,11 @@ def close(got, want, path="record"):
     """Equal structure, floats within 1e-3 relative: the reference is exact with this machine's
     default threads; other thread counts and gradient orders sum differently (up to ≈ 2e-4 over
     four steps), while any change of behaviour (samples, objective, update) moves the values by
-    far more."""
+    far more. subset_kl_teacher is the fragile one: at step 1 some embedding entries get
+    gradients at float-noise level (< 1e-9), which Adam's first update turns into ±lr steps, so
+    a change in summation order alone moves its later steps by a few percent; its reference was
+    remade when the top-k objectives moved from [N, V] masks to gathered candidates (step-1
+    gradients equal to 1e-6 relative, 40 of those noise-level entries changing sign)."""
     if isinstance(want, dict):
         assert set(got) == set(want), path
         for key in want:

@@ -12,7 +12,7 @@ import math
 import torch
 
 from opd import metrics as M
-from opd.distributions import entropy, masked_sum, topk_mask
+from opd.distributions import contains, entropy, masked_sum, shared_topk, topk_indices, topk_mask
 
 
 @torch.no_grad()
@@ -31,16 +31,20 @@ def token_measures(
     dtype = torch.promote_types(student_lp.dtype, torch.float32)
     student_lp, teacher_lp = student_lp.detach().to(dtype), teacher_lp.to(dtype)
     k = min(k, student_lp.shape[-1])
-    shared = topk_mask(student_lp, k) & topk_mask(teacher_lp, k)
+    # Everything about the shared set reads the student's top-k ids [N, k] and the log-probs
+    # gathered there, never an [N, V] mask.
+    with shared_topk():
+        ids = topk_indices(student_lp, k)
+        shared = contains(ids, topk_indices(teacher_lp, k))
+    student_top, teacher_top = student_lp.gather(-1, ids), teacher_lp.gather(-1, ids)
     n_shared = shared.sum(-1)
-    off = ~shared
     # Log of each model's mass on the shared set (−inf where it is empty), and the student's
     # renormalised there, p̄; as Σ p̄ = 1, Σ p̄·(log q̄ − log p̄) = Σ p̄·(log q − log p) +
     # log P(shared) − log Q(shared): no renormalised teacher needed.
-    student_mass = student_lp.masked_fill(off, -math.inf).logsumexp(-1)
-    teacher_mass = teacher_lp.masked_fill(off, -math.inf).logsumexp(-1)
-    student_bar = (student_lp - student_mass[:, None]).exp()
-    advantage = (masked_sum(student_bar * (teacher_lp - student_lp), shared)
+    student_mass = student_top.masked_fill(~shared, -math.inf).logsumexp(-1)
+    teacher_mass = teacher_top.masked_fill(~shared, -math.inf).logsumexp(-1)
+    student_bar = (student_top - student_mass[:, None]).exp()
+    advantage = (masked_sum(student_bar * (teacher_top - student_top), shared)
                  + student_mass - teacher_mass)
     advantage = torch.where(n_shared > 0, advantage / n_shared.clamp(min=1), math.nan)
     student_h = entropy(student_lp)

@@ -15,7 +15,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from opd.distributions import masked_sum, renormalise, topk_mask
+from opd.distributions import (
+    contains,
+    masked_sum,
+    renormalise,
+    shared_topk,
+    topk_indices,
+)
 from opd.settings import Config, setting
 
 
@@ -30,22 +36,38 @@ def sampled_token_loss(student_lp, teacher_lp, targets, config):
     return -reward * student
 
 
-CandidateRule = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], torch.Tensor]
+Candidates = tuple[torch.Tensor, torch.Tensor]
+"""A candidate set C_t per position as token ids [N, m] and which of them count [N, m]."""
+CandidateRule = Callable[[Callable[[], torch.Tensor], Callable[[], torch.Tensor]], Candidates]
+
+
+def _every(ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(ids, dtype=torch.bool)
+
+
+def _both(s: torch.Tensor, t: torch.Tensor, keep_s: torch.Tensor,
+          keep_t: torch.Tensor) -> Candidates:
+    return torch.cat([s, t], -1), torch.cat([keep_s, keep_t], -1)
+
+
 CANDIDATE_SETS: dict[str, CandidateRule] = {
-    "student": lambda s, t: s(),
-    "teacher": lambda s, t: t(),
-    "intersection": lambda s, t: s() & t(),
-    "union": lambda s, t: s() | t(),
-    "symmetric-difference": lambda s, t: s() ^ t(),
+    "student": lambda s, t: (s(), _every(s())),
+    "teacher": lambda s, t: (t(), _every(t())),
+    "intersection": lambda s, t: (s(), contains(s(), t())),
+    "union": lambda s, t: _both(s(), t(), _every(s()), ~contains(t(), s())),
+    "symmetric-difference": lambda s, t: _both(s(), t(), ~contains(s(), t()),
+                                               ~contains(t(), s())),
 }
-"""Each rule combines the two top-k masks, given as functions so that a rule computes only the
-masks it uses."""
+"""Each rule combines the two top-k id sets, given as functions so that a rule computes only
+the sets it uses (each once: `topk_indices` remembers them within `shared_topk`)."""
 
 
-def candidate_set(student_lp, teacher_lp, k: int, strategy: str) -> torch.Tensor:
-    """Boolean [N, V] candidate set C_t for the top-k objectives."""
+def candidate_set(student_lp, teacher_lp, k: int, strategy: str) -> Candidates:
+    """The candidate set C_t of the top-k objectives, as ids and which of them count: the
+    objectives then work on [N, ~k] gathered log-probs, never on [N, V] masks."""
     rule = CANDIDATE_SETS[strategy]
-    return rule(lambda: topk_mask(student_lp.detach(), k), lambda: topk_mask(teacher_lp, k))
+    with shared_topk():
+        return rule(lambda: topk_indices(student_lp, k), lambda: topk_indices(teacher_lp, k))
 
 
 WeightRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,22 +76,30 @@ WEIGHTINGS: dict[str, WeightRule] = {
     "teacher_p": lambda s, t, c: renormalise(t, c).exp(),
     "none": lambda s, t, c: c.float() / c.sum(-1, keepdim=True).clamp(min=1),
 }
+"""Candidate weights from the student's and teacher's log-probs on the candidates [N, m] and
+which candidates count [N, m]."""
+
+
+def _on_candidates(student_lp, teacher_lp, config) -> tuple[torch.Tensor, ...]:
+    """Student and teacher log-probs on the candidate set [N, m], and which entries count."""
+    ids, counts = candidate_set(student_lp, teacher_lp, config.k, config.strategy)
+    return student_lp.gather(-1, ids), teacher_lp.gather(-1, ids), counts
 
 
 def topk_loss(student_lp, teacher_lp, targets, config):
     """−Σ_{v∈C} sg(w(v)·(log q(v) − log p(v)))·log p(v); with C = V and student_p weights
     its gradient is exactly that of the full reverse KL (Σ_v p ∇log p = 0)."""
-    support = candidate_set(student_lp, teacher_lp, config.k, config.strategy)
-    weights = WEIGHTINGS[config.weighting](student_lp, teacher_lp, support)
-    reward = weights * (teacher_lp - student_lp.detach())
-    return -masked_sum(reward * student_lp, support)
+    student, teacher, support = _on_candidates(student_lp, teacher_lp, config)
+    weights = WEIGHTINGS[config.weighting](student, teacher, support)
+    reward = weights * (teacher - student.detach())
+    return -masked_sum(reward * student, support)
 
 
 def subset_kl_loss(student_lp, teacher_lp, targets, config):
     """Exact KL(p̄‖q̄) of both distributions renormalised on the candidate set."""
-    support = candidate_set(student_lp, teacher_lp, config.k, config.strategy)
-    student_bar = renormalise(student_lp, support)
-    teacher_bar = renormalise(teacher_lp, support)
+    student, teacher, support = _on_candidates(student_lp, teacher_lp, config)
+    student_bar = renormalise(student, support)
+    teacher_bar = renormalise(teacher, support)
     return masked_sum(student_bar.exp() * (student_bar - teacher_bar), support)
 
 
