@@ -9,7 +9,7 @@ from opd.measures import token_measures
 from opd.models import load_model, load_tokenizer
 from opd.objectives import ObjectiveConfig, TokenLoss
 from opd.rollout import generate_rollouts
-from opd.scoring import output_head, response_states, score
+from opd.scoring import CHUNK_LOGITS, output_head, positions_per_chunk, response_states, score
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +112,13 @@ def test_the_pass_gives_the_gradient_of_the_plain_unchunked_loss(scored, objecti
     torch.testing.assert_close(chunked_loss, plain_loss)
     torch.testing.assert_close(chunked_grad, plain_grad, atol=1e-6, rtol=1e-5)
     assert plain_grad.abs().sum() > 0
+
+
+def test_the_automatic_chunk_plan_bounds_a_chunks_logits():
+    assert positions_per_chunk(7, 300) == 7  # an explicit chunk_size is kept
+    assert positions_per_chunk(0, 152_064) == 256  # large vocabularies: the 256-position floor
+    assert positions_per_chunk(0, 300) == CHUNK_LOGITS // 300  # small ones: few large chunks
+    for vocab in (2, 300, 2_000, 32_000, 152_064, 10**7):
+        positions = positions_per_chunk(0, vocab)
+        assert positions >= 256
+        assert positions == 256 or positions * vocab <= CHUNK_LOGITS

@@ -164,8 +164,9 @@ class TrainConfig(Config):
     measure_k: int = setting(16, "k of the overlap measures.", minimum=1)
     position_bins: int = setting(8, "Response-position bins for the by-position measures.",
                                  minimum=1)
-    chunk_size: int = setting(256, "Positions per chunk when computing logits, objective and "
-                              "measures.", minimum=1)
+    chunk_size: int = setting(0, "Positions per chunk when computing logits, objective and "
+                              "measures (0 = from the vocabulary: as many as keep a chunk "
+                              "within 2^23 logits, at least 256).", minimum=0)
     micro_batch: int = setting(0, "Rollouts per forward/backward pass (0 = all of a process's "
                                "rollouts at once).", minimum=0)
     eval_prompts: str | None = setting(None, "Prompt set with answers evaluated every "

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from opd.distributions import shared_topk_masks, topk_mask
+from opd.distributions import shared_topk, topk_mask
 from opd.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -49,6 +49,11 @@ def output_head(model: torch.nn.Module) -> Head:
         return out
 
     return logits
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output head: the size of its next-token distributions."""
+    return int(hf_model(model).get_output_embeddings().weight.shape[0])
 
 
 @dataclass
@@ -98,6 +103,18 @@ def response_token_rows(response_mask: torch.Tensor) -> torch.Tensor:
     """The row of each response token [M], in row-major order (`ResponseStates.rows`), known
     before any forward pass."""
     return response_mask[:, 1:].nonzero()[:, 0]
+
+
+CHUNK_LOGITS = 1 << 23
+"""Logits in one chunk of the automatic chunk plan: a [positions, V] float32 tensor of 32 MiB,
+what 256 positions of a 32k vocabulary take."""
+
+
+def positions_per_chunk(chunk_size: int, vocab_size: int) -> int:
+    """`chunk_size`, or for 0 the plan from the sizes: as many positions as keep one chunk
+    within `CHUNK_LOGITS` logits, at least 256. A small vocabulary thus gets few large chunks
+    (each chunk costs a fixed overhead) and a large one the memory bound of 256 positions."""
+    return chunk_size or max(256, CHUNK_LOGITS // max(vocab_size, 1))
 
 
 MeasureFn = Callable[..., dict[str, torch.Tensor]]
@@ -178,7 +195,7 @@ def _score_chunk(student_hidden: torch.Tensor, teacher: TeacherChunk, targets: t
     teacher_lp = teacher.log_probs
     token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
     exact = {} if teacher.entropy is None else {"teacher_entropy": teacher.entropy}
-    with shared_topk_masks():
+    with shared_topk():
         total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
                  else token_lp.new_zeros(()))
         values = measures(student_lp, teacher_lp, targets, **exact) if measures is not None else {}

@@ -16,7 +16,16 @@ from opd.data.prompts import PromptRecord
 from opd.errors import OPDError
 from opd.models import TrainingModels, check_same_vocabulary, load_model, load_tokenizer
 from opd.runtime import Processes
-from opd.scoring import Head, LocalTeacher, ResponseStates, TeacherLogprobs, output_head, response_states
+from opd.scoring import (
+    Head,
+    LocalTeacher,
+    ResponseStates,
+    TeacherLogprobs,
+    output_head,
+    positions_per_chunk,
+    response_states,
+    vocab_size,
+)
 from opd.teacher_service.client import (
     ServedTeacher,
     TeacherClient,
@@ -136,18 +145,19 @@ def _load(path: str, role: str, config: TrainConfig, models: TrainingModels,
         model = load_model(path, role, trainable=False, device=device, dtype=config.dtype,
                            trust_remote_code=config.trust_remote_code)
         return InProcessTeacher(model, objective.teacher_temperature)
-    vocab_size = int(models.student.get_output_embeddings().weight.shape[0])
+    vocab = vocab_size(models.student)
     client = TeacherClient(path, timeout=config.teacher_timeout)
     info = client.info()
-    check_served_vocabulary(info, vocabulary_fingerprint(models.tokenizer), vocab_size, path)
+    check_served_vocabulary(info, vocabulary_fingerprint(models.tokenizer), vocab, path)
     top = objective.name in ("topk", "subset_kl")
     uses_student_set = top and objective.strategy in STUDENT_CANDIDATE_SETS
     check_served_capabilities(info, path, candidates=uses_student_set,
                               temperature=objective.teacher_temperature)
     k = max(config.measure_k, objective.k if top else 1)
-    return ServedTeacher(client, vocab_size=vocab_size, k=min(k, vocab_size),
-                         candidates_k=min(objective.k, vocab_size) if uses_student_set else 0,
-                         temperature=objective.teacher_temperature, chunk_size=config.chunk_size,
+    return ServedTeacher(client, vocab_size=vocab, k=min(k, vocab),
+                         candidates_k=min(objective.k, vocab) if uses_student_set else 0,
+                         temperature=objective.teacher_temperature,
+                         chunk_size=positions_per_chunk(config.chunk_size, vocab),
                          entropy=info.get("entropy", "exact"))
 
 

@@ -73,9 +73,11 @@ from opd.scoring import (
     ResponseStates,
     TeacherLogprobs,
     output_head,
+    positions_per_chunk,
     response_states,
     response_token_rows,
     score,
+    vocab_size,
 )
 from opd.settings import to_dict
 from opd.teachers import Share, build_teachers
@@ -184,6 +186,7 @@ class Trainer:
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
+        self.chunk_size = positions_per_chunk(config.chunk_size, vocab_size(self.models.student))
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
 
@@ -430,8 +433,8 @@ class Trainer:
         scores = score(
             states, teacher_lp, student_head=self.student_head, loss=token_loss.select(tokens),
             measures=lambda s, t, y, **exact: token_measures(s, t, y, config.measure_k, **exact),
-            chunk_size=config.chunk_size,
-            chunks=self.procs.max(-(-states.targets.shape[0] // config.chunk_size)),
+            chunk_size=self.chunk_size,
+            chunks=self.procs.max(-(-states.targets.shape[0] // self.chunk_size)),
         )
         measures = scores.measures
         if engine_lp is not None and measures:
@@ -450,8 +453,8 @@ class Trainer:
         head = output_head(self.models.reference)
         return torch.cat([
             head(h).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
-            for h, t in zip(states.hidden.split(self.config.chunk_size),
-                            states.targets.split(self.config.chunk_size), strict=True)
+            for h, t in zip(states.hidden.split(self.chunk_size),
+                            states.targets.split(self.chunk_size), strict=True)
         ])
 
     # -- evaluation and checkpoints -------------------------------------------------------
