@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from opd.errors import OPDError
-from opd.parallel import decoder_layers, gathered, grad_norm, is_wrapped, plain_class
+from opd.parallel import decoder_layers, gathered, grad_norm, plain_class
+from opd.runtime import is_wrapped
 from tests.conftest import make_tokenizer
 from tests.tiny_models import build_model
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from opd.errors import OPDError
+from opd.runtime import wrapped_units
 from opd.scoring import hf_model
 
 if TYPE_CHECKING:
@@ -95,12 +96,6 @@ def wrap(model: nn.Module, mode: str, *, mixed_precision: str = "no",
     return model
 
 
-def _wrapped_units(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
 @contextlib.contextmanager
 def gathered(model: nn.Module | None) -> Iterator[None]:
     """Whole parameters on every process for the duration (one all-gather per unit), so that
@@ -109,7 +104,7 @@ def gathered(model: nn.Module | None) -> Iterator[None]:
     sharded is left as it is. Enter it on every process."""
     from torch.distributed._composable.replicate_with_fsdp import ReplicateModule
 
-    units = [u for u in (_wrapped_units(model) if model is not None else [])
+    units = [u for u in (wrapped_units(model) if model is not None else [])
              if not isinstance(u, ReplicateModule)]  # replicated units are whole already
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
@@ -150,11 +145,6 @@ def whole_head(model: nn.Module | None) -> Iterator[None]:
         keep_whole(False)
         if sharded:
             head.reshard()
-
-
-def is_wrapped(model: nn.Module) -> bool:
-    """Whether `wrap` was applied to `model`."""
-    return bool(_wrapped_units(model))
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from opd.data.prompts import PromptRecord, render_prompt
 from opd.errors import OPDError
-from opd.parallel import is_wrapped
+from opd.runtime import is_wrapped
 
 MIX = 0x9E3779B97F4A7C15
 

@@ -76,6 +76,18 @@ class Processes:
             dist.barrier()
 
 
+def wrapped_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules of `model` that PyTorch wrapped for several processes (`opd.parallel`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_wrapped(model: torch.nn.Module) -> bool:
+    """Whether `opd.parallel.prepare` wrapped `model` for several processes."""
+    return bool(wrapped_units(model))
+
+
 def is_main_process() -> bool:
     """True in a single process and in the main process of a launch."""
     from accelerate import PartialState

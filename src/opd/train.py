@@ -61,13 +61,12 @@ from opd.parallel import (
     full_state_dict,
     gathered,
     grad_norm,
-    is_wrapped,
     plain_class,
     prepare,
     whole_head,
 )
 from opd.rollout import Rollouts, check_prompts, encode_prompts, pack
-from opd.runtime import Processes, StepHook, timed
+from opd.runtime import Processes, StepHook, is_wrapped, timed
 from opd.scoring import (
     LocalTeacher,
     ResponseStates,
