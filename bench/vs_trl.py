@@ -7,8 +7,8 @@ gradient checkpointing off (its faster setting at these sizes). opd runs the sam
 objective (`full_reverse_kl`) and its default (`topk`), both with every measure computed each
 step. Each run is a fresh process; runs alternate (opd, TRL, opd, TRL, …) so drift on a shared
 machine falls on both, and the ratio is the median over pairs of the median step time after
-the warm-up steps. Peak memory is the process's maximum resident set (CPU) or the peak of
-allocated GPU memory.
+the warm-up steps (the last column: the lowest and highest ratio of a pair). Peak memory is
+the process's maximum resident set (CPU) or the peak of allocated GPU memory.
 
     pip install -e ".[trl]"
     python bench/vs_trl.py                       # the CPU tiny pair, 5 alternating pairs
@@ -195,7 +195,7 @@ def main() -> None:
     print(f"{PROMPTS_PER_STEP} prompts × {ROLLOUTS} rollouts per step, {args.steps} steps per run "
           f"({args.warmup} warm-up left out), {args.pairs} alternating pairs, {device}\n")
     print(f"{'row':<6} {'run':<26} {'s/step':>7} {'spread':>13} {'tokens/s':>9} {'mean len':>8} "
-          f"{'peak GiB':>8} {'opd/TRL':>8}")
+          f"{'peak GiB':>8} {'opd/TRL':>8} {'pairs':>11}")
     for row in args.rows:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
@@ -213,9 +213,10 @@ def main() -> None:
                 t = table[kind]
                 ratios = [a / b for a, b in zip(t["medians"], trl["medians"], strict=True)]
                 ratio = "" if kind == "trl" else f"{statistics.median(ratios):.2f}"
+                pairs = "" if kind == "trl" else f"{min(ratios):.2f}–{max(ratios):.2f}"
                 print(f"{row:<6} {label:<26} {t['step_s']:>7.3f} "
                       f"{t['spread'][0]:>6.3f}–{t['spread'][1]:<6.3f} {t['tokens_per_s']:>9.0f} "
-                      f"{t['length']:>8.1f} {t['peak_gib']:>8.2f} {ratio:>8}")
+                      f"{t['length']:>8.1f} {t['peak_gib']:>8.2f} {ratio:>8} {pairs:>11}")
 
 
 if __name__ == "__main__":
