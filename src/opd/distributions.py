@@ -49,13 +49,6 @@ def topk_indices(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     return _settle_ties(values, ids, log_probs, k)
 
 
-def topk_mask(log_probs: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean [N, V]: True on the `topk_indices` of each row."""
-    ids = topk_indices(log_probs, k)
-    return torch.zeros(log_probs.shape, dtype=torch.bool, device=log_probs.device).scatter_(
-        -1, ids, True)
-
-
 def _sorted_top(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k + 1 largest values and their ids per row, largest first (one more than asked, to
     see a tie at the k-th place); k < V."""

@@ -12,7 +12,7 @@ import math
 import torch
 
 from opd import metrics as M
-from opd.distributions import contains, entropy, masked_sum, shared_topk, topk_indices, topk_mask
+from opd.distributions import contains, entropy, masked_sum, shared_topk, topk_indices
 
 
 @torch.no_grad()
@@ -67,8 +67,7 @@ def topk_mass(log_probs: torch.Tensor, k: int) -> torch.Tensor:
     """Probability [N] that a distribution puts on its own top-k tokens."""
     dtype = torch.promote_types(log_probs.dtype, torch.float32)
     log_probs = log_probs.detach().to(dtype)
-    k = min(k, log_probs.shape[-1])
-    return masked_sum(log_probs.exp(), topk_mask(log_probs, k))
+    return log_probs.gather(-1, topk_indices(log_probs, k)).exp().sum(-1)
 
 
 def position_bin_edges(max_len: int, n_bins: int) -> list[int]:

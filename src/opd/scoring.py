@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from opd.distributions import shared_topk, topk_mask
+from opd.distributions import shared_topk, topk_indices
 from opd.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -177,14 +177,13 @@ class Scores:
 @torch.no_grad()
 def student_topk_ids(student: ResponseStates, head: Head, k: int,
                      chunk_size: int = 256) -> torch.Tensor:
-    """The student's top-k token ids [M, k] at each position (ties to the lower id, as
-    `topk_mask`): the candidates a served teacher is asked to score. Reuses the states of the
+    """The student's top-k token ids [M, k] at each position, in id order (ties to the lower id,
+    as `topk_indices`): the candidates a served teacher is asked to score. Reuses the states of the
     student's forward pass; only the head runs again, a chunk at a time."""
     parts = []
     for start in range(0, student.hidden.shape[0], chunk_size):
         log_probs = head(student.hidden[start:start + chunk_size]).log_softmax(-1)
-        mask = topk_mask(log_probs, k)
-        parts.append(mask.nonzero()[:, 1].view(log_probs.shape[0], -1))
+        parts.append(topk_indices(log_probs, k).sort(-1).values)
     return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)
 
 

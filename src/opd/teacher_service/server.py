@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from opd.distributions import entropy, topk_mask
+from opd.distributions import entropy, topk_indices
 from opd.engines import VLLMConfig, require_engine
 from opd.errors import OPDError
 from opd.models import default_device, load_model, load_tokenizer
@@ -169,7 +169,7 @@ class HFBackend:
         for start in range(0, states.hidden.shape[0], self.chunk_size):
             part = slice(start, start + self.chunk_size)
             log_probs = (self.head(states.hidden[part]) / request.temperature).log_softmax(-1)
-            top_ids = topk_mask(log_probs, k).nonzero()[:, 1].view(log_probs.shape[0], k)
+            top_ids = topk_indices(log_probs, k).sort(-1).values
             parts["token"].append(log_probs.gather(-1, states.targets[part, None]).squeeze(-1))
             parts["ids"].append(top_ids)
             parts["top"].append(log_probs.gather(-1, top_ids))
