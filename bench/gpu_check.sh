@@ -3,7 +3,7 @@
 #  1. the CUDA path of the core tests (scoring, objectives, measures, training loop, resume);
 #  2. the objective memory bench at the study's sizes (vocabulary 151,936, hidden 2048, 16K tokens);
 #  3. wall time of `opd train` steps on random ~0.5B / ~1.5B-parameter Llama shapes in bf16;
-#  4. seconds per step beside TRL's DistillationTrainer (needs the trl extra), tiny and large rows;
+#  4. seconds per step beside TRL's DistillationTrainer (needs the trl extra), tiny, small and large rows;
 #  5. FSDP2 + bf16 mixed precision on one GPU (a one-process torchrun launch) beside the plain
 #     float32 process: per-process parameter, gradient and AdamW bytes and seconds per step;
 #  6. with vLLM installed (the vllm extra): the vLLM engine tests (tests_vllm/, on CUDA: sleep mode
@@ -18,7 +18,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_objectives.py tests/test_mea
   tests/test_scoring.py tests/test_train.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt"
 python3 bench/objective_memory.py --tokens 1024 4096 16384 2>&1 | tee "$OUT/bench.txt"
 python3 bench/opd_step.py --out "$OUT/opd_step" 2>&1 | tee "$OUT/opd_step.txt"
-python3 bench/vs_trl.py --rows tiny large --pairs 3 --steps 6 2>&1 | tee "$OUT/vs_trl.txt"
+python3 bench/vs_trl.py --rows tiny small large --pairs 3 --steps 6 2>&1 | tee "$OUT/vs_trl.txt"
 python3 bench/sharding.py --large --rows one fsdp-bf16-1 2>&1 | tee "$OUT/sharding.txt"
 if python3 -c "import vllm" 2>/dev/null; then
   python3 -m pytest -q -p no:cacheprovider tests_vllm 2>&1 | tail -n 15 | tee "$OUT/tests_vllm.txt"
