@@ -56,55 +56,37 @@ def rollout_seed(seed: int, prompt_id: int, rollout: int) -> int:
     return value & ((1 << 63) - 1)
 
 
-class RolloutNoise:
-    """Gumbel noise [rows, V] for each sampling step, from each rollout's own generator.
+def rollout_uniforms(generators: Sequence[torch.Generator], steps: int,
+                     device: torch.device) -> torch.Tensor:
+    """[rows, steps] uniforms in [0, 1): each rollout's one number per token, from its own
+    generator, so a rollout's samples do not depend on the others in its batch."""
+    return torch.stack([torch.rand(steps, generator=g, device=g.device) for g in generators]).to(device)
 
-    It is drawn, and turned from uniform into Gumbel noise, a block of steps at a time (one
-    call per rollout per block, not per token). On the CPU a generator's stream is the same
-    however it is split into calls, so a rollout sees exactly the numbers one call per step
-    would give; the block size depends only on the vocabulary and the length cap, so no
-    rollout depends on the others in its batch.
+
+def sample_next(logits: torch.Tensor, uniform: torch.Tensor, temperature: float,
+                top_p: float) -> torch.Tensor:
+    """One token per row: greedy at temperature 0, else the token at which the cumulative
+    probability of the (nucleus) distribution first exceeds the row's `uniform` [rows].
+
+    One uniform per token instead of a noise value per vocabulary entry (Gumbel-max, whose
+    noise took half of a rollout at a 32k vocabulary). The cumulative sum runs in float64, so
+    the tail of a large vocabulary keeps its probability.
     """
-
-    BLOCK_ELEMENTS = 1 << 18
-    """Noise values drawn per rollout per block (1 MiB of float32)."""
-
-    def __init__(self, generators: Sequence[torch.Generator], max_steps: int) -> None:
-        self.generators, self.max_steps = list(generators), max_steps
-        self.block: torch.Tensor | None = None  # [steps, rows, V]
-        self.index = self.drawn = 0
-
-    def next(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """The next step's noise −log(−log u), u uniform, [rows, vocab] on `device`."""
-        if self.block is None or self.index == self.block.shape[0]:
-            steps = max(1, min(self.BLOCK_ELEMENTS // vocab, self.max_steps - self.drawn))
-            uniform = torch.stack(
-                [torch.rand(steps, vocab, generator=g, device=g.device) for g in self.generators],
-                dim=1,
-            ).to(device)
-            self.block = uniform.clamp_(1e-20, 1.0).log_().neg_().log_().neg_()
-            self.drawn += steps
-            self.index = 0
-        self.index += 1
-        return self.block[self.index - 1]
-
-
-def sample_next(
-    logits: torch.Tensor, noise: RolloutNoise, temperature: float, top_p: float
-) -> torch.Tensor:
-    """One token per row: greedy at temperature 0, else Gumbel-max over the nucleus."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
+    weights = (logits - logits.max(-1, keepdim=True).values).exp()
+    order = None
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        outside = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return (logits + noise.next(logits.shape[-1], logits.device)).argmax(-1)
+        weights, order = weights.sort(stable=True, dim=-1, descending=True)  # ties: lower id first
+        probs = weights / weights.sum(-1, keepdim=True)
+        weights = weights.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+    cumulative = weights.double().cumsum(-1)
+    point = uniform.to(cumulative) * cumulative[:, -1]
+    token = torch.searchsorted(cumulative, point[:, None], right=True)[:, 0]
+    return token if order is None else order.gather(-1, token[:, None])[:, 0]
 
 
 def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
@@ -159,11 +141,11 @@ def _sample_batch(
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position, **options).logits[:, -1]
     eos = torch.tensor(sorted(eos_ids), device=device)
     finished = torch.zeros(len(prompt_rows), dtype=torch.bool, device=device)
-    noise = RolloutNoise(generators, max_new_tokens)
+    uniforms = rollout_uniforms(generators, max_new_tokens, device)
     tokens: list[torch.Tensor] = []
     next_position = position[:, -1:] + 1
-    for _ in range(max_new_tokens):
-        token = sample_next(logits, noise, temperature, top_p)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, uniforms[:, step], temperature, top_p)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
