@@ -58,7 +58,9 @@ def close(got, want, path="record"):
     gradients at float-noise level (< 1e-9), which Adam's first update turns into ±lr steps, so
     a change in summation order alone moves its later steps by a few percent; its reference was
     remade when the top-k objectives moved from [N, V] masks to gathered candidates (step-1
-    gradients equal to 1e-6 relative, 40 of those noise-level entries changing sign)."""
+    gradients equal to 1e-6 relative, 40 of those noise-level entries changing sign). The whole
+    reference was remade when the sampler moved from Gumbel-max to the inverse of the cumulative
+    distribution: the same distributions, other samples."""
     if isinstance(want, dict):
         assert set(got) == set(want), path
         for key in want:

@@ -73,7 +73,8 @@ def test_defaults_stop_the_fine_tuning_early_and_rescue_the_foreign_pair(quick_z
     after = load_metrics(out / "opd")[0][M.OVERLAP_RATIO]
     assert after > before + 0.1, (before, after)  # the cold start raises the starting overlap
     sft = report["sft"]
-    assert sft["stopped_early"] and sft["best_step"] < sft["steps"] < sft["cap"], sft
+    # stopped before the cap: the validation loss rose, or fell by under 1% for 4 measurements
+    assert sft["stopped_early"] and sft["best_step"] <= sft["steps"] < sft["cap"], sft
     assert_rescued(report)
     assert report.get("stopped") is None and report["warnings"] == []
     sections = set((out / "report.md").read_text().splitlines())
