@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from itertools import pairwise
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd.models import load_model, load_tokenizer
-from opd.rollout import generate_rollouts, rollout_uniforms, sample_next
+from opd.rollout import generate_rollouts, inverse_cdf, rollout_uniforms, sample_next
 
 PROMPTS = ["1 + 2 =", "3 + 4 + 5 =", "a b c", "7 =", "1 1 1 1 1 1"]
 
@@ -57,6 +58,19 @@ def test_sampling_picks_the_token_whose_interval_holds_the_uniform(logits, u, te
     got = sample_next(torch.tensor([logits]), torch.tensor([u]), temperature, top_p).item()
     want, margin = brute_force_sample(logits, float(torch.tensor(u)), temperature, top_p)
     assert got == want or margin < 1e-5  # float32 weights may round across an edge
+
+
+@pytest.mark.parametrize("vocab", [1025, 32_000, 50_001])
+def test_the_two_level_search_finds_the_index_of_one_cumulative_sum(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    weights = (torch.randn(64, vocab, generator=generator) * 3).exp()
+    weights[:, vocab // 2:] *= torch.rand(64, 1, generator=generator) < 0.5  # zero tails
+    for _ in range(20):
+        uniform = torch.rand(64, generator=generator)
+        cumulative = weights.double().cumsum(-1)
+        want = torch.searchsorted(cumulative, (uniform.double() * cumulative[:, -1])[:, None],
+                                  right=True)[:, 0]
+        assert torch.equal(inverse_cdf(weights, uniform), want)
 
 
 def test_sampled_frequencies_follow_the_distribution():
