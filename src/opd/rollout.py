@@ -70,7 +70,7 @@ def sample_next(logits: torch.Tensor, uniform: torch.Tensor, temperature: float,
     probability of the (nucleus) distribution first exceeds the row's `uniform` [rows].
 
     One uniform per token instead of a noise value per vocabulary entry (Gumbel-max, whose
-    noise took half of a rollout at a 32k vocabulary). The cumulative sum runs in float64, so
+    noise took a third of a rollout at a 32k vocabulary). The cumulative sum runs in float64, so
     the tail of a large vocabulary keeps its probability.
     """
     if temperature == 0:
@@ -96,7 +96,7 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Per row of `weights` [rows, V] (≥ 0, not normalised), the first index whose cumulative
     weight exceeds `uniform` × the total, summed in float64. A large vocabulary is searched in
     two levels, the sums of blocks of `CDF_BLOCK` entries and then the entries of one block,
-    which gives the same index as one float64 cumulative sum over the row at a tenth of its
+    which gives the same index as one float64 cumulative sum over the row at a ninth of its
     cost (32k entries)."""
     rows, vocab = weights.shape
     if vocab <= 4 * CDF_BLOCK:
@@ -111,8 +111,9 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     before = torch.where(block > 0, block_cdf.gather(-1, (block - 1).clamp(min=0)), 0.0)
     inside = padded.gather(1, block[:, :, None].expand(-1, -1, CDF_BLOCK))[:, 0].double().cumsum(-1)
     offset = torch.searchsorted(inside, point[:, None] - before, right=True)[:, 0]
-    # A block's sum and the last of its cumulative sums can round apart by an ulp: stay inside.
-    return block[:, 0] * CDF_BLOCK + offset.clamp(max=CDF_BLOCK - 1)
+    # A block's sum and the last of its cumulative sums can round an ulp apart, which can put
+    # the point just past the block's end (past the vocabulary, in the padded last block).
+    return (block[:, 0] * CDF_BLOCK + offset).clamp_(max=vocab - 1)
 
 
 def _forward_options(model: torch.nn.Module, cache: DynamicCache) -> dict:
