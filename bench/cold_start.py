@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from opd import metrics as M
-from opd.config import build_config
+from opd.config.settings import parse_set
+from opd.config.training import build_config
 from opd.data.prompts import load_prompts
-from opd.evaluate import evaluate
+from opd.evaluation.accuracy import evaluate
 from opd.lab.world import Dialect, World, vocabulary
 from opd.lab.zoo import PROFILES, ModelStage, Profile, Size, build_zoo
-from opd.models import load_model, load_tokenizer
+from opd.models.loading import load_model, load_tokenizer
 from opd.recipes.cold_start import run_cold_start
-from opd.settings import parse_set
 
 OTHER = World(
     "other",

@@ -1,4 +1,4 @@
-"""Peak memory and time of one OPD objective step: chunked (opd.scoring) vs naive.
+"""Peak memory and time of one OPD objective step: chunked (opd.step.scoring) vs naive.
 
 The step: student logits from hidden states (with gradient), teacher logits (without),
 top-k reverse-KL objective and the study's measures, backward to the student's hidden
@@ -38,9 +38,10 @@ def build(vocab: int, hidden: int, tokens: int, device: str, seed: int = 0):
 
 
 def step(mode: str, inputs, chunk: int) -> None:
-    from opd.measures import token_measures
-    from opd.objectives import ObjectiveConfig, TokenLoss, distillation_loss
-    from opd.scoring import ResponseStates, score
+    from opd.config.training import ObjectiveConfig
+    from opd.step.measures import token_measures
+    from opd.step.objectives import TokenLoss, distillation_loss
+    from opd.step.scoring import ResponseStates, score
 
     s_head, t_head, s_hidden, t_hidden, targets = inputs
     tokens, device = s_hidden.shape[0], s_hidden.device

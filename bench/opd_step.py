@@ -73,9 +73,9 @@ def main() -> None:
     prompts.write_text("".join(json.dumps({"prompt": " ".join(f"w{(i * 7 + j) % 500}"
                                                               for j in range(64))}) + "\n"
                                for i in range(64)))
-    from opd.config import build_config
+    from opd.config.training import build_config
     from opd.metrics import read
-    from opd.train import run_training
+    from opd.run.loop import run_training
 
     config = build_config({
         "student": str(root / "student"), "teacher": str(root / "teacher"),

@@ -15,15 +15,15 @@ import statistics
 from pathlib import Path
 
 from opd import metrics as M
-from opd.checkpoints import complete_checkpoints
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.data.prompts import load_prompts
-from opd.evaluate import evaluate
+from opd.evaluation.accuracy import evaluate
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES, build_zoo
-from opd.models import load_model, load_tokenizer
+from opd.models.loading import load_model, load_tokenizer
 from opd.recipes.cold_start import run_cold_start
-from opd.train import run_training
+from opd.run.checkpoints import complete_checkpoints
+from opd.run.loop import run_training
 
 
 def accuracy(path: str, eval_file: Path, tokens: int) -> float:

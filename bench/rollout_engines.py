@@ -2,7 +2,7 @@
 
 Builds a random Llama (no download) saved as an HF folder with a word-level tokenizer, then
 samples the same rollouts (one per prompt, temperature 1) three ways: opd's sampler; the vLLM
-engine as the training loop uses it (`opd.engines.sample_rollouts`: weight sync from the
+engine as the training loop uses it (`opd.step.engines.sample_rollouts`: weight sync from the
 trainer's model, one seeded request per rollout with log-probs, `Rollouts` assembled); and a
 plain `LLM.generate` of the same requests (no sync, no seeds, no log-probs), the ceiling. Needs
 vLLM (`.venv-vllm` on a CPU, the `vllm` extra on a GPU). The engine's start is timed apart.
@@ -46,8 +46,9 @@ def main() -> None:
                         help="vllm.memory_share (the share of RAM on vLLM's CPU build)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from opd.engines import VLLMConfig, sample_rollouts, vllm_engine
-    from opd.rollout import generate_rollouts
+    from opd.config.training import VLLMConfig
+    from opd.step.engines import sample_rollouts, vllm_engine
+    from opd.step.rollout import generate_rollouts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

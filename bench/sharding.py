@@ -51,9 +51,9 @@ def local_bytes(tensors) -> int:
 
 def worker(spec_file: str) -> None:
     """One row, in each process: train, measuring the bytes at the optimizer step."""
-    from opd.config import build_config
+    from opd.config.training import build_config
+    from opd.run.loop import Trainer
     from opd.runtime import StepHook
-    from opd.train import Trainer
 
     spec = json.loads(Path(spec_file).read_text())
     trainer = Trainer(build_config(spec["settings"]))

@@ -67,8 +67,8 @@ def build(out: Path, vocab: int) -> dict[str, Path]:
 def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
                  objective: str) -> list[float]:
     from opd import metrics as M
-    from opd.config import build_config
-    from opd.train import run_training
+    from opd.config.training import build_config
+    from opd.run.loop import run_training
 
     shutil.rmtree(out, ignore_errors=True)
     run_training(build_config({
@@ -86,7 +86,7 @@ def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
 @contextlib.contextmanager
 def serving(teacher: Path, backend: str = "hf"):
     """`opd serve-teacher` on `teacher` as its own process; yields its URL once it answers."""
-    from opd.teacher_service.client import TeacherClient
+    from opd.teachers.client import TeacherClient
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -105,7 +105,7 @@ def serving(teacher: Path, backend: str = "hf"):
 def score_request(vocab: int, candidates: bool):
     """64 random sequences of 96 tokens, the last 64 scored at k = 16 (with 16 random
     candidate ids per position when `candidates`), and the number of scored tokens."""
-    from opd.teacher_service.protocol import ScoreRequest
+    from opd.teachers.protocol import ScoreRequest
 
     generator = torch.Generator().manual_seed(0)
     sequences = torch.randint(4, vocab, (64, 96), generator=generator).tolist()
@@ -130,8 +130,8 @@ def alternated_rates(runs: dict, tokens: int, rounds: int) -> dict[str, float]:
 
 def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict[str, float]:
     """Scored tokens/s: the server over HTTP, and the same backend in process."""
-    from opd.teacher_service.client import TeacherClient
-    from opd.teacher_service.server import HFBackend
+    from opd.teachers.client import TeacherClient
+    from opd.teachers.server import HFBackend
 
     request, tokens = score_request(vocab, candidates=True)
     client = TeacherClient(url, timeout=120)
@@ -143,7 +143,7 @@ def scoring_throughput(teacher: Path, url: str, vocab: int, rounds: int) -> dict
 def backend_throughput(out: Path, vocab: int, rounds: int) -> dict[str, float]:
     """The server's scored tokens/s over HTTP with each backend, on one teacher (one server
     at a time: the machine's cores go to one backend)."""
-    from opd.teacher_service.client import TeacherClient
+    from opd.teachers.client import TeacherClient
 
     teacher = out / "teacher-64"
     make_model(teacher, VLLM_TEACHER, vocab, make_tokenizer(vocab), 3)

@@ -88,9 +88,9 @@ def peak_memory_gib() -> float:
 
 def run_opd(root: Path, row: str, steps: int, objective: str) -> dict:
     from opd import metrics as M
-    from opd.config import build_config
+    from opd.config.training import build_config
+    from opd.run.loop import Trainer
     from opd.runtime import StepHook
-    from opd.train import Trainer
 
     class Clock(StepHook):
         def __init__(self) -> None:

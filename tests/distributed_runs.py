@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from opd.cards import FinalModelHook
-from opd.config import build_config
-from opd.train import Trainer
+from opd.config.training import build_config
+from opd.run.cards import FinalModelHook
+from opd.run.loop import Trainer
 
 PROBE_IDS = [[1, 4, 24, 5, 25, 9, 2], [1, 7, 24, 8, 25, 15, 26]]
 """Token ids of the tiny tokenizer (tests/conftest.py): BOS, sums, answers."""

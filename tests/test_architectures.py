@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from opd import metrics as M
-from opd.config import build_config
-from opd.models import disable_dropout, original_config
-from opd.scoring import output_head, response_states
-from opd.train import Trainer, run_training
+from opd.config.training import build_config
+from opd.models.loading import disable_dropout, original_config
+from opd.run.loop import Trainer, run_training
+from opd.step.scoring import output_head, response_states
 from tests.conftest import make_tokenizer
 from tests.tiny_models import ARCHITECTURES, DROPOUT, build_model, save_model
 

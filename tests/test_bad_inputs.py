@@ -22,7 +22,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import opd.io
-import opd.trackers
+import opd.run.trackers
 from opd.cli import main
 
 
@@ -326,7 +326,7 @@ def _saved_dataset(ws: Workspace, argv: list[str]) -> list[str]:
 
 
 def _tracker_missing(ws: Workspace, argv: list[str]) -> list[str]:
-    ws.monkeypatch.setattr(opd.trackers, "is_installed", lambda module: False)
+    ws.monkeypatch.setattr(opd.run.trackers, "is_installed", lambda module: False)
     return [*argv, "--report-to", "tensorboard"]
 
 

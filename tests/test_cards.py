@@ -10,8 +10,9 @@ import torch
 
 import opd
 from opd import metrics as M
-from opd.cards import CARD_FILE, TRAINING_STATE, model_card, read_card
-from opd.checkpoints import (
+from opd.config.training import build_config
+from opd.run.cards import CARD_FILE, TRAINING_STATE, model_card, read_card
+from opd.run.checkpoints import (
     MANIFEST_FILE,
     RNG_FILE,
     SETTINGS_FILE,
@@ -19,7 +20,6 @@ from opd.checkpoints import (
     checkpoint_problem,
     complete_checkpoints,
 )
-from opd.config import build_config
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from opd.recipes.gate import (
     sft_warnings,
     split_prompts,
 )
-from opd.sft import SFTRun
+from opd.run.sft import SFTRun
 from tests.conftest import make_tokenizer
 
 

@@ -11,8 +11,8 @@ import random
 import pytest
 
 from opd.cli import main
-from opd.diagnose.measure import DiagnoseConfig, cut_at
-from opd.diagnose.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
+from opd.doctor.measure import DiagnoseConfig, cut_at
+from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
 from opd.errors import OPDError
 from tests.conftest import make_model
 

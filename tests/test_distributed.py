@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.metrics import METRICS_FILE
 from opd.metrics import read as load_metrics
-from opd.train import run_training
+from opd.run.loop import run_training
 from tests.conftest import make_tokenizer
 from tests.distributed_runs import PROBE_IDS
 from tests.test_teacher_service import serving

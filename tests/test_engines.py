@@ -12,21 +12,21 @@ import pytest
 import torch
 
 import opd
-import opd.engines
+import opd.step.engines
 from opd import metrics as M
-from opd.config import build_config
-from opd.engines import checkpoint_weights, require_engine, sampled_token_logprobs
+from opd.config.training import ObjectiveConfig, build_config
 from opd.errors import OPDError
-from opd.monitor import Monitor, MonitorThresholds, check_signatures
-from opd.objectives import ObjectiveConfig, StepLoss, truncated_importance_weight
-from opd.rollout import assemble_rollouts
+from opd.run.monitor import Monitor, MonitorThresholds, check_signatures
+from opd.step.engines import checkpoint_weights, require_engine, sampled_token_logprobs
+from opd.step.objectives import StepLoss, truncated_importance_weight
+from opd.step.rollout import assemble_rollouts
 from tests.conftest import make_tokenizer
 
 
 @pytest.fixture
 def without_vllm(monkeypatch):
     """vLLM absent, whatever this environment has installed."""
-    monkeypatch.setattr(opd.engines, "is_installed", lambda module: module != "vllm")
+    monkeypatch.setattr(opd.step.engines, "is_installed", lambda module: module != "vllm")
 
 
 def test_vllm_engine_without_vllm_stops_at_start_naming_the_extra(tiny_pair, tmp_path,
@@ -84,7 +84,7 @@ def test_select_prompts_trials_follow_its_engine_unless_trial_settings_say_other
     from opd.recipes.select_prompts import SelectConfig, _trial_config
 
     config = SelectConfig(student="s", teacher="t", prompts="p", out="o", rollout_engine="vllm",
-                          vllm=opd.engines.VLLMConfig(memory_share=0.2))
+                          vllm=opd.step.engines.VLLMConfig(memory_share=0.2))
     trial = _trial_config(config, "selected", Path("o"))
     assert trial.rollout_engine == "vllm" and trial.vllm.memory_share == 0.2
     other = dataclasses.replace(config, trial_settings={"rollout_engine": "hf"})

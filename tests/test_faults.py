@@ -30,19 +30,19 @@ import torch
 from tqdm import tqdm
 
 import opd
-import opd.checkpoints
 import opd.errors
 import opd.metrics
-import opd.models
+import opd.models.loading
+import opd.run.checkpoints
 from opd import metrics as M
-from opd.checkpoints import checkpoint_step, complete_checkpoints, rng_state, set_rng_state
 from opd.cli import main
-from opd.config import build_config
-from opd.train import Trainer, run_training
+from opd.config.training import build_config
+from opd.run.checkpoints import checkpoint_step, complete_checkpoints, rng_state, set_rng_state
+from opd.run.loop import Trainer, run_training
 from tests.test_train import KillAt, without_times
 
-train_module = sys.modules["opd.train"]
-"""The module: `opd.train` is the API function of the same name."""
+train_module = sys.modules["opd.run.loop"]
+"""The module: `opd.run.loop` is the API function of the same name."""
 
 SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
@@ -144,18 +144,18 @@ KILL_POINTS: dict[str, Callable[[], None]] = {
     "half-way through the metrics line of step 3": lambda: on_call(
         opd.metrics, "_append_line", 3, before=half_a_line),
     "half-way through optimizer.pt of checkpoint 4": lambda: on_call(
-        opd.checkpoints.torch, "save", 3, before=half_a_file),
+        opd.run.checkpoints.torch, "save", 3, before=half_a_file),
     "after checkpoint 4's files, before its manifest": lambda: on_call(
-        opd.checkpoints, "_write_manifest", 2),
+        opd.run.checkpoints, "_write_manifest", 2),
     "after checkpoint 4's manifest, before its rename": lambda: on_call(
-        opd.checkpoints, "_write_manifest", 2, after=True),
+        opd.run.checkpoints, "_write_manifest", 2, after=True),
     "half-way through deleting checkpoint 2": lambda: setattr(
-        opd.checkpoints.shutil, "rmtree", _rmtree_dying_on_old),
+        opd.run.checkpoints.shutil, "rmtree", _rmtree_dying_on_old),
     "in the evaluation at the end": lambda: on_call(train_module, "evaluate", 2),
 }
 """Where a kill lands → how the forked child arranges to die there."""
 
-_real_rmtree = opd.checkpoints.shutil.rmtree
+_real_rmtree = opd.run.checkpoints.shutil.rmtree
 
 
 def _rmtree_dying_on_old(path, *args, **kwargs):
@@ -298,7 +298,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tiny_pair, tmp_path
                                                               capsys, monkeypatch):
     out = tmp_path / "run"
     calls = [0]
-    real_save = opd.checkpoints.torch.save
+    real_save = opd.run.checkpoints.torch.save
 
     def save(obj, path, *args, **kwargs):  # checkpoint 4's optimizer.pt: the disk is full
         calls[0] += 1
@@ -307,7 +307,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tiny_pair, tmp_path
             no_space()
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(opd.checkpoints.torch, "save", save)
+    monkeypatch.setattr(opd.run.checkpoints.torch, "save", save)
     assert main(cli_args(tiny_pair, out)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err and "--resume" in err
@@ -425,7 +425,7 @@ def test_checkpoints_hold_no_pickles_and_load_with_weights_only(tiny_pair, tmp_p
 
 def test_remote_code_stays_off_unless_asked_for_every_model_loaded(tiny_pair, tmp_path, monkeypatch):
     seen: list[tuple[str, bool]] = []
-    for owner in (opd.models.AutoModelForCausalLM, opd.models.AutoTokenizer):
+    for owner in (opd.models.loading.AutoModelForCausalLM, opd.models.loading.AutoTokenizer):
         real = owner.from_pretrained
 
         def spy(path, *args, _real=real, _name=owner.__name__, **kwargs):

@@ -1,14 +1,31 @@
-"""The package's shape: imports flow one way (no cycle), the loop does not reach the layers
-above it, and each zoo stage is keyed on all the code it runs."""
+"""The package's shape: the folders are the stages of the data flow, imports flow one way
+(down the layers, no cycle), config is a leaf, no module shadows a public name, and each zoo
+stage is keyed on all the code it runs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import opd
-from opd.lab.zoo import RL_CODE, SFT_CODE, code_files, imported_modules
+from opd.lab.zoo import RL_CODE, SFT_CODE
+from opd.source import code_files, imported_modules
 
 SRC = Path(opd.__file__).parent
+
+LAYERS = (
+    ("opd.version", "opd.errors", "opd.io", "opd.metrics", "opd.runtime", "opd.source", "opd.config"),
+    ("opd.data",),
+    ("opd.models",),
+    ("opd.step",),
+    ("opd.teachers", "opd.evaluation"),
+    ("opd.run",),
+    ("opd.doctor", "opd.recipes", "opd.lab", "opd.study"),
+    ("opd.api", "opd.cli", "opd.__main__"),
+)
+"""The data flow, bottom up: shared leaves and settings → prompts → models → the step (rollouts,
+scoring, objectives, measures) → teachers and evaluation → the run (loop, checkpoints, logs,
+reports) → the verbs built on it → the API and the CLI. A module imports only from its own
+layer or those below."""
 
 
 def all_modules() -> list[str]:
@@ -62,16 +79,53 @@ def test_the_import_graph_has_no_cycle():
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 
 
-def test_the_loop_does_not_reach_recipes_reports_diagnose_or_the_cli():
-    below = reaches(import_graph(), "opd.train")
-    for layer in ("opd.recipes", "opd.report", "opd.diagnose", "opd.cli", "opd.lab", "opd.api",
-                  "opd.hooks", "opd.trackers"):
-        assert not any(m == layer or m.startswith(layer + ".") for m in below), layer
+def layer_of(module: str) -> int:
+    for index, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS")
+
+
+def test_every_module_is_in_a_layer_and_the_folders_are_the_layers():
+    for module in all_modules():
+        if module != "opd":
+            layer_of(module)
+    tops = {p.name.removesuffix(".py") for p in SRC.iterdir()
+            if p.suffix == ".py" or (p / "__init__.py").exists()} - {"__init__"}
+    named = {m.split(".")[1] for members in LAYERS for m in members}
+    assert tops == named
+
+
+def test_imports_flow_down_the_layers():
+    upward = [f"{module} → {target}" for module, targets in import_graph().items() if module != "opd"
+              for target in targets if layer_of(target) > layer_of(module)]
+    assert not upward, upward
+
+
+def test_config_is_a_leaf():
+    """Settings are read without importing what implements them: choice lists live in
+    opd.config.choices."""
+    graph = import_graph()
+    for module in graph:
+        if module.startswith("opd.config"):
+            allowed = {"opd.errors", "opd.io", *(m for m in graph if m.startswith("opd.config"))}
+            assert reaches(graph, module) <= allowed, module
+
+
+def test_no_module_shadows_a_public_name():
+    tops = {p.name.removesuffix(".py") for p in SRC.iterdir()}
+    assert not tops & set(opd.__all__)
+
+
+def test_the_loop_does_not_reach_the_hooks_or_reports():
+    below = reaches(import_graph(), "opd.run.loop")
+    for module in ("opd.run.report", "opd.run.hooks", "opd.run.trackers"):
+        assert module not in below, module
 
 
 def test_verbs_are_registered_one_way():
     graph = import_graph()
-    for module in ("opd.recipes.cli", "opd.diagnose.cli", "opd.lab.cli"):
+    for module in ("opd.cli.recipes", "opd.cli.diagnose", "opd.cli.lab"):
         assert module in graph["opd.cli"]
         assert "opd.cli" not in reaches(graph, module)
 
@@ -79,16 +133,17 @@ def test_verbs_are_registered_one_way():
 def test_each_zoo_stage_is_keyed_on_the_code_it_runs():
     sft = {p.relative_to(SRC).as_posix() for p in code_files(SFT_CODE)}
     rl = {p.relative_to(SRC).as_posix() for p in code_files(RL_CODE)}
-    assert {"sft.py", "optim.py", "lab/world.py", "evaluate.py", "rollout.py"} <= sft
-    assert {"train.py", "config.py", "objectives.py", "scoring.py", "measures.py",
-            "settings.py", "monitor.py"} <= rl
-    assert "train.py" not in sft and sft < rl
+    assert {"run/sft.py", "run/optim.py", "lab/world.py", "evaluation/accuracy.py",
+            "step/rollout.py"} <= sft
+    assert {"run/loop.py", "config/training.py", "step/objectives.py", "step/scoring.py",
+            "step/measures.py", "config/settings.py", "run/monitor.py"} <= rl
+    assert "run/loop.py" not in sft and sft < rl
 
 
 def test_design_md_names_every_module():
     design = (SRC.parents[1] / "docs" / "design.md").read_text()
-    tops = {name.split(".")[1] for name in all_modules() if name.count(".") >= 1}
-    missing = [t for t in sorted(tops) if f"`opd.{t}" not in design]
+    missing = [m for m in all_modules() if m.count(".") >= 1 and not m.endswith("__main__")
+               and f"`{m}`" not in design and f"`{m.rsplit('.', 1)[0]}` (" not in design]
     assert not missing, missing
 
 
@@ -96,5 +151,5 @@ def test_the_api_is_the_top_layer():
     """Only the package (on first use of a public name) and the verbs import opd.api."""
     graph = import_graph()
     importers = {module for module, imports in graph.items() if "opd.api" in imports}
-    assert importers <= {"opd", "opd.cli", "opd.recipes.cli", "opd.diagnose.cli", "opd.lab.cli"}
-    assert not any(m.endswith(".cli") for m in reaches(graph, "opd.api"))
+    assert importers <= {"opd", "opd.cli", "opd.cli.recipes", "opd.cli.diagnose", "opd.cli.lab"}
+    assert not any(m.startswith("opd.cli") for m in reaches(graph, "opd.api"))

@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.measures import means_from_totals, position_bin_edges, position_totals, token_measures
 from opd.metrics import TOKEN_MEASURES
+from opd.step.measures import means_from_totals, position_bin_edges, position_totals, token_measures
 from tests.test_objectives import brute_topk, random_log_probs
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from opd import metrics as M
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.errors import OPDError
-from opd.train import run_training
+from opd.run.loop import run_training
 
 DOCS = Path(__file__).parents[1] / "docs" / "metrics.md"
 REFERENCE = Path(__file__).parent / "data" / "reference_metrics.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opd.errors import OPDError
-from opd.monitor import Monitor, MonitorThresholds, check_signatures
+from opd.run.monitor import Monitor, MonitorThresholds, check_signatures
 
 T = MonitorThresholds(window=4)
 
@@ -74,8 +74,8 @@ def test_in_the_loop_warn_logs_the_alert_and_goes_on_while_stop_stops(tiny_pair,
     overlap, so the pattern rule fires at step 16 (two windows of 8); warn trains to the end,
     stop checkpoints and stops there."""
     from opd import metrics as M
-    from opd.checkpoints import complete_checkpoints
-    from opd.train import run_training
+    from opd.run.checkpoints import complete_checkpoints
+    from opd.run.loop import run_training
     from tests.test_train import tiny_config
 
     out = tmp_path / on_failure

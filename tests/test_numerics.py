@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from opd import metrics as M
-from opd.measures import token_measures
-from opd.scoring import output_head, response_states, score
-from opd.train import run_training
+from opd.run.loop import run_training
+from opd.step.measures import token_measures
+from opd.step.scoring import output_head, response_states, score
 from tests.conftest import make_tokenizer
 from tests.test_architectures import ARCHS, assert_ideal, step_config
 from tests.tiny_models import build_model, save_model

@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.distributions import shared_topk, topk_indices
+from opd.config.training import ObjectiveConfig
 from opd.errors import OPDError
-from opd.objectives import (
+from opd.step.distributions import shared_topk, topk_indices
+from opd.step.objectives import (
     CANDIDATE_SETS,
     OBJECTIVES,
     WEIGHTINGS,
-    ObjectiveConfig,
     aggregation_weights,
     distillation_loss,
     group_advantages,
@@ -192,7 +192,7 @@ def test_reference_penalty_is_zero_at_the_reference_and_positive_elsewhere():
     ],
 )
 def test_bad_objective_settings_name_the_field(values, message):
-    from opd.config import build_config
+    from opd.config.training import build_config
 
     with pytest.raises(OPDError, match=message):
         build_config({"objective": values})

@@ -1,4 +1,4 @@
-"""`opd.parallel` in one process: what it refuses, and that it leaves unwrapped models alone
+"""`opd.run.parallel` in one process: what it refuses, and that it leaves unwrapped models alone
 (the two-process behaviour is in tests/test_distributed.py)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opd.errors import OPDError
-from opd.parallel import decoder_layers, gathered, grad_norm, plain_class
+from opd.run.parallel import decoder_layers, gathered, grad_norm, plain_class
 from opd.runtime import is_wrapped
 from tests.conftest import make_tokenizer
 from tests.tiny_models import build_model
@@ -40,7 +40,7 @@ def test_a_full_disk_while_writing_the_sharded_optimizer_state_is_one_line(tmp_p
 
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
-    from opd.checkpoints import save_sharded_optimizer, start_checkpoint
+    from opd.run.checkpoints import save_sharded_optimizer, start_checkpoint
 
     model = torch.nn.Linear(3, 3)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -67,7 +67,7 @@ def test_activation_checkpointing_in_one_process_keeps_the_curve(tiny_pair, tmp_
     """Recomputed layers give the same gradients (the scoring pass keeps no KV cache, which a
     recomputed layer would fill twice)."""
     from opd.metrics import read
-    from opd.train import run_training
+    from opd.run.loop import run_training
     from tests.test_faults import config
 
     run_training(config(tiny_pair, tmp_path / "plain", max_steps=2))

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 from opd.cli import main
 from opd.errors import OPDError
-from opd.reproduce.experiments import EXPERIMENTS, PROBE_K, PROFILES, SERIES, OPDRun, eval_set
-from opd.reproduce.findings import FINDINGS, judge
-from opd.reproduce.report import markdown, write_report
-from opd.reproduce.run import chosen_findings
-from opd.reproduce.stats import (
+from opd.study.experiments import EXPERIMENTS, PROBE_K, PROFILES, SERIES, OPDRun, eval_set
+from opd.study.findings import FINDINGS, judge
+from opd.study.report import markdown, write_report
+from opd.study.run import chosen_findings
+from opd.study.stats import (
     DOES_NOT,
     INCONCLUSIVE,
     REPRODUCES,

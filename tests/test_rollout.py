@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.models import load_model, load_tokenizer
-from opd.rollout import generate_rollouts, inverse_cdf, rollout_uniforms, sample_next
+from opd.models.loading import load_model, load_tokenizer
+from opd.step.rollout import generate_rollouts, inverse_cdf, rollout_uniforms, sample_next
 
 PROMPTS = ["1 + 2 =", "3 + 4 + 5 =", "a b c", "7 =", "1 1 1 1 1 1"]
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd.measures import token_measures
-from opd.models import load_model, load_tokenizer
-from opd.objectives import ObjectiveConfig, TokenLoss
-from opd.rollout import generate_rollouts
-from opd.scoring import CHUNK_LOGITS, output_head, positions_per_chunk, response_states, score
+from opd.config.training import ObjectiveConfig
+from opd.models.loading import load_model, load_tokenizer
+from opd.step.measures import token_measures
+from opd.step.objectives import TokenLoss
+from opd.step.rollout import generate_rollouts
+from opd.step.scoring import CHUNK_LOGITS, output_head, positions_per_chunk, response_states, score
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_measures_without_a_loss_need_no_gradient(scored):
 def test_the_pass_gives_the_gradient_of_the_plain_unchunked_loss(scored, objective):
     """Each chunk differentiated as it is scored, its hidden-state gradient carried into the
     backbone afterwards, equals autograd through the whole loss at once."""
-    from opd.objectives import distillation_loss
+    from opd.step.objectives import distillation_loss
 
     student, teacher, r = scored
     config = ObjectiveConfig(name=objective, k=5)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from opd.cli import main
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt
 from opd.errors import OPDError
 from opd.lab.tokenizer import build_tokenizer

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from opd import settings
-from opd.config import PROFILES, TrainConfig, build_config
+from opd.config import settings
+from opd.config.settings import Config, group, setting
+from opd.config.training import PROFILES, TrainConfig, build_config
 from opd.errors import OPDError
-from opd.settings import Config, group, setting
 
 
 @dataclass(frozen=True)

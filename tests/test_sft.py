@@ -11,8 +11,8 @@ from opd.data.prompts import render_prompt
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import sample_problems, sft_examples
 from opd.lab.zoo import Size, build_model
-from opd.optim import lr_multiplier
-from opd.sft import (
+from opd.run.optim import lr_multiplier
+from opd.run.sft import (
     IGNORE_INDEX,
     EarlyStopping,
     SFTConfig,

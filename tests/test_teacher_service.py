@@ -23,15 +23,15 @@ import torch
 from transformers import AutoTokenizer
 
 from opd import metrics as M
-from opd.checkpoints import complete_checkpoints
 from opd.cli import main
+from opd.config.settings import build
 from opd.errors import OPDError
 from opd.recipes.cold_start import run_cold_start
-from opd.settings import build
-from opd.teacher_service.client import TeacherClient, TeacherUnavailable
-from opd.teacher_service.protocol import API_KEY_ENV, GenerateRequest
-from opd.teacher_service.server import ServeConfig, build_server
-from opd.train import run_training
+from opd.run.checkpoints import complete_checkpoints
+from opd.run.loop import run_training
+from opd.teachers.client import TeacherClient, TeacherUnavailable
+from opd.teachers.protocol import API_KEY_ENV, GenerateRequest
+from opd.teachers.server import ServeConfig, build_server
 from tests.conftest import make_model
 from tests.test_cold_start import COLD
 from tests.test_select_prompts import select_args
@@ -282,7 +282,7 @@ def test_a_served_teacher_with_a_sharded_student_on_several_processes_is_refused
                                                                                 tmp_path):
     from types import SimpleNamespace
 
-    from opd.teachers import build_teachers
+    from opd.teachers.build import build_teachers
 
     config = tiny_config(tiny_pair, tmp_path / "run", teacher="http://127.0.0.1:9",
                          parallel="fsdp")
@@ -356,8 +356,8 @@ def test_killed_teacher_stops_the_run_cleanly_and_resume_equals_the_whole_run(ti
 
 
 def test_generate_returns_the_teachers_own_seeded_samples(tiny_pair, served):
-    from opd.models import load_model, load_tokenizer
-    from opd.rollout import generate_rollouts
+    from opd.models.loading import load_model, load_tokenizer
+    from opd.step.rollout import generate_rollouts
 
     tok = load_tokenizer(str(tiny_pair["teacher"]), "teacher")
     teacher = load_model(str(tiny_pair["teacher"]), "teacher", trainable=False)
@@ -370,7 +370,7 @@ def test_generate_returns_the_teachers_own_seeded_samples(tiny_pair, served):
 
 
 def test_json_and_base64_answers_carry_the_same_bits(served):
-    from opd.teacher_service.protocol import ScoreRequest, decode_array
+    from opd.teachers.protocol import ScoreRequest, decode_array
 
     sequences = [[1, 5, 24, 6, 25, 7, 8], [1, 9, 24, 3, 25]]
     candidates = [[[4, 5, 6], [7, 8, 9], [10, 11, 12]], [[4, 5], [6, 7]]]  # ragged across rows
@@ -465,7 +465,7 @@ def test_binding_beyond_this_machine_needs_an_api_key(monkeypatch):
 
 def test_the_vllm_backend_without_vllm_names_its_extra(monkeypatch, capsys):
     """Before any model loads (the vllm backend's own tests are in tests_vllm)."""
-    monkeypatch.setattr("opd.engines.is_installed", lambda name: name != "vllm")
+    monkeypatch.setattr("opd.step.engines.is_installed", lambda name: name != "vllm")
     code = main(["serve-teacher", "--model", "some/teacher", "--backend", "vllm"])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(errors) == 1

@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from opd import metrics as M
-from opd.config import build_config
+from opd.config.settings import parse_set
+from opd.config.training import build_config
 from opd.data.prompts import render_prompt
 from opd.errors import OPDError
-from opd.models import load_model, load_tokenizer
-from opd.rollout import encode_prompts, generate_rollouts, stop_token_ids
-from opd.settings import parse_set
-from opd.train import Trainer
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.loop import Trainer
+from opd.step.rollout import encode_prompts, generate_rollouts, stop_token_ids
 from tests.test_architectures import assert_ideal
 from tests.tiny_tokenizers import LLAMA3_WITH_DEFAULT_SYSTEM, STYLES, build_tokenizer, save_style
 

@@ -18,11 +18,11 @@ import pytest
 import opd
 from opd import metrics as M
 from opd.cli import main
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.errors import OPDError
-from opd.report import write_run_report
+from opd.run.report import write_run_report
+from opd.run.trackers import CLASSES, IDS_FILE, require
 from opd.runtime import StepHook
-from opd.trackers import CLASSES, IDS_FILE, require
 
 EDGES = [0, 4, 8, 12]  # position_bins 3 over max_new_tokens 12
 ALERT = {"rule": "pattern-mismatch", "step": 2, "evidence": {M.OVERLAP_RATIO: 0.12},

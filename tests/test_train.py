@@ -8,11 +8,11 @@ import math
 import pytest
 
 from opd import metrics as M
-from opd.checkpoints import complete_checkpoints
 from opd.cli import main
-from opd.config import build_config
+from opd.config.training import build_config
+from opd.run.checkpoints import complete_checkpoints
+from opd.run.loop import prompt_order, run_training
 from opd.runtime import StepHook
-from opd.train import prompt_order, run_training
 
 load_metrics = M.read
 

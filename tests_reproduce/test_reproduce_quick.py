@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 from opd.cli import main
-from opd.reproduce.experiments import PROFILES
-from opd.reproduce.findings import FINDINGS
-from opd.reproduce.stats import VERDICTS, Rule, combine, interval
+from opd.study.experiments import PROFILES
+from opd.study.findings import FINDINGS
+from opd.study.stats import VERDICTS, Rule, combine, interval
 
 
 def test_quick_profile_reproduces_every_finding_and_resumes(tmp_path, capsys):

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import opd
 from opd import metrics as M
 from opd.data.prompts import load_prompts
-from opd.engines import VLLMEngine, sample_rollouts, vllm_engine
 from opd.errors import OPDError
-from opd.evaluate import evaluate
-from opd.rollout import generate_rollouts, stop_token_ids
-from opd.verify import extract_answer
+from opd.evaluation.accuracy import evaluate
+from opd.evaluation.verify import extract_answer
+from opd.step.engines import VLLMEngine, sample_rollouts, vllm_engine
+from opd.step.rollout import generate_rollouts, stop_token_ids
 from tests_vllm.conftest import CONTEXT, SETTINGS, VLLM
 
 SYNC_TOLERANCE = 1e-4

@@ -15,10 +15,10 @@ from tests.test_train import tiny_config
 from opd import metrics as M
 from opd.cli import main
 from opd.errors import OPDError
-from opd.teacher_service.protocol import BadRequest, GenerateRequest, Limits, ScoreRequest
-from opd.teacher_service.server import HFBackend
-from opd.teacher_service.vllm_backend import VLLMBackend
-from opd.train import run_training
+from opd.run.loop import run_training
+from opd.teachers.protocol import BadRequest, GenerateRequest, Limits, ScoreRequest
+from opd.teachers.server import HFBackend
+from opd.teachers.vllm_backend import VLLMBackend
 from tests_vllm.conftest import VLLM
 
 TOPK_TOLERANCE = 1e-5

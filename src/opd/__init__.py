@@ -8,15 +8,13 @@ The public API (`opd.api`), one function per verb with typed results:
                        out="runs/a", profile="cpu-small", max_steps=50)
 
 The names in `__all__` are what is promised. They load on first use, so `import opd` stays
-light; `opd.train`, `opd.evaluate`, `opd.diagnose` and `opd.report` are the API's functions, not
-the modules of the same names (import from those with `from opd.train import …`).
+light. No module of the package is named after a public name: `opd.train` is always the
+function.
 """
 
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from opd.version import __version__
@@ -41,12 +39,12 @@ if TYPE_CHECKING:
         select_prompts,
         train,
     )
-    from opd.config import TrainConfig
+    from opd.config.training import TrainConfig
     from opd.data.prompts import PromptRecord, load_prompts
-    from opd.diagnose.measure import DiagnoseConfig
-    from opd.diagnose.rules import Thresholds
+    from opd.doctor.measure import DiagnoseConfig
+    from opd.doctor.rules import Thresholds
     from opd.errors import OPDError
-    from opd.evaluate import EvalConfig, EvalResult
+    from opd.evaluation.accuracy import EvalConfig, EvalResult
     from opd.recipes.select_prompts import SelectConfig
     from opd.runtime import StepHook
 
@@ -54,10 +52,10 @@ _PUBLIC = {
     "opd.api": ("train", "grpo", "evaluate", "diagnose", "cold_start", "select_prompts", "report",
                 "reproduce", "build_zoo", "TrainResult", "Diagnosis", "TeacherDiagnosis", "Check", "Cost",
                 "ColdStartResult", "Selection", "Zoo"),
-    "opd.config": ("TrainConfig",),
-    "opd.evaluate": ("EvalConfig", "EvalResult"),
-    "opd.diagnose.measure": ("DiagnoseConfig",),
-    "opd.diagnose.rules": ("Thresholds",),
+    "opd.config.training": ("TrainConfig",),
+    "opd.evaluation.accuracy": ("EvalConfig", "EvalResult"),
+    "opd.doctor.measure": ("DiagnoseConfig",),
+    "opd.doctor.rules": ("Thresholds",),
     "opd.recipes.select_prompts": ("SelectConfig",),
     "opd.data.prompts": ("load_prompts", "PromptRecord"),
     "opd.runtime": ("StepHook",),
@@ -98,23 +96,14 @@ __all__ = [
 assert set(__all__) == {"__version__", *_HOME}
 
 
-class _Package(types.ModuleType):
-    """The `opd` package: a public name resolves, on first use, to the object of the module
-    that defines it, also where a submodule has the same name (train, evaluate, diagnose,
-    report): the import system's binding of such a submodule to the package is ignored."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name in _HOME:
-            return getattr(importlib.import_module(_HOME[name]), name)
-        raise AttributeError(f"module 'opd' has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _HOME and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-    def __dir__(self) -> list[str]:
-        return sorted({*super().__dir__(), *__all__})
+def __getattr__(name: str) -> Any:
+    """Load a public name from the module that defines it, on first use."""
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'opd' has no attribute {name!r}")
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -16,8 +16,8 @@ line the command prints.
                        out="runs/a", profile="cpu-small", max_steps=50)
     print(result.final_measures["overlap_ratio"], result.model)
 
-Note: `opd.train`, `opd.evaluate`, `opd.diagnose` and `opd.report` are these functions, not
-the modules of the same names; import from a module with `from opd.train import …`.
+Note: `opd.run.loop`, `opd.evaluation.accuracy`, `opd.doctor` and `opd.run.report` are these functions, not
+the modules of the same names; import from a module with `from opd.run.loop import …`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from opd import metrics as M
-from opd import settings as S
-from opd.config import PROFILES, TrainConfig
-from opd.diagnose.measure import DiagnoseConfig
-from opd.diagnose.rules import Thresholds
+from opd.config import settings as S
+from opd.config.training import PROFILES, TrainConfig
+from opd.doctor.measure import DiagnoseConfig
+from opd.doctor.rules import Thresholds
 from opd.errors import OPDError
-from opd.evaluate import EvalConfig, EvalResult
+from opd.evaluation.accuracy import EvalConfig, EvalResult
 from opd.recipes.select_prompts import SelectConfig
 from opd.runtime import StepHook
 
@@ -121,9 +121,9 @@ class TrainResult:
 
 
 def _run_training(config: TrainConfig, resume: bool, hooks: Sequence[StepHook]) -> TrainResult:
-    from opd.hooks import run_hooks
     from opd.recipes.cold_start import ColdStartHandover
-    from opd.train import run_training
+    from opd.run.hooks import run_hooks
+    from opd.run.loop import run_training
 
     standard = run_hooks(config)  # stops here, before any model loads, on a missing tracker
     handover = [ColdStartHandover(config)] if config.on_failure == "cold-start" else []
@@ -154,7 +154,7 @@ def evaluate(model: str | None = None, prompts: str | None = None, *, config: Co
              **settings: Any) -> EvalResult:
     """avg@n accuracy of a model folder (or hub id) on a prompt set with answers (`opd eval`):
     `n` samples per prompt at `temperature`, each checked by the `verifier`."""
-    from opd.evaluate import evaluate_model
+    from opd.evaluation.accuracy import evaluate_model
 
     return evaluate_model(_config(EvalConfig, config, {"model": model, "prompts": prompts,
                                                        **settings}))
@@ -282,8 +282,8 @@ def diagnose(student: str | None = None, teacher: str | None = None, prompts: st
     """Before training: will OPD work for this pair, why, and what to do (`opd diagnose`).
     Measures on the student's own rollouts; with `out`, also writes diagnosis.json, report.md
     and figures there. `teacher2=` compares a second teacher."""
-    from opd.diagnose.measure import run_diagnosis
-    from opd.diagnose.report import write_outputs
+    from opd.doctor.measure import run_diagnosis
+    from opd.doctor.report import write_outputs
 
     values = {"student": student, "teacher": teacher, "prompts": prompts,
               "out": None if out is None else str(out), **settings}
@@ -302,13 +302,12 @@ def diagnose_teachers(student: str | None = None, prompts: str | None = None, *,
     from dataclasses import replace
 
     from opd.data.prompts import load_prompts, source_of
-    from opd.diagnose.measure import run_diagnosis
-    from opd.diagnose.report import write_outputs
-    from opd.io import check_output_folder
-    from opd.models import check_model_folder
-    from opd.teacher_service.client import TeacherClient
-    from opd.teacher_service.protocol import is_url
-    from opd.teachers import teacher_of_each_prompt
+    from opd.doctor.measure import run_diagnosis
+    from opd.doctor.report import write_outputs
+    from opd.io import check_output_folder, is_url
+    from opd.models.loading import check_model_folder
+    from opd.teachers.build import teacher_of_each_prompt
+    from opd.teachers.client import TeacherClient
 
     values = {"student": student, "prompts": prompts, "teachers": teachers,
               "out": None if out is None else str(out), **settings}
@@ -416,7 +415,7 @@ def serve_teacher(model: str | None = None, *, config: ConfigLike = None,
                   **settings: Any) -> None:
     """Serve a teacher over HTTP until interrupted (`opd serve-teacher`); training runs use it
     with `teacher="http://host:port"`. Needs the `serve` extra."""
-    from opd.teacher_service.server import ServeConfig, serve
+    from opd.teachers.server import ServeConfig, serve
 
     serve(_config(ServeConfig, config, {"model": model, **settings}))
 
@@ -425,7 +424,7 @@ def serve_teacher(model: str | None = None, *, config: ConfigLike = None,
 def report(*runs: str | Path, compare: str | Path | None = None) -> list[Path]:
     """report.md with its figures for each run folder (`opd report`), and with `compare` one
     PNG of every run's curves; returns the files written."""
-    from opd.report import check_compare_path, check_run_folder, plot_curves, write_run_report
+    from opd.run.report import check_compare_path, check_run_folder, plot_curves, write_run_report
 
     records = {run: check_run_folder(run) for run in runs}  # every input, before any output
     if compare is not None:
@@ -443,7 +442,7 @@ def reproduce(profile: str | None = None, out: str | Path | None = None, *,
     """Re-run the study's findings on the zoo and judge each by its rule (`opd reproduce`):
     writes OUT/report.md, OUT/results.json and the figures; returns results.json's contents
     (`["findings"]`: each finding's claims, intervals and verdict)."""
-    from opd.reproduce.run import ReproduceConfig, run_reproduce
+    from opd.study.run import ReproduceConfig, run_reproduce
 
     values = {"profile": profile, "out": None if out is None else str(out), **settings}
     return run_reproduce(_config(ReproduceConfig, config, values))

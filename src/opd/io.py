@@ -62,3 +62,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a .jsonl file, one per non-empty line."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
+
+
+def is_url(teacher: str) -> bool:
+    """Whether a `teacher` setting names a served teacher rather than a model folder."""
+    return teacher.startswith(("http://", "https://"))

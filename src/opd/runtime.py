@@ -2,7 +2,7 @@
 
 One process needs no set-up. Several (`accelerate launch --num_processes N -m opd train …`)
 share the step's prompts; `Processes` holds the few collective operations the loop needs and
-is a no-op for a single process (gradients are synchronised by PyTorch: `opd.parallel`).
+is a no-op for a single process (gradients are synchronised by PyTorch: `opd.run.parallel`).
 """
 
 from __future__ import annotations
@@ -77,14 +77,14 @@ class Processes:
 
 
 def wrapped_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The submodules of `model` that PyTorch wrapped for several processes (`opd.parallel`)."""
+    """The submodules of `model` that PyTorch wrapped for several processes (`opd.run.parallel`)."""
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 def is_wrapped(model: torch.nn.Module) -> bool:
-    """Whether `opd.parallel.prepare` wrapped `model` for several processes."""
+    """Whether `opd.run.parallel.prepare` wrapped `model` for several processes."""
     return bool(wrapped_units(model))
 
 

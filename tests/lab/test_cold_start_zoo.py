@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from opd import metrics as M
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.lab.world import ADDITION, Dialect, World, vocabulary
 from opd.lab.zoo import ModelStage, Profile, Size, build_zoo
 from opd.metrics import read as load_metrics
 from opd.recipes.cold_start import GateStopped, run_cold_start
-from opd.train import run_training
+from opd.run.loop import run_training
 
 pytestmark = pytest.mark.slow
 

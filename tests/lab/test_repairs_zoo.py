@@ -3,9 +3,9 @@ teacher and stays quiet with the aligned one (the cold start: test_cold_start_zo
 
 from __future__ import annotations
 
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.lab.world import max_new_tokens
-from opd.train import run_training
+from opd.run.loop import run_training
 
 
 def opd_config(root, teacher, out, **extra):

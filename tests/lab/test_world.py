@@ -8,6 +8,7 @@ import pytest
 
 from opd.data.prompts import render_prompt
 from opd.errors import OPDError
+from opd.evaluation.verify import exact_match
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import (
     DIALECTS,
@@ -21,7 +22,6 @@ from opd.lab.world import (
     solve,
     vocabulary,
 )
-from opd.verify import exact_match
 
 
 def test_skills_follow_the_carries() -> None:

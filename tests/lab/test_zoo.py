@@ -12,7 +12,7 @@ from opd.data.prompts import load_prompts, render_prompt
 from opd.errors import OPDError
 from opd.lab import zoo as zoo_module
 from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
-from opd.models import load_model, load_tokenizer
+from opd.models.loading import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 Zoo = tuple[Path, dict[str, Any]]
@@ -124,7 +124,7 @@ def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
     """The gap is learnable: a short SFT on teacher-aligned's data lifts the chain accuracy."""
     from opd.lab.world import sft_examples
     from opd.lab.zoo import evaluate_model
-    from opd.sft import SFTConfig, train_sft
+    from opd.run.sft import SFTConfig, train_sft
 
     root, zoo = quick_zoo
     model, tokenizer = load_zoo_model(root, "student", trainable=True)

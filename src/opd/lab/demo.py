@@ -15,18 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from opd import metrics as M
-from opd.checkpoints import complete_checkpoints
-from opd.config import build_config
+from opd.config.training import build_config
 from opd.data.prompts import PromptRecord
-from opd.evaluate import evaluate
-from opd.hooks import run_hooks
+from opd.evaluation.accuracy import evaluate
 from opd.io import write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo, load_sets
-from opd.models import load_model, load_tokenizer
-from opd.report import fmt
-from opd.train import run_training
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.checkpoints import complete_checkpoints
+from opd.run.hooks import run_hooks
+from opd.run.loop import run_training
+from opd.run.report import fmt
 
 SHOWN = (M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP, M.REVERSE_KL,
          M.STUDENT_ENTROPY, M.GRAD_NORM)

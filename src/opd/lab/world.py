@@ -2,7 +2,7 @@
 
 A problem is `a + b` with two `digits`-digit numbers. Its solution works column by column from the
 right, writing each column's sum, the digit kept and the carry passed on, then ends with
-`answer d d d d` (digits as separate words) so that `opd.verify.exact_match` checks it against the
+`answer d d d d` (digits as separate words) so that `opd.evaluation.verify.exact_match` checks it against the
 gold answer stored the same way.
 
 Sub-skills are carry patterns, so that one model can be given a sub-skill another never saw:

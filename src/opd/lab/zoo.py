@@ -20,14 +20,12 @@ Planted properties (see `world` for the task):
 - `teacher-aligned-template2` is teacher-aligned post-trained with prompt template 2, which its
   tokenizer carries;
 - `student-rl` is `student-prerl` (a copy of the student) improved by GRPO with the
-  exact-match reward (`opd.train`), for reverse distillation.
+  exact-match reward (`opd.run.loop`), for reverse distillation.
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib.util
 import json
 import shutil
 import tempfile
@@ -46,8 +44,9 @@ from opd.errors import OPDError
 from opd.io import check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import ADDITION, World, sample_problems, sft_examples
-from opd.models import load_model, load_tokenizer
-from opd.sft import SFTConfig, train_sft
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.sft import SFTConfig, train_sft
+from opd.source import code_files
 from opd.version import __version__
 
 ZOO_FILE = "zoo.json"
@@ -83,7 +82,7 @@ class ModelStage:
 
 @dataclass(frozen=True)
 class RLStage:
-    """GRPO (outcome reward only) of a zoo model with `opd.train`."""
+    """GRPO (outcome reward only) of a zoo model with `opd.run.loop`."""
 
     name: str
     role: str
@@ -220,48 +219,10 @@ def load_sets(root: str | Path) -> dict[str, list[PromptRecord]]:
     return {p.stem: load_prompts(p) for p in sorted((Path(root) / DATA).glob("*.jsonl"))}
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of an `opd` module (None for names that are not modules)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return Path(spec.origin) if spec and spec.origin and spec.origin.endswith(".py") else None
-
-
-def imported_modules(name: str) -> set[str]:
-    """The `opd` modules that module `name` imports, at the top or inside functions."""
-    path = module_file(name)
-    found: set[str] = set()
-    if path is None:
-        return found
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.split(".")[0] == "opd"}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "opd":
-            for alias in node.names:
-                sub = f"{node.module}.{alias.name}"
-                found.add(sub if module_file(sub) else node.module)
-    return found - {name}
-
-
-def code_files(entries: Sequence[str]) -> list[Path]:
-    """Source files of the `entries` modules and of every `opd` module they reach."""
-    seen: set[str] = set()
-    pending = list(entries)
-    while pending:
-        name = pending.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        pending += imported_modules(name)
-    return sorted({f for f in map(module_file, seen) if f is not None})
-
-
-SFT_CODE = ("opd.lab.world", "opd.lab.tokenizer", "opd.sft", "opd.evaluate", "opd.models",
-            "opd.data.prompts")
+SFT_CODE = ("opd.lab.world", "opd.lab.tokenizer", "opd.run.sft", "opd.evaluation.accuracy",
+            "opd.models.loading", "opd.data.prompts")
 """What an SFT stage's build runs (besides this module's own code)."""
-RL_CODE = (*SFT_CODE, "opd.config", "opd.train")
+RL_CODE = (*SFT_CODE, "opd.config.training", "opd.run.loop")
 """What an RL stage's build runs."""
 
 
@@ -318,7 +279,7 @@ def evaluate_model(
     model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]], world: World = ADDITION
 ) -> dict[str, float]:
     """Greedy exact-match accuracy on every `eval-*` set, with the model's own template."""
-    from opd.evaluate import evaluate
+    from opd.evaluation.accuracy import evaluate
 
     out = {}
     for name, records in sets.items():
@@ -369,8 +330,8 @@ def _rl_stage(
     world: World,
 ) -> Callable[[Path], dict[str, Any]]:
     def build(folder: Path) -> dict[str, Any]:
-        from opd.config import build_config
-        from opd.train import run_training
+        from opd.config.training import build_config
+        from opd.run.loop import run_training
 
         run = folder / "run"
         config = build_config(

@@ -28,13 +28,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from opd.config import ColdStartConfig, TrainConfig
+from opd.config.training import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
-from opd.engines import ServedSampler, VLLMEngine, engine_for_prompts, generate, require_engine
 from opd.errors import OPDError
-from opd.hooks import run_hooks
-from opd.io import check_output_folder, read_jsonl, write_jsonl_atomic, write_text_atomic
-from opd.models import (
+from opd.evaluation.verify import get_verifier
+from opd.io import check_output_folder, is_url, read_jsonl, write_jsonl_atomic, write_text_atomic
+from opd.models.loading import (
     check_model_folder,
     check_same_vocabulary,
     context_window,
@@ -55,14 +54,14 @@ from opd.recipes.gate import (
     sft_warnings,
     split_prompts,
 )
-from opd.rollout import check_prompts
+from opd.run.hooks import run_hooks
+from opd.run.loop import check_training_prompts, run_training
+from opd.run.sft import EarlyStopping, SFTConfig, fit_sft
+from opd.run.trackers import require as require_trackers
 from opd.runtime import StepHook, is_main_process
-from opd.sft import EarlyStopping, SFTConfig, fit_sft
-from opd.teacher_service.client import TeacherClient
-from opd.teacher_service.protocol import is_url
-from opd.trackers import require as require_trackers
-from opd.train import check_training_prompts, run_training
-from opd.verify import get_verifier
+from opd.step.engines import ServedSampler, VLLMEngine, engine_for_prompts, generate, require_engine
+from opd.step.rollout import check_prompts
+from opd.teachers.client import TeacherClient
 
 
 def generate_teacher_data(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.io import write_text_atomic
-from opd.report import fmt, pyplot, save_figure
+from opd.run.report import fmt, pyplot, save_figure
 
 REPORT_FILE, FIGURE_FILE = "cold_start.json", "sft_curves.png"
 

@@ -12,14 +12,14 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from opd.config import TrainConfig
+from opd.config.training import TrainConfig
 from opd.data.prompts import PromptRecord
-from opd.diagnose.measure import DiagnoseConfig, alignment_by_prompt, load_pair
-from opd.diagnose.rules import Thresholds, mean_se, pattern_check
-from opd.engines import ServedSampler
-from opd.evaluate import evaluate
-from opd.models import load_model, load_tokenizer
-from opd.sft import SFTRun
+from opd.doctor.measure import DiagnoseConfig, alignment_by_prompt, load_pair
+from opd.doctor.rules import Thresholds, mean_se, pattern_check
+from opd.evaluation.accuracy import evaluate
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.sft import SFTRun
+from opd.step.engines import ServedSampler
 
 MEMORISATION_RISE = 0.05
 """Rise of the last validation loss over its best (5%) that, with the training loss still

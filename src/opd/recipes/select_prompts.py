@@ -6,7 +6,7 @@ tokenizer's chat template, or a format string) and written as plain text; OPD th
 text as is (`template: "{prompt}"`, `teacher_prompt: student`), so the student rolls out, and
 the teacher scores, under the template the teacher was post-trained with.
 (b) Content: the student rolls out every candidate, the teacher scores those rollouts, and each
-prompt gets the step-0 measures (`opd.diagnose.measure.alignment_by_prompt`); the
+prompt gets the step-0 measures (`opd.doctor.measure.alignment_by_prompt`); the
 top fraction by the chosen measures is kept and a share of other prompts is mixed in, since
 aligned content alone drives student entropy down. A short OPD trial on the selected and the
 unselected prompts shows that entropy effect.
@@ -31,28 +31,25 @@ import yaml
 from tqdm.auto import tqdm
 
 from opd import metrics as M
-from opd.config import PROFILES, TrainConfig, build_config
-from opd.data.prompts import (
+from opd.config.choices import ENGINES
+from opd.config.fields import (
     ANSWER_FIELD_HELP,
     MESSAGES_FIELD_HELP,
     PROMPT_FIELD_HELP,
     SPLIT_HELP,
-    PromptRecord,
     check_template,
-    load_prompts,
-    render_prompt,
-    require_answers,
-    source_of,
 )
-from opd.diagnose.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
-from opd.engines import ENGINES, VLLMConfig, require_engine
+from opd.config.settings import Config, group, setting, to_dict
+from opd.config.training import PROFILES, TrainConfig, VLLMConfig, build_config
+from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
+from opd.doctor.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
-from opd.models import context_window
-from opd.report import fmt, save_figure
-from opd.rollout import check_prompts
-from opd.settings import Config, group, setting, to_dict
-from opd.train import run_training
+from opd.models.loading import context_window
+from opd.run.loop import run_training
+from opd.run.report import fmt, save_figure
+from opd.step.engines import require_engine
+from opd.step.rollout import check_prompts
 
 RANKABLE = (M.OVERLAP_RATIO, "overlap_share", M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER,
             M.OVERLAP_TOKEN_ADVANTAGE, "advantage")
@@ -452,7 +449,7 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
 
 
 def _figure(selection: dict[str, Any], path: Path) -> None:
-    from opd.report import pyplot
+    from opd.run.report import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

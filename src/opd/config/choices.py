@@ -1,0 +1,30 @@
+"""The names a setting may take, declared once: the config reads them here, and the modules
+that implement each name key their tables on the same tuple (tests/test_settings.py checks
+that every name has an implementation)."""
+
+ENGINES = ("hf", "vllm")
+"""What samples rollouts (`rollout_engine`): opd's own sampler, or a colocated vLLM engine."""
+OBJECTIVES = ("sampled", "topk", "subset_kl", "full_reverse_kl", "forward_kl", "jsd")
+"""Per-token distillation objectives (`objective.name`)."""
+CANDIDATE_SETS = ("student", "teacher", "intersection", "union", "symmetric-difference")
+"""Candidate sets of the top-k objectives (`objective.strategy`)."""
+WEIGHTINGS = ("student_p", "teacher_p", "none")
+"""Candidate weights of `topk` (`objective.weighting`)."""
+AGGREGATIONS = ("token-mean", "sequence-mean")
+"""How per-token losses become the step's loss (`aggregation`)."""
+SCHEDULES = ("constant", "linear", "cosine")
+"""Learning-rate schedules after the warm-up (`lr_schedule`)."""
+ON_FAILURE = ("warn", "stop", "cold-start")
+"""What the monitor does on a failure signature (`on_failure`)."""
+VERIFIERS = ("exact", "math")
+"""Answer verifiers (`verifier`)."""
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+"""Experiment trackers a run can report to (`report_to`), each an optional extra."""
+PARALLEL = ("ddp", "fsdp")
+"""How a distributed launch spreads the student (`parallel`; see opd.run.parallel)."""
+TEACHER_PARALLEL = ("replicate", "fsdp")
+"""How it holds the teacher (`teacher_parallel`): a whole copy per process, or sharded."""
+MIXED_PRECISION = ("no", "bf16")
+SERVED_OBJECTIVES = ("sampled", "topk", "subset_kl")
+"""Objectives that read only the teacher entries a served teacher sends (the sampled token, its
+top-k, the student's candidates); the others need its whole distribution."""

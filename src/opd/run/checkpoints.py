@@ -1,0 +1,320 @@
+"""Atomic checkpoints of a run: the HF model folder plus optimizer, scheduler, RNG and run
+state, and a copy of the run's settings.
+
+A checkpoint is written into `step-N.tmp` and renamed to `step-N` once complete; its last file,
+`manifest.json`, lists every file with its size. A checkpoint counts as complete only when its
+manifest is there and every file it lists has that size, so a folder cut short by a kill, a
+full disk or a damaged copy is never resumed from. Nothing in a checkpoint is a pickle: the
+model is safetensors, optimizer and scheduler state are tensors and plain values loaded with
+`weights_only=True`, the RNG state and run state are JSON.
+
+A run of several processes (`opd.run.parallel`) saves the whole model gathered (an ordinary HF
+folder) and its AdamW state sharded: `optimizer/`, one safetensors file per process written by
+`torch.distributed.checkpoint` (each with the offsets of its shards in its header, so no
+pickled metadata). That state loads on any number of processes; on the number that saved it
+the run resumes exactly, on another it continues (sums in another order: not bit-equal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import random
+import shutil
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from opd.errors import OPDError, one_line
+from opd.run.cards import CARD_FILE
+
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+RNG_FILE = "rng.json"
+SHARDED_OPTIMIZER = "optimizer"
+"""The folder of the sharded optimizer state (runs of several processes)."""
+SETTINGS_FILE = "run_config.yaml"
+"""The run's settings when the checkpoint was taken (what `--resume` compares with)."""
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step-{step:06d}"
+
+
+def _step_folders(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` is not complete (None when it is): no manifest, or a file it lists is
+    missing or has another size."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (cut short, or written by an older opd)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST_FILE} is damaged"
+    for name, size in files.items():
+        file = checkpoint / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} is {file.stat().st_size} bytes, not {size}"
+    if STATE_FILE not in files:
+        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
+    return None
+
+
+def complete_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` folder left by a kill, or a folder whose
+    files do not match its manifest, is left out)."""
+    return [p for p in _step_folders(out) if checkpoint_problem(p) is None]
+
+
+def incomplete_checkpoints(out: Path) -> list[tuple[Path, str]]:
+    """Checkpoint folders under their final name that are not complete, with the reason."""
+    found = [(p, checkpoint_problem(p)) for p in _step_folders(out)]
+    return [(p, problem) for p, problem in found if problem is not None]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG's state as plain JSON data (lists of numbers)."""
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned: the same streams continue."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _remove(folder: Path) -> None:
+    """Rename `folder` out of the way, then delete it: a kill half-way through never leaves a
+    half-deleted folder under a checkpoint's name."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _flat_optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer state's tensors keyed by parameter name (`state.<name>.exp_avg`, …); each
+    process's share of a sharded one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    flat = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        flatten_optimizer_state_dict=True))
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
+
+
+def start_checkpoint(out: Path, step: int) -> Path:
+    """An empty `step-N.tmp` folder (main process) for the processes to write into."""
+    tmp = checkpoint_dir(out, step).with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _cause(err: BaseException) -> str:
+    """What went wrong under `torch.distributed.checkpoint`, which gathers each process's
+    exception into one `CheckpointException`."""
+    failures = getattr(err, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    return getattr(err, "strerror", None) or one_line(err, 80)
+
+
+@contextlib.contextmanager
+def _alone_quietly() -> Iterator[None]:
+    """Without a process group `torch.distributed.checkpoint` reads and writes alone, and says
+    so each time; that is intended here (a sharded state resumed by one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_sharded_optimizer(out: Path, step: int, model, optimizer) -> None:
+    """Every process writes its share of the optimizer state into `step-N.tmp/optimizer`
+    (a collective: call it on every process, after `start_checkpoint`)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = checkpoint_dir(out, step).with_suffix(".tmp") / SHARDED_OPTIMIZER
+    try:
+        with _alone_quietly():
+            save(_flat_optimizer_tensors(model, optimizer),
+                 storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    except (OSError, CheckpointException) as err:  # DCP gathers each process's error in one
+        raise OPDError(f"checkpoint: could not write step {step} to {folder} ({_cause(err)}): "
+                       "free space, then run again with --resume") from None
+
+
+def save_checkpoint(
+    out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
+    settings: dict[str, Any] | None = None, card: str | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write everything (and the model card `card` as README.md) to `step-N.tmp`, the manifest
+    last, then rename; keep the newest `keep` checkpoints. A write that fails (a full disk)
+    leaves the previous checkpoints as they were and stops with one line.
+
+    `optimizer` None: the processes already wrote the sharded optimizer state into the folder
+    `start_checkpoint` made (`save_sharded_optimizer`); `model_state`: the gathered weights to
+    save instead of the model's own."""
+    final = checkpoint_dir(out, step)
+    tmp = final.with_suffix(".tmp")
+    try:
+        if optimizer is not None:
+            start_checkpoint(out, step)
+        model.save_pretrained(tmp, state_dict=model_state)
+        tokenizer.save_pretrained(tmp)
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+        if settings is not None:
+            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+        _write_manifest(tmp)
+        _remove(final)
+        tmp.rename(final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = complete_checkpoints(out)
+        last = f"the last complete one is {done[-1].name}" if done else "there is no complete one yet"
+        raise OPDError(
+            f"checkpoint: could not write step {step} to {tmp.parent} ({err.strerror or err}); "
+            f"{last}: free space, then run again with --resume") from None
+    for old in complete_checkpoints(out)[:-keep]:
+        _remove(old)
+    return final
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a complete checkpoint was taken at."""
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
+def checkpoint_settings(checkpoint: Path) -> dict[str, Any] | None:
+    """The run's settings saved with `checkpoint` (None if it has none)."""
+    file = checkpoint / SETTINGS_FILE
+    if not file.exists():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise OPDError(f"--resume: {file} is damaged; delete {checkpoint} to resume from the "
+                       "checkpoint before it")
+    return data
+
+
+def _load_tensors(file: Path, checkpoint: Path) -> Any:
+    try:
+        return torch.load(file, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise OPDError(f"--resume: {file} is damaged ({one_line(err, 80)}); delete {checkpoint} "
+                       "to resume from the checkpoint before it") from None
+
+
+def _load_sharded_optimizer(checkpoint: Path, model, optimizer) -> None:
+    """The optimizer state of `optimizer/` into this process's shares (any number of
+    processes; a collective when there are several)."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader, load
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    state = get_optimizer_state_dict(model, optimizer, options=flat)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        with _alone_quietly():
+            load(tensors, storage_reader=HuggingFaceStorageReader(
+                str(checkpoint / SHARDED_OPTIMIZER)))
+    except (Exception, CheckpointException) as err:  # DCP gathers each process's error
+        raise OPDError(f"--resume: {checkpoint / SHARDED_OPTIMIZER} is damaged "
+                       f"({_cause(err)}); delete {checkpoint} to resume from the "
+                       "checkpoint before it") from None
+    set_optimizer_state_dict(model, optimizer, {**state, **tensors}, options=flat)
+
+
+def _shard_whole_optimizer(saved: dict[str, Any], model, optimizer) -> None:
+    """A one-process optimizer state (keyed by parameter index) into the shares of a wrapped
+    `model`'s optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    whole = {"state": {names[i]: value for i, value in saved["state"].items()},
+             "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                              for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, whole,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def load_checkpoint(checkpoint: Path, optimizer, scheduler, model=None) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG state from `checkpoint`; returns the run state
+    (the model itself is loaded from the folder like any HF model). `model`: the student the
+    optimizer updates, which names its parameters; needed for a sharded optimizer state (it
+    loads on any number of processes) and when `opd.run.parallel` wrapped the student (a
+    one-process state is then split into the processes' shares). Nothing is unpickled."""
+    from torch.distributed.tensor import DTensor
+
+    if (checkpoint / SHARDED_OPTIMIZER).is_dir():
+        _load_sharded_optimizer(checkpoint, model, optimizer)
+    else:
+        saved = _load_tensors(checkpoint / "optimizer.pt", checkpoint)
+        if model is None or not any(isinstance(p, DTensor) for p in model.parameters()):
+            optimizer.load_state_dict(saved)
+        else:
+            _shard_whole_optimizer(saved, model, optimizer)
+    scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt", checkpoint))
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr  # what the schedule set last (a sharded state does not carry it)
+    try:
+        rng = json.loads((checkpoint / RNG_FILE).read_text())
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise OPDError(f"--resume: {checkpoint} is damaged ({one_line(err, 80)}); delete it to "
+                       "resume from the checkpoint before it") from None
+    set_rng_state(rng)
+    return state

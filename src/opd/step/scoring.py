@@ -1,0 +1,260 @@
+"""Scoring student and teacher on the student's states: one chunked pass, two consumers.
+
+Both models run their backbone once over the rollouts (hidden states [B, L, H] are small);
+the output head and log-softmax then run on `chunk_size` positions at a time, and each chunk's
+log-probs go to the two consumers of the pass: the loss (`objectives.TokenLoss`) and the
+measures (a function returning named per-token values, e.g. `measures.token_measures`). Either
+may be absent: diagnose asks for measures only.
+
+Under gradient each chunk is differentiated as soon as it is scored: the gradient flows into
+the output head's parameters and into the chunk's hidden states, and the chunk's logits are
+freed. The pass returns a loss whose backward carries the collected hidden-state gradient
+into the backbone. So peak memory grows with chunk_size × V, not with B × T × V, and nothing
+is computed twice (no recomputation, the measures once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from opd.step.distributions import shared_topk, topk_indices
+from opd.step.objectives import TokenLoss
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def output_head(model: torch.nn.Module) -> Head:
+    """hidden [n, H] → logits [n, V] (float32), including a model's logit scaling or cap."""
+    model = hf_model(model)
+    head = model.get_output_embeddings()
+    config = model.config
+    scale = getattr(config, "logit_scale", None)
+    cap = getattr(config, "final_logit_softcapping", None)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden).float()
+        if scale is not None:
+            out = out * scale
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    return logits
+
+
+def vocab_size(model: torch.nn.Module) -> int:
+    """Rows of the model's output head: the size of its next-token distributions."""
+    return int(hf_model(model).get_output_embeddings().weight.shape[0])
+
+
+@dataclass
+class ResponseStates:
+    """Hidden states [M, H] that predict the M response tokens, in row-major order."""
+
+    hidden: torch.Tensor
+    targets: torch.Tensor  # [M] token ids
+    positions: torch.Tensor  # [M] 0-based position within the response
+    rows: torch.Tensor  # [M] rollout row
+
+    def select(self, tokens: torch.Tensor | None) -> ResponseStates:
+        """The states of the tokens where `tokens` [M] is True (all of them for None)."""
+        if tokens is None:
+            return self
+        return ResponseStates(self.hidden[tokens], self.targets[tokens], self.positions[tokens],
+                              self.rows[tokens])
+
+
+def response_states(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> ResponseStates:
+    """Run the backbone (no output head) and keep the states before each response token."""
+    model = hf_model(model)
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    response_mask = response_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden = model.base_model(  # no KV cache: a recomputed (checkpointed) layer would fill it twice
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
+    predicts = response_mask[:, 1:]
+    positions = (predicts.cumsum(-1) - 1).clamp(min=0)
+    return ResponseStates(
+        hidden=hidden[:, :-1][predicts],
+        targets=input_ids[:, 1:][predicts],
+        positions=positions[predicts],
+        rows=response_token_rows(response_mask),
+    )
+
+
+def response_token_rows(response_mask: torch.Tensor) -> torch.Tensor:
+    """The row of each response token [M], in row-major order (`ResponseStates.rows`), known
+    before any forward pass."""
+    return response_mask[:, 1:].nonzero()[:, 0]
+
+
+CHUNK_LOGITS = 1 << 23
+"""Logits in one chunk of the automatic chunk plan: a [positions, V] float32 tensor of 32 MiB,
+what 256 positions of a 32k vocabulary take."""
+
+
+def positions_per_chunk(chunk_size: int, vocab_size: int) -> int:
+    """`chunk_size`, or for 0 the plan from the sizes: as many positions as keep one chunk
+    within `CHUNK_LOGITS` logits, at least 256. A small vocabulary thus gets few large chunks
+    (each chunk costs a fixed overhead) and a large one the memory bound of 256 positions."""
+    return chunk_size or max(256, CHUNK_LOGITS // max(vocab_size, 1))
+
+
+MeasureFn = Callable[..., dict[str, torch.Tensor]]
+"""(student log-probs [n, V], teacher log-probs [n, V], sampled tokens [n]) → named values [n].
+When the teacher's log-probs hold only some entries (a served teacher), it is also called with
+`teacher_entropy=` [n], the teacher's exact entropy, which the entries cannot give."""
+
+
+@dataclass
+class TeacherChunk:
+    """The teacher's log-probs [n, V] for a chunk of positions, at the teacher temperature.
+
+    `entropy` is None when `log_probs` is the whole distribution. A served teacher sends only
+    some entries (the sampled token, its top-k, the student's candidates) and puts
+    `PARTIAL_FILL` elsewhere; its exact entropy [n] then comes with them."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+PARTIAL_FILL = -1e30
+"""Log-prob of the entries a served teacher did not send: below every real log-prob, so top-k
+and renormalisation on the known entries are exact, and finite, so a weight of 0 times it is 0
+(−inf would turn the zero gradient off the candidate set into NaN)."""
+
+
+class TeacherLogprobs(Protocol):
+    """Something that gives the teacher's log-probs of the scored positions, a chunk at a time."""
+
+    def chunk(self, part: slice, device: torch.device) -> TeacherChunk: ...
+
+
+@dataclass
+class LocalTeacher:
+    """The in-process teacher: its backbone's states and its output head."""
+
+    states: ResponseStates
+    head: Head
+    temperature: float = 1.0
+
+    @torch.no_grad()
+    def chunk(self, part: slice, device: torch.device) -> TeacherChunk:
+        hidden = self.states.hidden[part].to(device)
+        return TeacherChunk((self.head(hidden) / self.temperature).log_softmax(-1))
+
+
+@dataclass
+class Scores:
+    """What one scoring pass returns, per response token in row-major order."""
+
+    loss: torch.Tensor
+    """The loss consumer's sum: a scalar, with gradient when the student states have one
+    (0 without a loss)."""
+    token_logprobs: torch.Tensor
+    """[M] the student's log-prob of each sampled token."""
+    measures: dict[str, torch.Tensor]
+    """The measures consumer's named values, each [M] (empty without measures)."""
+
+
+@torch.no_grad()
+def student_topk_ids(student: ResponseStates, head: Head, k: int,
+                     chunk_size: int = 256) -> torch.Tensor:
+    """The student's top-k token ids [M, k] at each position, in id order (ties to the lower id,
+    as `topk_indices`): the candidates a served teacher is asked to score. Reuses the states of the
+    student's forward pass; only the head runs again, a chunk at a time."""
+    parts = []
+    for start in range(0, student.hidden.shape[0], chunk_size):
+        log_probs = head(student.hidden[start:start + chunk_size]).log_softmax(-1)
+        parts.append(topk_indices(log_probs, k).sort(-1).values)
+    return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)
+
+
+def _score_chunk(student_hidden: torch.Tensor, teacher: TeacherChunk, targets: torch.Tensor,
+                 part: slice, *, student_head: Head, loss: TokenLoss | None,
+                 measures: MeasureFn | None) -> dict[str, Any]:
+    student_lp = student_head(student_hidden).log_softmax(-1)
+    teacher_lp = teacher.log_probs
+    token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
+    exact = {} if teacher.entropy is None else {"teacher_entropy": teacher.entropy}
+    with shared_topk():
+        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
+                 else token_lp.new_zeros(()))
+        values = measures(student_lp, teacher_lp, targets, **exact) if measures is not None else {}
+    return {"loss": total, "token_lp": token_lp.detach(), "measures": values}
+
+
+def score(
+    student: ResponseStates,
+    teacher: ResponseStates | TeacherLogprobs,
+    *,
+    student_head: Head,
+    teacher_head: Head | None = None,
+    teacher_temperature: float = 1.0,
+    loss: TokenLoss | None = None,
+    measures: MeasureFn | None = None,
+    chunk_size: int = 256,
+    chunks: int = 0,
+) -> Scores:
+    """Run the student's head over its response states a chunk at a time, beside the teacher's
+    log-probs of the same positions (from its states and `teacher_head`, or from any
+    `TeacherLogprobs`, e.g. a served teacher), feeding the consumers.
+
+    With a loss and student states that need a gradient, the output head's gradient is
+    accumulated here, chunk by chunk; `Scores.loss.backward()` then takes the rest of the way
+    through the backbone. Call it once per pass, as for any loss.
+
+    `chunks`: run at least this many chunks, the ones past the states empty. Under several
+    processes each head call (and its backward) is a collective (`opd.run.parallel`), so every
+    process passes the largest chunk count of any process."""
+    if isinstance(teacher, ResponseStates):
+        assert teacher_head is not None, "teacher states need the teacher's head"
+        teacher = LocalTeacher(teacher, teacher_head, teacher_temperature)
+    total = student.hidden.new_zeros((), dtype=torch.float32)
+    token_lps: list[torch.Tensor] = []
+    columns: dict[str, list[torch.Tensor]] = {}
+    device = student.hidden.device
+    grad = student.hidden.requires_grad and torch.is_grad_enabled() and loss is not None
+    hidden_grad = torch.zeros_like(student.hidden) if grad else None
+    needed = -(-student.hidden.shape[0] // chunk_size)
+    for index in range(max(needed, chunks)):
+        part = slice(index * chunk_size, (index + 1) * chunk_size)
+        hidden = student.hidden[part]
+        if grad:
+            hidden = hidden.detach().requires_grad_(True)
+        out = _score_chunk(hidden, teacher.chunk(part, device), student.targets[part], part,
+                           student_head=student_head, loss=loss, measures=measures)
+        if grad:
+            out["loss"].backward()
+            hidden_grad[part] = hidden.grad
+        total = total + out["loss"].detach()
+        token_lps.append(out["token_lp"])
+        for name, value in out["measures"].items():
+            columns.setdefault(name, []).append(value)
+    if grad:
+        # Value: the summed loss; gradient with respect to the student's hidden states: the
+        # one collected chunk by chunk above.
+        carried = (student.hidden * hidden_grad).sum()
+        total = total + (carried - carried.detach())
+    return Scores(
+        loss=total,
+        token_logprobs=torch.cat(token_lps) if token_lps else torch.empty(0),
+        measures={name: torch.cat(parts) for name, parts in columns.items()},
+    )
