@@ -37,7 +37,8 @@ import opd.run.checkpoints
 from opd import metrics as M
 from opd.cli import main
 from opd.config.training import build_config
-from opd.run.checkpoints import checkpoint_step, complete_checkpoints, rng_state, set_rng_state
+from opd.run.checkpoints import rng_state, set_rng_state
+from opd.run.folder import RunFolder, checkpoint_step
 from opd.run.loop import Trainer, run_training
 from tests.test_train import KillAt, without_times
 
@@ -76,7 +77,7 @@ def assert_clean(out: Path) -> None:
     lines = (out / M.METRICS_FILE).read_text().splitlines()
     assert all(json.loads(line) for line in lines), "a partial line in metrics.jsonl"
     folders = [p for p in (out / "checkpoints").glob("step-*") if "." not in p.name]
-    assert folders == [] or sorted(folders) == complete_checkpoints(out)
+    assert folders == [] or sorted(folders) == RunFolder(out).complete_checkpoints()
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +251,7 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tiny_pair, tmp_path, referen
         run_training(config(tiny_pair, out), hooks=[KillAt(6)])
     newest = out / "checkpoints" / "step-000004"
     DAMAGES[damage](newest)
-    assert [c.name for c in complete_checkpoints(out)] == ["step-000002"]
+    assert [c.name for c in RunFolder(out).complete_checkpoints()] == ["step-000002"]
     capsys.readouterr()
     run_training(config(tiny_pair, out), resume=True)
     assert "step-000004 is incomplete" in capsys.readouterr().out
@@ -312,7 +313,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tiny_pair, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err and "--resume" in err
     assert "the last complete one is step-000002" in err
-    assert [c.name for c in complete_checkpoints(out)] == ["step-000002"]
+    assert [c.name for c in RunFolder(out).complete_checkpoints()] == ["step-000002"]
     assert not list((out / "checkpoints").glob("*.tmp"))
     monkeypatch.undo()
     assert main([*cli_args(tiny_pair, out), "--resume"]) == 0
@@ -411,7 +412,7 @@ def test_checkpoints_hold_no_pickles_and_load_with_weights_only(tiny_pair, tmp_p
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_training(config(tiny_pair, out), hooks=[KillAt(4)])
-    checkpoint = complete_checkpoints(out)[-1]
+    checkpoint = RunFolder(out).complete_checkpoints()[-1]
     for file in checkpoint.iterdir():
         if file.suffix in {".pt", ".bin", ".pkl", ".pickle"}:
             torch.load(file, weights_only=True)  # tensors and plain values only
@@ -466,7 +467,8 @@ def test_soak_random_kills_end_in_the_uninterrupted_metrics(tiny_pair, tmp_path,
     while True:
         resume = ["--resume"] if out.exists() else []
         resumes += bool(resume)
-        done = checkpoint_step(complete_checkpoints(out)[-1]) if complete_checkpoints(out) else 0
+        checkpoints = RunFolder(out).complete_checkpoints()
+        done = checkpoint_step(checkpoints[-1]) if checkpoints else 0
         launched = time.time_ns()
         process = subprocess.Popen([sys.executable, "-m", "opd", *cli_args(tiny_pair, out, **SOAK),
                                     *resume], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

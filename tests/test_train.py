@@ -10,7 +10,7 @@ import pytest
 from opd import metrics as M
 from opd.cli import main
 from opd.config.training import build_config
-from opd.run.checkpoints import complete_checkpoints
+from opd.run.folder import RunFolder
 from opd.run.loop import prompt_order, run_training
 from opd.runtime import StepHook
 
@@ -59,7 +59,7 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
         assert set(record[M.BY_POSITION]) == set(M.TOKEN_MEASURES)
     assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
     assert summary["initial_accuracy"] is not None
-    checkpoints = complete_checkpoints(tmp_path / "run")
+    checkpoints = RunFolder(tmp_path / "run").complete_checkpoints()
     assert [c.name for c in checkpoints] == ["step-000004", "step-000006"]  # keep 2
     for name in ("config.json", "optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
                  "run_config.yaml", "manifest.json"):
@@ -132,7 +132,7 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
 def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
     whole = tiny_config(tiny_pair, tmp_path / "whole", lora_rank=4, max_steps=4)
     run_training(whole)
-    checkpoint = complete_checkpoints(tmp_path / "whole")[-1]
+    checkpoint = RunFolder(tmp_path / "whole").complete_checkpoints()[-1]
     assert (checkpoint / "adapter_config.json").exists()  # adapters only, not the full model
 
     killed = tiny_config(tiny_pair, tmp_path / "killed", lora_rank=4, max_steps=4)

@@ -45,6 +45,7 @@ from opd.io import check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import ADDITION, World, sample_problems, sft_examples
 from opd.models.loading import load_model, load_tokenizer
+from opd.run.folder import RunFolder
 from opd.run.sft import SFTConfig, train_sft
 from opd.source import code_files
 from opd.version import __version__
@@ -353,7 +354,7 @@ def _rl_stage(
         tokenizer = load_tokenizer(checkpoint, "zoo model")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        shutil.copy(run / "metrics.jsonl", folder / "rl_metrics.jsonl")
+        shutil.copy(RunFolder(run).metrics, folder / "rl_metrics.jsonl")
         shutil.rmtree(run)
         return {
             "trained_on": {"sets": [spec.data], "method": "grpo", "steps": spec.steps,
