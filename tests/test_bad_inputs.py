@@ -362,6 +362,11 @@ def _locked_run(ws: Workspace) -> Path:
     return run
 
 
+def _public_host(ws: Workspace, argv: list[str]) -> list[str]:
+    ws.monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
+    return [*argv, "--host", "0.0.0.0"]
+
+
 def _damaged_stage(ws: Workspace, argv: list[str]) -> list[str]:
     stage = ws.out / "quick" / "data"
     stage.mkdir(parents=True)
@@ -501,6 +506,33 @@ VERBS: dict[str, Verb] = {
              "compare: "),
         ),
     ),
+    "serve-teacher": Verb(
+        lambda ws: ["serve-teacher", "--model", str(ws.teacher), "--port", "0"],
+        models=("--model",),
+        rows=(*config_rows(None, "batch_tokens"),
+              ("port out of range", adding("--port", "70000"),
+               "config: port must lie in [0, 65535], got 70000"),
+              ("another host without a key", _public_host, "api_key: binding 0.0.0.0"),
+              ("unknown backend", adding("--backend", "tgi"), "config: backend must be one of")),
+    ),
+    "reproduce": Verb(
+        lambda ws: ["reproduce", "--out", str(ws.out), "--zoo", str(ws.path("zoo")),
+                    "--no-progress"],
+        out="--out",
+        rows=(*config_rows(None, "seeds"),
+              ("unknown finding", adding("--only", "telepathy"), "only: unknown finding 'telepathy'"),
+              ("unknown profile", adding("--profile", "huge"), "config: profile must be one of"),
+              ("zoo cache under a file", with_flag("--zoo", lambda ws: ws.file("zoo-file", "x") / "z"),
+               "zoo: ")),
+    ),
+    "demo": Verb(
+        lambda ws: ["demo", "--quick", "--out", str(ws.out), "--cache", str(ws.path("cache"))],
+        out="--out",
+        rows=(*config_rows(None, None),
+              ("seed of the wrong type", adding("--set", "seed=first"), "config: seed must be a int"),
+              ("zoo cache under a file", with_flag("--cache", lambda ws: ws.file("cache-file", "x") / "c"),
+               "cache: ")),
+    ),
     "lab build": Verb(
         lambda ws: ["lab", "build", "--profile", "quick", "--root", str(ws.out)],
         out="--root",
@@ -509,7 +541,7 @@ VERBS: dict[str, Verb] = {
               ("damaged cached stage", lambda ws, a: _damaged_stage(ws, a), "is damaged (stage.json")),
     ),
 }
-"""The verbs of issue 14 (reproduce and serve-teacher do not exist yet)."""
+"""Every verb `opd --help` lists (`lab` through its one verb, `lab build`)."""
 
 
 def _role(flag: str) -> str:
@@ -567,7 +599,7 @@ def test_the_table_covers_every_verb_and_class():
     """The closing note's counts: classes of bad input tried per verb."""
     per_verb = {name: sum(1 for r in ROWS if r.values[0] == name) for name in VERBS}
     assert set(per_verb) == {"train", "grpo", "eval", "diagnose", "cold-start", "select-prompts",
-                             "report", "lab build"}
+                             "report", "lab build", "serve-teacher", "reproduce", "demo"}
     assert all(count >= 2 for count in per_verb.values()), per_verb
 
 
