@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,14 @@ def _locked_run(ws: Workspace) -> Path:
     return run
 
 
+def _teachers_url(url: str) -> Change:
+    """`teachers: {math: url}` in place of --teacher."""
+    def change(ws: Workspace, argv: list[str]) -> list[str]:
+        at = argv.index("--teacher")
+        return [*argv[:at], *argv[at + 2:], "--set", f"teachers={{math: '{url}'}}"]
+    return change
+
+
 def _public_host(ws: Workspace, argv: list[str]) -> list[str]:
     ws.monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
     return [*argv, "--host", "0.0.0.0"]
@@ -396,6 +405,8 @@ VERBS: dict[str, Verb] = {
                "config: report_to must be each one of"),
               ("tracker not installed", _tracker_missing,
                'report_to: tensorboard is not installed; pip install "opd[tensorboard]"'),
+              ("teachers entry a URL without a host", _teachers_url("http://"),
+               "teachers.math: 'http://' is not a teacher URL (it names no host)"),
               *column_rows()),
     ),
     "grpo": Verb(
@@ -434,6 +445,8 @@ VERBS: dict[str, Verb] = {
                "config: teacher_template must contain {prompt}"),
               ("no teacher", lambda ws, a: a[: a.index("--teacher")] + a[a.index("--teacher") + 2:],
                "teacher: no model given; pass --teacher"),
+              ("teacher2 a URL without a host", adding("--teacher2", "http:///x"),
+               "teacher2: 'http:///x' is not a teacher URL"),
               *column_rows()),
     ),
     "cold-start": Verb(
@@ -452,6 +465,8 @@ VERBS: dict[str, Verb] = {
                "config: cold_start.sft_validation_share must lie in (0, 0.5], got 0.9"),
               ("patience of 0", adding("--cold-start.sft-patience", "0"),
                "config: cold_start.sft_patience must be at least 1, got 0"),
+              ("teacher URL with a port that is no number", with_flag("--teacher", "http://h:port"),
+               "teacher: 'http://h:port' is not a teacher URL (its port is not a number"),
               ("keep correct without answers",
                lambda ws, a: with_flag("--cold-start.prompts", NO_ANSWERS)(
                    ws, [*a, "--set", "cold_start.keep=correct"]),
@@ -467,6 +482,8 @@ VERBS: dict[str, Verb] = {
         rows=(*config_rows("keep_fraction"),
               ("keep fraction of 0", adding("--keep-fraction", "0"), "keep_fraction must lie in (0, 1]"),
               ("mix share of 1", adding("--mix-share", "1"), "config: mix_share must lie in [0, 1)"),
+              ("teacher URL without a host", with_flag("--teacher", "https://"),
+               "teacher: 'https://' is not a teacher URL"),
               ("unknown rank measure", adding("--rank-by", "loudness"),
                "config: rank_by must be each one of"),
               ("trial setting of the wrong type", adding("--set", "trial_settings.lr=abc"),
@@ -601,6 +618,16 @@ def test_the_table_covers_every_verb_and_class():
     assert set(per_verb) == {"train", "grpo", "eval", "diagnose", "cold-start", "select-prompts",
                              "report", "lab build", "serve-teacher", "reproduce", "demo"}
     assert all(count >= 2 for count in per_verb.values()), per_verb
+
+
+@pytest.mark.parametrize("url", ["http://", "http://host:notaport", "http:///x"])
+@pytest.mark.parametrize("verb", ["train", "diagnose", "cold-start", "select-prompts"])
+def test_a_malformed_teacher_url_is_refused_at_once(ws, capfd, verb, url):
+    """Not retried for teacher_timeout (60 s) as if the server were down."""
+    started = time.monotonic()
+    code = main(with_flag("--teacher", url)(ws, VERBS[verb].argv(ws)))
+    assert time.monotonic() - started < 5
+    assert code == 2 and f"teacher: {url!r} is not a teacher URL" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("verb", ["train", "grpo", "eval", "report"])
