@@ -234,8 +234,8 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
                     for split in ("train", "validation")}
         if not examples["train"]:
             raise OPDError("cold start: every kept teacher response belongs to a held-out prompt; "
-                           "give more prompts (--cold-start.prompts) or a lower "
-                           "--cold-start.sft-validation-share")
+                           "give more prompts (cold_start.prompts) or a lower "
+                           "cold_start.sft_validation_share")
         dropout = [] if cold.sft_dropout else disable_dropout(student)
         run = fit_sft(
             student, student_tok, examples["train"],
@@ -305,7 +305,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
 def _say(lines: Sequence[str]) -> None:
     if is_main_process():
         for line in lines:
-            print(f"[opd cold-start] {line}", flush=True)
+            print(f"[cold start] {line}", flush=True)
 
 
 class ColdStartHandover(StepHook):
