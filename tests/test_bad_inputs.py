@@ -337,6 +337,13 @@ def _resumable(ws: Workspace, argv: list[str], *extra: str) -> list[str]:
     return [*argv, *(["--resume", *extra] if extra else [])]
 
 
+def _run_without_checkpoint(ws: Workspace, argv: list[str]) -> list[str]:
+    """A run in --out killed before its first checkpoint, then `--resume auto`."""
+    ws.out.mkdir()
+    (ws.out / "metrics.jsonl").write_text('{"step": 1}\n')
+    return [*argv, "--resume", "auto"]
+
+
 def _clashing_ids(ws: Workspace, argv: list[str]) -> list[str]:
     argv = with_flag("--prompts", ws.jsonl("ids.jsonl", {"id": 1, "prompt": "1 ="}))(ws, argv)
     return [*argv, "--other-prompts", str(ws.jsonl("others.jsonl", {"id": 1, "prompt": "2 ="}))]
@@ -401,6 +408,8 @@ VERBS: dict[str, Verb] = {
                "--resume: the run in"),
               ("existing run without --resume", lambda ws, a: _resumable(ws, a),
                "already holds a run; pass --resume"),
+              ("resume auto over a run without a checkpoint", _run_without_checkpoint,
+               "--resume auto: "),
               ("unknown tracker", adding("--report-to", "comet"),
                "config: report_to must be each one of"),
               ("tracker not installed", _tracker_missing,

@@ -77,7 +77,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_training_verb(verbs: Any, name: str, run: settings.Run, **options: Any) -> argparse.ArgumentParser:
     """A verb configured by TrainConfig (with its profiles), resumable with --resume."""
     parser = settings.add_verb(verbs, name, TrainConfig, run, profiles=PROFILES, **options)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, choices=["auto"],
+        help="continue the run in --out from its last complete checkpoint; `--resume auto`: "
+        "continue it when it has one, else start a new run (one command for a first launch "
+        "and every relaunch)")
     return parser
 
 

@@ -54,6 +54,7 @@ from opd.recipes.gate import (
     sft_warnings,
     split_prompts,
 )
+from opd.run.checkpoints import Resume
 from opd.run.hooks import run_hooks
 from opd.run.loop import check_training_prompts, run_training
 from opd.run.sft import EarlyStopping, SFTConfig, fit_sft
@@ -142,7 +143,7 @@ class GateStopped(OPDError):
         self.report = report
 
 
-def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def run_cold_start(train: TrainConfig, *, resume: Resume = False, force: bool = False) -> dict[str, Any]:
     """All stages into `train.out` (settings of the first two in `train.cold_start`): teacher
     data, SFT with early stopping, the gate, OPD; returns (and writes) the stage report.
     Raises `GateStopped` after writing the report when the gate fails, unless `force`."""

@@ -28,7 +28,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,6 +36,12 @@ import yaml
 
 from opd.errors import OPDError, one_line
 from opd.run.cards import CARD_FILE
+
+Resume = bool | Literal["auto"]
+"""How a run treats its output folder: False starts a new run (refusing a folder that holds
+one), True continues the run there from its last complete checkpoint (from step 0 when it has
+none), "auto" continues it when it has a complete checkpoint and starts a new run when the
+folder holds none (one command for a first launch and every relaunch)."""
 
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"

@@ -38,6 +38,7 @@ from opd.io import check_output_folder, write_text_atomic
 from opd.models.loading import context_window, load_training_models, original_config, resolve_dtype
 from opd.run.cards import model_card
 from opd.run.checkpoints import (
+    Resume,
     checkpoint_settings,
     checkpoint_step,
     complete_checkpoints,
@@ -123,8 +124,10 @@ class Trainer:
     the prompt files, the models, the rendering of every prompt, the checkpoint to resume from.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> None:
+        if resume not in (False, True, "auto"):
+            raise OPDError(f"resume: must be false, true or 'auto', got {resume!r}")
         self.config = config
         self.monitor = Monitor(config.on_failure, echo=tqdm.write)
         self.hooks = list(hooks)
@@ -184,12 +187,17 @@ class Trainer:
         self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
-    def _resume_point(self, resume: bool) -> Path | None:
+    def _resume_point(self, resume: Resume) -> Path | None:
         """The checkpoint to resume from (None: start at step 0), after refusing to overwrite
         an existing run; reads, never writes."""
         checkpoints = complete_checkpoints(self.out)
         damaged = incomplete_checkpoints(self.out)
         has_run = (self.out / M.METRICS_FILE).exists() or bool(checkpoints) or bool(damaged)
+        if resume == "auto" and has_run and not checkpoints:
+            raise OPDError(
+                f"--resume auto: {str(self.out)!r} holds a run but no complete checkpoint to "
+                "continue from; pass --resume to start that run over from step 0, or choose a "
+                "new --out (nothing was changed)")
         if has_run and not resume:
             raise OPDError(
                 f"out: {str(self.out)!r} already holds a run; pass --resume to continue it "
@@ -233,7 +241,7 @@ class Trainer:
                            "unknown; restore it or start a new run in another --out")
         return saved
 
-    def _start_run_folder(self, resume: bool, checkpoint: Path | None) -> None:
+    def _start_run_folder(self, resume: Resume, checkpoint: Path | None) -> None:
         """Write the settings and cut metrics.jsonl back to the checkpoint resumed from."""
         self.procs.barrier()
         if self.procs.is_main:
@@ -565,7 +573,7 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
             if isinstance(record.get(k), float)}
 
 
-def run_training(config: TrainConfig, *, resume: bool = False,
+def run_training(config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train per `config` (resuming from the last checkpoint if asked); returns the summary."""
     return Trainer(config, resume=resume, hooks=hooks).run()
