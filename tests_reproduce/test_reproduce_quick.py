@@ -1,5 +1,5 @@
-"""`opd reproduce --profile quick`, every finding, as a user runs it (`make test-reproduce`;
-about 25 minutes on 2 CPU cores with the quick zoo built from scratch). Checks the report's
+"""`opd reproduce --profile quick`, every finding, as a user runs it (`make test-reproduce`,
+with the quick zoo built from scratch; its time: docs/results.md#timings). Checks the report's
 structure, that every verdict follows from its numbers and its rule, that the experiments ran
 for real (their curves have the profile's steps, seeds differ), and that a second call resumes
 from the finished experiments instead of running them again."""

@@ -18,7 +18,7 @@ from opd import metrics as M
 from opd.config.training import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluation.accuracy import evaluate
-from opd.io import write_text_atomic
+from opd.io import check_output_folder, write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo, load_sets
@@ -58,9 +58,11 @@ def _accuracy(path: str, records: list[PromptRecord], digits: int) -> float:
 def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Build what is needed into `zoo_root`, run OPD from teacher-aligned into `out`, return
-    (and write) the results."""
+    (and write) the results. Both folders are checked before the zoo is built (minutes)."""
     spec = DEMO_PROFILES[profile]
     root = Path(zoo_root)
+    check_output_folder(out, "out")
+    check_output_folder(root, "cache")
     build_zoo(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
     sets = load_sets(root)
     digits = max(ZOO_PROFILES[spec.zoo].digits)

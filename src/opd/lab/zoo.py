@@ -149,9 +149,10 @@ PROFILES: dict[str, Profile] = {
         rl=RLStage("student-rl", "student", "student-prerl", "rl-train", 60, 16, lr=1e-4),
     ),
     # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
-    # about three minutes, for tests. The same-pipeline teacher is "longer", not larger. The
-    # RL stage takes twice the prompts per step at twice the lr (measured over two seeds:
-    # sub-skill 0.047 → 0.420 / 0.447 against 0.213 with the full profile's 16 at 1e-4).
+    # a few minutes, for tests (docs/results.md#timings). The same-pipeline teacher is
+    # "longer", not larger. The RL stage takes twice the prompts per step at twice the lr
+    # (measured over two seeds: sub-skill 0.047 → 0.420 / 0.447 against 0.213 with the full
+    # profile's 16 at 1e-4).
     "quick": _profile(
         "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40),
         Size(3, 128), Size(3, 128), template2_lr=1e-3,

@@ -55,6 +55,7 @@ from opd.recipes.gate import (
     sft_warnings,
     split_prompts,
 )
+from opd.run.folder import Resume
 from opd.run.hooks import run_hooks
 from opd.run.loop import check_training_prompts, run_training
 from opd.run.sft import EarlyStopping, SFTConfig, fit_sft
@@ -189,7 +190,7 @@ class GateResult:
     measured: dict[str, Any]
 
 
-def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+def run_cold_start(train: TrainConfig, *, resume: Resume = False, force: bool = False) -> dict[str, Any]:
     """All stages into `train.out` (settings of the first two in `train.cold_start`): teacher
     data, SFT with early stopping, the gate, OPD; returns (and writes) the stage report.
     Raises `GateStopped` after writing the report when the gate fails, unless `force`."""
@@ -207,7 +208,7 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     return run_opd_stage(train, data, sft, gate, report)
 
 
-def check_inputs(train: TrainConfig, resume: bool) -> ColdStartInputs:
+def check_inputs(train: TrainConfig, resume: Resume) -> ColdStartInputs:
     """The folder, the settings, the prompt files and the tokenizers, refused with one line
     before anything is written."""
     cold, out = train.cold_start, Path(train.out)
@@ -351,8 +352,8 @@ def _sft_examples(data: TeacherData) -> dict[str, list[tuple[Any, str]]]:
                 for split in ("train", "validation")}
     if not examples["train"]:
         raise OPDError("cold start: every kept teacher response belongs to a held-out prompt; "
-                       "give more prompts (--cold-start.prompts) or a lower "
-                       "--cold-start.sft-validation-share")
+                       "give more prompts (cold_start.prompts) or a lower "
+                       "cold_start.sft_validation_share")
     return examples
 
 
@@ -420,7 +421,7 @@ def run_opd_stage(train: TrainConfig, data: TeacherData, sft: SFTResult, gate: G
 def _say(lines: Sequence[str]) -> None:
     if is_main_process():
         for line in lines:
-            print(f"[opd cold-start] {line}", flush=True)
+            print(f"[cold start] {line}", flush=True)
 
 
 class ColdStartHandover(StepHook):

@@ -44,7 +44,7 @@ from opd.config.training import PROFILES, TrainConfig, VLLMConfig, build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.doctor.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
+from opd.io import check_output_folder, check_teacher_urls, write_jsonl_atomic, write_text_atomic
 from opd.models.loading import context_window
 from opd.run.folder import RunFolder
 from opd.run.loop import run_training
@@ -67,7 +67,8 @@ class SelectConfig(Config):
     """Inputs and settings of one prompt selection (`opd select-prompts`)."""
 
     student: str = setting(help="Student model folder (or hub id).")
-    teacher: str = setting(help="Teacher model folder (or hub id).")
+    teacher: str = setting(help="Teacher model folder (or hub id), or the URL of `opd "
+                           "serve-teacher` (http://host:port).")
     prompts: str = setting(help="Candidate prompts (.jsonl / .parquet, a save_to_disk folder or "
                            "a hub dataset id).")
     out: str = setting(help="Output folder (must not hold a selection yet).")
@@ -117,6 +118,7 @@ class SelectConfig(Config):
     def check(self) -> None:
         check_template(self.student_template, "student_template")
         check_template(self.teacher_template, "teacher_template")
+        check_teacher_urls(teacher=self.teacher)
         if not self.rank_by:
             raise OPDError(f"config: rank_by needs at least one measure of {', '.join(RANKABLE)}")
 

@@ -4,9 +4,11 @@ state, and a copy of the run's settings.
 A checkpoint is written into `step-N.tmp` and renamed to `step-N` once complete; its last file,
 `manifest.json`, lists every file with its size. A checkpoint counts as complete only when its
 manifest is there and every file it lists has that size, so a folder cut short by a kill, a
-full disk or a damaged copy is never resumed from. Nothing in a checkpoint is a pickle: the
-model is safetensors, optimizer and scheduler state are tensors and plain values loaded with
-`weights_only=True`, the RNG state and run state are JSON.
+full disk or a damaged copy is never resumed from. What is written how: the model as
+safetensors (an HF folder); the optimizer and scheduler state with `torch.save`
+(`optimizer.pt`, `scheduler.pt`: pickles, read back with `torch.load(weights_only=True)`, whose
+restricted unpickler builds only tensors and plain values); the RNG state, run state and
+manifest as JSON; the settings as YAML.
 
 A run of several processes (`opd.run.parallel`) saves the whole model gathered (an ordinary HF
 folder) and its AdamW state sharded: `optimizer/`, one safetensors file per process written by
@@ -234,7 +236,8 @@ def load_checkpoint(checkpoint: Path, optimizer, scheduler, model=None) -> dict[
     (the model itself is loaded from the folder like any HF model). `model`: the student the
     optimizer updates, which names its parameters; needed for a sharded optimizer state (it
     loads on any number of processes) and when `opd.run.parallel` wrapped the student (a
-    one-process state is then split into the processes' shares). Nothing is unpickled."""
+    one-process state is then split into the processes' shares). `optimizer.pt` and
+    `scheduler.pt` are read with `weights_only=True`; the RNG and run state are JSON."""
     from torch.distributed.tensor import DTensor
 
     if (checkpoint / SHARDED_OPTIMIZER).is_dir():

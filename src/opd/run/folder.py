@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from tqdm.auto import tqdm
@@ -27,6 +27,12 @@ from tqdm.auto import tqdm
 from opd import metrics as M
 from opd.errors import OPDError
 from opd.io import write_text_atomic
+
+Resume = bool | Literal["auto"]
+"""How a run treats its output folder: False starts a new run (refusing a folder that holds
+one), True continues the run there from its last complete checkpoint (from step 0 when it has
+none), "auto" continues it when it has a complete checkpoint and starts a new run when the
+folder holds none (one command for a first launch and every relaunch)."""
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
@@ -169,12 +175,18 @@ class RunFolder:
         found = [(p, checkpoint_problem(p)) for p in self._step_folders()]
         return [(p, problem) for p, problem in found if problem is not None]
 
-    def resume_point(self, resume: bool) -> Path | None:
+    def resume_point(self, resume: Resume) -> Path | None:
         """The checkpoint to resume from (None: start at step 0), after refusing to overwrite
         an existing run; reads, never writes."""
         checkpoints, damaged = self.complete_checkpoints(), self.incomplete_checkpoints()
+        has_run = self.metrics.exists() or bool(checkpoints) or bool(damaged)
+        if resume == "auto" and has_run and not checkpoints:
+            raise OPDError(
+                f"--resume auto: {str(self.root)!r} holds a run but no complete checkpoint to "
+                "continue from; pass --resume to start that run over from step 0, or choose a "
+                "new --out (nothing was changed)")
         if not resume:
-            if self.metrics.exists() or checkpoints or damaged:
+            if has_run:
                 raise OPDError(
                     f"out: {str(self.root)!r} already holds a run; pass --resume to continue it "
                     "or choose a new --out folder (nothing was changed)")
@@ -206,7 +218,7 @@ class RunFolder:
                            "are unknown; restore it or start a new run in another --out")
         return saved
 
-    def start(self, settings: dict[str, Any], resume: bool, checkpoint: Path | None) -> None:
+    def start(self, settings: dict[str, Any], resume: Resume, checkpoint: Path | None) -> None:
         """Write the run's settings and cut metrics.jsonl back to the checkpoint resumed from
         (all of it when a resumed run has none yet)."""
         self.root.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from opd.io import check_output_folder, write_text_atomic
 from opd.models.loading import context_window, load_training_models, original_config, resolve_dtype
 from opd.run.cards import model_card
 from opd.run.checkpoints import load_checkpoint, save_checkpoint, save_sharded_optimizer, start_checkpoint
-from opd.run.folder import RunFolder
+from opd.run.folder import Resume, RunFolder
 from opd.run.monitor import Monitor
 from opd.run.optim import adamw_with_schedule
 from opd.run.parallel import (
@@ -136,8 +136,10 @@ class Trainer:
     the prompt files, the models, the rendering of every prompt, the checkpoint to resume from.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> None:
+        if resume not in (False, True, "auto"):
+            raise OPDError(f"resume: must be false, true or 'auto', got {resume!r}")
         self.config = config
         self.monitor = Monitor(config.on_failure, echo=tqdm.write)
         self.hooks = list(hooks)
@@ -201,7 +203,7 @@ class Trainer:
         self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
-    def _resume_point(self, resume: bool) -> Path | None:
+    def _resume_point(self, resume: Resume) -> Path | None:
         """The checkpoint to resume from (None: start at step 0), after refusing to overwrite
         an existing run or to continue one started with other settings; reads, never writes."""
         checkpoint = self.folder.resume_point(resume)
@@ -530,7 +532,7 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
             if isinstance(record.get(k), float)}
 
 
-def run_training(config: TrainConfig, *, resume: bool = False,
+def run_training(config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train per `config` (resuming from the last checkpoint if asked); returns the summary."""
     return Trainer(config, resume=resume, hooks=hooks).run()
