@@ -43,7 +43,7 @@ from opd.run.loop import Trainer, run_training
 from tests.test_train import KillAt, without_times
 
 train_module = sys.modules["opd.run.loop"]
-"""The module: `opd.run.loop` is the API function of the same name."""
+"""The loop's module, whose names the faults below replace."""
 
 SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
