@@ -15,9 +15,6 @@ line the command prints.
     result = opd.train(student="student", teacher="teacher", prompts="prompts.jsonl",
                        out="runs/a", profile="cpu-small", max_steps=50)
     print(result.final_measures["overlap_ratio"], result.model)
-
-Note: `opd.run.loop`, `opd.evaluation.accuracy`, `opd.doctor` and `opd.run.report` are these functions, not
-the modules of the same names; import from a module with `from opd.run.loop import …`.
 """
 
 from __future__ import annotations
