@@ -73,7 +73,7 @@ def test_the_gate_stops_before_opd_with_its_numbers_and_force_goes_on(tiny_pair,
     config = tiny_config(tiny_pair, out, max_steps=1, cold_start=COLD)
     with pytest.raises(GateStopped, match=r"^cold start stopped before OPD: .* overlap share with "
                        r"the teacher is 0\.\d\d \(needs ≥ 0\.50, top-4\).*next: raise "
-                       r"--cold-start\.sft-steps .*--force runs OPD anyway$") as stopped:
+                       r"cold_start\.sft_steps .*--force runs OPD anyway$") as stopped:
         run_cold_start(config)
     assert "\n" not in str(stopped.value)
     saved = json.loads((out / "cold_start.json").read_text())
