@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 import opd
-from opd.doctor.rules import VERDICTS
 
 
 def tiny(tiny_pair, out, **more):
@@ -78,10 +77,12 @@ def test_evaluate_diagnose_and_report(tiny_pair, tmp_path):
                 "k": (1, 4), "progress": False}
     diagnosis = opd.diagnose(tiny_pair["student"], tiny_pair["teacher"], tiny_pair["prompts"],
                              **settings)
-    assert isinstance(diagnosis, opd.Diagnosis) and diagnosis.verdict in VERDICTS
+    # Two random inits do not share a top-4: the first rule, the pattern check, fails.
+    assert isinstance(diagnosis, opd.Diagnosis) and diagnosis.verdict == "pattern-mismatch"
     assert diagnosis.out is None and not (tmp_path / "diagnosis").exists()
     pattern = diagnosis.checks["pattern"]
     assert isinstance(pattern, opd.Check) and pattern.threshold == diagnosis.thresholds.min_overlap_share
+    assert pattern.value < pattern.threshold and pattern.passed is False
     assert pattern.margin == pytest.approx(pattern.value - pattern.threshold)
     assert diagnosis.teacher.verdict == diagnosis.verdict and diagnosis.teacher2 is None
     assert diagnosis.cost.token_passes > 0 and diagnosis.cost.wall_seconds > 0
@@ -91,6 +92,13 @@ def test_evaluate_diagnose_and_report(tiny_pair, tmp_path):
                            out=tmp_path / "diag", **settings)
     assert written.out == tmp_path / "diag" and (tmp_path / "diag" / "diagnosis.json").exists()
     assert written.verdict == diagnosis.verdict  # seeded
+    # A model against itself shares every top-k token, and from the same prefixes it can solve
+    # nothing the student cannot (neither solves any sum): no novelty.
+    twin = opd.diagnose(tiny_pair["student"], tiny_pair["student"], tiny_pair["prompts"],
+                        **settings)
+    assert twin.checks["pattern"].value == 1.0 and twin.checks["pattern"].passed
+    assert twin.student_accuracy == 0.0 and twin.checks["novelty"].value == 0.0
+    assert twin.verdict == "no-novelty"
 
     run = opd.train(**tiny(tiny_pair, tmp_path / "r", max_steps=1))
     paths = opd.report(run.run, compare=tmp_path / "compare.png")
