@@ -55,8 +55,15 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:
         assert EVERY_STEP <= set(record) <= set(M.SCHEMA)
-        assert 0 <= record[M.OVERLAP_RATIO] <= 1
+        # Mean of |I_t| / 4 over the step's 4 × 2 responses: a whole number of shared tokens.
+        tokens = round(record[M.RESPONSE_LENGTH] * 8)
+        shared = record[M.OVERLAP_RATIO] * 4 * tokens
+        assert shared == pytest.approx(round(shared), abs=1e-6) and 0 <= shared <= 4 * tokens
         assert set(record[M.BY_POSITION]) == set(M.TOKEN_MEASURES)
+    # Before the first update the run is tests/data/reference_metrics.json's "topk" run:
+    # 80 of the 4 × 54 top-4 slots shared.
+    assert records[0][M.RESPONSE_LENGTH] == 6.75
+    assert records[0][M.OVERLAP_RATIO] == pytest.approx(80 / 216, abs=1e-12)
     assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
     assert summary["initial_accuracy"] is not None
     checkpoints = complete_checkpoints(tmp_path / "run")
