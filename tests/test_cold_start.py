@@ -12,10 +12,8 @@ from opd.cli import main
 from opd.errors import OPDError
 from opd.recipes.cold_start import ColdStartHandover, GateStopped, run_cold_start
 from tests.conftest import make_tokenizer
-from tests.test_train import tiny_config
+from tests.support import COLD, tiny_config
 from tests.tiny_models import DROPOUT, save_model
-
-COLD = {"keep": "all", "samples_per_prompt": 2, "sft_steps": 3, "sft_batch_size": 4}
 
 
 def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):

@@ -22,18 +22,7 @@ from opd.step.objectives import (
     group_advantages,
     reference_kl_penalty,
 )
-
-
-def random_log_probs(seed: int, n: int, v: int, ties: bool = False) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
-    if ties:  # few distinct values: many exact ties inside and at the top-k boundary
-        logits = logits.round()
-    return logits.log_softmax(-1)
-
-
-def brute_topk(row: list[float], k: int) -> set[int]:
-    return set(sorted(range(len(row)), key=lambda v: (-row[v], v))[:k])
+from tests.support import brute_topk, random_log_probs
 
 
 def brute_candidates(p: list[float], q: list[float], k: int, strategy: str) -> set[int]:

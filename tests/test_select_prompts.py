@@ -27,6 +27,7 @@ from opd.recipes.select_prompts import (
     write_prompts,
 )
 from tests.conftest import make_model
+from tests.support import select_args
 
 
 def test_percentile_ranks_share_ties_and_span_zero_to_one():
@@ -107,15 +108,6 @@ def test_rendered_prompts_reach_a_student_with_its_own_chat_template_verbatim(tm
     assert render_prompt(loaded.messages, student, config.template) == text
     assert render_prompt(loaded.messages, student) != text  # wrapped again without it
     assert student(text)["input_ids"] == teacher(text)["input_ids"]
-
-
-def select_args(tiny_pair, out, *extra):
-    return ["select-prompts", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
-            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8", "--n", "2",
-            "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2", "--trial-profile", "cpu-small",
-            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.rollouts_per_prompt=2",
-            "--set", "trial_settings.objective.k=4", "--set", "trial_settings.measure_k=4",
-            "--no-progress", *extra]
 
 
 def test_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path, capsys, saved_figures):

@@ -9,42 +9,14 @@ import pytest
 
 from opd import metrics as M
 from opd.cli import main
-from opd.config.training import build_config
 from opd.run.checkpoints import complete_checkpoints
 from opd.run.loop import prompt_order, run_training
-from opd.runtime import StepHook
+from tests.support import KillAt, tiny_config, without_times
 
 load_metrics = M.read
 
 EVERY_STEP = {m.name for m in M.SCHEMA.values() if m.present in {"every step", "with a teacher"}}
 """What the schema promises in every record of a run with a teacher."""
-
-
-def tiny_config(tiny_pair, out, **overrides):
-    settings = {
-        "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
-        "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 6,
-        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
-        "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
-    }
-    settings.update(overrides)
-    return build_config(settings)
-
-
-def without_times(records):
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
-
-
-class KillAt(StepHook):
-    """Interrupts the run at one step, after it is logged (as a kill between checkpoints)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, record):
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
-        return False
 
 
 def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
