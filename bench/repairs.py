@@ -22,7 +22,7 @@ from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES, build_zoo
 from opd.models.loading import load_model, load_tokenizer
 from opd.recipes.cold_start import run_cold_start
-from opd.run.checkpoints import complete_checkpoints
+from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 
 
@@ -69,7 +69,7 @@ def main() -> None:
                 after_sft = accuracy(str(run / "sft"), eval_file, tokens)
             else:
                 run_training(config, resume=resume)
-                trained = str(complete_checkpoints(run)[-1])
+                trained = str(RunFolder(run).complete_checkpoints()[-1])
                 records = M.read(run)
                 after_sft = None
             teacher_acc = accuracy(str(zoo_root / teacher), eval_file, tokens)

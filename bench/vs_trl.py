@@ -12,7 +12,7 @@ the process's maximum resident set (CPU) or the peak of allocated GPU memory.
 
     pip install -e ".[trl]"
     python bench/vs_trl.py                       # the CPU tiny pair, 5 alternating pairs
-    python bench/vs_trl.py --rows tiny small     # also a 32k vocabulary (~20 min on 2 cores)
+    python bench/vs_trl.py --rows tiny small     # also a 32k vocabulary (long: docs/results.md#timings)
     python bench/vs_trl.py --rows tiny large     # also ~0.4B/1.4B shapes (a GPU, or patience)
 
 The tiny pair (300 words) measures the per-step overheads: its matrices are so small that

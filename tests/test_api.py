@@ -26,6 +26,7 @@ def test_the_public_names_resolve_and_import_opd_stays_light():
     for name in opd.__all__:
         assert getattr(opd, name) is not None, name
     assert callable(opd.train) and callable(opd.diagnose) and callable(opd.evaluate)
+    assert callable(opd.report) and callable(opd.reproduce)
     assert dataclasses.is_dataclass(opd.Diagnosis) and dataclasses.is_dataclass(opd.TrainResult)
     code = "import sys, opd; print('torch' in sys.modules, opd.__version__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +337,13 @@ def _resumable(ws: Workspace, argv: list[str], *extra: str) -> list[str]:
     return [*argv, *(["--resume", *extra] if extra else [])]
 
 
+def _run_without_checkpoint(ws: Workspace, argv: list[str]) -> list[str]:
+    """A run in --out killed before its first checkpoint, then `--resume auto`."""
+    ws.out.mkdir()
+    (ws.out / "metrics.jsonl").write_text('{"step": 1}\n')
+    return [*argv, "--resume", "auto"]
+
+
 def _clashing_ids(ws: Workspace, argv: list[str]) -> list[str]:
     argv = with_flag("--prompts", ws.jsonl("ids.jsonl", {"id": 1, "prompt": "1 ="}))(ws, argv)
     return [*argv, "--other-prompts", str(ws.jsonl("others.jsonl", {"id": 1, "prompt": "2 ="}))]
@@ -360,6 +368,19 @@ def _locked_run(ws: Workspace) -> Path:
         real = opd.io._writable
         ws.monkeypatch.setattr(opd.io, "_writable", lambda f: Path(f) != run and real(f))
     return run
+
+
+def _teachers_url(url: str) -> Change:
+    """`teachers: {math: url}` in place of --teacher."""
+    def change(ws: Workspace, argv: list[str]) -> list[str]:
+        at = argv.index("--teacher")
+        return [*argv[:at], *argv[at + 2:], "--set", f"teachers={{math: '{url}'}}"]
+    return change
+
+
+def _public_host(ws: Workspace, argv: list[str]) -> list[str]:
+    ws.monkeypatch.delenv("OPD_TEACHER_API_KEY", raising=False)
+    return [*argv, "--host", "0.0.0.0"]
 
 
 def _damaged_stage(ws: Workspace, argv: list[str]) -> list[str]:
@@ -387,10 +408,14 @@ VERBS: dict[str, Verb] = {
                "--resume: the run in"),
               ("existing run without --resume", lambda ws, a: _resumable(ws, a),
                "already holds a run; pass --resume"),
+              ("resume auto over a run without a checkpoint", _run_without_checkpoint,
+               "--resume auto: "),
               ("unknown tracker", adding("--report-to", "comet"),
                "config: report_to must be each one of"),
               ("tracker not installed", _tracker_missing,
                'report_to: tensorboard is not installed; pip install "opd[tensorboard]"'),
+              ("teachers entry a URL without a host", _teachers_url("http://"),
+               "teachers.math: 'http://' is not a teacher URL (it names no host)"),
               *column_rows()),
     ),
     "grpo": Verb(
@@ -429,6 +454,8 @@ VERBS: dict[str, Verb] = {
                "config: teacher_template must contain {prompt}"),
               ("no teacher", lambda ws, a: a[: a.index("--teacher")] + a[a.index("--teacher") + 2:],
                "teacher: no model given; pass --teacher"),
+              ("teacher2 a URL without a host", adding("--teacher2", "http:///x"),
+               "teacher2: 'http:///x' is not a teacher URL"),
               *column_rows()),
     ),
     "cold-start": Verb(
@@ -447,6 +474,8 @@ VERBS: dict[str, Verb] = {
                "config: cold_start.sft_validation_share must lie in (0, 0.5], got 0.9"),
               ("patience of 0", adding("--cold-start.sft-patience", "0"),
                "config: cold_start.sft_patience must be at least 1, got 0"),
+              ("teacher URL with a port that is no number", with_flag("--teacher", "http://h:port"),
+               "teacher: 'http://h:port' is not a teacher URL (its port is not a number"),
               ("keep correct without answers",
                lambda ws, a: with_flag("--cold-start.prompts", NO_ANSWERS)(
                    ws, [*a, "--set", "cold_start.keep=correct"]),
@@ -462,6 +491,8 @@ VERBS: dict[str, Verb] = {
         rows=(*config_rows("keep_fraction"),
               ("keep fraction of 0", adding("--keep-fraction", "0"), "keep_fraction must lie in (0, 1]"),
               ("mix share of 1", adding("--mix-share", "1"), "config: mix_share must lie in [0, 1)"),
+              ("teacher URL without a host", with_flag("--teacher", "https://"),
+               "teacher: 'https://' is not a teacher URL"),
               ("unknown rank measure", adding("--rank-by", "loudness"),
                "config: rank_by must be each one of"),
               ("trial setting of the wrong type", adding("--set", "trial_settings.lr=abc"),
@@ -501,6 +532,33 @@ VERBS: dict[str, Verb] = {
              "compare: "),
         ),
     ),
+    "serve-teacher": Verb(
+        lambda ws: ["serve-teacher", "--model", str(ws.teacher), "--port", "0"],
+        models=("--model",),
+        rows=(*config_rows(None, "batch_tokens"),
+              ("port out of range", adding("--port", "70000"),
+               "config: port must lie in [0, 65535], got 70000"),
+              ("another host without a key", _public_host, "api_key: binding 0.0.0.0"),
+              ("unknown backend", adding("--backend", "tgi"), "config: backend must be one of")),
+    ),
+    "reproduce": Verb(
+        lambda ws: ["reproduce", "--out", str(ws.out), "--zoo", str(ws.path("zoo")),
+                    "--no-progress"],
+        out="--out",
+        rows=(*config_rows(None, "seeds"),
+              ("unknown finding", adding("--only", "telepathy"), "only: unknown finding 'telepathy'"),
+              ("unknown profile", adding("--profile", "huge"), "config: profile must be one of"),
+              ("zoo cache under a file", with_flag("--zoo", lambda ws: ws.file("zoo-file", "x") / "z"),
+               "zoo: ")),
+    ),
+    "demo": Verb(
+        lambda ws: ["demo", "--quick", "--out", str(ws.out), "--cache", str(ws.path("cache"))],
+        out="--out",
+        rows=(*config_rows(None, None),
+              ("seed of the wrong type", adding("--set", "seed=first"), "config: seed must be a int"),
+              ("zoo cache under a file", with_flag("--cache", lambda ws: ws.file("cache-file", "x") / "c"),
+               "cache: ")),
+    ),
     "lab build": Verb(
         lambda ws: ["lab", "build", "--profile", "quick", "--root", str(ws.out)],
         out="--root",
@@ -509,7 +567,7 @@ VERBS: dict[str, Verb] = {
               ("damaged cached stage", lambda ws, a: _damaged_stage(ws, a), "is damaged (stage.json")),
     ),
 }
-"""The verbs of issue 14 (reproduce and serve-teacher do not exist yet)."""
+"""Every verb `opd --help` lists (`lab` through its one verb, `lab build`)."""
 
 
 def _role(flag: str) -> str:
@@ -567,8 +625,18 @@ def test_the_table_covers_every_verb_and_class():
     """The closing note's counts: classes of bad input tried per verb."""
     per_verb = {name: sum(1 for r in ROWS if r.values[0] == name) for name in VERBS}
     assert set(per_verb) == {"train", "grpo", "eval", "diagnose", "cold-start", "select-prompts",
-                             "report", "lab build"}
+                             "report", "lab build", "serve-teacher", "reproduce", "demo"}
     assert all(count >= 2 for count in per_verb.values()), per_verb
+
+
+@pytest.mark.parametrize("url", ["http://", "http://host:notaport", "http:///x"])
+@pytest.mark.parametrize("verb", ["train", "diagnose", "cold-start", "select-prompts"])
+def test_a_malformed_teacher_url_is_refused_at_once(ws, capfd, verb, url):
+    """Not retried for teacher_timeout (60 s) as if the server were down."""
+    started = time.monotonic()
+    code = main(with_flag("--teacher", url)(ws, VERBS[verb].argv(ws)))
+    assert time.monotonic() - started < 5
+    assert code == 2 and f"teacher: {url!r} is not a teacher URL" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("verb", ["train", "grpo", "eval", "report"])

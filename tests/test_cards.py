@@ -12,14 +12,14 @@ import opd
 from opd import metrics as M
 from opd.config.training import build_config
 from opd.run.cards import CARD_FILE, TRAINING_STATE, model_card, read_card
-from opd.run.checkpoints import (
+from opd.run.folder import (
     MANIFEST_FILE,
     RNG_FILE,
     SETTINGS_FILE,
     SHARDED_OPTIMIZER,
     STATE_FILE,
+    RunFolder,
     checkpoint_problem,
-    complete_checkpoints,
 )
 
 
@@ -35,7 +35,7 @@ def run(tiny_pair, tmp_path_factory):
 
 def test_every_checkpoint_has_a_card_naming_its_run(run, tiny_pair):
     records = {r[M.STEP]: r for r in run.metrics()}
-    checkpoints = complete_checkpoints(run.run)
+    checkpoints = RunFolder(run.run).complete_checkpoints()
     assert [c.name for c in checkpoints] == ["step-000002", "step-000004"]
     for checkpoint in checkpoints:
         # The card is written before the manifest, which lists it: the checkpoint stays complete.

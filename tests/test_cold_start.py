@@ -72,7 +72,7 @@ def test_the_gate_stops_before_opd_with_its_numbers_and_force_goes_on(tiny_pair,
     config = tiny_config(tiny_pair, out, max_steps=1, cold_start=COLD)
     with pytest.raises(GateStopped, match=r"^cold start stopped before OPD: .* overlap share with "
                        r"the teacher is 0\.\d\d \(needs ≥ 0\.50, top-4\).*next: raise "
-                       r"--cold-start\.sft-steps .*--force runs OPD anyway$") as stopped:
+                       r"cold_start\.sft_steps .*--force runs OPD anyway$") as stopped:
         run_cold_start(config)
     assert "\n" not in str(stopped.value)
     saved = json.loads((out / "cold_start.json").read_text())
@@ -105,7 +105,7 @@ def test_the_monitor_handover_records_the_gate_stop_instead_of_training(tiny_pai
     repair = tmp_path / "run" / "cold-start"
     assert summary["cold_start"]["stopped"].startswith("cold start stopped before OPD")
     assert not (repair / "opd").exists()
-    assert "[opd cold-start] cold start stopped before OPD" in capsys.readouterr().out
+    assert "[cold start] cold start stopped before OPD" in capsys.readouterr().out
 
 
 def test_too_few_prompts_are_named_up_front(tiny_pair, tmp_path, capsys):
@@ -113,8 +113,8 @@ def test_too_few_prompts_are_named_up_front(tiny_pair, tmp_path, capsys):
                          cold_start={**COLD, "min_prompts": 50})
     report = run_cold_start(config, force=True)
     assert any("distinct training prompts (fewer than cold_start.min_prompts=50)" in w
-               and "--cold-start.prompts" in w for w in report["warnings"])
-    assert "[opd cold-start] teacher data: only" in capsys.readouterr().out
+               and "cold_start.prompts" in w for w in report["warnings"])
+    assert "[cold start] teacher data: only" in capsys.readouterr().out
 
 
 def test_the_verb_stops_with_one_line_and_exit_2_then_force_runs_opd(tiny_pair, tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_few_prompts_are_named_with_the_responses_length_and_variety() -> None:
     [warning] = data_warnings(rows, {0, 1, 2}, min_prompts=10, tokenizer=make_tokenizer())
     assert warning.startswith("teacher data: only 3 distinct training prompts (fewer than "
                               "cold_start.min_prompts=10) for responses of 6 tokens")
-    assert "2.0 distinct responses per prompt" in warning and "--cold-start.prompts" in warning
+    assert "2.0 distinct responses per prompt" in warning and "cold_start.prompts" in warning
     assert data_warnings(rows, {0, 1, 2}, min_prompts=3, tokenizer=make_tokenizer()) == []
 
 
@@ -47,7 +47,7 @@ def test_memorisation_is_a_rising_validation_loss_under_a_falling_training_loss(
     [warning] = sft_warnings(rising, cap=400, examples=200, batch_size=32)
     assert warning.startswith("sft: memorisation: the validation loss rose from 0.800 (step 50) "
                               "to 1.100 (step 100) while the training loss fell")
-    assert "(8.0 epochs)" in warning and "--cold-start.prompts" in warning
+    assert "(8.0 epochs)" in warning and "cold_start.prompts" in warning
     flat = curve(train, [(25, 1.0), (50, 0.8), (75, 0.8 * (1 + MEMORISATION_RISE / 2))], True)
     assert sft_warnings(flat, cap=400, examples=200, batch_size=32) == []
     both_flat = curve([1.0] * 100, [(50, 0.8), (100, 1.0)], stopped=True)
@@ -58,29 +58,29 @@ def test_a_cap_reached_while_improving_asks_for_more_steps() -> None:
     run = curve([1.0] * 100, [(50, 0.9), (100, 0.7)], stopped=False)
     [warning] = sft_warnings(run, cap=100, examples=200, batch_size=32)
     assert warning == ("sft: the validation loss was still improving at the cap of 100 steps "
-                       "(0.700); raise --cold-start.sft-steps")
+                       "(0.700); raise cold_start.sft_steps")
     assert sft_warnings(SFTRun([1.0] * 10), cap=10, examples=5, batch_size=1) == []
 
 
 def test_the_next_step_follows_the_evidence() -> None:
     cold = SimpleNamespace(sft_lr=1e-4)
     capped = {"stopped_early": False, "best_step": 200, "cap": 200}
-    assert next_step(capped, [], cold).startswith("raise --cold-start.sft-steps")
+    assert next_step(capped, [], cold).startswith("raise cold_start.sft_steps")
     stopped = {"stopped_early": True, "best_step": 50, "cap": 200}
     assert next_step(stopped, ["sft: memorisation: …"], cold).startswith(
-        "give more distinct prompts with --cold-start.prompts")
-    assert next_step(stopped, [], cold).startswith("raise --cold-start.sft-lr (now 0.0001)")
+        "give more distinct prompts with cold_start.prompts")
+    assert next_step(stopped, [], cold).startswith("raise cold_start.sft_lr (now 0.0001)")
 
 
 def test_the_stop_line_gives_the_numbers_and_the_next_step() -> None:
     gate = {"prompts": 40, "pattern": {"value": 0.312, "threshold": 0.5, "passed": False},
             "accuracy": {"student_after_sft": 0.0, "student_before": 0.09, "teacher": 1.0}}
     sft = {"best_step": 75, "steps": 175, "cap": 1000}
-    line = gate_line(gate, sft, "raise --cold-start.sft-lr (now 0.0001)")
+    line = gate_line(gate, sft, "raise cold_start.sft_lr (now 0.0001)")
     assert line == (
         "cold start stopped before OPD: after SFT (step 75 of 175 run, cap 1000) the student's "
         "overlap share with the teacher is 0.31 (needs ≥ 0.50, top-4); held-out accuracy is "
-        "0.00 (before SFT 0.09, teacher 1.00, 40 prompts); next: raise --cold-start.sft-lr "
+        "0.00 (before SFT 0.09, teacher 1.00, 40 prompts); next: raise cold_start.sft_lr "
         "(now 0.0001), in a new --out (or delete OUT/sft and --resume, keeping the teacher "
         "data)")
 
@@ -90,7 +90,7 @@ def test_a_fall_in_accuracy_is_said_beside_the_gate_not_a_stop() -> None:
     [warning] = accuracy_warning({"prompts": 10, "accuracy": accuracy})
     assert warning == ("gate: the fine-tuning lowered held-out accuracy from 0.60 to 0.20 "
                        "(teacher 1.00, 10 prompts); OPD may lift it back, else give more "
-                       "prompts with --cold-start.prompts")
+                       "prompts with cold_start.prompts")
     assert accuracy_warning({"prompts": 10, "accuracy": accuracy | {"fell": False}}) == []
     assert accuracy_warning({"prompts": 10, "accuracy": None}) == []
 

@@ -37,12 +37,13 @@ import opd.run.checkpoints
 from opd import metrics as M
 from opd.cli import main
 from opd.config.training import build_config
-from opd.run.checkpoints import checkpoint_step, complete_checkpoints, rng_state, set_rng_state
+from opd.run.checkpoints import rng_state, set_rng_state
+from opd.run.folder import RunFolder, checkpoint_step
 from opd.run.loop import Trainer, run_training
 from tests.support import TINY_RUN, KillAt, tiny_config, tiny_settings, without_times
 
 train_module = sys.modules["opd.run.loop"]
-"""The module: `opd.run.loop` is the API function of the same name."""
+"""The loop's module, whose names the faults below replace."""
 
 def cli_args(tiny_pair, out, **overrides):
     settings = {**TINY_RUN, **overrides}
@@ -69,7 +70,7 @@ def assert_clean(out: Path, kept: list[str] = KEPT) -> None:
     assert all(json.loads(line) for line in lines), "a partial line in metrics.jsonl"
     folders = sorted(p for p in (out / "checkpoints").glob("step-*") if "." not in p.name)
     assert [p.name for p in folders] == kept
-    assert folders == complete_checkpoints(out)
+    assert folders == RunFolder(out).complete_checkpoints()
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def test_a_damaged_checkpoint_is_never_resumed_from(tiny_pair, tmp_path, referen
         run_training(tiny_config(tiny_pair, out), hooks=[KillAt(6)])
     newest = out / "checkpoints" / "step-000004"
     DAMAGES[damage](newest)
-    assert [c.name for c in complete_checkpoints(out)] == ["step-000002"]
+    assert [c.name for c in RunFolder(out).complete_checkpoints()] == ["step-000002"]
     capsys.readouterr()
     run_training(tiny_config(tiny_pair, out), resume=True)
     assert "step-000004 is incomplete" in capsys.readouterr().out
@@ -305,7 +306,7 @@ def test_a_full_disk_while_checkpointing_stops_with_one_line(tiny_pair, tmp_path
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err and "--resume" in err
     assert "the last complete one is step-000002" in err
-    assert [c.name for c in complete_checkpoints(out)] == ["step-000002"]
+    assert [c.name for c in RunFolder(out).complete_checkpoints()] == ["step-000002"]
     assert not list((out / "checkpoints").glob("*.tmp"))
     monkeypatch.undo()
     assert main([*cli_args(tiny_pair, out), "--resume"]) == 0
@@ -404,7 +405,7 @@ def test_checkpoints_hold_no_pickles_and_load_with_weights_only(tiny_pair, tmp_p
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_training(tiny_config(tiny_pair, out), hooks=[KillAt(4)])
-    checkpoint = complete_checkpoints(out)[-1]
+    checkpoint = RunFolder(out).complete_checkpoints()[-1]
     for file in checkpoint.iterdir():
         if file.suffix in {".pt", ".bin", ".pkl", ".pickle"}:
             torch.load(file, weights_only=True)  # tensors and plain values only
@@ -459,7 +460,8 @@ def test_soak_random_kills_end_in_the_uninterrupted_metrics(tiny_pair, tmp_path,
     while True:
         resume = ["--resume"] if out.exists() else []
         resumes += bool(resume)
-        done = checkpoint_step(complete_checkpoints(out)[-1]) if complete_checkpoints(out) else 0
+        checkpoints = RunFolder(out).complete_checkpoints()
+        done = checkpoint_step(checkpoints[-1]) if checkpoints else 0
         launched = time.time_ns()
         process = subprocess.Popen([sys.executable, "-m", "opd", *cli_args(tiny_pair, out, **SOAK),
                                     *resume], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,

@@ -50,7 +50,14 @@ RUNS = {
 }
 
 
-def close(got, want, path="record"):
+NOISE_AMPLIFIED = {"subset_kl_teacher": 0.05}
+"""Runs whose steps after the first are compared within this relative tolerance, and without
+their by-position bins (see `close`); the first step stays at 1e-3. Measured: on two machines
+with other CPU kernels the same code gave step 2's overlap ratio 77/236 and 78/236 (1.3%), and
+one of its position bins 7/24 and 8/24 (one position flipped)."""
+
+
+def close(got, want, path="record", rel=1e-3):
     """Equal structure, floats within 1e-3 relative: the reference is exact with this machine's
     default threads; other thread counts and gradient orders sum differently (up to ≈ 2e-4 over
     four steps), while any change of behaviour (samples, objective, update) moves the values by
@@ -64,13 +71,13 @@ def close(got, want, path="record"):
     if isinstance(want, dict):
         assert set(got) == set(want), path
         for key in want:
-            close(got[key], want[key], f"{path}.{key}")
+            close(got[key], want[key], f"{path}.{key}", rel)
     elif isinstance(want, list):
         assert len(got) == len(want), path
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            close(a, b, f"{path}[{i}]")
+            close(a, b, f"{path}[{i}]", rel)
     elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-3, abs=1e-6), path
+        assert got == pytest.approx(want, rel=rel, abs=1e-6), path
     else:
         assert got == want, path
 
@@ -88,6 +95,13 @@ def test_fixed_seed_runs_write_the_reference_metrics(tiny_pair, tmp_path, name):
     })
     run_training(config)
     got = [{k: v for k, v in r.items() if not k.startswith("time_")} for r in M.read(config.out)]
-    close(got, json.loads(REFERENCE.read_text())[name])
+    want = json.loads(REFERENCE.read_text())[name]
+    close(got[:1], want[:1])
+    later, later_want = got[1:], want[1:]
+    if name in NOISE_AMPLIFIED:
+        assert [set(r) for r in later] == [set(r) for r in later_want]
+        later, later_want = ([{k: v for k, v in r.items() if k != M.BY_POSITION} for r in records]
+                             for records in (later, later_want))
+    close(later, later_want, rel=NOISE_AMPLIFIED.get(name, 1e-3))
     for record in M.read(config.out):
         assert set(record) <= set(M.SCHEMA)

@@ -74,7 +74,7 @@ def test_in_the_loop_warn_logs_the_alert_and_goes_on_while_stop_stops(tiny_pair,
     overlap, so the pattern rule fires at step 16 (two windows of 8); warn trains to the end,
     stop checkpoints and stops there."""
     from opd import metrics as M
-    from opd.run.checkpoints import complete_checkpoints
+    from opd.run.folder import RunFolder
     from opd.run.loop import run_training
     from tests.support import tiny_config
 
@@ -86,4 +86,4 @@ def test_in_the_loop_warn_logs_the_alert_and_goes_on_while_stop_stops(tiny_pair,
     assert [r["step"] for r in records if M.ALERTS in r] == [16]
     assert records[15][M.ALERTS][0]["rule"] == "pattern-mismatch"
     assert summary["stopped_early_at"] == (16 if on_failure == "stop" else None)
-    assert complete_checkpoints(out)[-1].name == f"step-{steps:06d}"
+    assert RunFolder(out).complete_checkpoints()[-1].name == f"step-{steps:06d}"

@@ -24,7 +24,7 @@ from opd.cli import main
 from opd.config.settings import build
 from opd.errors import OPDError
 from opd.recipes.cold_start import run_cold_start
-from opd.run.checkpoints import complete_checkpoints
+from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 from opd.teachers.client import TeacherClient, TeacherUnavailable
 from opd.teachers.protocol import API_KEY_ENV, GenerateRequest
@@ -291,7 +291,7 @@ def test_killed_teacher_stops_the_run_cleanly_and_resume_equals_the_whole_run(ti
     assert "did not answer for teacher_timeout (1 s" in message and "--resume" in message
     assert time.monotonic() - started < 60
     assert [r[M.STEP] for r in M.read(tmp_path / "killed")] == [1, 2, 3]
-    assert [c.name for c in complete_checkpoints(tmp_path / "killed")] == ["step-000002"]
+    assert [c.name for c in RunFolder(tmp_path / "killed").complete_checkpoints()] == ["step-000002"]
 
     with serving(tiny_pair["teacher"], port):
         run_training(tiny_config(tiny_pair, tmp_path / "killed", **settings), resume=True)

@@ -20,8 +20,9 @@ from opd import metrics as M
 from opd.cli import main
 from opd.config.training import build_config
 from opd.errors import OPDError
+from opd.run.folder import RunFolder
 from opd.run.report import write_run_report
-from opd.run.trackers import CLASSES, IDS_FILE, require
+from opd.run.trackers import CLASSES, require
 from opd.runtime import StepHook
 
 EDGES = [0, 4, 8, 12]  # position_bins 3 over max_new_tokens 12
@@ -75,7 +76,7 @@ def run_hook(name: str, out: Path) -> tuple[list[dict], dict]:
     write_run_report(out)
     hook.on_end(summary)
     assert not hook.failed
-    return records, {"config": config, "ids": json.loads((out / IDS_FILE).read_text())[name]}
+    return records, {"config": config, "ids": json.loads(RunFolder(out).tracker_ids.read_text())[name]}
 
 
 def expected_scalars(record):
@@ -260,7 +261,7 @@ def test_a_training_run_reports_to_tensorboard_and_mlflow(tiny_pair, tracker_env
     records = result.metrics()
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     events.Reload()
-    ids = json.loads((out / IDS_FILE).read_text())["mlflow"]
+    ids = json.loads(RunFolder(out).tracker_ids.read_text())["mlflow"]
     client = MlflowClient(tracking_uri=ids["tracking_uri"])
     for key in (M.LOSS, M.OVERLAP_RATIO, M.ENTROPY_GAP, M.STUDENT_ENTROPY):
         want = {r[M.STEP]: r[key] for r in records}
@@ -314,9 +315,9 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_pair, tracker_env):
                 "report_to": ["tensorboard", "mlflow"]}
     with pytest.raises(KeyboardInterrupt):  # step 3 is logged everywhere, the checkpoint is step 2
         opd.train(settings, hooks=[KillAt(4)])
-    first = json.loads((out / IDS_FILE).read_text())["mlflow"]["run_id"]
+    first = json.loads(RunFolder(out).tracker_ids.read_text())["mlflow"]["run_id"]
     result = opd.train(settings, resume=True)
-    ids = json.loads((out / IDS_FILE).read_text())["mlflow"]
+    ids = json.loads(RunFolder(out).tracker_ids.read_text())["mlflow"]
     assert ids["run_id"] == first
     want = {r[M.STEP]: r[M.LOSS] for r in result.metrics()}
     assert sorted(want) == [1, 2, 3, 4]

@@ -9,8 +9,10 @@ import pytest
 
 from opd import metrics as M
 from opd.cli import main
-from opd.run.checkpoints import complete_checkpoints
+from opd.errors import OPDError
+from opd.run.folder import RunFolder
 from opd.run.loop import prompt_order, run_training
+from opd.runtime import StepHook
 from tests.support import KillAt, tiny_config, without_times
 
 load_metrics = M.read
@@ -38,12 +40,44 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
     assert records[0][M.OVERLAP_RATIO] == pytest.approx(80 / 216, abs=1e-12)
     assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
     assert summary["initial_accuracy"] is not None
-    checkpoints = complete_checkpoints(tmp_path / "run")
+    checkpoints = RunFolder(tmp_path / "run").complete_checkpoints()
     assert [c.name for c in checkpoints] == ["step-000004", "step-000006"]  # keep 2
     for name in ("config.json", "optimizer.pt", "scheduler.pt", "rng.json", "trainer_state.json",
                  "run_config.yaml", "manifest.json"):
         assert (checkpoints[-1] / name).exists()
     assert records[0]["loss"] != records[-1]["loss"]
+
+
+class StepsRun(StepHook):
+    """Records the steps a run trains."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step(self, record):
+        self.steps.append(record["step"])
+        return False
+
+
+def test_resume_auto_starts_a_new_run_then_continues_it(tiny_pair, tmp_path):
+    out = tmp_path / "auto"
+    argv = ["train", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
+            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--max-steps", "2",
+            "--prompts-per-step", "4", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
+            "--save-every", "2", "--set", "objective.k=4", "--set", "measure_k=4",
+            "--set", "progress=false", "--resume", "auto"]
+    assert main(argv) == 0  # no run in --out yet: a new one
+    assert [r["step"] for r in load_metrics(out)] == [1, 2]
+    steps = StepsRun()
+    run_training(tiny_config(tiny_pair, out, max_steps=4), resume="auto", hooks=[steps])
+    assert steps.steps == [3, 4]  # continued from the checkpoint of step 2
+    assert [r["step"] for r in load_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_resume_takes_only_true_false_or_auto(tiny_pair, tmp_path):
+    with pytest.raises(OPDError, match="resume: must be false, true or 'auto', got 'yes'"):
+        run_training(tiny_config(tiny_pair, tmp_path / "run"), resume="yes")
+    assert not (tmp_path / "run").exists()
 
 
 def test_killed_run_resumes_to_the_same_metrics(tiny_pair, tmp_path):
@@ -111,7 +145,7 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
 def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
     whole = tiny_config(tiny_pair, tmp_path / "whole", lora_rank=4, max_steps=4)
     run_training(whole)
-    checkpoint = complete_checkpoints(tmp_path / "whole")[-1]
+    checkpoint = RunFolder(tmp_path / "whole").complete_checkpoints()[-1]
     assert (checkpoint / "adapter_config.json").exists()  # adapters only, not the full model
 
     killed = tiny_config(tiny_pair, tmp_path / "killed", lora_rank=4, max_steps=4)

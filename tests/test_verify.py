@@ -49,7 +49,7 @@ def test_math_accepts_equal_values_in_any_form_and_rejects_others(math_prompts):
 
 def test_evaluation_with_the_math_verifier(math_prompts, monkeypatch):
     """avg@n through `evaluate`, the model's samples replaced by the responses above."""
-    evaluate_module = importlib.import_module("opd.evaluation.accuracy")  # the module, not opd.evaluate()
+    evaluate_module = importlib.import_module("opd.evaluation.accuracy")
 
     def rollouts(engine, model, tokenizer, texts, *, n, **options):
         texts_out = [t for _, _, right, wrong in MATH for t in (right, wrong)]

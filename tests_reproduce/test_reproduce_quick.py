@@ -1,5 +1,5 @@
-"""`opd reproduce --profile quick`, every finding, as a user runs it (`make test-reproduce`;
-about 25 minutes on 2 CPU cores with the quick zoo built from scratch). Checks that every
+"""`opd reproduce --profile quick`, every finding, as a user runs it (`make test-reproduce`,
+with the quick zoo built from scratch; its time: docs/results.md#timings). Checks that every
 finding gets the verdict of the committed report (docs/reproduce/), every claim one its
 committed runs gave, each recomputed by hand from the per-seed numbers; the report's
 structure; that the experiments ran for real (their curves have the profile's steps, seeds

@@ -15,9 +15,6 @@ line the command prints.
     result = opd.train(student="student", teacher="teacher", prompts="prompts.jsonl",
                        out="runs/a", profile="cpu-small", max_steps=50)
     print(result.final_measures["overlap_ratio"], result.model)
-
-Note: `opd.run.loop`, `opd.evaluation.accuracy`, `opd.doctor` and `opd.run.report` are these functions, not
-the modules of the same names; import from a module with `from opd.run.loop import …`.
 """
 
 from __future__ import annotations
@@ -36,6 +33,7 @@ from opd.doctor.rules import Thresholds
 from opd.errors import OPDError
 from opd.evaluation.accuracy import EvalConfig, EvalResult
 from opd.recipes.select_prompts import SelectConfig
+from opd.run.folder import Resume
 from opd.runtime import StepHook
 
 ConfigLike = Any
@@ -120,7 +118,7 @@ class TrainResult:
         )
 
 
-def _run_training(config: TrainConfig, resume: bool, hooks: Sequence[StepHook]) -> TrainResult:
+def _run_training(config: TrainConfig, resume: Resume, hooks: Sequence[StepHook]) -> TrainResult:
     from opd.recipes.cold_start import ColdStartHandover
     from opd.run.hooks import run_hooks
     from opd.run.loop import run_training
@@ -131,16 +129,17 @@ def _run_training(config: TrainConfig, resume: bool, hooks: Sequence[StepHook]) 
     return TrainResult.from_summary(config, summary)
 
 
-def train(config: ConfigLike = None, /, *, resume: bool = False, hooks: Sequence[StepHook] = (),
+def train(config: ConfigLike = None, /, *, resume: Resume = False, hooks: Sequence[StepHook] = (),
           profile: str | None = None, **settings: Any) -> TrainResult:
     """Run OPD (`opd train`): the student samples, the teacher scores every token, the student
     learns. `profile` (e.g. "cpu-small") sits under the settings; `resume` continues the run
-    in `out`; `hooks` are added to the loop (`opd.StepHook`). Writes the run folder (report,
-    checkpoints with model cards, the final model folder) and feeds the `report_to` trackers."""
+    in `out` (`"auto"`: when it has a complete checkpoint, else starts one); `hooks` are added
+    to the loop (`opd.StepHook`). Writes the run folder (report, checkpoints with model cards,
+    the final model folder) and feeds the `report_to` trackers."""
     return _run_training(_config(TrainConfig, config, settings, profile=profile), resume, hooks)
 
 
-def grpo(config: ConfigLike = None, /, *, resume: bool = False, hooks: Sequence[StepHook] = (),
+def grpo(config: ConfigLike = None, /, *, resume: Resume = False, hooks: Sequence[StepHook] = (),
          profile: str | None = None, **settings: Any) -> TrainResult:
     """GRPO (`opd grpo`): the same loop with the outcome reward only (distill_weight 0,
     outcome_weight 1 unless set); the prompts need answers."""
@@ -359,7 +358,7 @@ def cold_start(student: str | None = None, teacher: str | None = None, prompts: 
                force: bool = False, profile: str | None = None, **settings: Any) -> ColdStartResult:
     """Teacher data → SFT → gate → OPD (`opd cold-start`); the first two stages take the
     `cold_start` settings (`cold_start={"sft_steps": 400}`). Each stage is kept in `out` and
-    skipped on `resume` once complete. When the fine-tuned student has not moved to the
+    skipped on `resume` (True or "auto") once complete. When the fine-tuned student has not moved to the
     teacher's pattern, `opd.recipes.cold_start.GateStopped` (an OPDError) is raised with the
     numbers and the next step, its report written, unless `force`."""
     from opd.recipes.cold_start import opd_stage, run_cold_start

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def is_url(teacher: str) -> bool:
     """Whether a `teacher` setting names a served teacher rather than a model folder."""
     return teacher.startswith(("http://", "https://"))
+
+
+def _url_flaw(url: str) -> str | None:
+    """What makes an http(s) `url` unusable as a served teacher's address (None: nothing)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        return "it names no host"
+    try:
+        _ = parts.port  # parsed on access
+    except ValueError:
+        return "its port is not a number from 0 to 65535"
+    return None
+
+
+def check_teacher_urls(teachers: Mapping[str, str] | None = None, **named: str | None) -> None:
+    """Refuse at once a teacher setting that starts like a URL but is not one (instead of
+    retrying it as if the server were down). `named`: settings by name (`teacher=...`);
+    `teachers`: the `teachers` mapping, reported as `teachers.<value>`."""
+    fields = {**named, **{f"teachers.{value}": url for value, url in (teachers or {}).items()}}
+    for field, url in fields.items():
+        flaw = url and is_url(url) and _url_flaw(url)
+        if flaw:
+            raise OPDError(f"{field}: {url!r} is not a teacher URL ({flaw}); give the address "
+                           f"`opd serve-teacher` prints, http://HOST:PORT (e.g. "
+                           f"http://127.0.0.1:8000), or a model folder")

@@ -1,4 +1,4 @@
-"""The quick zoo, built once per test session (about three minutes on two CPU cores)."""
+"""The quick zoo, built once per test session (its build time: docs/results.md#timings)."""
 
 from __future__ import annotations
 

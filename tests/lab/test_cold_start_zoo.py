@@ -92,7 +92,7 @@ def test_a_starved_fine_tuning_trips_the_gate(quick_zoo, zoo_rescue, tmp_path) -
     config = cold_config(root, "student", "teacher-foreign", out, ADDITION, sft_steps=5)
     with pytest.raises(GateStopped, match=r"overlap share with the teacher is 0\.\d\d \(needs ≥ "
                        r"0\.50, top-4\); held-out accuracy is .* next: raise "
-                       r"--cold-start\.sft-steps \(the validation loss was still falling at the "
+                       r"cold_start\.sft_steps \(the validation loss was still falling at the "
                        r"cap of 5\)") as stopped:
         run_cold_start(config, resume=True)
     assert stopped.value.report["gate"]["pattern"]["passed"] is False

@@ -23,6 +23,7 @@ from opd.evaluation.accuracy import EvalConfig
 from opd.runtime import is_main_process
 from opd.study.run import ReproduceConfig
 from opd.teachers.server import ServeConfig
+from opd.version import __version__
 
 
 def print_result(result: dict[str, Any]) -> int:
@@ -76,21 +77,31 @@ def cmd_report(args: argparse.Namespace) -> int:
 def add_training_verb(verbs: Any, name: str, run: settings.Run, **options: Any) -> argparse.ArgumentParser:
     """A verb configured by TrainConfig (with its profiles), resumable with --resume."""
     parser = settings.add_verb(verbs, name, TrainConfig, run, profiles=PROFILES, **options)
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, choices=["auto"],
+        help="continue the run in --out from its last complete checkpoint; `--resume auto`: "
+        "continue it when it has one, else start a new run (one command for a first launch "
+        "and every relaunch)")
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="opd", description="On-policy distillation: train, diagnose, watch and repair. "
-        "The method is explained in docs/method.md.",
+        prog="opd", description="On-policy distillation: train, diagnose, watch and repair.",
+        epilog="The method: the student samples its own answers, the teacher scores every token "
+        "of them from the student's own prefixes, and the student learns to lower its per-token "
+        "reverse KL from the teacher (by default over the student's top-k tokens). `opd "
+        "diagnose` says before training whether a pair will learn. Each verb's flags: `opd VERB "
+        "--help`; every setting with its default and meaning: `opd VERB --help-config` (e.g. "
+        "`opd train --help-config`).",
     )
+    parser.add_argument("--version", action="version", version=f"opd {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     verbs.required = True
     add_training_verb(
         verbs, "train", cmd_train, help="run OPD (or a hybrid with GRPO)",
         description="The student samples its own rollouts, the teacher scores every token of "
-        "them, the student learns from that signal (docs/method.md#objectives).")
+        "them, the student learns from that signal (the objectives: --objective.name).")
     add_training_verb(
         verbs, "grpo", cmd_train, help="GRPO: the same loop, outcome reward only",
         description="OPD's loop with distill_weight 0 and outcome_weight 1 (unless set).",
@@ -107,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="re-run the study's findings on the model organisms",
                       description="Builds the zoo it needs, runs every finding's experiments for "
                       "each seed (finished ones are kept: run again to resume), judges each "
-                      "finding by its rule and writes OUT/report.md, results.json and figures "
-                      "(docs/method.md#reproduce).")
+                      "finding by its rule and writes OUT/report.md (each finding's claim, rule and "
+                      "verdict), results.json and figures.")
     report = verbs.add_parser("report", help="figures and a markdown report from run folders")
     report.add_argument("runs", nargs="+", help="run folders (each gets report.md + PNGs)")
     report.add_argument("--compare", help="also write one PNG with all runs' curves here")

@@ -32,5 +32,5 @@ def register(verbs: Any) -> None:
         description="Measure thinking-pattern compatibility, teacher novelty from the student's "
         "states, the template, the horizon and the global signal on the student's own "
         "rollouts; print a verdict (go, pattern-mismatch, no-novelty, horizon-risk) and write "
-        "diagnosis.json, report.md and figures to --out (docs/diagnose.md).",
+        "diagnosis.json, report.md and figures to --out.",
     )

@@ -49,7 +49,7 @@ def register(verbs: Any, add_training_verb: Callable[..., argparse.ArgumentParse
     `opd select-prompts`."""
     cold_start = add_training_verb(
         verbs, "cold-start", cmd_cold_start,
-        help="teacher data → SFT → gate → OPD (docs/method.md#recipes)",
+        help="off-policy cold start: teacher data → SFT → gate → OPD",
         description="Off-policy cold start: the teacher answers the prompts (verified-correct "
         "answers kept), the student is fine-tuned on them, then OPD runs from that checkpoint. "
         "The first two stages take the cold_start settings (--cold-start.sft-steps …). Each "
@@ -62,7 +62,7 @@ def register(verbs: Any, add_training_verb: Callable[..., argparse.ArgumentParse
                             help="run OPD even when the gate after the fine-tuning fails")
     settings.add_verb(
         verbs, "select-prompts", SelectConfig, cmd_select_prompts,
-        help="teacher-aligned prompts: teacher template, ranked content (docs/method.md#recipes)",
+        help="teacher-aligned prompts: teacher template, ranked content",
         description="Render candidate prompts with the teacher's template, rank them by the "
         "step-0 alignment measures on the student's rollouts, keep the top fraction, mix in a "
         "share of other prompts, and run a short OPD trial to show the student-entropy effect. "

@@ -34,7 +34,7 @@ from opd.config.fields import (
 )
 from opd.config.settings import Config, build, group, setting
 from opd.errors import OPDError
-from opd.io import is_url
+from opd.io import check_teacher_urls, is_url
 
 
 def check_served_teacher(objective: str, teacher_prompt: str) -> None:
@@ -262,6 +262,7 @@ class TrainConfig(Config):
         if self.teachers and self.teacher:
             raise OPDError("teacher: give either teacher or teachers (one teacher per value of "
                            "teacher_field), not both")
+        check_teacher_urls(self.teachers, teacher=self.teacher)
         if self.distill_weight and any(is_url(t) for t in (self.teacher, *self.teachers.values())):
             check_served_teacher(self.objective.name, self.teacher_prompt)
         if self.distill_weight == 0 and self.outcome_weight == 0:

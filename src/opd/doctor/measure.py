@@ -43,7 +43,7 @@ from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_o
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
 from opd.evaluation.verify import VERIFIERS, get_verifier
-from opd.io import check_output_folder, is_url
+from opd.io import check_output_folder, check_teacher_urls, is_url
 from opd.models.loading import (
     check_same_vocabulary,
     context_window,
@@ -140,6 +140,7 @@ class DiagnoseConfig(Config):
         if self.teachers and (self.teacher or self.teacher2):
             raise OPDError("teacher: give either teacher (and teacher2) or teachers (one teacher "
                            "per value of teacher_field), not both")
+        check_teacher_urls(self.teachers, teacher=self.teacher, teacher2=self.teacher2)
         check_template(self.teacher_template, "teacher_template")
         if self.teacher2 and is_url(self.teacher):
             raise OPDError("teacher: comparing it with teacher2 needs its whole distribution, which "

@@ -34,16 +34,16 @@ class Thresholds(Config):
         probability that sits on tokens both rank in their top-k (the smaller of the student and
         teacher sides; 1 for a model against itself). Below one half, at the student's own
         states, most of what one model would say is not among what the other would say: the two
-        think in different patterns (docs/method.md#when-opd-works; the study reports 97–99%
-        overlap mass for pairs that work).""", minimum=0, maximum=1)
+        think in different patterns (the study reports 97–99% overlap mass for pairs that
+        work).""", minimum=0, maximum=1)
     min_novelty: float = setting(0.05, """Smallest teacher accuracy advantage, on prompts the
         student never solves, that is worth a training run (5 points of accuracy). Below it — or
         within z·SE of zero — the teacher cannot do from the student's states what the student
-        cannot (docs/method.md#when-opd-works).""", minimum=0, maximum=1)
+        cannot.""", minimum=0, maximum=1)
     horizon_fraction: float = setting(0.5, """The continuation advantage must last at least
         this share of a typical response: when it is gone before half of the response, most
-        dense rewards sit where the teacher no longer knows better
-        (docs/method.md#long-horizons) and the length should be capped.""", minimum=0,
+        dense rewards sit where the teacher no longer knows better and the length should be
+        capped.""", minimum=0,
         maximum=1)
     min_template_gap: float = setting(0.05, """Nats per response token by which the teacher
         must prefer its own prompt template (beyond z·SE) for the template check to fire: a

@@ -18,12 +18,12 @@ from opd import metrics as M
 from opd.config.training import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluation.accuracy import evaluate
-from opd.io import write_text_atomic
+from opd.io import check_output_folder, write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo, load_sets
 from opd.models.loading import load_model, load_tokenizer
-from opd.run.checkpoints import complete_checkpoints
+from opd.run.folder import CURVES_FIGURE, ENTROPY_FIGURE, RunFolder
 from opd.run.hooks import run_hooks
 from opd.run.loop import run_training
 from opd.run.report import fmt
@@ -58,9 +58,11 @@ def _accuracy(path: str, records: list[PromptRecord], digits: int) -> float:
 def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed: int = 0,
              progress: bool = True) -> dict[str, Any]:
     """Build what is needed into `zoo_root`, run OPD from teacher-aligned into `out`, return
-    (and write) the results."""
+    (and write) the results. Both folders are checked before the zoo is built (minutes)."""
     spec = DEMO_PROFILES[profile]
     root = Path(zoo_root)
+    check_output_folder(out, "out")
+    check_output_folder(root, "cache")
     build_zoo(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
     sets = load_sets(root)
     digits = max(ZOO_PROFILES[spec.zoo].digits)
@@ -74,8 +76,9 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
         "eval_prompts": str(root / "data" / f"{subskill}.jsonl"), "eval_every": spec.eval_every,
         "seed": seed, "progress": progress,
     }, profile="cpu-small")
-    run_training(config, resume=(out / M.METRICS_FILE).exists(), hooks=run_hooks(config))
-    trained = str(complete_checkpoints(out)[-1])
+    folder = RunFolder(out)
+    run_training(config, resume=folder.metrics.exists(), hooks=run_hooks(config))
+    trained = str(folder.complete_checkpoints()[-1])
     table = {
         name: {
             "prompts": len(sets[name]),
@@ -109,8 +112,8 @@ def demo_markdown(result: dict[str, Any]) -> str:
     for name, row in result["measures"].items():
         first, last = row["first"], row["last"]
         lines.append(f"| {name} | {fmt(first, '.4g')} | {fmt(last, '.4g')} |")
-    lines += ["", f"Training time: {result['seconds']} s.", "", "![curves](curves.png)", "",
-              "![student entropy by position](entropy_heatmap.png)", ""]
+    lines += ["", f"Training time: {result['seconds']} s.", "", f"![curves]({CURVES_FIGURE})", "",
+              f"![student entropy by position]({ENTROPY_FIGURE})", ""]
     return "\n".join(lines)
 
 

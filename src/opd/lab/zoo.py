@@ -45,6 +45,7 @@ from opd.io import check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import ADDITION, World, sample_problems, sft_examples
 from opd.models.loading import load_model, load_tokenizer
+from opd.run.folder import RunFolder
 from opd.run.sft import SFTConfig, train_sft
 from opd.source import code_files
 from opd.version import __version__
@@ -148,9 +149,10 @@ PROFILES: dict[str, Profile] = {
         rl=RLStage("student-rl", "student", "student-prerl", "rl-train", 60, 16, lr=1e-4),
     ),
     # Two-digit problems only (shorter sequences) and fewer steps: the planted properties in
-    # about three minutes, for tests. The same-pipeline teacher is "longer", not larger. The
-    # RL stage takes twice the prompts per step at twice the lr (measured over two seeds:
-    # sub-skill 0.047 → 0.420 / 0.447 against 0.213 with the full profile's 16 at 1e-4).
+    # a few minutes, for tests (docs/results.md#timings). The same-pipeline teacher is
+    # "longer", not larger. The RL stage takes twice the prompts per step at twice the lr
+    # (measured over two seeds: sub-skill 0.047 → 0.420 / 0.447 against 0.213 with the full
+    # profile's 16 at 1e-4).
     "quick": _profile(
         "quick", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40),
         Size(3, 128), Size(3, 128), template2_lr=1e-3,
@@ -353,7 +355,7 @@ def _rl_stage(
         tokenizer = load_tokenizer(checkpoint, "zoo model")
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        shutil.copy(run / "metrics.jsonl", folder / "rl_metrics.jsonl")
+        shutil.copy(RunFolder(run).metrics, folder / "rl_metrics.jsonl")
         shutil.rmtree(run)
         return {
             "trained_on": {"sets": [spec.data], "method": "grpo", "steps": spec.steps,

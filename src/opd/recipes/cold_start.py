@@ -23,6 +23,7 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from opd.models.loading import (
     load_tokenizer,
     original_config,
 )
-from opd.recipes.cold_start_report import write_report
+from opd.recipes.cold_start_report import REPORT_FILE, write_report
 from opd.recipes.gate import (
     accuracy_warning,
     data_warnings,
@@ -54,6 +55,7 @@ from opd.recipes.gate import (
     sft_warnings,
     split_prompts,
 )
+from opd.run.folder import Resume
 from opd.run.hooks import run_hooks
 from opd.run.loop import check_training_prompts, run_training
 from opd.run.sft import EarlyStopping, SFTConfig, fit_sft
@@ -62,6 +64,9 @@ from opd.runtime import StepHook, is_main_process
 from opd.step.engines import ServedSampler, VLLMEngine, engine_for_prompts, generate, require_engine
 from opd.step.rollout import check_prompts
 from opd.teachers.client import TeacherClient
+
+TEACHER_DATA_FILE, SFT_FOLDER, OPD_FOLDER = "teacher_data.jsonl", "sft", "opd"
+"""The stages' outputs inside the cold start's folder."""
 
 
 def generate_teacher_data(
@@ -115,7 +120,7 @@ def opd_stage(train: TrainConfig) -> TrainConfig:
     """The settings of the OPD stage: the run's own, from the fine-tuned student in OUT/sft,
     into OUT/opd (named `<run>-opd` in the trackers)."""
     out = Path(train.out)
-    return dataclasses.replace(train, student=str(out / "sft"), out=str(out / "opd"),
+    return dataclasses.replace(train, student=str(out / SFT_FOLDER), out=str(out / OPD_FOLDER),
                                run_name=f"{train.run_name or out.resolve().name}-opd")
 
 
@@ -142,13 +147,71 @@ class GateStopped(OPDError):
         self.report = report
 
 
-def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ColdStartInputs:
+    """What the recipe reads, checked before anything is written: the prompts the teacher
+    answers, the OPD stage's training and evaluation prompts, both tokenizers and the served
+    teacher's client (None for a teacher folder)."""
+
+    records: list[PromptRecord]
+    train_records: list[PromptRecord]
+    eval_records: list[PromptRecord]
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    served: TeacherClient | None
+
+
+@dataclass(frozen=True)
+class TeacherData:
+    """The teacher's kept responses, and the split of their prompts into those the student is
+    fine-tuned on and those held out (for early stopping and the gate)."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    train_prompts: list[int]
+    held_prompts: list[int]
+    gate_records: list[PromptRecord]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class SFTResult:
+    """The fine-tuned student's folder and the SFT stage's report (empty when an earlier run
+    fine-tuned it and its report is gone)."""
+
+    folder: Path
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The gate's measurements before OPD (`recipes.gate`), as cold_start.json reports them."""
+
+    measured: dict[str, Any]
+
+
+def run_cold_start(train: TrainConfig, *, resume: Resume = False, force: bool = False) -> dict[str, Any]:
     """All stages into `train.out` (settings of the first two in `train.cold_start`): teacher
     data, SFT with early stopping, the gate, OPD; returns (and writes) the stage report.
     Raises `GateStopped` after writing the report when the gate fails, unless `force`."""
-    cold = train.cold_start
-    out = Path(train.out)
-    report_path = out / "cold_start.json"
+    inputs = check_inputs(train, resume)
+    teacher, student = load_stage_models(train, inputs)
+    check_renderings(train, inputs)
+    report = _read_report(Path(train.out) / REPORT_FILE)
+    engine = teacher_engine(train, inputs, teacher)
+    Path(train.out).mkdir(parents=True, exist_ok=True)
+    data = collect_teacher_data(train, inputs, teacher, engine, report)
+    del teacher
+    sft = fine_tune(train, inputs, data, student, report)
+    del student
+    gate = gate_before_opd(train, data, sft, report, force=force)
+    return run_opd_stage(train, data, sft, gate, report)
+
+
+def check_inputs(train: TrainConfig, resume: Resume) -> ColdStartInputs:
+    """The folder, the settings, the prompt files and the tokenizers, refused with one line
+    before anything is written."""
+    cold, out = train.cold_start, Path(train.out)
     check_output_folder(out, "out")
     if out.exists() and any(out.iterdir()) and not resume:
         raise OPDError(f"out: {str(out)!r} already holds a cold-start run; pass --resume to "
@@ -158,7 +221,6 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     get_verifier(train.verifier)
     require_engine(train.rollout_engine)
     require_trackers(train.report_to)
-    # Everything that can be refused is looked at before the first file is written.
     prompts_field = "cold_start.prompts" if cold.prompts else "prompts"
     records = load_prompts(cold.prompts or train.prompts, prompts_field, **source_of(train))
     train_records = load_prompts(train.prompts, **source_of(train)) if cold.prompts else records
@@ -175,70 +237,92 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
     teacher_tok = (served.tokenizer("teacher", train.trust_remote_code) if served
                    else load_tokenizer(train.teacher, "teacher", train.trust_remote_code))
     check_same_vocabulary(student_tok, teacher_tok, train.student, train.teacher)
-    data_path, sft_dir = out / "teacher_data.jsonl", out / "sft"
+    return ColdStartInputs(records, train_records, eval_records, student_tok, teacher_tok, served)
+
+
+def load_stage_models(train: TrainConfig, inputs: ColdStartInputs) -> tuple[Any, Any]:
+    """The teacher (in process, when its data is still to write) and the student (when it is
+    still to fine-tune), loaded now so that weights which cannot be used stop the recipe
+    before its folder exists; None for a stage already done."""
+    out = Path(train.out)
     common = dict(dtype=train.dtype, trust_remote_code=train.trust_remote_code)
-    # The models of the stages still to run are loaded now, so that weights which cannot be
-    # used stop the recipe before its folder exists; the others are only looked at.
-    generates = not data_path.exists()
     teacher = (load_model(train.teacher, "teacher", trainable=False, **common)
-               if generates and served is None else None)
+               if not (out / TEACHER_DATA_FILE).exists() and inputs.served is None else None)
     student = (load_model(train.student, "student", trainable=True, **common)
-               if not (sft_dir / "config.json").exists() else None)
-    for path, role in ((train.student, "student"), *(() if served else [(train.teacher, "teacher")])):
+               if not (out / SFT_FOLDER / "config.json").exists() else None)
+    return teacher, student
+
+
+def check_renderings(train: TrainConfig, inputs: ColdStartInputs) -> None:
+    """The model folders looked at, and every prompt rendered and measured for the teacher
+    and for the OPD stage."""
+    models = ((train.student, "student"), *(() if inputs.served else [(train.teacher, "teacher")]))
+    for path, role in models:
         check_model_folder(path, role, tokenizer=False, trust_remote_code=train.trust_remote_code)
-    check_prompts(records, teacher_tok, None, who="the teacher's rendering",
+    check_prompts(inputs.records, inputs.teacher_tokenizer, None, who="the teacher's rendering",
                   limit=context_window(train.teacher), limit_name="the teacher's context window",
                   fix="shorten or remove the row", chat_template_kwargs=train.chat_template_kwargs)
-    check_training_prompts(train, train_records, student_tok, teacher_tok, eval_records)
-    report: dict[str, Any] = _read_report(report_path)
-    engine: VLLMEngine | ServedSampler | None = served  # a served teacher samples on its server
-    if teacher is not None and train.rollout_engine == "vllm":
-        texts = [render_prompt(r.messages, teacher_tok, chat_template_kwargs=train.chat_template_kwargs)
-                 for r in records]
-        engine = engine_for_prompts(
-            train.teacher, teacher_tok, texts, max_new_tokens=train.max_new_tokens,
-            dtype=next(teacher.parameters()).dtype, settings=train.vllm,
-            context_window=context_window(train.teacher), trust_remote_code=train.trust_remote_code)
-    out.mkdir(parents=True, exist_ok=True)
+    check_training_prompts(train, inputs.train_records, inputs.student_tokenizer,
+                           inputs.teacher_tokenizer, inputs.eval_records)
 
-    if generates:
+
+def teacher_engine(train: TrainConfig, inputs: ColdStartInputs,
+                   teacher: Any) -> VLLMEngine | ServedSampler | None:
+    """What samples the teacher's responses: a served teacher's server, a vLLM engine given
+    the teacher's weights, or (None) opd's own sampler."""
+    if teacher is None or train.rollout_engine != "vllm":
+        return inputs.served
+    tok = inputs.teacher_tokenizer
+    texts = [render_prompt(r.messages, tok, chat_template_kwargs=train.chat_template_kwargs)
+             for r in inputs.records]
+    return engine_for_prompts(
+        train.teacher, tok, texts, max_new_tokens=train.max_new_tokens,
+        dtype=next(teacher.parameters()).dtype, settings=train.vllm,
+        context_window=context_window(train.teacher), trust_remote_code=train.trust_remote_code)
+
+
+def collect_teacher_data(train: TrainConfig, inputs: ColdStartInputs, teacher: Any,
+                         engine: VLLMEngine | ServedSampler | None,
+                         report: dict[str, Any]) -> TeacherData:
+    """Stage 1: the teacher's responses (written unless teacher_data.jsonl is complete), their
+    prompts split for fine-tuning, and the warnings on the data."""
+    cold, path, records = train.cold_start, Path(train.out) / TEACHER_DATA_FILE, inputs.records
+    if not path.exists():
         start = time.perf_counter()
         rows = generate_teacher_data(
-            teacher, teacher_tok, records, cold, max_new_tokens=train.max_new_tokens,
+            teacher, inputs.teacher_tokenizer, records, cold, max_new_tokens=train.max_new_tokens,
             verifier=train.verifier, seed=train.seed, progress=train.progress,
             chat_template_kwargs=train.chat_template_kwargs, engine=engine,
         )
         if not rows:
             raise OPDError("cold start: the teacher produced no usable response (none verified "
                            "correct or all truncated); raise max_attempts or max_new_tokens")
-        write_jsonl_atomic(data_path, rows)
+        write_jsonl_atomic(path, rows)
         report["teacher_data"] = {
             "prompts": len(records), "responses_kept": len(rows),
             "prompts_covered": len({r["prompt_index"] for r in rows}),
             "seconds": round(time.perf_counter() - start, 1),
         }
-        del teacher
-    rows = read_jsonl(data_path)
-
+    rows = read_jsonl(path)
     train_prompts, held_prompts = split_prompts(len(records), cold.sft_validation_share,
                                                 train.seed)
     gate_records = [records[i] for i in held_prompts][: cold.gate_prompts] or records[:1]
-    data_notes = data_warnings(rows, set(train_prompts), cold.min_prompts, student_tok)
-    _say(data_notes)
+    warnings = data_warnings(rows, set(train_prompts), cold.min_prompts, inputs.student_tokenizer)
+    _say(warnings)
+    return TeacherData(path, rows, train_prompts, held_prompts, gate_records, warnings)
 
+
+def fine_tune(train: TrainConfig, inputs: ColdStartInputs, data: TeacherData, student: Any,
+              report: dict[str, Any]) -> SFTResult:
+    """Stage 2: the student fine-tuned on the teacher's responses into OUT/sft, with early
+    stopping on the held-out prompts (skipped when OUT/sft is there, `student` None)."""
+    cold, sft_dir = train.cold_start, Path(train.out) / SFT_FOLDER
     if student is not None:
         start = time.perf_counter()
-        held = set(held_prompts)
-        examples = {split: [(r["messages"], r["response"]) for r in rows
-                            if (r["prompt_index"] in held) == (split == "validation")]
-                    for split in ("train", "validation")}
-        if not examples["train"]:
-            raise OPDError("cold start: every kept teacher response belongs to a held-out prompt; "
-                           "give more prompts (--cold-start.prompts) or a lower "
-                           "--cold-start.sft-validation-share")
+        examples = _sft_examples(data)
         dropout = [] if cold.sft_dropout else disable_dropout(student)
         run = fit_sft(
-            student, student_tok, examples["train"],
+            student, inputs.student_tokenizer, examples["train"],
             SFTConfig(steps=cold.sft_steps, lr=cold.sft_lr, batch_size=cold.sft_batch_size,
                       warmup_steps=min(20, cold.sft_steps // 10), seed=train.seed,
                       progress=train.progress, desc="cold-start sft", template=train.template,
@@ -250,62 +334,94 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         with original_config(dropout):
             student.save_pretrained(tmp)
-        student_tok.save_pretrained(tmp)
+        inputs.student_tokenizer.save_pretrained(tmp)
         tmp.rename(sft_dir)
-        del student
-        report["sft"] = {
-            "examples": len(examples["train"]), "validation_examples": len(examples["validation"]),
-            "prompts": len(train_prompts), "validation_prompts": len(held_prompts),
-            "cap": cold.sft_steps, "steps": run.steps, "best_step": run.best_step or run.steps,
-            "stopped_early": run.stopped_early, "first_loss": run.train_losses[0],
-            "last_loss": run.train_losses[-1], "best_validation_loss": run.best_loss,
-            "train_losses": run.train_losses,
-            "validation_losses": [list(point) for point in run.validation],
-            "seconds": round(time.perf_counter() - start, 1),
-            "warnings": sft_warnings(run, cold.sft_steps, len(examples["train"]),
-                                     cold.sft_batch_size),
-        }
+        report["sft"] = _sft_summary(cold, data, examples, run, time.perf_counter() - start)
         report.pop("gate", None)
         _say(report["sft"]["warnings"])
-        write_text_atomic(report_path, json.dumps(report, indent=2))
+        write_text_atomic(Path(train.out) / REPORT_FILE, json.dumps(report, indent=2))
+    return SFTResult(sft_dir, report.get("sft", {}))
 
+
+def _sft_examples(data: TeacherData) -> dict[str, list[tuple[Any, str]]]:
+    """(messages, response) pairs to fine-tune on ("train") and to stop early on
+    ("validation", those of the held-out prompts)."""
+    held = set(data.held_prompts)
+    examples = {split: [(r["messages"], r["response"]) for r in data.rows
+                        if (r["prompt_index"] in held) == (split == "validation")]
+                for split in ("train", "validation")}
+    if not examples["train"]:
+        raise OPDError("cold start: every kept teacher response belongs to a held-out prompt; "
+                       "give more prompts (cold_start.prompts) or a lower "
+                       "cold_start.sft_validation_share")
+    return examples
+
+
+def _sft_summary(cold: ColdStartConfig, data: TeacherData,
+                 examples: dict[str, list[tuple[Any, str]]], run: Any,
+                 seconds: float) -> dict[str, Any]:
+    """The SFT stage as cold_start.json reports it: sizes, curves, early stopping, warnings."""
+    return {
+        "examples": len(examples["train"]), "validation_examples": len(examples["validation"]),
+        "prompts": len(data.train_prompts), "validation_prompts": len(data.held_prompts),
+        "cap": cold.sft_steps, "steps": run.steps, "best_step": run.best_step or run.steps,
+        "stopped_early": run.stopped_early, "first_loss": run.train_losses[0],
+        "last_loss": run.train_losses[-1], "best_validation_loss": run.best_loss,
+        "train_losses": run.train_losses,
+        "validation_losses": [list(point) for point in run.validation],
+        "seconds": round(seconds, 1),
+        "warnings": sft_warnings(run, cold.sft_steps, len(examples["train"]), cold.sft_batch_size),
+    }
+
+
+def gate_before_opd(train: TrainConfig, data: TeacherData, sft: SFTResult,
+                    report: dict[str, Any], *, force: bool) -> GateResult:
+    """Stage 3: the fine-tuned student measured as `opd diagnose` measures a pair (unless a
+    run before measured this one); a repair that did not take stops here with one line
+    (`GateStopped`, after writing the report), unless `force`."""
     if "gate" not in report:
         start = time.perf_counter()
-        report["gate"] = measure_gate(train, str(sft_dir), gate_records)
+        report["gate"] = measure_gate(train, str(sft.folder), data.gate_records)
         report["gate"]["seconds"] = round(time.perf_counter() - start, 1)
         report["gate"]["warnings"] = accuracy_warning(report["gate"])
         _say(report["gate"]["warnings"])
     gate = report["gate"]
-    report["warnings"] = [*data_notes, *report.get("sft", {}).get("warnings", []),
+    report["warnings"] = [*data.warnings, *sft.summary.get("warnings", []),
                           *gate.get("warnings", [])]
-    write_text_atomic(report_path, json.dumps(report, indent=2))
+    write_text_atomic(Path(train.out) / REPORT_FILE, json.dumps(report, indent=2))
     if not gate["passed"]:
-        line = gate_line(gate, report.get("sft", {}),
-                         next_step(report.get("sft", {}), report["warnings"], cold))
+        line = gate_line(gate, sft.summary, next_step(sft.summary, report["warnings"],
+                                                      train.cold_start))
         report["stopped"] = None if force else f"{line}; --force runs OPD anyway"
         if not force:
-            write_report(out, report)
+            write_report(Path(train.out), report)
             raise GateStopped(report["stopped"], report)
         _say([f"{line}; --force: OPD runs anyway"])
+    return GateResult(gate)
 
+
+def run_opd_stage(train: TrainConfig, data: TeacherData, sft: SFTResult, gate: GateResult,
+                  report: dict[str, Any]) -> dict[str, Any]:
+    """Stage 4: OPD from OUT/sft into OUT/opd (resumed when there), then the held-out accuracy
+    after it; writes and returns the whole report."""
     opd_config = opd_stage(train)
-    opd_resume = (out / "opd").exists()
-    report["opd"] = run_training(opd_config, resume=opd_resume, hooks=run_hooks(opd_config))
+    report["opd"] = run_training(opd_config, resume=Path(opd_config.out).exists(),
+                                 hooks=run_hooks(opd_config))
     trained = report["opd"].get("final_model") or report["opd"].get("final_checkpoint")
-    if gate["accuracy"] is not None and trained:
+    if gate.measured["accuracy"] is not None and trained:
         after = held_out_accuracy(*load_for_evaluation(str(trained), "student", train), train,
-                                  gate_records)
-        gate["accuracy"]["student_after_opd"] = sum(after) / len(after)
-    report["stages"] = {"teacher_data": str(data_path), "sft": str(sft_dir),
-                        "opd": str(out / "opd")}
-    write_report(out, report)
+                                  data.gate_records)
+        gate.measured["accuracy"]["student_after_opd"] = sum(after) / len(after)
+    report["stages"] = {"teacher_data": str(data.path), "sft": str(sft.folder),
+                        "opd": opd_config.out}
+    write_report(Path(train.out), report)
     return report
 
 
 def _say(lines: Sequence[str]) -> None:
     if is_main_process():
         for line in lines:
-            print(f"[opd cold-start] {line}", flush=True)
+            print(f"[cold start] {line}", flush=True)
 
 
 class ColdStartHandover(StepHook):

@@ -4,6 +4,9 @@ before OPD, which measures the fine-tuned student as `opd diagnose` does (the ov
 its own rollouts against the doctor's threshold; held-out accuracy beside the teacher's).
 
 The data and curve checks are pure functions of numbers; `measure_gate` loads the models.
+Their advice names settings by config key (`cold_start.sft_steps`): the recipe runs under
+`opd cold-start`, `opd train --on-failure cold-start` and `opd reproduce`, and the key is the
+spelling YAML, `--set` and the Python API share.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def data_warnings(rows: Sequence[dict[str, Any]], train_prompts: set[int], min_p
             f"{sum(lengths) / max(len(lengths), 1):.0f} "
             f"tokens on average, {variety:.1f} distinct responses per prompt: the student may learn "
             "these answers by heart instead of the pattern; give more prompts with "
-            "--cold-start.prompts"]
+            "cold_start.prompts"]
 
 
 def sft_warnings(run: SFTRun, cap: int, examples: int, batch_size: int) -> list[str]:
@@ -71,11 +74,11 @@ def sft_warnings(run: SFTRun, cap: int, examples: int, batch_size: int) -> list[
             f"sft: memorisation: the validation loss rose from {best:.3f} (step {run.best_step}) "
             f"to {last:.3f} (step {last_step}) while the training loss fell; the weights of step "
             f"{run.best_step} ({epochs:.1f} epochs) are kept. Give more prompts with "
-            "--cold-start.prompts, or fewer epochs (a lower --cold-start.sft-steps)")
+            "cold_start.prompts, or fewer epochs (a lower cold_start.sft_steps)")
     if not run.stopped_early and run.best_step == run.steps == cap:
         warnings.append(
             f"sft: the validation loss was still improving at the cap of {cap} steps "
-            f"({best:.3f}); raise --cold-start.sft-steps")
+            f"({best:.3f}); raise cold_start.sft_steps")
     return warnings
 
 
@@ -156,19 +159,19 @@ def accuracy_warning(gate: dict[str, Any]) -> list[str]:
     return [f"gate: the fine-tuning lowered held-out accuracy from {accuracy['student_before']:.2f} "
             f"to {accuracy['student_after_sft']:.2f} (teacher {accuracy['teacher']:.2f}, "
             f"{gate['prompts']} prompts); OPD may lift it back, else give more prompts with "
-            "--cold-start.prompts"]
+            "cold_start.prompts"]
 
 
 def next_step(sft: dict[str, Any], warnings: Sequence[str], cold: Any) -> str:
     """What to change when the gate stops the cold start, from what the fine-tuning showed."""
     if not sft.get("stopped_early") and sft.get("best_step") == sft.get("cap"):
-        return (f"raise --cold-start.sft-steps (the validation loss was still falling at the cap "
+        return (f"raise cold_start.sft_steps (the validation loss was still falling at the cap "
                 f"of {sft.get('cap')})")
     if any("memorisation" in w or "distinct training prompts" in w for w in warnings):
-        return ("give more distinct prompts with --cold-start.prompts (too few to learn the "
+        return ("give more distinct prompts with cold_start.prompts (too few to learn the "
                 "skill from)")
-    return (f"raise --cold-start.sft-lr (now {cold.sft_lr:g}) or give more prompts with "
-            "--cold-start.prompts")
+    return (f"raise cold_start.sft_lr (now {cold.sft_lr:g}) or give more prompts with "
+            "cold_start.prompts")
 
 
 def gate_line(gate: dict[str, Any], sft: dict[str, Any], advice: str) -> str:

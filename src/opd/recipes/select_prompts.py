@@ -44,8 +44,9 @@ from opd.config.training import PROFILES, TrainConfig, VLLMConfig, build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.doctor.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
+from opd.io import check_output_folder, check_teacher_urls, write_jsonl_atomic, write_text_atomic
 from opd.models.loading import context_window
+from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 from opd.run.report import fmt, save_figure
 from opd.step.engines import require_engine
@@ -66,7 +67,8 @@ class SelectConfig(Config):
     """Inputs and settings of one prompt selection (`opd select-prompts`)."""
 
     student: str = setting(help="Student model folder (or hub id).")
-    teacher: str = setting(help="Teacher model folder (or hub id).")
+    teacher: str = setting(help="Teacher model folder (or hub id), or the URL of `opd "
+                           "serve-teacher` (http://host:port).")
     prompts: str = setting(help="Candidate prompts (.jsonl / .parquet, a save_to_disk folder or "
                            "a hub dataset id).")
     out: str = setting(help="Output folder (must not hold a selection yet).")
@@ -116,6 +118,7 @@ class SelectConfig(Config):
     def check(self) -> None:
         check_template(self.student_template, "student_template")
         check_template(self.teacher_template, "teacher_template")
+        check_teacher_urls(teacher=self.teacher)
         if not self.rank_by:
             raise OPDError(f"config: rank_by needs at least one measure of {', '.join(RANKABLE)}")
 
@@ -243,13 +246,92 @@ def _trial(config: SelectConfig, name: str, records: Sequence[PromptRecord], fol
     shutil.rmtree(folder / name, ignore_errors=True)  # left by a selection that did not finish
     write_prompts(folder / f"{name}.jsonl", records, [{"set": name}] * len(records))
     run_training(_trial_config(config, name, folder))
-    shutil.rmtree(folder / name / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunFolder(folder / name).checkpoints, ignore_errors=True)
     return {"prompts": len(records), "run": str(folder / name),
             **entropy_effect(M.read(folder / name))}
 
 
+@dataclass(frozen=True)
+class SelectionInputs:
+    """The candidates (indices into the prompt file, and their records), the prompts to mix in
+    (None: unselected candidates) and the trial runs' settings (None: no trial)."""
+
+    indices: list[int]
+    records: list[PromptRecord]
+    others: list[PromptRecord] | None
+    trial_config: TrainConfig | None
+
+
+@dataclass(frozen=True)
+class SelectionModels:
+    """The measuring settings and the loaded student and teacher."""
+
+    measure: DiagnoseConfig
+    student: Pair
+    teacher: Pair
+
+    def template_owner(self, config: SelectConfig) -> tuple[Pair, str | None]:
+        """The model whose template renders the output prompts, and its format string."""
+        if config.template == "student":
+            return self.student, config.student_template
+        return self.teacher, config.teacher_template
+
+
+@dataclass(frozen=True)
+class ScoredCandidates:
+    """Every candidate rendered with each template, the step-0 measures under both, and the
+    per-prompt measures and scores under the chosen one."""
+
+    by_template: dict[str, list[PromptRecord]]
+    chosen: list[PromptRecord]
+    step0: dict[str, Any]
+    measures: list[dict[str, Any]]
+    scores: list[float]
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """The candidates kept (best first) and dropped, the pool mixed in from (rendered; with
+    `pool_index` the candidate of each, when the pool is the dropped candidates), the ones
+    mixed in, and the output prompts with their selection info."""
+
+    kept: list[int]
+    dropped: list[int]
+    pool: list[PromptRecord]
+    pool_index: list[int]
+    mixed: list[int]
+    output: list[PromptRecord]
+    info: list[dict[str, Any]]
+    warnings: list[str]
+
+
 def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     """Select, write every output into `config.out` and return the selection (selection.json)."""
+    out = Path(config.out)
+    inputs = check_inputs(config)
+    bar = tqdm(total=4 + (3 if config.mix_share else 2) * bool(config.trial_steps),
+               desc="opd select-prompts", disable=not config.progress)
+    bar.set_postfix_str("loading models")
+    models = load_models(config, inputs)
+    check_renderings(config, inputs, models)
+    bar.update()
+    candidates = score_candidates(config, inputs, models, bar)
+    chosen = choose(config, inputs, models, candidates)
+    out.mkdir(parents=True, exist_ok=True)
+    write_prompts(out / "prompts.jsonl", chosen.output, chosen.info)
+    fresh = measure_fresh_rollouts(config, inputs, models, candidates, chosen, bar)
+    trial, trial_warnings = run_trials(config, candidates, chosen, bar)
+    selection = selection_record(config, inputs, candidates, chosen,
+                                 {**candidates.step0, "fresh_rollouts": fresh}, trial,
+                                 [*chosen.warnings, *trial_warnings])
+    _write_outputs(selection, out)
+    bar.close()
+    return selection
+
+
+def check_inputs(config: SelectConfig) -> SelectionInputs:
+    """The out folder, engines, trial settings and prompt files, refused with one line before
+    any model loads."""
     out = Path(config.out)
     check_output_folder(out, "out")
     if (out / "selection.json").exists():
@@ -264,72 +346,91 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
               if config.other_prompts else None)
     if others is not None:
         _check_distinct_ids(records, others)
-    ranking_needs_answers = "advantage" in config.rank_by
-    if ranking_needs_answers:
+    if "advantage" in config.rank_by:
         require_answers(records, "prompts", "rank_by advantage")
-    trial_runs = 3 if config.mix_share else 2
-    bar = tqdm(total=4 + trial_runs * bool(config.trial_steps), desc="opd select-prompts",
-               disable=not config.progress)
-    bar.set_postfix_str("loading models")
+    return SelectionInputs(indices, records, others, trial_config)
+
+
+def load_models(config: SelectConfig, inputs: SelectionInputs) -> SelectionModels:
+    """Student and teacher, loaded as `opd diagnose` loads them, to measure the prompts
+    rendered already (`{prompt}`) under the student's rollouts."""
     measure = DiagnoseConfig(
         student=config.student, teacher=config.teacher, prompts=config.prompts,
         student_template="{prompt}", teacher_template="{prompt}", teacher_prompt="student",
         n=config.n, max_new_tokens=config.max_new_tokens,
-        depths=(0.0,) if ranking_needs_answers else (), seed=config.seed,
+        depths=(0.0,) if "advantage" in config.rank_by else (), seed=config.seed,
         batch_size=config.batch_size, dtype=config.dtype, progress=False,
         trust_remote_code=config.trust_remote_code, rollout_engine=config.rollout_engine,
         vllm=config.vllm,
     )
     student = load_pair(config.student, "student", measure)
     teacher = load_pair(config.teacher, "teacher", measure, student)
-    own = {"student": config.student_template, "teacher": config.teacher_template}
+    return SelectionModels(measure, student, teacher)
+
+
+def check_renderings(config: SelectConfig, inputs: SelectionInputs,
+                     models: SelectionModels) -> None:
+    """Every prompt renders with each model's template within its context window (and, for
+    the trial, within its max_prompt_tokens) before anything is written."""
+    student, teacher, others = models.student, models.teacher, inputs.others
     if config.template == "teacher" and config.teacher_template is None \
             and not getattr(teacher.tokenizer, "chat_template", None):
         raise OPDError(f"template: the prompts are to be rendered with the teacher's template, "
                        f"but the tokenizer of {config.teacher!r} has no chat template; pass "
                        "--teacher-template with {prompt}, or --template student")
     for pair, template in ((student, config.student_template), (teacher, config.teacher_template)):
-        rows = records if others is None or pair.name != config.template else [*records, *others]
+        rows = inputs.records if others is None or pair.name != config.template \
+            else [*inputs.records, *others]
         check_prompts(rows, pair.tokenizer, template, who=f"the {pair.name}'s rendering",
                       limit=context_window(pair.path),
                       limit_name=f"the {pair.name}'s context window", fix="shorten or remove the row")
-    if trial_config is not None:
-        chosen_template = own[config.template]
-        owner = student if config.template == "student" else teacher
-        candidates = [*records, *(others or [])]
-        texts = as_text(candidates, [render_prompt(r.messages, owner.tokenizer, chosen_template)
-                                     for r in candidates])
+    if inputs.trial_config is not None:
+        candidates = [*inputs.records, *(others or [])]
+        texts = _rendered(*models.template_owner(config), candidates)
         check_prompts(texts, student.tokenizer, "{prompt}", who="the trial's rendering",
-                      limit=trial_config.max_prompt_tokens,
+                      limit=inputs.trial_config.max_prompt_tokens,
                       limit_name="the trial's max_prompt_tokens",
                       fix="raise trial_settings.max_prompt_tokens, or shorten or remove the row")
-    bar.update()
 
-    def rendered(pair: Pair, template: str | None, rows: Sequence[PromptRecord]) -> list[PromptRecord]:
-        return as_text(rows, [render_prompt(r.messages, pair.tokenizer, template) for r in rows])
 
-    by_template = {"student": rendered(student, config.student_template, records),
-                   "teacher": rendered(teacher, config.teacher_template, records)}
+def _rendered(pair: Pair, template: str | None, rows: Sequence[PromptRecord]) -> list[PromptRecord]:
+    """`rows` rendered by `pair`'s tokenizer (or `template`), as text."""
+    return as_text(rows, [render_prompt(r.messages, pair.tokenizer, template) for r in rows])
+
+
+def score_candidates(config: SelectConfig, inputs: SelectionInputs, models: SelectionModels,
+                     bar: tqdm) -> ScoredCandidates:
+    """The candidates rendered with both templates, each rendering measured at step 0; the
+    chosen template's per-prompt measures combined into one score per candidate."""
+    by_template = {
+        "student": _rendered(models.student, config.student_template, inputs.records),
+        "teacher": _rendered(models.teacher, config.teacher_template, inputs.records)}
     step0: dict[str, Any] = {}
     ranking: dict[str, Any] = {}
     for name, rows in by_template.items():
         bar.set_postfix_str(f"step-0 measures, {name} template")
-        result = alignment_by_prompt(measure, rows, student, teacher, config.k)
+        result = alignment_by_prompt(models.measure, rows, models.student, models.teacher,
+                                     config.k)
         step0[f"{name}_template"] = {m: result["overall"][m] for m in STEP0} | {"prompts": len(rows)}
         if name == config.template:
             ranking = result
         bar.update()
-
     scores = combined_scores(ranking["prompts"], config.rank_by)
+    return ScoredCandidates(by_template, by_template[config.template], step0, ranking["prompts"],
+                            scores)
+
+
+def choose(config: SelectConfig, inputs: SelectionInputs, models: SelectionModels,
+           candidates: ScoredCandidates) -> Chosen:
+    """The top fraction by score, and a seeded share of other prompts mixed in (the dropped
+    candidates, or `other_prompts` rendered with the chosen template)."""
+    scores, chosen = candidates.scores, candidates.chosen
     kept = top_fraction(scores, config.keep_fraction)
-    dropped = sorted(set(range(len(records))) - set(kept))
-    chosen = by_template[config.template]
-    if others is None:
+    dropped = sorted(set(range(len(inputs.records))) - set(kept))
+    if inputs.others is None:
         pool, pool_index = [chosen[i] for i in dropped], dropped
     else:
-        owner = student if config.template == "student" else teacher
-        own_template = config.student_template if config.template == "student" else config.teacher_template
-        pool, pool_index = rendered(owner, own_template, others), []
+        pool, pool_index = _rendered(*models.template_owner(config), inputs.others), []
     mixed = mix_in(range(len(pool)), len(kept), config.mix_share, config.seed)
     warnings = []
     if len(mixed) < mix_count(len(kept), config.mix_share):
@@ -337,63 +438,85 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
                         f"{mix_count(len(kept), config.mix_share)}): the output's share of other "
                         f"prompts is {len(mixed) / (len(kept) + len(mixed)):.3f}")
     output = [chosen[i] for i in kept] + [pool[i] for i in mixed]
-    info = [{"role": "kept", "rank": r + 1, "score": scores[i], "candidate": indices[i]}
+    info = [{"role": "kept", "rank": r + 1, "score": scores[i], "candidate": inputs.indices[i]}
             for r, i in enumerate(kept)]
-    info += [{"role": "mixed", "candidate": indices[pool_index[i]] if others is None else None}
+    info += [{"role": "mixed",
+              "candidate": inputs.indices[pool_index[i]] if inputs.others is None else None}
              for i in mixed]
-    out.mkdir(parents=True, exist_ok=True)
-    write_prompts(out / "prompts.jsonl", output, info)
+    return Chosen(kept, dropped, pool, pool_index, mixed, output, info, warnings)
 
+
+def measure_fresh_rollouts(config: SelectConfig, inputs: SelectionInputs,
+                           models: SelectionModels, candidates: ScoredCandidates, chosen: Chosen,
+                           bar: tqdm) -> dict[str, Any]:
+    """Step-0 measures on fresh rollouts (another seed) of every candidate and of the other
+    prompts mixed in: all candidates, the kept, the dropped and the output."""
     bar.set_postfix_str("step-0 measures, fresh rollouts")
-    # Fresh rollouts (another seed) of every candidate and of the other prompts mixed in.
-    extra = [] if others is None else [pool[i] for i in mixed]
-    fresh = alignment_by_prompt(replace(measure, seed=config.seed + 1, depths=()),
-                                [*chosen, *extra], student, teacher, config.k)["prompts"]
-    mixed_rows = [pool_index[i] for i in mixed] if others is None else range(len(chosen), len(fresh))
-    step0["fresh_rollouts"] = {
-        "all_candidates": subset_means(fresh, range(len(chosen))),
-        "selected": subset_means(fresh, kept),
-        "dropped": subset_means(fresh, dropped) if dropped else None,
-        "output": subset_means(fresh, [*kept, *mixed_rows]),
-    }
+    rendered, others = candidates.chosen, inputs.others
+    extra = [] if others is None else [chosen.pool[i] for i in chosen.mixed]
+    fresh = alignment_by_prompt(replace(models.measure, seed=config.seed + 1, depths=()),
+                                [*rendered, *extra], models.student, models.teacher,
+                                config.k)["prompts"]
+    mixed_rows = ([chosen.pool_index[i] for i in chosen.mixed] if others is None
+                  else range(len(rendered), len(fresh)))
     bar.update()
+    return {
+        "all_candidates": subset_means(fresh, range(len(rendered))),
+        "selected": subset_means(fresh, chosen.kept),
+        "dropped": subset_means(fresh, chosen.dropped) if chosen.dropped else None,
+        "output": subset_means(fresh, [*chosen.kept, *mixed_rows]),
+    }
 
+
+def run_trials(config: SelectConfig, candidates: ScoredCandidates, chosen: Chosen,
+               bar: tqdm) -> tuple[dict[str, Any], list[str]]:
+    """Short OPD runs on the output, the kept-only and the unselected prompts (none with
+    trial_steps 0), and the entropy effect between selected and unselected; with warnings."""
     trial: dict[str, Any] = {}
+    warnings: list[str] = []
     if config.trial_steps:
-        sets = {"selected": output, "kept_only": [chosen[i] for i in kept] if config.mix_share else None,
-                "unselected": [chosen[i] for i in dropped]}
+        rendered = candidates.chosen
+        sets = {"selected": chosen.output,
+                "kept_only": [rendered[i] for i in chosen.kept] if config.mix_share else None,
+                "unselected": [rendered[i] for i in chosen.dropped]}
         for name, rows in sets.items():
             if rows is None:
                 continue
             bar.set_postfix_str(f"trial on the {name} prompts")
             if rows:
-                trial[name] = _trial(config, name, rows, out / "trial")
+                trial[name] = _trial(config, name, rows, Path(config.out) / "trial")
             else:
                 warnings.append(f"trial: no {name} prompts (keep fraction 1), nothing to compare with")
             bar.update()
     if "selected" in trial and "unselected" in trial:
         trial["entropy_effect"] = trial["selected"]["late_mean"] - trial["unselected"]["late_mean"]
+    return trial, warnings
 
-    kept_set, mixed_set = set(kept), {pool_index[i] for i in mixed} if others is None else set()
-    selection = {
+
+def selection_record(config: SelectConfig, inputs: SelectionInputs,
+                     candidates: ScoredCandidates, chosen: Chosen, step0: dict[str, Any],
+                     trial: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """selection.json: the inputs, counts, step-0 measures, trial, warnings and every
+    candidate's score and fate."""
+    kept, mixed = set(chosen.kept), ({chosen.pool_index[i] for i in chosen.mixed}
+                                     if inputs.others is None else set())
+    return {
         "inputs": {k: v for k, v in asdict(config).items() if k != "progress"},
         "k": config.k, "rank_by": list(config.rank_by),
-        "counts": {"candidates": len(records), "kept": len(kept), "dropped": len(dropped),
-                   "mixed_in": len(mixed), "output": len(output)},
+        "counts": {"candidates": len(inputs.records), "kept": len(chosen.kept),
+                   "dropped": len(chosen.dropped), "mixed_in": len(chosen.mixed),
+                   "output": len(chosen.output)},
         "use_with": USE_WITH,
         "step0": step0,
         "trial": trial or None,
         "warnings": warnings,
         "prompts": [
-            {"candidate": indices[i], "text": records[i].messages[-1]["content"], "score": scores[i],
-             "kept": i in kept_set, "mixed_in": i in mixed_set,
+            {"candidate": inputs.indices[i], "text": inputs.records[i].messages[-1]["content"],
+             "score": candidates.scores[i], "kept": i in kept, "mixed_in": i in mixed,
              "measures": {m: row[m] for m in (*STEP0, "advantage", "tokens")}}
-            for i, row in enumerate(ranking["prompts"])
+            for i, row in enumerate(candidates.measures)
         ],
     }
-    _write_outputs(selection, out)
-    bar.close()
-    return selection
 
 
 # -- report -----------------------------------------------------------------------------------

@@ -21,16 +21,14 @@ import yaml
 
 from opd import metrics as M
 from opd.io import write_text_atomic
+from opd.run.folder import CHECKPOINT_STATE, RunFolder
 from opd.runtime import StepHook, is_main_process
 from opd.version import __version__
 
 CARD_FILE = "README.md"
-MODEL_DIR = "model"
-"""The final model folder inside a run folder."""
-TRAINING_STATE = frozenset({"optimizer.pt", "optimizer", "scheduler.pt", "rng.json",
-                            "trainer_state.json", "run_config.yaml", "manifest.json", CARD_FILE})
-"""Checkpoint files and folders that resume training and are not part of the model (the names
-`opd.run.checkpoints` writes; it imports this module, so they are spelled out here)."""
+TRAINING_STATE = CHECKPOINT_STATE | {CARD_FILE}
+"""Checkpoint files and folders that are not part of the exported model: those that resume
+training, and the checkpoint's card (the export writes its own)."""
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 CARD_MEASURES = (M.LOSS, M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP,
                  M.OVERLAP_MASS_STUDENT, M.OVERLAP_MASS_TEACHER, M.STUDENT_ENTROPY,
@@ -195,5 +193,5 @@ class FinalModelHook(StepHook):
         card = model_card(self.config, step=summary["steps"], record=last,
                           initial_accuracy=summary.get("initial_accuracy"), accuracy=accuracy,
                           final=True)
-        folder = export_model(checkpoint, Path(self.config.out) / MODEL_DIR, card)
+        folder = export_model(checkpoint, RunFolder(self.config.out).model, card)
         summary["final_model"] = str(folder)

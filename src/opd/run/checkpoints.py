@@ -4,9 +4,11 @@ state, and a copy of the run's settings.
 A checkpoint is written into `step-N.tmp` and renamed to `step-N` once complete; its last file,
 `manifest.json`, lists every file with its size. A checkpoint counts as complete only when its
 manifest is there and every file it lists has that size, so a folder cut short by a kill, a
-full disk or a damaged copy is never resumed from. Nothing in a checkpoint is a pickle: the
-model is safetensors, optimizer and scheduler state are tensors and plain values loaded with
-`weights_only=True`, the RNG state and run state are JSON.
+full disk or a damaged copy is never resumed from. What is written how: the model as
+safetensors (an HF folder); the optimizer and scheduler state with `torch.save`
+(`optimizer.pt`, `scheduler.pt`: pickles, read back with `torch.load(weights_only=True)`, whose
+restricted unpickler builds only tensors and plain values); the RNG state, run state and
+manifest as JSON; the settings as YAML.
 
 A run of several processes (`opd.run.parallel`) saves the whole model gathered (an ordinary HF
 folder) and its AdamW state sharded: `optimizer/`, one safetensors file per process written by
@@ -34,58 +36,16 @@ import yaml
 
 from opd.errors import OPDError, one_line
 from opd.run.cards import CARD_FILE
-
-STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
-RNG_FILE = "rng.json"
-SHARDED_OPTIMIZER = "optimizer"
-"""The folder of the sharded optimizer state (runs of several processes)."""
-SETTINGS_FILE = "run_config.yaml"
-"""The run's settings when the checkpoint was taken (what `--resume` compares with)."""
-
-
-def checkpoint_dir(out: Path, step: int) -> Path:
-    return out / "checkpoints" / f"step-{step:06d}"
-
-
-def _step_folders(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and "." not in p.name)
-
-
-def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why `checkpoint` is not complete (None when it is): no manifest, or a file it lists is
-    missing or has another size."""
-    try:
-        manifest = json.loads((checkpoint / MANIFEST_FILE).read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST_FILE} (cut short, or written by an older opd)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{MANIFEST_FILE} is damaged"
-    for name, size in files.items():
-        file = checkpoint / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != size:
-            return f"{name} is {file.stat().st_size} bytes, not {size}"
-    if STATE_FILE not in files:
-        return f"{MANIFEST_FILE} does not list {STATE_FILE}"
-    return None
-
-
-def complete_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` folder left by a kill, or a folder whose
-    files do not match its manifest, is left out)."""
-    return [p for p in _step_folders(out) if checkpoint_problem(p) is None]
-
-
-def incomplete_checkpoints(out: Path) -> list[tuple[Path, str]]:
-    """Checkpoint folders under their final name that are not complete, with the reason."""
-    found = [(p, checkpoint_problem(p)) for p in _step_folders(out)]
-    return [(p, problem) for p, problem in found if problem is not None]
+from opd.run.folder import (
+    MANIFEST_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCHEDULER_FILE,
+    SETTINGS_FILE,
+    SHARDED_OPTIMIZER,
+    STATE_FILE,
+    RunFolder,
+)
 
 
 def rng_state() -> dict[str, Any]:
@@ -141,7 +101,7 @@ def _flat_optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
 
 def start_checkpoint(out: Path, step: int) -> Path:
     """An empty `step-N.tmp` folder (main process) for the processes to write into."""
-    tmp = checkpoint_dir(out, step).with_suffix(".tmp")
+    tmp = RunFolder(out).checkpoint(step).with_suffix(".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
@@ -172,7 +132,7 @@ def save_sharded_optimizer(out: Path, step: int, model, optimizer) -> None:
     from torch.distributed.checkpoint import HuggingFaceStorageWriter, save
     from torch.distributed.checkpoint.api import CheckpointException
 
-    folder = checkpoint_dir(out, step).with_suffix(".tmp") / SHARDED_OPTIMIZER
+    folder = RunFolder(out).checkpoint(step).with_suffix(".tmp") / SHARDED_OPTIMIZER
     try:
         with _alone_quietly():
             save(_flat_optimizer_tensors(model, optimizer),
@@ -194,7 +154,7 @@ def save_checkpoint(
     `optimizer` None: the processes already wrote the sharded optimizer state into the folder
     `start_checkpoint` made (`save_sharded_optimizer`); `model_state`: the gathered weights to
     save instead of the model's own."""
-    final = checkpoint_dir(out, step)
+    final = RunFolder(out).checkpoint(step)
     tmp = final.with_suffix(".tmp")
     try:
         if optimizer is not None:
@@ -202,8 +162,8 @@ def save_checkpoint(
         model.save_pretrained(tmp, state_dict=model_state)
         tokenizer.save_pretrained(tmp)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
         (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
         if settings is not None:
             (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
@@ -215,34 +175,14 @@ def save_checkpoint(
         tmp.rename(final)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        done = complete_checkpoints(out)
+        done = RunFolder(out).complete_checkpoints()
         last = f"the last complete one is {done[-1].name}" if done else "there is no complete one yet"
         raise OPDError(
             f"checkpoint: could not write step {step} to {tmp.parent} ({err.strerror or err}); "
             f"{last}: free space, then run again with --resume") from None
-    for old in complete_checkpoints(out)[:-keep]:
+    for old in RunFolder(out).complete_checkpoints()[:-keep]:
         _remove(old)
     return final
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """The step a complete checkpoint was taken at."""
-    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
-
-
-def checkpoint_settings(checkpoint: Path) -> dict[str, Any] | None:
-    """The run's settings saved with `checkpoint` (None if it has none)."""
-    file = checkpoint / SETTINGS_FILE
-    if not file.exists():
-        return None
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
-        data = None
-    if not isinstance(data, dict):
-        raise OPDError(f"--resume: {file} is damaged; delete {checkpoint} to resume from the "
-                       "checkpoint before it")
-    return data
 
 
 def _load_tensors(file: Path, checkpoint: Path) -> Any:
@@ -296,18 +236,19 @@ def load_checkpoint(checkpoint: Path, optimizer, scheduler, model=None) -> dict[
     (the model itself is loaded from the folder like any HF model). `model`: the student the
     optimizer updates, which names its parameters; needed for a sharded optimizer state (it
     loads on any number of processes) and when `opd.run.parallel` wrapped the student (a
-    one-process state is then split into the processes' shares). Nothing is unpickled."""
+    one-process state is then split into the processes' shares). `optimizer.pt` and
+    `scheduler.pt` are read with `weights_only=True`; the RNG and run state are JSON."""
     from torch.distributed.tensor import DTensor
 
     if (checkpoint / SHARDED_OPTIMIZER).is_dir():
         _load_sharded_optimizer(checkpoint, model, optimizer)
     else:
-        saved = _load_tensors(checkpoint / "optimizer.pt", checkpoint)
+        saved = _load_tensors(checkpoint / OPTIMIZER_FILE, checkpoint)
         if model is None or not any(isinstance(p, DTensor) for p in model.parameters()):
             optimizer.load_state_dict(saved)
         else:
             _shard_whole_optimizer(saved, model, optimizer)
-    scheduler.load_state_dict(_load_tensors(checkpoint / "scheduler.pt", checkpoint))
+    scheduler.load_state_dict(_load_tensors(checkpoint / SCHEDULER_FILE, checkpoint))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr  # what the schedule set last (a sharded state does not carry it)
     try:

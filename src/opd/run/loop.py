@@ -19,12 +19,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from opd import metrics as M
@@ -37,16 +36,8 @@ from opd.evaluation.verify import get_verifier
 from opd.io import check_output_folder, write_text_atomic
 from opd.models.loading import context_window, load_training_models, original_config, resolve_dtype
 from opd.run.cards import model_card
-from opd.run.checkpoints import (
-    checkpoint_settings,
-    checkpoint_step,
-    complete_checkpoints,
-    incomplete_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    save_sharded_optimizer,
-    start_checkpoint,
-)
+from opd.run.checkpoints import load_checkpoint, save_checkpoint, save_sharded_optimizer, start_checkpoint
+from opd.run.folder import Resume, RunFolder
 from opd.run.monitor import Monitor
 from opd.run.optim import adamw_with_schedule
 from opd.run.parallel import (
@@ -60,7 +51,7 @@ from opd.run.parallel import (
 )
 from opd.runtime import Processes, StepHook, is_wrapped, timed
 from opd.step.engines import generate, model_length_limit, require_engine, sampled_token_logprobs, vllm_engine
-from opd.step.measures import means_from_totals, position_bin_edges, position_totals, token_measures
+from opd.step.measures import position_bin_edges, token_measures
 from opd.step.objectives import StepLoss, TokenLoss
 from opd.step.rollout import Rollouts, check_prompts, encode_prompts, pack
 from opd.step.scoring import (
@@ -69,11 +60,13 @@ from opd.step.scoring import (
     TeacherLogprobs,
     output_head,
     positions_per_chunk,
+    reference_token_logprobs,
     response_states,
     response_token_rows,
     score,
     vocab_size,
 )
+from opd.step.totals import StepTotals
 from opd.teachers.build import Share, build_teachers
 
 RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
@@ -81,6 +74,26 @@ RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts
                      "rollouts_per_prompt", "objective")
 """Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
 an older opd, counts as its default)."""
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """The step's rollouts counted over every process: response tokens, rollouts, truncated
+    rollouts and the reward sum (NaN when some prompt has no answer)."""
+
+    tokens: float
+    rollouts: float
+    truncated: float
+    reward: float
+
+    @classmethod
+    def summed(cls, rollouts: Rollouts, rewards: torch.Tensor | None,
+               procs: Processes) -> BatchCounts:
+        counts = torch.tensor(
+            [float(rollouts.response_mask.sum()), float(rollouts.input_ids.shape[0]),
+             float(rollouts.truncated.sum()),
+             float(rewards.sum()) if rewards is not None else math.nan], dtype=torch.float64)
+        return cls(*procs.sum(counts).tolist())
 
 
 def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
@@ -123,13 +136,16 @@ class Trainer:
     the prompt files, the models, the rendering of every prompt, the checkpoint to resume from.
     """
 
-    def __init__(self, config: TrainConfig, *, resume: bool = False,
+    def __init__(self, config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> None:
+        if resume not in (False, True, "auto"):
+            raise OPDError(f"resume: must be false, true or 'auto', got {resume!r}")
         self.config = config
         self.monitor = Monitor(config.on_failure, echo=tqdm.write)
         self.hooks = list(hooks)
         self.procs = Processes()
         self.out = Path(config.out)
+        self.folder = RunFolder(self.out)
         check_output_folder(self.out, "out")
         self.verify = get_verifier(config.verifier)
         require_engine(config.rollout_engine)
@@ -175,7 +191,10 @@ class Trainer:
         if checkpoint:
             self.state = load_checkpoint(checkpoint, self.optimizer, self.scheduler,
                                          self.models.student)
-        self._start_run_folder(resume, checkpoint)
+        self.procs.barrier()
+        if self.procs.is_main:
+            self.folder.start(to_dict(config), resume, checkpoint)
+        self.procs.barrier()
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
@@ -184,34 +203,13 @@ class Trainer:
         self.latest_accuracy: float | None = None
 
     # -- run folder -----------------------------------------------------------------------
-    def _resume_point(self, resume: bool) -> Path | None:
+    def _resume_point(self, resume: Resume) -> Path | None:
         """The checkpoint to resume from (None: start at step 0), after refusing to overwrite
-        an existing run; reads, never writes."""
-        checkpoints = complete_checkpoints(self.out)
-        damaged = incomplete_checkpoints(self.out)
-        has_run = (self.out / M.METRICS_FILE).exists() or bool(checkpoints) or bool(damaged)
-        if has_run and not resume:
-            raise OPDError(
-                f"out: {str(self.out)!r} already holds a run; pass --resume to continue it "
-                "or choose a new --out folder (nothing was changed)"
-            )
-        if not resume:
+        an existing run or to continue one started with other settings; reads, never writes."""
+        checkpoint = self.folder.resume_point(resume)
+        if checkpoint is None:
             return None
-        last = checkpoints[-1] if checkpoints else None
-        if last is None and damaged:
-            folder, problem = damaged[-1]
-            raise OPDError(
-                f"--resume: no complete checkpoint in {str(self.out)!r} ({folder.name}: "
-                f"{problem}); restore it, or delete {folder.parent} to start the run over "
-                "(nothing was changed)")
-        for folder, problem in damaged:
-            if folder.name > last.name:
-                tqdm.write(f"opd: {folder} is incomplete ({problem}); resuming from {last.name}")
-        if last is None:
-            return None
-        saved = checkpoint_settings(last)
-        if saved is None:
-            saved = self._saved_run_settings()
+        saved = self.folder.saved_settings(checkpoint)
         settings = to_dict(self.config)
         defaults = to_dict(TrainConfig())
         changed = {k for k in RESUME_MUST_MATCH if saved.get(k, defaults[k]) != settings[k]}
@@ -220,33 +218,11 @@ class Trainer:
                 f"--resume: the run in {str(self.out)!r} was started with other values of "
                 f"{sorted(changed)}; resume with the same settings or use a new --out"
             )
-        return last
-
-    def _saved_run_settings(self) -> dict[str, Any]:
-        file = self.out / "config.yaml"
-        try:
-            saved = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError):
-            saved = None
-        if not isinstance(saved, dict):
-            raise OPDError(f"--resume: {file} is missing or damaged, so the run's settings are "
-                           "unknown; restore it or start a new run in another --out")
-        return saved
-
-    def _start_run_folder(self, resume: bool, checkpoint: Path | None) -> None:
-        """Write the settings and cut metrics.jsonl back to the checkpoint resumed from."""
-        self.procs.barrier()
-        if self.procs.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(self.config)))
-            if checkpoint is not None:
-                M.truncate(self.out, checkpoint_step(checkpoint))
-            elif resume:
-                (self.out / M.METRICS_FILE).unlink(missing_ok=True)
-        self.procs.barrier()
+        return checkpoint
 
     # -- one step -------------------------------------------------------------------------
-    def _rollouts(self, step: int, indices: list[int]) -> Rollouts:
+    def sample(self, step: int, indices: list[int]) -> Rollouts:
+        """The student's rollouts of the prompts `indices`, seeded per step, prompt and sample."""
         config, tok = self.config, self.models.tokenizer
         texts = [render_prompt(self.records[i].messages, tok, config.template,
                                config.chat_template_kwargs) for i in indices]
@@ -280,109 +256,112 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, Any]:
         """Rollouts → scoring → loss and measures → update; returns the step's record."""
-        config, procs, models = self.config, self.procs, self.models
         record: dict[str, Any] = {M.STEP: step}
-        share = config.prompts_per_step // procs.world
-        global_indices = prompt_order(
-            len(self.records), config.seed, (step - 1) * config.prompts_per_step,
-            config.prompts_per_step,
-        )
-        indices = global_indices[procs.rank * share : (procs.rank + 1) * share]
-        with timed(M.TIME_ROLLOUT, record), gathered(models.student):
-            rollouts = self._rollouts(step, indices)
-
-        n = rollouts.input_ids.shape[0]
+        indices = self._step_prompts(step)
+        with timed(M.TIME_ROLLOUT, record), gathered(self.models.student):
+            rollouts = self.sample(step, indices)
         rewards = self._rewards(rollouts, indices)
-        counts = procs.sum(torch.tensor(
-            [float(rollouts.response_mask.sum()), float(n), float(rollouts.truncated.sum()),
-             float(rewards.sum()) if rewards is not None else math.nan], dtype=torch.float64,
-        )).tolist()
-        total_tokens, total_rows = counts[0], counts[1]
-        step_loss = StepLoss.build(
+        batch = BatchCounts.summed(rollouts, rewards, self.procs)
+        step_loss = self._step_loss(rollouts, rewards, batch)
+        totals = StepTotals(self.bin_edges)
+        n_rows = rollouts.input_ids.shape[0]
+        micro = self.config.micro_batch or n_rows
+        for start in range(0, n_rows, micro):
+            self.score(rollouts, indices, slice(start, start + micro), step_loss, totals, record)
+        with timed(M.TIME_UPDATE, record):
+            loss, norm = self.update(totals)
+        return self.log(record, batch, totals, loss, norm)
+
+    def _step_prompts(self, step: int) -> list[int]:
+        """This process's share of the step's prompt indices."""
+        config, procs = self.config, self.procs
+        share = config.prompts_per_step // procs.world
+        indices = prompt_order(len(self.records), config.seed,
+                               (step - 1) * config.prompts_per_step, config.prompts_per_step)
+        return indices[procs.rank * share : (procs.rank + 1) * share]
+
+    def _step_loss(self, rollouts: Rollouts, rewards: torch.Tensor | None,
+                   batch: BatchCounts) -> StepLoss:
+        """The step's loss, normalised by the counts of every process."""
+        config = self.config
+        return StepLoss.build(
             config.objective, rollouts.response_mask, aggregation=config.loss_aggregation,
-            total_tokens=total_tokens, total_rows=total_rows,
+            total_tokens=batch.tokens, total_rows=batch.rollouts,
             distill_weight=config.distill_weight, kl_coef=config.kl_penalty,
             outcome_weight=config.outcome_weight, rewards=rewards, groups=rollouts.prompt_index,
             tis_cap=config.tis_cap,
         )
-        micro = config.micro_batch or n
-        loss_total = 0.0
-        totals: tuple[torch.Tensor, torch.Tensor] | None = None
-        names: list[str] = []
-        by_teacher: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        gap_max = 0.0
-        for start in range(0, n, micro):
-            rows = slice(start, start + micro)
-            shares = self._shares(rollouts, indices, rows)
-            with timed(M.TIME_SCORE, record), torch.no_grad():
-                early = {i: self._teacher_logprobs(rollouts, indices, rows, None, s)
-                         for i, s in enumerate(shares) if s and not s.empty
-                         and not s.teacher.reads_student}
-                reference_lp = self._reference_token_lp(rollouts, rows)
-            with timed(M.TIME_UPDATE, record):
-                student_states = response_states(
-                    models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-                    rollouts.response_mask[rows],
-                )
-            with timed(M.TIME_SCORE, record), torch.no_grad():
-                teacher_lps = [early[i] if i in early else
-                               self._teacher_logprobs(rollouts, indices, rows, student_states, s)
-                               for i, s in enumerate(shares)]
-            engine_lp = sampled_token_logprobs(rollouts, rows)
-            with timed(M.TIME_UPDATE, record):
-                token_loss = step_loss.rows(rows, student_states.rows,
-                                            student_states.hidden.device, reference_lp, engine_lp)
-                loss = student_states.hidden.new_zeros((), dtype=torch.float32)
-                with whole_head(models.student), whole_head(models.teacher):
-                    for share, teacher_lp in zip(shares, teacher_lps, strict=True):
-                        share_loss, measures, positions = self._score_share(
-                            share, student_states, teacher_lp, token_loss, engine_lp)
-                        loss = loss + share_loss
-                        if not measures:  # an empty share that no process has tokens for
-                            continue
-                        gap = measures.get(M.ROLLOUT_LOGPROB_GAP)
-                        if gap is not None and gap.numel():
-                            gap_max = max(gap_max, float(gap.max()))
-                        names = list(measures)
-                        part = position_totals(measures, positions, self.bin_edges)
-                        totals = _added(totals, part)
-                        if share and share.name is not None:
-                            by_teacher[share.name] = _added(by_teacher.get(share.name), part)
-                loss.backward()
-                loss_total += float(loss.detach())
 
+    def score(self, rollouts: Rollouts, indices: list[int], rows: slice, step_loss: StepLoss,
+              totals: StepTotals, record: dict[str, Any]) -> None:
+        """One micro-batch: the teachers' and the reference's log-probs, the student's states,
+        then each teacher's share through the scoring pass. Its loss is differentiated at once
+        (gradients add up over micro-batches); its loss and measures go into `totals`."""
+        models = self.models
+        shares = self._shares(rollouts, indices, rows)
+        with timed(M.TIME_SCORE, record), torch.no_grad():
+            early = {i: self._teacher_logprobs(rollouts, indices, rows, None, s)
+                     for i, s in enumerate(shares) if s and not s.empty
+                     and not s.teacher.reads_student}
+            reference_lp = self._reference_logprobs(rollouts, rows)
         with timed(M.TIME_UPDATE, record):
-            clip = config.grad_clip if config.grad_clip > 0 else float("inf")
-            norm = grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
-            loss_total = float(procs.sum(torch.tensor(loss_total, dtype=torch.float64)))
-            if math.isfinite(loss_total) and math.isfinite(norm):
-                self.optimizer.step()
-            else:
-                self.state["skipped_steps"] += 1
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            student_states = response_states(
+                models.student, rollouts.input_ids[rows], rollouts.attention_mask[rows],
+                rollouts.response_mask[rows],
+            )
+        with timed(M.TIME_SCORE, record), torch.no_grad():
+            teacher_lps = [early[i] if i in early else
+                           self._teacher_logprobs(rollouts, indices, rows, student_states, s)
+                           for i, s in enumerate(shares)]
+        engine_lp = sampled_token_logprobs(rollouts, rows)
+        with timed(M.TIME_UPDATE, record):
+            token_loss = step_loss.rows(rows, student_states.rows, student_states.hidden.device,
+                                        reference_lp, engine_lp)
+            loss = student_states.hidden.new_zeros((), dtype=torch.float32)
+            with whole_head(models.student), whole_head(models.teacher):
+                for share, teacher_lp in zip(shares, teacher_lps, strict=True):
+                    share_loss, measures, positions = self._score_share(
+                        share, student_states, teacher_lp, token_loss, engine_lp)
+                    loss = loss + share_loss
+                    totals.add_measures(measures, positions, share.name if share else None)
+            loss.backward()
+            totals.add_loss(loss)
 
-        if self.teachers is not None and self.teachers.names:
-            record[M.BY_TEACHER] = {}
-            for name in self.teachers.names:  # every process, in one order, for the sums
-                part_sums, part_counts = by_teacher.get(name, (totals[0] * 0, totals[1] * 0))
-                record[M.BY_TEACHER][name] = means_from_totals(
-                    names, procs.sum(part_sums).cpu(), procs.sum(part_counts).cpu())[0]
-        sums, counts_by_bin = procs.sum(totals[0]), procs.sum(totals[1])
-        overall, by_position = means_from_totals(names, sums.cpu(), counts_by_bin.cpu())
+    def update(self, totals: StepTotals) -> tuple[float, float]:
+        """Clip the summed gradient and take the AdamW step, skipped (and counted) when the
+        loss or the gradient norm is not finite; returns the step's loss and gradient norm."""
+        clip = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        norm = grad_norm(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        loss = totals.total_loss(self.procs)
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.optimizer.step()
+        else:
+            self.state["skipped_steps"] += 1
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    def log(self, record: dict[str, Any], batch: BatchCounts, totals: StepTotals, loss: float,
+            norm: float) -> dict[str, Any]:
+        """The step's record: loss, measures (overall, by teacher, by position), gradient norm,
+        response length, truncation, reward, learning rate."""
+        procs, teachers = self.procs, self.teachers
+        if teachers is not None and teachers.names:
+            record[M.BY_TEACHER] = totals.teacher_means(procs, teachers.names)
+        overall, by_position = totals.means(procs)
         if self.engine is not None:
-            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(gap_max)
-        if self.teachers is not None and self.teachers.entropy != "exact":
-            record[M.TEACHER_ENTROPY_ESTIMATE] = self.teachers.entropy
-        if self.teachers is None:
+            overall[M.ROLLOUT_LOGPROB_GAP_MAX] = procs.max(totals.gap_max)
+        if teachers is not None and teachers.entropy != "exact":
+            record[M.TEACHER_ENTROPY_ESTIMATE] = teachers.entropy
+        if teachers is None:
             for name in M.TEACHER_MEASURES:
                 overall[name] = None
                 by_position.pop(name)
         record.update({
-            M.LOSS: loss_total, **overall, M.GRAD_NORM: norm,
-            M.RESPONSE_LENGTH: total_tokens / total_rows,
-            M.TRUNCATION_RATE: counts[2] / total_rows,
-            M.TRAIN_REWARD: None if math.isnan(counts[3]) else counts[3] / total_rows,
+            M.LOSS: loss, **overall, M.GRAD_NORM: norm,
+            M.RESPONSE_LENGTH: batch.tokens / batch.rollouts,
+            M.TRUNCATION_RATE: batch.truncated / batch.rollouts,
+            M.TRAIN_REWARD: None if math.isnan(batch.reward) else batch.reward / batch.rollouts,
             M.LR: self.scheduler.get_last_lr()[0], M.SKIPPED_STEPS: self.state["skipped_steps"],
             M.BY_POSITION: by_position,
         })
@@ -436,19 +415,13 @@ class Trainer:
             measures = {**measures, M.ROLLOUT_LOGPROB_GAP: gap}
         return scores.loss, measures, states.positions
 
-    def _reference_token_lp(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
+    def _reference_logprobs(self, rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
+        """The reference model's log-probs of the rows' response tokens (None without one)."""
         if self.models.reference is None:
             return None
-        states = response_states(
+        return reference_token_logprobs(
             self.models.reference, rollouts.input_ids[rows], rollouts.attention_mask[rows],
-            rollouts.response_mask[rows],
-        )
-        head = output_head(self.models.reference)
-        return torch.cat([
-            head(h).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
-            for h, t in zip(states.hidden.split(self.chunk_size),
-                            states.targets.split(self.chunk_size), strict=True)
-        ])
+            rollouts.response_mask[rows], self.chunk_size)
 
     # -- evaluation and checkpoints -------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -535,7 +508,7 @@ class Trainer:
             if stop:
                 break
         bar.close()
-        checkpoints = complete_checkpoints(self.out)
+        checkpoints = self.folder.complete_checkpoints()
         summary = {
             "steps": record.get(M.STEP, self.state["step"]),
             "stopped_early_at": stopped_by,
@@ -546,16 +519,10 @@ class Trainer:
             "alerts": [asdict(a) for a in self.monitor.fired.values()],
         }
         if self.procs.is_main:
-            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+            write_text_atomic(self.folder.summary, json.dumps(summary, indent=2))
         for hook in self.hooks:
             hook.on_end(summary)
         return summary
-
-
-def _added(total: tuple[torch.Tensor, torch.Tensor] | None,
-           part: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums and counts of `position_totals` added to a running total (None: nothing yet)."""
-    return part if total is None else (total[0] + part[0], total[1] + part[1])
 
 
 def _postfix(record: dict[str, Any]) -> dict[str, str]:
@@ -565,7 +532,7 @@ def _postfix(record: dict[str, Any]) -> dict[str, str]:
             if isinstance(record.get(k), float)}
 
 
-def run_training(config: TrainConfig, *, resume: bool = False,
+def run_training(config: TrainConfig, *, resume: Resume = False,
                  hooks: Sequence[StepHook] = ()) -> dict[str, Any]:
     """Train per `config` (resuming from the last checkpoint if asked); returns the summary."""
     return Trainer(config, resume=resume, hooks=hooks).run()

@@ -12,6 +12,7 @@ from typing import Any
 from opd import metrics as M
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_atomic, write_text_atomic
+from opd.run.folder import CURVES_FIGURE, ENTROPY_FIGURE, RunFolder
 from opd.runtime import StepHook, is_main_process
 
 CURVES = (
@@ -109,7 +110,7 @@ FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def _summary(run: Path) -> dict[str, Any]:
-    path = run / "summary.json"
+    path = RunFolder(run).summary
     if not path.exists():
         return {}
     try:
@@ -125,14 +126,15 @@ def _summary(run: Path) -> dict[str, Any]:
 def check_run_folder(run_folder: str | Path) -> list[dict[str, Any]]:
     """The records of a run folder `opd report` can write into; OPDError naming what is wrong."""
     run = Path(run_folder)
+    metrics = RunFolder(run).metrics
     if not run.is_dir():
         what = "is a file" if run.exists() else "does not exist"
         raise OPDError(f"report: {str(run)!r} {what}; give a run folder (the --out of a run)")
-    if not (run / M.METRICS_FILE).exists():
-        raise OPDError(f"report: {str(run)!r} is not a run folder (no {M.METRICS_FILE} in it)")
+    if not metrics.exists():
+        raise OPDError(f"report: {str(run)!r} is not a run folder (no {metrics.name} in it)")
     records = M.read(run)
     if not records:
-        raise OPDError(f"report: {run / M.METRICS_FILE} holds no steps yet; report once the run "
+        raise OPDError(f"report: {metrics} holds no steps yet; report once the run "
                        "has logged one")
     _summary(run)
     check_output_folder(run, "report", "run folder")
@@ -152,12 +154,11 @@ def check_compare_path(path: str | Path) -> None:
 
 def write_run_report(run_folder: str | Path) -> Path:
     """report.md with curves.png and entropy_heatmap.png for one run folder."""
-    run = Path(run_folder)
+    run, folder = Path(run_folder), RunFolder(run_folder)
     records = M.read(run)
     summary = _summary(run)
-    plot_curves({run.name: records}, run / "curves.png",
-                {run.name: summary.get("initial_accuracy")})
-    entropy_heatmap(records, run / "entropy_heatmap.png")
+    plot_curves({run.name: records}, folder.curves, {run.name: summary.get("initial_accuracy")})
+    entropy_heatmap(records, folder.entropy_heatmap)
     first, last = (records[0], records[-1]) if records else ({}, {})
     lines = [f"# Run report: {run.name}", ""]
     if summary:
@@ -167,8 +168,8 @@ def write_run_report(run_folder: str | Path) -> Path:
                   f"- skipped steps (non-finite): {summary.get('skipped_steps')}", ""]
     lines += ["| measure | first step | last step |", "|---|---|---|"]
     lines += [f"| {k} | {fmt(first.get(k), '.4g')} | {fmt(last.get(k), '.4g')} |" for k in TABLE]
-    lines += ["", "![curves](curves.png)", "", "![student entropy](entropy_heatmap.png)", ""]
-    path = run / "report.md"
+    lines += ["", f"![curves]({CURVES_FIGURE})", "", f"![student entropy]({ENTROPY_FIGURE})", ""]
+    path = folder.report
     write_text_atomic(path, "\n".join(lines))
     return path
 

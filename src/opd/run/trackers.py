@@ -44,14 +44,13 @@ from opd.config.settings import flatten, to_dict
 from opd.config.training import TrainConfig
 from opd.errors import OPDError
 from opd.io import write_text_atomic
+from opd.run.folder import SUMMARY_FILE, RunFolder
 from opd.runtime import StepHook, is_installed, is_main_process
 from opd.step.measures import position_bin_edges
 from opd.version import __version__
 
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 """The module each tracker needs; its extra has the tracker's name (`opd[mlflow]`)."""
-IDS_FILE = "trackers.json"
-FIGURES = ("curves.png", "entropy_heatmap.png")
 NOT_SCALARS = {M.STEP, M.BY_POSITION, M.BY_TEACHER, M.ALERTS}
 
 
@@ -137,7 +136,7 @@ class Tracker(StepHook, abc.ABC):
         final = scalars(records[-1]) if records else {}
         final.update({k: float(summary[k]) for k in ("initial_accuracy", "final_accuracy")
                       if isinstance(summary.get(k), int | float)})
-        figures = [self.out / f for f in FIGURES if (self.out / f).exists()]
+        figures = [f for f in RunFolder(self.out).report_figures if f.exists()]
         self.log_end(summary, final, figures, records)
         self.close()
         self.active = False
@@ -145,7 +144,7 @@ class Tracker(StepHook, abc.ABC):
     def _open(self, first_step: int) -> None:
         if self.active:
             return
-        path = self.out / IDS_FILE
+        path = RunFolder(self.out).tracker_ids
         ids = json.loads(path.read_text()) if path.exists() else {}
         opened = self.open(first_step, ids.get(self.name))
         if opened is not None and opened != ids.get(self.name):
@@ -208,11 +207,11 @@ class TensorBoardTracker(Tracker):
     def open(self, first_step: int, saved: dict[str, Any] | None) -> dict[str, Any] | None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"),
+        self.writer = SummaryWriter(log_dir=str(RunFolder(self.out).tensorboard),
                                     purge_step=first_step if saved else None)
         config = yaml.safe_dump(self.config_dict(), sort_keys=True)
         self.writer.add_text("config", "    " + config.replace("\n", "\n    "), first_step)
-        return {"log_dir": str(self.out / "tensorboard")}
+        return {"log_dir": str(RunFolder(self.out).tensorboard)}
 
     def log_step(self, step: int, values: dict[str, float], by_position: dict[str, list[float]]) -> None:
         for key, value in values.items():
@@ -264,7 +263,7 @@ class MLflowTracker(Tracker):
             # MLflow keeps its file store in maintenance mode behind this switch; opd's default
             # store is a plain folder in the run, readable with `mlflow ui --backend-store-uri`.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = (self.out / "mlruns").resolve().as_uri()
+            uri = RunFolder(self.out).mlflow.resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
         if saved and saved.get("tracking_uri") == uri:
             self.run_id = saved["run_id"]
@@ -295,11 +294,12 @@ class MLflowTracker(Tracker):
                 records: list[dict[str, Any]]) -> None:
         for path in figures:
             self.client.log_artifact(self.run_id, str(path), "report")
-        if (self.out / "report.md").exists():
-            self.client.log_artifact(self.run_id, str(self.out / "report.md"), "report")
+        report = RunFolder(self.out).report
+        if report.exists():
+            self.client.log_artifact(self.run_id, str(report), "report")
         self.client.log_dict(self.run_id, by_position_table(records, self.bin_edges),
                              "by_position.json")
-        self.client.log_dict(self.run_id, _jsonable(summary), "summary.json")
+        self.client.log_dict(self.run_id, _jsonable(summary), SUMMARY_FILE)
         for key in ("initial_accuracy", "final_accuracy"):
             if key in final:
                 self.client.log_metric(self.run_id, key, final[key], step=self.last_step)

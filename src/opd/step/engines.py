@@ -177,7 +177,7 @@ def vllm_engine(model_path: str, *, dtype: torch.dtype, max_model_len: int, sett
                 trust_remote_code: bool = False) -> VLLMEngine:
     """The process's engine for `model_path`: started on first use, and reused while the model,
     dtype and settings are the same and its length limit suffices (any other request replaces
-    it). Starting one takes a while (~30 s for a tiny model on a CPU)."""
+    it). Starting one takes a while, even for a tiny model on a CPU."""
     global _ENGINE
     key = (model_path, dtype, settings, trust_remote_code)
     if _ENGINE is not None and _ENGINE.key == key and _ENGINE.max_model_len >= max_model_len:

@@ -105,6 +105,20 @@ def response_token_rows(response_mask: torch.Tensor) -> torch.Tensor:
     return response_mask[:, 1:].nonzero()[:, 0]
 
 
+def reference_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                             chunk_size: int) -> torch.Tensor:
+    """The reference model's log-prob [M] of each response token (for the KL-to-reference
+    penalty): its backbone once, its output head `chunk_size` positions at a time."""
+    states = response_states(model, input_ids, attention_mask, response_mask)
+    head = output_head(model)
+    return torch.cat([
+        head(h).log_softmax(-1).gather(-1, t[:, None]).squeeze(-1)
+        for h, t in zip(states.hidden.split(chunk_size), states.targets.split(chunk_size),
+                        strict=True)
+    ])
+
+
 CHUNK_LOGITS = 1 << 23
 """Logits in one chunk of the automatic chunk plan: a [positions, V] float32 tensor of 32 MiB,
 what 256 positions of a 32k vocabulary take."""

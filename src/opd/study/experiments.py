@@ -224,12 +224,12 @@ def _overlap_by_k(ctx: Context, student_path: str, teacher: str, seed: int) -> d
 
 
 def _opd_run(ctx: Context, spec: OPDRun, seed: int, folder: Path) -> dict[str, Any]:
-    from opd.run.checkpoints import complete_checkpoints
+    from opd.run.folder import RunFolder
     from opd.run.loop import run_training
 
     run = folder / "run"
     run_training(_train_config(ctx, spec, seed, run))
-    trained = str(complete_checkpoints(run)[-1])
+    trained = str(RunFolder(run).complete_checkpoints()[-1])
     out = {**_judged(ctx, spec.student, spec.teacher, trained, spec.leader), "series": _series(run)}
     if spec.probe:
         out["probe_after"] = _overlap_by_k(ctx, trained, spec.teacher, seed)
