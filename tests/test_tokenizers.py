@@ -108,7 +108,7 @@ def test_the_thinking_switch_reaches_the_template_from_the_config(prompts, tmp_p
         "enable_thinking": False}
     for config, thinks in ((from_set, False), (config_for(folder, folder, prompts, tmp_path / "c"),
                                                True)):
-        rollouts = Trainer(config)._rollouts(1, [0, 1])
+        rollouts = Trainer(config).sample(1, [0, 1])
         for ids, attention, response in zip(rollouts.input_ids, rollouts.attention_mask,
                                             rollouts.response_mask, strict=True):
             prompt = tokenizer.decode(ids[attention.bool() & ~response])
@@ -153,7 +153,7 @@ def test_one_step_against_a_twin_masks_each_response_and_is_ideal(style, prompts
     stops = stop_token_ids(trainer.models.student, tokenizer)
     assert stops == {tokenizer.eos_token_id, turn_end}
 
-    rollouts = trainer._rollouts(1, list(range(len(PROMPTS))))
+    rollouts = trainer.sample(1, list(range(len(PROMPTS))))
     check_rows(rollouts, tokenizer, stops, config.max_new_tokens)
     assert (~rollouts.truncated).sum() >= len(rollouts.truncated) // 2  # most ended
     assert any(r[-1] == turn_end for r in rollouts.response_ids)
@@ -190,7 +190,7 @@ def test_a_teacher_with_its_own_template_scores_the_same_response_tokens(prompts
     config = config_for(student, teacher, prompts, tmp_path / "run", teacher_prompt="own")
     trainer = Trainer(config)
     indices = list(range(len(PROMPTS)))
-    rollouts = trainer._rollouts(1, indices)
+    rollouts = trainer.sample(1, indices)
     ids, attention, response = trainer._teacher_inputs(rollouts, indices, slice(None))
     teacher_tok = trainer.models.teacher_tokenizer
     for i in range(len(rollouts.response_ids)):
