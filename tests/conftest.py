@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -76,3 +77,23 @@ def _close_tracker_runs_left_open():
     trackio = sys.modules.get("trackio")
     if trackio is not None and trackio.context_vars.current_run.get() is not None:
         trackio.finish()
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> dict[str, Any]:
+    """The matplotlib figures saved during the test, by the name of the file each went to (as
+    drawn: a test reads their lines, bars and images instead of only the PNG's existence)."""
+    from matplotlib.figure import Figure
+
+    figures: dict[str, Any] = {}
+    savefig = Figure.savefig
+
+    def record(figure, fname, *args, **kwargs):
+        name = Path(fname).name
+        if name.startswith(".") and ".tmp" in name:  # opd.io.write_atomic's name beside the file
+            name = name[1:].rsplit(".tmp", 1)[0]
+        figures[name] = figure
+        return savefig(figure, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures

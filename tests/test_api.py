@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 import opd
-from opd.doctor.rules import VERDICTS
 
 
 def tiny(tiny_pair, out, **more):
@@ -69,7 +68,7 @@ def test_settings_come_as_keywords_a_mapping_or_a_yaml_file(tiny_pair, tmp_path)
     assert not (tmp_path / "x").exists()
 
 
-def test_evaluate_diagnose_and_report(tiny_pair, tmp_path):
+def test_evaluate_diagnose_and_report(tiny_pair, tmp_path, saved_figures):
     evaluation = opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]), n=2,
                               temperature=0.7, max_new_tokens=4)
     assert isinstance(evaluation, opd.EvalResult) and evaluation.n_prompts == 20
@@ -79,10 +78,12 @@ def test_evaluate_diagnose_and_report(tiny_pair, tmp_path):
                 "k": (1, 4), "progress": False}
     diagnosis = opd.diagnose(tiny_pair["student"], tiny_pair["teacher"], tiny_pair["prompts"],
                              **settings)
-    assert isinstance(diagnosis, opd.Diagnosis) and diagnosis.verdict in VERDICTS
+    # Two random inits do not share a top-4: the first rule, the pattern check, fails.
+    assert isinstance(diagnosis, opd.Diagnosis) and diagnosis.verdict == "pattern-mismatch"
     assert diagnosis.out is None and not (tmp_path / "diagnosis").exists()
     pattern = diagnosis.checks["pattern"]
     assert isinstance(pattern, opd.Check) and pattern.threshold == diagnosis.thresholds.min_overlap_share
+    assert pattern.value < pattern.threshold and pattern.passed is False
     assert pattern.margin == pytest.approx(pattern.value - pattern.threshold)
     assert diagnosis.teacher.verdict == diagnosis.verdict and diagnosis.teacher2 is None
     assert diagnosis.cost.token_passes > 0 and diagnosis.cost.wall_seconds > 0
@@ -92,9 +93,28 @@ def test_evaluate_diagnose_and_report(tiny_pair, tmp_path):
                            out=tmp_path / "diag", **settings)
     assert written.out == tmp_path / "diag" and (tmp_path / "diag" / "diagnosis.json").exists()
     assert written.verdict == diagnosis.verdict  # seeded
+    # A model against itself shares every top-k token, and from the same prefixes it can solve
+    # nothing the student cannot (neither solves any sum): no novelty.
+    twin = opd.diagnose(tiny_pair["student"], tiny_pair["student"], tiny_pair["prompts"],
+                        **settings)
+    assert twin.checks["pattern"].value == 1.0 and twin.checks["pattern"].passed
+    assert twin.student_accuracy == 0.0 and twin.checks["novelty"].value == 0.0
+    assert twin.verdict == "no-novelty"
 
-    run = opd.train(**tiny(tiny_pair, tmp_path / "r", max_steps=1))
+    run = opd.train(**tiny(tiny_pair, tmp_path / "r", max_steps=2))
+    saved_figures.clear()
     paths = opd.report(run.run, compare=tmp_path / "compare.png")
     assert paths == [run.run / "report.md", tmp_path / "compare.png"]
+    # The figures show the metrics written: one line per panel, a column per step.
+    records = run.metrics()
+    panels = {ax.get_title(): ax for ax in saved_figures["compare.png"].axes}
+    for key, title in (("overlap_ratio", "overlap ratio (top-k)"), ("grad_norm", "gradient norm"),
+                       ("student_entropy", "student entropy")):
+        (line,) = panels[title].lines
+        assert list(line.get_xdata()) == [1, 2], title
+        assert list(line.get_ydata()) == [r[key] for r in records], title
+    heatmap = saved_figures["entropy_heatmap.png"].axes[0].images[0].get_array()
+    by_position = [r["by_position"]["student_entropy"] for r in records]
+    assert heatmap.tolist() == [list(column) for column in zip(*by_position, strict=True)]
     with pytest.raises(opd.OPDError, match="is not a run folder"):
         opd.report(tmp_path)

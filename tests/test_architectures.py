@@ -24,27 +24,14 @@ import pytest
 import torch
 
 from opd import metrics as M
-from opd.config.training import build_config
 from opd.models.loading import disable_dropout, original_config
 from opd.run.loop import Trainer, run_training
 from opd.step.scoring import output_head, response_states
 from tests.conftest import make_tokenizer
-from tests.tiny_models import ARCHITECTURES, DROPOUT, build_model, save_model
+from tests.support import ARCHS, assert_ideal, step_config
+from tests.tiny_models import DROPOUT, build_model, save_model
 
-ARCHS = list(ARCHITECTURES)
 TIED = pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-IDEAL = {M.OVERLAP_RATIO: 1.0, M.ENTROPY_GAP: 0.0, M.REVERSE_KL: 0.0,
-         M.OVERLAP_TOKEN_ADVANTAGE: 0.0, M.LOSS: 0.0}
-"""What a twin teacher must show at step 1 (within TOLERANCE); also equal overlap masses."""
-TOLERANCE = 1e-5
-
-
-def step_config(student, teacher, prompts, out, **overrides):
-    settings = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
-                "out": str(out), "max_steps": 1, "prompts_per_step": 2,
-                "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3, "objective.k": 4,
-                "measure_k": 4, "progress": False, **overrides}
-    return build_config(settings)
 
 
 def twin(tmp_path, arch, tied, **overrides):
@@ -53,14 +40,6 @@ def twin(tmp_path, arch, tied, **overrides):
                          **overrides)
     teacher = shutil.copytree(student, tmp_path / "teacher")
     return student, teacher
-
-
-def assert_ideal(record, tolerance=TOLERANCE):
-    for name, want in IDEAL.items():
-        assert record[name] == pytest.approx(want, abs=tolerance), name
-    assert record[M.OVERLAP_MASS_STUDENT] == pytest.approx(record[M.OVERLAP_MASS_TEACHER],
-                                                           abs=tolerance)
-    assert record[M.STUDENT_ENTROPY] == pytest.approx(record[M.TEACHER_ENTROPY], abs=tolerance)
 
 
 @TIED

@@ -16,6 +16,7 @@ from opd.run.folder import (
     MANIFEST_FILE,
     RNG_FILE,
     SETTINGS_FILE,
+    SHARDED_OPTIMIZER,
     STATE_FILE,
     RunFolder,
     checkpoint_problem,
@@ -73,9 +74,9 @@ def test_the_final_model_folder_is_a_loadable_hf_model_with_the_final_card(run):
     assert run.summary["final_model"] == str(run.model)
 
 
-def test_the_model_export_leaves_out_every_training_state_file():
-    assert {"optimizer.pt", "scheduler.pt", RNG_FILE, STATE_FILE, SETTINGS_FILE, MANIFEST_FILE,
-            CARD_FILE} <= TRAINING_STATE
+def test_the_model_export_leaves_out_every_training_state_file_and_nothing_else():
+    assert {"optimizer.pt", SHARDED_OPTIMIZER, "scheduler.pt", RNG_FILE, STATE_FILE,
+            SETTINGS_FILE, MANIFEST_FILE, CARD_FILE} == TRAINING_STATE
 
 
 def test_cards_of_grpo_lora_and_hub_prompts():

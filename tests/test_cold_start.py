@@ -12,10 +12,8 @@ from opd.cli import main
 from opd.errors import OPDError
 from opd.recipes.cold_start import ColdStartHandover, GateStopped, run_cold_start
 from tests.conftest import make_tokenizer
-from tests.test_train import tiny_config
+from tests.support import COLD, tiny_config
 from tests.tiny_models import DROPOUT, save_model
-
-COLD = {"keep": "all", "samples_per_prompt": 2, "sft_steps": 3, "sft_batch_size": 4}
 
 
 def test_cold_start_writes_each_stage_and_resumes(tiny_pair, tmp_path):
@@ -65,7 +63,8 @@ def test_the_fine_tuning_keeps_dropout_unless_told_and_the_saved_model_keeps_its
     assert first_loss[True] != first_loss[False]
 
 
-def test_the_gate_stops_before_opd_with_its_numbers_and_force_goes_on(tiny_pair, tmp_path):
+def test_the_gate_stops_before_opd_with_its_numbers_and_force_goes_on(tiny_pair, tmp_path,
+                                                                     saved_figures):
     """A starved fine-tuning (3 steps) leaves the student's pattern where it was: the gate
     stops with one line (numbers, next step), after writing the report; --resume --force
     reuses the fine-tuned student and the gate's measurement and runs OPD."""
@@ -81,6 +80,14 @@ def test_the_gate_stops_before_opd_with_its_numbers_and_force_goes_on(tiny_pair,
     assert saved["gate"]["passed"] is False and not (out / "opd").exists()
     assert "Stopped before OPD" in (out / "report.md").read_text()
     assert (out / "sft_curves.png").exists()
+    # The figure: the training loss by step, the validation losses, a mark at the kept step.
+    train, validation, kept = saved_figures["sft_curves.png"].axes[0].lines
+    losses = saved["sft"]["train_losses"]
+    assert list(train.get_xdata()) == list(range(1, len(losses) + 1))
+    assert list(train.get_ydata()) == losses
+    assert [list(validation.get_xdata()), list(validation.get_ydata())] == [
+        list(column) for column in zip(*saved["sft"]["validation_losses"], strict=True)]
+    assert list(kept.get_xdata()) == [saved["sft"]["best_step"]] * 2
     sft_weights = (out / "sft" / "model.safetensors").stat().st_mtime_ns
     report = run_cold_start(config, resume=True, force=True)
     assert report["opd"]["steps"] == 1 and report["gate"] == saved["gate"] | {

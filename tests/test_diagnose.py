@@ -128,7 +128,8 @@ def diagnose_args(tiny_pair, out, *extra):
             "--n", "2", "--max-new-tokens", "6", "--no-progress", *extra]
 
 
-def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, tmp_path, capsys):
+def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, tmp_path, capsys,
+                                                                   saved_figures):
     out = tmp_path / "diag"
     assert main(diagnose_args(tiny_pair, out, "--teacher2", str(tiny_pair["student"]))) == 0
     printed = capsys.readouterr().out
@@ -149,6 +150,13 @@ def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, t
     assert twin["pattern"]["by_k"]["4"]["overall"]["overlap_share_teacher"] == pytest.approx(1.0)
     assert all(p["advantage"]["mean"] == 0 for p in twin["continuation"])
     assert twin["decision"]["verdict"] == "no-novelty"
+    # The overlap figure draws both teachers' top-4 curves by position from diagnosis.json.
+    ratio, share = saved_figures["overlap_by_position.png"].axes
+    blocks = [t["pattern"]["by_k"]["4"]["by_position"] for t in (teacher, twin)]
+    assert [list(line.get_xdata()) for line in ratio.lines] == [teacher["pattern"]["bin_edges"]] * 2
+    assert [list(line.get_ydata()) for line in ratio.lines] == [b["overlap_ratio"] for b in blocks]
+    assert [list(line.get_ydata()) for line in share.lines[:4]] == [
+        b[side] for b in blocks for side in ("overlap_share_student", "overlap_share_teacher")]
     cost = diagnosis["cost"]
     assert cost["student_rollouts"] == 12 and cost["wall_seconds"] > 0
     assert 0 < cost["percent_of_training_run"] < 100

@@ -32,8 +32,7 @@ from opd.metrics import read as load_metrics
 from opd.run.loop import run_training
 from tests.conftest import make_tokenizer
 from tests.distributed_runs import PROBE_IDS
-from tests.test_teacher_service import serving
-from tests.test_train import without_times
+from tests.support import serving, without_times
 from tests.tiny_models import save_model
 
 TOLERANCE = 1e-4  # relative; float sums in another order, nothing more

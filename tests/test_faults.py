@@ -40,26 +40,13 @@ from opd.config.training import build_config
 from opd.run.checkpoints import rng_state, set_rng_state
 from opd.run.folder import RunFolder, checkpoint_step
 from opd.run.loop import Trainer, run_training
-from tests.test_train import KillAt, without_times
+from tests.support import TINY_RUN, KillAt, tiny_config, tiny_settings, without_times
 
 train_module = sys.modules["opd.run.loop"]
 """The loop's module, whose names the faults below replace."""
 
-SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
-            "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
-
-
-def settings(tiny_pair, out, **overrides) -> dict:
-    return {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
-            "prompts": str(tiny_pair["prompts"]), "out": str(out), **SETTINGS, **overrides}
-
-
-def config(tiny_pair, out, **overrides):
-    return build_config(settings(tiny_pair, out, **overrides))
-
-
 def cli_args(tiny_pair, out, **overrides):
-    settings = {**SETTINGS, **overrides}
+    settings = {**TINY_RUN, **overrides}
     args = ["train", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
             "--prompts", str(tiny_pair["prompts"]), "--out", str(out)]
     for key, value in settings.items():
@@ -72,12 +59,18 @@ def metrics_of(out) -> str:
     return json.dumps(without_times(M.read(out)))
 
 
-def assert_clean(out: Path) -> None:
-    """Every line of metrics.jsonl is whole, every checkpoint folder under its name complete."""
+KEPT = ["step-000004", "step-000006"]
+"""The checkpoints a finished run of `TINY_RUN` keeps: the newest two of every second step."""
+
+
+def assert_clean(out: Path, kept: list[str] = KEPT) -> None:
+    """Every line of metrics.jsonl is whole; the checkpoint folders under their names are
+    exactly the `kept` ones, each complete."""
     lines = (out / M.METRICS_FILE).read_text().splitlines()
     assert all(json.loads(line) for line in lines), "a partial line in metrics.jsonl"
-    folders = [p for p in (out / "checkpoints").glob("step-*") if "." not in p.name]
-    assert folders == [] or sorted(folders) == RunFolder(out).complete_checkpoints()
+    folders = sorted(p for p in (out / "checkpoints").glob("step-*") if "." not in p.name)
+    assert [p.name for p in folders] == kept
+    assert folders == RunFolder(out).complete_checkpoints()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +82,7 @@ def reference(tiny_pair, tmp_path_factory) -> Callable[..., str]:
         key = json.dumps(overrides, sort_keys=True)
         if key not in cache:
             out = tmp_path_factory.mktemp("reference")
-            run_training(config(tiny_pair, out / "run", **overrides))
+            run_training(tiny_config(tiny_pair, out / "run", **overrides))
             cache[key] = metrics_of(out / "run")
         return cache[key]
 
@@ -206,10 +199,10 @@ def test_a_kill_at_any_point_resumes_to_the_uninterrupted_metrics(tiny_pair, tmp
                                                                   children, point):
     overrides = {"eval_prompts": str(tiny_pair["prompts"]), "eval_temperature": 0.0}
     out = tmp_path / "run"
-    run_and_die(children, point, settings(tiny_pair, out, **overrides))
+    run_and_die(children, point, tiny_settings(tiny_pair, out, **overrides))
     if "metrics line" in point:  # the kill really left half a line
         assert not (out / M.METRICS_FILE).read_text().endswith("\n")
-    run_training(config(tiny_pair, out, **overrides), resume=True)
+    run_training(tiny_config(tiny_pair, out, **overrides), resume=True)
     assert metrics_of(out) == reference(**overrides)
     assert_clean(out)
 
@@ -217,11 +210,11 @@ def test_a_kill_at_any_point_resumes_to_the_uninterrupted_metrics(tiny_pair, tmp
 def test_a_kill_while_resuming_loses_nothing(tiny_pair, tmp_path, reference, children):
     """Killed once mid-run, then again while the resume cuts metrics.jsonl back."""
     out = tmp_path / "run"
-    run_and_die(children, "in the rollouts of step 4", settings(tiny_pair, out))
-    run_and_die(children, "while a resume cuts metrics.jsonl back", settings(tiny_pair, out),
+    run_and_die(children, "in the rollouts of step 4", tiny_settings(tiny_pair, out))
+    run_and_die(children, "while a resume cuts metrics.jsonl back", tiny_settings(tiny_pair, out),
                 resume=True)
     assert [r[M.STEP] for r in M.read(out)] == [1, 2, 3]  # untouched by the killed resume
-    run_training(config(tiny_pair, out), resume=True)
+    run_training(tiny_config(tiny_pair, out), resume=True)
     assert metrics_of(out) == reference()
     assert_clean(out)
 
@@ -248,12 +241,12 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
 def test_a_damaged_checkpoint_is_never_resumed_from(tiny_pair, tmp_path, reference, capsys, damage):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):  # checkpoints 2 and 4 written, step 5 logged
-        run_training(config(tiny_pair, out), hooks=[KillAt(6)])
+        run_training(tiny_config(tiny_pair, out), hooks=[KillAt(6)])
     newest = out / "checkpoints" / "step-000004"
     DAMAGES[damage](newest)
     assert [c.name for c in RunFolder(out).complete_checkpoints()] == ["step-000002"]
     capsys.readouterr()
-    run_training(config(tiny_pair, out), resume=True)
+    run_training(tiny_config(tiny_pair, out), resume=True)
     assert "step-000004 is incomplete" in capsys.readouterr().out
     assert metrics_of(out) == reference()
     assert_clean(out)
@@ -263,7 +256,7 @@ def test_a_run_whose_only_checkpoint_is_damaged_is_not_started_over(tiny_pair, t
     """Resuming from step 0 would drop the run's metrics: refuse in one line instead."""
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):  # checkpoint 2 written, step 3 logged
-        run_training(config(tiny_pair, out), hooks=[KillAt(4)])
+        run_training(tiny_config(tiny_pair, out), hooks=[KillAt(4)])
     DAMAGES["manifest.json missing"](out / "checkpoints" / "step-000002")
     before = (out / M.METRICS_FILE).read_text()
     capsys.readouterr()
@@ -278,7 +271,7 @@ def test_a_checkpoint_damaged_without_changing_sizes_is_named(tiny_pair, tmp_pat
     file and how to go back one checkpoint."""
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_training(config(tiny_pair, out), hooks=[KillAt(6)])
+        run_training(tiny_config(tiny_pair, out), hooks=[KillAt(6)])
     optimizer = out / "checkpoints" / "step-000004" / "optimizer.pt"
     optimizer.write_bytes(b"\0" * optimizer.stat().st_size)
     capsys.readouterr()
@@ -374,10 +367,10 @@ def test_non_finite_losses_are_skipped_the_same_way_after_a_resume(tiny_pair, tm
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     monkeypatch.setattr(train_module, "score", score)
-    run_training(config(tiny_pair, tmp_path / "whole"))
+    run_training(tiny_config(tiny_pair, tmp_path / "whole"))
     with pytest.raises(KeyboardInterrupt):
-        run_training(config(tiny_pair, tmp_path / "killed"), hooks=[KillAt(6)])
-    run_training(config(tiny_pair, tmp_path / "killed"), resume=True)
+        run_training(tiny_config(tiny_pair, tmp_path / "killed"), hooks=[KillAt(6)])
+    run_training(tiny_config(tiny_pair, tmp_path / "killed"), resume=True)
     whole = M.read(tmp_path / "whole")
     assert [r[M.SKIPPED_STEPS] for r in whole] == [0, 1, 1, 1, 2, 2]
     assert str(whole[1][M.LOSS]) == "nan"
@@ -389,11 +382,11 @@ def test_a_resumed_run_fires_the_alerts_of_the_uninterrupted_one(tiny_pair, tmp_
     """The pattern-mismatch alert fires at step 16 (after two windows of 8); a run resumed from
     step 15 must still see steps 1–15."""
     slow = {"max_steps": 17, "save_every": 3, "lr": 1e-4}
-    run_training(config(tiny_pair, tmp_path / "whole", **slow))
+    run_training(tiny_config(tiny_pair, tmp_path / "whole", **slow))
     assert [r[M.STEP] for r in M.read(tmp_path / "whole") if M.ALERTS in r] == [16]
     with pytest.raises(KeyboardInterrupt):
-        run_training(config(tiny_pair, tmp_path / "killed", **slow), hooks=[KillAt(17)])
-    run_training(config(tiny_pair, tmp_path / "killed", **slow), resume=True)
+        run_training(tiny_config(tiny_pair, tmp_path / "killed", **slow), hooks=[KillAt(17)])
+    run_training(tiny_config(tiny_pair, tmp_path / "killed", **slow), resume=True)
     assert metrics_of(tmp_path / "killed") == metrics_of(tmp_path / "whole")
 
 
@@ -411,7 +404,7 @@ def test_rng_state_is_plain_data_and_restores_the_same_streams():
 def test_checkpoints_hold_no_pickles_and_load_with_weights_only(tiny_pair, tmp_path, monkeypatch):
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        run_training(config(tiny_pair, out), hooks=[KillAt(4)])
+        run_training(tiny_config(tiny_pair, out), hooks=[KillAt(4)])
     checkpoint = RunFolder(out).complete_checkpoints()[-1]
     for file in checkpoint.iterdir():
         if file.suffix in {".pt", ".bin", ".pkl", ".pickle"}:
@@ -420,7 +413,7 @@ def test_checkpoints_hold_no_pickles_and_load_with_weights_only(tiny_pair, tmp_p
     loads = []
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or real(*a, **k))
-    run_training(config(tiny_pair, out), resume=True)
+    run_training(tiny_config(tiny_pair, out), resume=True)
     assert loads and all(flag is True for flag in loads)
 
 
@@ -497,7 +490,7 @@ def test_soak_random_kills_end_in_the_uninterrupted_metrics(tiny_pair, tmp_path,
     assert kills >= 3 and resumes >= kills, landed
     assert metrics_of(out) == reference(**SOAK), landed
     assert any(M.ALERTS in r for r in M.read(out))
-    assert_clean(out)
+    assert_clean(out, ["step-000021", "step-000024"])
 
 
 def _state(out: Path) -> str:

@@ -4,6 +4,7 @@ stage is keyed on all the code it runs."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import opd
@@ -153,3 +154,19 @@ def test_the_api_is_the_top_layer():
     importers = {module for module, imports in graph.items() if "opd.api" in imports}
     assert importers <= {"opd", "opd.cli", "opd.cli.recipes", "opd.cli.diagnose", "opd.cli.lab"}
     assert not any(m.startswith("opd.cli") for m in reaches(graph, "opd.api"))
+
+
+def test_no_test_module_imports_another():
+    """Helpers that test modules share live in tests/support.py, fixtures in conftest.py."""
+    root = Path(__file__).parents[1]
+    for folder in ("tests", "tests_vllm", "tests_reproduce"):
+        for path in sorted((root / folder).rglob("*.py")):
+            imported = []
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    imported += [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    imported += [f"{node.module}.{alias.name}" for alias in node.names]
+            tests = [name for name in imported if any(part.startswith("test_")
+                                                      for part in name.split("."))]
+            assert not tests, f"{path.relative_to(root)} imports {tests}"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from opd.metrics import TOKEN_MEASURES
 from opd.step.measures import means_from_totals, position_bin_edges, position_totals, token_measures
-from tests.test_objectives import brute_topk, random_log_probs
+from tests.support import brute_topk, random_log_probs
 
 
 def direct_measures(p_row: list[float], q_row: list[float], target: int, k: int) -> dict:

@@ -76,7 +76,7 @@ def test_in_the_loop_warn_logs_the_alert_and_goes_on_while_stop_stops(tiny_pair,
     from opd import metrics as M
     from opd.run.folder import RunFolder
     from opd.run.loop import run_training
-    from tests.test_train import tiny_config
+    from tests.support import tiny_config
 
     out = tmp_path / on_failure
     summary = run_training(tiny_config(tiny_pair, out, max_steps=18, save_every=100, lr=1e-9,

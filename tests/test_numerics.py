@@ -25,7 +25,7 @@ from opd.run.loop import run_training
 from opd.step.measures import token_measures
 from opd.step.scoring import output_head, response_states, score
 from tests.conftest import make_tokenizer
-from tests.test_architectures import ARCHS, assert_ideal, step_config
+from tests.support import ARCHS, assert_ideal, step_config
 from tests.tiny_models import build_model, save_model
 
 STEP_MEAN_TOLERANCE = 0.01

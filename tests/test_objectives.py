@@ -22,18 +22,7 @@ from opd.step.objectives import (
     group_advantages,
     reference_kl_penalty,
 )
-
-
-def random_log_probs(seed: int, n: int, v: int, ties: bool = False) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=gen, dtype=torch.float64) * 2
-    if ties:  # few distinct values: many exact ties inside and at the top-k boundary
-        logits = logits.round()
-    return logits.log_softmax(-1)
-
-
-def brute_topk(row: list[float], k: int) -> set[int]:
-    return set(sorted(range(len(row)), key=lambda v: (-row[v], v))[:k])
+from tests.support import brute_topk, random_log_probs
 
 
 def brute_candidates(p: list[float], q: list[float], k: int, strategy: str) -> set[int]:
@@ -115,16 +104,23 @@ def test_topk_over_whole_vocabulary_has_the_full_reverse_kl_gradient(seed):
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_sampled_token_reward_is_an_unbiased_reverse_kl_estimate():
-    p = random_log_probs(3, 1, 6)
-    q = random_log_probs(4, 1, 6)
-    targets = torch.arange(6)
-    per_token = OBJECTIVES["sampled"](p.expand(6, 6), q.expand(6, 6), targets, ObjectiveConfig())
-    # loss = −r·log p(ŷ); E_ŷ[−r] = KL(p‖q), so weight each token's −r by p(ŷ).
-    minus_reward = p[0] - q[0]
-    exact_kl = (p.exp() * (p - q)).sum()
-    torch.testing.assert_close((p[0].exp() * minus_reward).sum(), exact_kl)
-    torch.testing.assert_close(per_token, -(q[0] - p[0]) * p[0])
+def test_sampled_token_loss_in_expectation_has_the_exact_reverse_kl_gradient():
+    # Over a 6-token vocabulary the expectation over ŷ ~ p is a sum weighted by p(ŷ) (the
+    # sampling distribution, not differentiated); its gradient must be that of KL(p‖q) summed
+    # by brute force over the vocabulary.
+    v = 6
+    logits = torch.randn(v, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    q = random_log_probs(4, 1, v)[0]
+    x = logits.clone().requires_grad_(True)
+    p = x.log_softmax(-1)
+    per_token = OBJECTIVES["sampled"](p.expand(v, v), q.expand(v, v), torch.arange(v),
+                                      ObjectiveConfig())
+    (p.detach().exp() * per_token).sum().backward()
+    y = logits.clone().requires_grad_(True)
+    student = y.log_softmax(-1)
+    sum(student[i].exp() * (student[i] - q[i]) for i in range(v)).backward()
+    assert y.grad.abs().max() > 1e-3  # a real gradient, not two zeros
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 def test_full_forward_subset_and_jsd_match_direct_formulas():
@@ -157,13 +153,14 @@ def test_k_larger_than_vocabulary_uses_the_whole_vocabulary():
     torch.testing.assert_close(big, (p.exp() * (p - q)).sum(-1))
 
 
-def test_group_advantages_are_normalised_within_each_group():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
-    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    adv = group_advantages(rewards, groups)
-    torch.testing.assert_close(adv[:4].mean(), torch.tensor(0.0))
-    assert adv[0] > 0 > adv[1]
-    torch.testing.assert_close(adv[4:], torch.zeros(4))  # all equal: no signal
+def test_group_advantages_divide_by_the_population_std_of_each_group():
+    # Group 0: mean 1/4, population std √(1/4 · 3/4) = √3/4, so +3/4 → √3 and −1/4 → −1/√3.
+    # Group 1: mean 1, std 1. Group 2: all equal; group 3: one rollout; both have no signal.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 0.5])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+    third = 1 / math.sqrt(3)
+    want = torch.tensor([math.sqrt(3), -third, -third, -third, -1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(rewards, groups), want, rtol=1e-5, atol=0)
 
 
 def test_aggregations_weight_tokens_and_sequences():

@@ -68,11 +68,11 @@ def test_activation_checkpointing_in_one_process_keeps_the_curve(tiny_pair, tmp_
     recomputed layer would fill twice)."""
     from opd.metrics import read
     from opd.run.loop import run_training
-    from tests.test_faults import config
+    from tests.support import tiny_config
 
-    run_training(config(tiny_pair, tmp_path / "plain", max_steps=2))
-    run_training(config(tiny_pair, tmp_path / "checkpointed", max_steps=2,
-                        activation_checkpointing=True))
+    run_training(tiny_config(tiny_pair, tmp_path / "plain", max_steps=2))
+    run_training(tiny_config(tiny_pair, tmp_path / "checkpointed", max_steps=2,
+                             activation_checkpointing=True))
     for a, b in zip(read(tmp_path / "plain"), read(tmp_path / "checkpointed"), strict=True):
         for key in ("loss", "grad_norm", "overlap_ratio"):
             assert b[key] == pytest.approx(a[key], rel=1e-6), key

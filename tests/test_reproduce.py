@@ -141,7 +141,7 @@ def test_gap_recovery_of_one_teacher_decides_the_compatibility_claim():
     assert claim["value"]["mean"] == pytest.approx(0.5)
 
 
-def test_report_has_a_section_a_figure_and_the_numbers_of_every_finding(tmp_path):
+def test_report_has_a_section_a_figure_and_the_numbers_of_every_finding(tmp_path, saved_figures):
     results, profile = _synthetic_results(), PROFILES["quick"]
     judged = [judge(f, results, profile) for f in FINDINGS]
     summary = {"profile": profile.__dict__, "seeds": 3, "workers": 2,
@@ -157,6 +157,19 @@ def test_report_has_a_section_a_figure_and_the_numbers_of_every_finding(tmp_path
         for claim in finding["claims"]:
             assert f"| {claim['verdict']} |" in text
     assert "k=16" in text  # the overlap at every k, for finding 3
+    # The figures draw the experiments' numbers: a bar per run at its mean over the seeds; each
+    # seed's curve by step, then their mean.
+    for slug, runs in (("compatibility", ["opd-aligned", "opd-foreign"]),
+                       ("granularity", ["opd-sampled", "opd-top1", "opd-top4", "opd-top16",
+                                        "opd-top64"])):
+        bars = saved_figures[f"{slug}.png"].axes[0].patches
+        assert [bar.get_height() for bar in bars] == pytest.approx(
+            [statistics.mean(r["gap_recovery"] for r in results[run]) for run in runs]), slug
+    student_mass = saved_figures["overlap-mass.png"].axes[0].lines
+    seeds = [r["series"]["overlap_mass_student"] for r in results["opd-aligned"]]
+    assert [list(line.get_ydata()) for line in student_mass[:3]] == seeds
+    assert list(student_mass[3].get_ydata()) == pytest.approx(
+        [statistics.mean(step) for step in zip(*seeds, strict=True)])
     assert json.loads((tmp_path / "results.json").read_text())["findings"] == judged
     assert markdown(summary, results) == text
 

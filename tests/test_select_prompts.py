@@ -27,6 +27,7 @@ from opd.recipes.select_prompts import (
     write_prompts,
 )
 from tests.conftest import make_model
+from tests.support import select_args
 
 
 def test_percentile_ranks_share_ties_and_span_zero_to_one():
@@ -109,16 +110,7 @@ def test_rendered_prompts_reach_a_student_with_its_own_chat_template_verbatim(tm
     assert student(text)["input_ids"] == teacher(text)["input_ids"]
 
 
-def select_args(tiny_pair, out, *extra):
-    return ["select-prompts", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
-            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8", "--n", "2",
-            "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2", "--trial-profile", "cpu-small",
-            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.rollouts_per_prompt=2",
-            "--set", "trial_settings.objective.k=4", "--set", "trial_settings.measure_k=4",
-            "--no-progress", *extra]
-
-
-def test_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
+def test_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path, capsys, saved_figures):
     out = tmp_path / "sel"
     args = select_args(tiny_pair, out, "--teacher-template", "a b {prompt}", "--keep-fraction", "0.5",
                        "--mix-share", "0.2", "--rank-by", "overlap_ratio,advantage")
@@ -136,11 +128,25 @@ def test_end_to_end_on_the_tiny_pair(tiny_pair, tmp_path, capsys):
                                                             if p["kept"] or p["mixed_in"]}
     step0 = selection["step0"]
     assert set(step0) == {"student_template", "teacher_template", "fresh_rollouts"}
-    assert 0 <= step0["fresh_rollouts"]["selected"]["overlap_ratio"] <= 1
+    # Fresh rollouts of the 4 kept and the 4 dropped candidates, 86 response tokens each:
+    # 116 and 114 of their 4 × 86 top-4 slots shared, pooled over all 8 candidates.
+    fresh = {name: values["overlap_ratio"] for name, values in step0["fresh_rollouts"].items()}
+    assert fresh["selected"] == pytest.approx(116 / 344, abs=1e-12)
+    assert fresh["dropped"] == pytest.approx(114 / 344, abs=1e-12)
+    assert fresh["all_candidates"] == pytest.approx(230 / 688, abs=1e-12)
     trial = selection["trial"]
-    assert {"selected", "kept_only", "unselected"} <= set(trial)
-    assert trial["selected"]["steps"] == 2 and trial["entropy_effect"] == pytest.approx(
+    assert set(trial) == {"selected", "kept_only", "unselected", "entropy_effect"}
+    assert [(trial[name]["prompts"], trial[name]["steps"]) for name in
+            ("selected", "kept_only", "unselected")] == [(5, 2), (4, 2), (4, 2)]
+    assert trial["entropy_effect"] == pytest.approx(
         trial["selected"]["late_mean"] - trial["unselected"]["late_mean"])
+    # The figure shows those numbers: a bar per step-0 overlap, a line per trial.
+    _, bars, entropy = saved_figures["selection.png"].axes
+    step0_sets = [step0["student_template"], step0["teacher_template"],
+                  *step0["fresh_rollouts"].values()]
+    assert [bar.get_height() for bar in bars.patches] == [v["overlap_ratio"] for v in step0_sets]
+    assert [list(line.get_ydata()) for line in entropy.lines] == [
+        trial[name]["student_entropy"] for name in ("selected", "kept_only", "unselected")]
     assert not (out / "trial" / "selected" / "checkpoints").exists()
     train = yaml.safe_load((out / "train.yaml").read_text())
     assert train["template"] == "{prompt}" and train["teacher_prompt"] == "student"

@@ -4,15 +4,12 @@ one line naming the field or the limit. Servers run on 127.0.0.1 on free ports."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,61 +28,25 @@ from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 from opd.teachers.client import TeacherClient, TeacherUnavailable
 from opd.teachers.protocol import API_KEY_ENV, GenerateRequest
-from opd.teachers.server import ServeConfig, build_server
+from opd.teachers.server import ServeConfig
 from tests.conftest import make_model
-from tests.test_cold_start import COLD
-from tests.test_select_prompts import select_args
-from tests.test_train import KillAt, tiny_config, without_times
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serving(model: Path, port: int | None = None, **settings):
-    """A teacher served in a thread of this process, stopped on exit; yields its URL and a
-    function that stops it at once (returning when the port is closed)."""
-    port = port or free_port()
-    server = build_server(build(ServeConfig, {"model": str(model), "port": port, **settings}))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-
-    def stop() -> None:
-        server.should_exit = True
-        thread.join(30)
-
-    try:
-        yield f"http://127.0.0.1:{port}", stop
-    finally:
-        stop()
+from tests.support import (
+    COLD,
+    KillAt,
+    assert_close,
+    assert_records_close,
+    free_port,
+    select_args,
+    serving,
+    tiny_config,
+    without_times,
+)
 
 
 @pytest.fixture(scope="module")
 def served(tiny_pair):
     with serving(tiny_pair["teacher"]) as (url, _):
         yield url
-
-
-def _assert_records_close(local, remote, tolerance=1e-5):
-    assert [r[M.STEP] for r in local] == [r[M.STEP] for r in remote]
-    for left, right in zip(without_times(local), without_times(remote), strict=True):
-        assert set(left) == set(right)
-        for key, value in left.items():
-            other = right[key]
-            if key == M.BY_POSITION:
-                for name, bins in value.items():
-                    assert other[name] == pytest.approx(bins, abs=tolerance, nan_ok=True), name
-            elif isinstance(value, float):
-                assert other == pytest.approx(value, abs=tolerance, rel=tolerance), key
-            else:
-                assert other == value, key
 
 
 OBJECTIVES = [
@@ -110,7 +71,7 @@ def test_a_served_teacher_trains_exactly_like_the_local_one(tiny_pair, served, t
     run_training(tiny_config(tiny_pair, tmp_path / "served", teacher=served, **settings))
     local, remote = M.read(tmp_path / "local"), M.read(tmp_path / "served")
     assert local[0][M.TEACHER_ENTROPY] is not None and local[0][M.GRAD_NORM] > 0
-    _assert_records_close(local, remote)
+    assert_records_close(local, remote)
 
 
 @pytest.mark.parametrize("objective", ["full_reverse_kl", "forward_kl", "jsd"])
@@ -124,22 +85,6 @@ def test_full_distribution_objectives_refuse_a_served_teacher_at_the_start(tiny_
     assert f"objective.name: {objective} needs the teacher's whole distribution" in err
     assert "sampled, topk, subset_kl" in err
     assert not (tmp_path / "run").exists()
-
-
-def assert_close(local, served, path="", tolerance=1e-5):
-    """Two JSON values equal, floats within `tolerance` (absolute and relative)."""
-    if isinstance(local, dict):
-        assert set(local) == set(served), path
-        for key in local:
-            assert_close(local[key], served[key], f"{path}.{key}", tolerance)
-    elif isinstance(local, list):
-        assert len(local) == len(served), path
-        for i, (a, b) in enumerate(zip(local, served, strict=True)):
-            assert_close(a, b, f"{path}[{i}]", tolerance)
-    elif isinstance(local, float):
-        assert served == pytest.approx(local, abs=tolerance, rel=tolerance, nan_ok=True), path
-    else:
-        assert served == local, path
 
 
 @pytest.mark.parametrize("verb", ["eval --model", "diagnose --student", "cold-start --student"])
@@ -252,7 +197,7 @@ def test_cold_start_with_a_served_teacher_equals_the_local_one(tiny_pair, served
     for stage in ("teacher_data", "sft", "gate"):
         assert_close(reports["local"][stage], reports["served"][stage], stage)
     assert reports["served"]["gate"]["accuracy"]["teacher"] is not None
-    _assert_records_close(M.read(tmp_path / "local" / "opd"), M.read(tmp_path / "served" / "opd"))
+    assert_records_close(M.read(tmp_path / "local" / "opd"), M.read(tmp_path / "served" / "opd"))
 
 
 def test_diagnose_compares_a_served_teacher2_but_not_a_served_first_teacher(tiny_pair, served,
@@ -544,7 +489,7 @@ def test_each_prompt_is_scored_by_its_own_teacher(tiny_pair, two_sources, tmp_pa
         all_second = run("all-second", teacher="", teachers={"a": second, "b": second})
     all_first = run("all-first", teacher="", teachers={"a": first, "b": first})
     assert M.BY_TEACHER not in single and set(mixed[M.BY_TEACHER]) == {"a", "b"}
-    _assert_records_close([{k: v for k, v in all_first.items() if k != M.BY_TEACHER}], [single])
+    assert_records_close([{k: v for k, v in all_first.items() if k != M.BY_TEACHER}], [single])
     for name, alone in (("a", all_first), ("b", all_second)):
         for measure, value in alone[M.BY_TEACHER][name].items():
             assert mixed[M.BY_TEACHER][name][measure] == pytest.approx(value, abs=1e-5), measure
@@ -574,7 +519,7 @@ def test_micro_batches_holding_one_teacher_only_give_the_single_teacher_run(tiny
                              teachers={"a": teacher, "b": teacher}, **common))
     both = M.read(tmp_path / "both")
     assert all(set(r[M.BY_TEACHER]) == {"a", "b"} for r in both)
-    _assert_records_close(M.read(tmp_path / "single"),
+    assert_records_close(M.read(tmp_path / "single"),
                           [{k: v for k, v in r.items() if k != M.BY_TEACHER} for r in both])
 
 

@@ -26,7 +26,7 @@ from opd.errors import OPDError
 from opd.models.loading import load_model, load_tokenizer
 from opd.run.loop import Trainer
 from opd.step.rollout import encode_prompts, generate_rollouts, stop_token_ids
-from tests.test_architectures import assert_ideal
+from tests.support import assert_ideal
 from tests.tiny_tokenizers import LLAMA3_WITH_DEFAULT_SYSTEM, STYLES, build_tokenizer, save_style
 
 SYSTEM = [{"role": "system", "content": "You are a careful calculator."},

@@ -9,43 +9,16 @@ import pytest
 
 from opd import metrics as M
 from opd.cli import main
-from opd.config.training import build_config
 from opd.errors import OPDError
 from opd.run.folder import RunFolder
 from opd.run.loop import prompt_order, run_training
 from opd.runtime import StepHook
+from tests.support import KillAt, tiny_config, without_times
 
 load_metrics = M.read
 
 EVERY_STEP = {m.name for m in M.SCHEMA.values() if m.present in {"every step", "with a teacher"}}
 """What the schema promises in every record of a run with a teacher."""
-
-
-def tiny_config(tiny_pair, out, **overrides):
-    settings = {
-        "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
-        "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 6,
-        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
-        "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
-    }
-    settings.update(overrides)
-    return build_config(settings)
-
-
-def without_times(records):
-    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in records]
-
-
-class KillAt(StepHook):
-    """Interrupts the run at one step, after it is logged (as a kill between checkpoints)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step(self, record):
-        if record["step"] == self.step:
-            raise KeyboardInterrupt
-        return False
 
 
 def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
@@ -56,8 +29,15 @@ def test_training_writes_metrics_checkpoints_and_summary(tiny_pair, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for record in records:
         assert EVERY_STEP <= set(record) <= set(M.SCHEMA)
-        assert 0 <= record[M.OVERLAP_RATIO] <= 1
+        # Mean of |I_t| / 4 over the step's 4 × 2 responses: a whole number of shared tokens.
+        tokens = round(record[M.RESPONSE_LENGTH] * 8)
+        shared = record[M.OVERLAP_RATIO] * 4 * tokens
+        assert shared == pytest.approx(round(shared), abs=1e-6) and 0 <= shared <= 4 * tokens
         assert set(record[M.BY_POSITION]) == set(M.TOKEN_MEASURES)
+    # Before the first update the run is tests/data/reference_metrics.json's "topk" run:
+    # 80 of the 4 × 54 top-4 slots shared.
+    assert records[0][M.RESPONSE_LENGTH] == 6.75
+    assert records[0][M.OVERLAP_RATIO] == pytest.approx(80 / 216, abs=1e-12)
     assert [r["step"] for r in records if "accuracy" in r] == [3, 6]
     assert summary["initial_accuracy"] is not None
     checkpoints = RunFolder(tmp_path / "run").complete_checkpoints()

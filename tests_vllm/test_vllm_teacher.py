@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from tests.test_teacher_service import _assert_records_close, assert_close, serving
-from tests.test_train import tiny_config
+from tests.support import assert_close, assert_records_close, serving, tiny_config
 
 from opd import metrics as M
 from opd.cli import main
@@ -115,7 +114,7 @@ def test_training_against_a_served_vllm_teacher(vllm_pair, served_vllm, tmp_path
                 for key in entropies:
                     record.pop(key, None)
                     record[M.BY_POSITION].pop(key, None)
-        _assert_records_close(local, remote, tolerance=TOPK_TOLERANCE)
+        assert_records_close(local, remote, tolerance=TOPK_TOLERANCE)
 
 
 @pytest.mark.parametrize(("setting", "message"), [
