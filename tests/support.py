@@ -5,7 +5,9 @@ fixtures stay in conftest.py), so that no test module imports another."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,22 @@ from opd.config.training import TrainConfig, build_config
 from opd.runtime import StepHook
 from opd.teachers.server import ServeConfig, build_server
 from tests.tiny_models import ARCHITECTURES
+
+# -- two processes -------------------------------------------------------------------------------
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+          "--main_process_port", "0"]  # a free port: other launches may run beside this one
+"""`accelerate launch` of 2 processes; on a machine without GPUs they run on the CPU over gloo."""
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+def cli_args(settings: dict) -> list[str]:
+    """`python -m opd train` with every setting as a --set."""
+    args = ["-m", "opd", "train"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    return args
+
 
 # -- runs on the tiny pair ----------------------------------------------------------------------
 TINY_RUN = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,15 +31,11 @@ from opd.metrics import read as load_metrics
 from opd.run.loop import run_training
 from tests.conftest import make_tokenizer
 from tests.distributed_runs import PROBE_IDS
-from tests.support import serving, without_times
+from tests.support import ENV, LAUNCH, cli_args, serving, without_times
 from tests.tiny_models import save_model
 
 TOLERANCE = 1e-4  # relative; float sums in another order, nothing more
 CURVE = ("loss", "grad_norm", "overlap_ratio", "reverse_kl", "response_length", "accuracy")
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-          "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-          "--main_process_port", "0"]  # a free port: other launches may run beside this one
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +46,6 @@ def run_settings(tiny_pair, out, **overrides) -> dict:
             "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
             "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
             "chunk_size": 5, **overrides}  # several head chunks, unequal between processes
-
-
-def cli_args(settings: dict) -> list[str]:
-    args = ["-m", "opd", "train"]
-    for key, value in settings.items():
-        args += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    return args
 
 
 def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

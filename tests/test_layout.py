@@ -159,7 +159,7 @@ def test_the_api_is_the_top_layer():
 def test_no_test_module_imports_another():
     """Helpers that test modules share live in tests/support.py, fixtures in conftest.py."""
     root = Path(__file__).parents[1]
-    for folder in ("tests", "tests_vllm", "tests_reproduce"):
+    for folder in ("tests", "tests_vllm", "tests_reproduce", "tests_real"):
         for path in sorted((root / folder).rglob("*.py")):
             imported = []
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -10,15 +10,13 @@ import subprocess
 
 import pytest
 import torch
+from tests.support import ENV, IDEAL, LAUNCH, cli_args, serving
 
 import opd
 from opd import metrics as M
 from opd.errors import OPDError
 from opd.models.gguf import SOURCE_FILE, converted_folder
 
-IDEAL = {M.OVERLAP_RATIO: 1.0, M.ENTROPY_GAP: 0.0, M.REVERSE_KL: 0.0,
-         M.OVERLAP_TOKEN_ADVANTAGE: 0.0, M.LOSS: 0.0}
-"""What a twin teacher must show at step 1."""
 TOLERANCE = 1e-4
 """float32 sums over a 49,152-token vocabulary: measured within 1e-6; 1e-4 leaves room."""
 
@@ -131,8 +129,6 @@ def test_select_prompts_ranks_real_prompts(smollm2_gguf, addition_prompts, tmp_p
 
 
 def test_a_served_teacher_scores_like_the_local_one(smollm2, addition_prompts, tmp_path):
-    from tests.test_teacher_service import serving
-
     settings = dict(student=str(smollm2), prompts=str(addition_prompts), max_steps=1,
                     **{"objective.teacher_temperature": 1.0}, **SMALL)
     (local,) = opd.train(teacher=str(smollm2), out=str(tmp_path / "local"), **settings).metrics()
@@ -153,8 +149,6 @@ def test_a_teacher_with_another_vocabulary_is_refused_at_once(smollm2_gguf, gemm
 def test_two_fsdp_processes_train_like_one(smollm2, addition_prompts, tmp_path):
     """The same global batch on 2 processes (gloo, the student sharded by FSDP2) gives the
     one-process curve."""
-    from tests.test_distributed import ENV, LAUNCH, cli_args
-
     settings = {"student": str(smollm2), "teacher": str(smollm2), "prompts": str(addition_prompts),
                 "max_steps": 2, "parallel": "fsdp", "objective.teacher_temperature": 0.5,
                 **SMALL}
