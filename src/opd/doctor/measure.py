@@ -30,15 +30,15 @@ from tqdm.auto import tqdm
 from opd import metrics as M
 from opd.config.choices import ENGINES
 from opd.config.fields import (
-    ANSWER_FIELD_HELP,
-    MESSAGES_FIELD_HELP,
-    PROMPT_FIELD_HELP,
-    SPLIT_HELP,
-    TEACHER_FIELD_HELP,
+    Decoding,
+    Generation,
+    ModelLoading,
+    ModelPair,
+    PromptSource,
+    Teachers,
     check_template,
 )
-from opd.config.settings import Config, group, setting
-from opd.config.training import VLLMConfig
+from opd.config.settings import group, setting
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_of
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
@@ -66,20 +66,13 @@ from opd.teachers.client import ServedTeacher, TeacherClient, check_served_vocab
 from opd.teachers.protocol import vocabulary_fingerprint
 
 
-@dataclass(frozen=True)
-class DiagnoseConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class DiagnoseConfig(Generation, Decoding, PromptSource, Teachers, ModelLoading, ModelPair):
     """Inputs and sampling settings of one diagnosis (`opd diagnose`)."""
 
-    student: str = setting("", "Student model folder (or hub id).")
-    teacher: str = setting("", "Teacher model folder (or hub id), or the URL of `opd "
-                           "serve-teacher` (http://host:port).")
     prompts: str = setting("", "The prompts you plan to train on (.jsonl / .parquet, a "
                            "save_to_disk folder or a hub dataset id); an 'answer' per row enables "
                            "the accuracy checks.")
-    split: str | None = setting(None, SPLIT_HELP)
-    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
-    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
-    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
     teacher2: str | None = setting(None, "A second teacher (folder or URL): measured the same "
                                    "way, and compared with the first.")
@@ -87,7 +80,6 @@ class DiagnoseConfig(Config):
         factory=dict, help="Several teachers, as in training: a value of the prompt field "
         "`teacher_field` → the teacher folder or URL for the prompts with that value; each gets its "
         "own diagnosis and verdict, in OUT/<value>. Instead of `teacher`.")
-    teacher_field: str = setting("source", TEACHER_FIELD_HELP)
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
                                            "student tokenizer's chat template.")
     teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -98,10 +90,8 @@ class DiagnoseConfig(Config):
     num_prompts: int = setting(64, "Prompts sampled (seeded) from the file: take them from the "
                                "set you plan to train on.", minimum=1)
     n: int = setting(4, "Student rollouts per prompt.", minimum=1)
-    max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
     temperature: float = setting(1.0, "Rollout temperature (as in training: the states OPD "
                                  "will see).", minimum=0)
-    top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     capability_temperature: float = setting(
         0.0, "Decoding of the continuations and of the teacher's own attempts: 0 = greedy, so "
         "that a capability is what a model does at its mode, not what sampling noise lets it "
@@ -120,20 +110,13 @@ class DiagnoseConfig(Config):
         "hf", "What generates the rollouts, continuations and the teacher's own attempts: hf "
         "(opd's own sampler) or vllm (needs the vllm extra; one engine, on each model in turn).",
         choices=ENGINES)
-    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
-    dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
     train_steps: int = setting(200, "Steps of the training run being judged (for the cost "
                                "share).", minimum=1)
     train_rollouts: int = setting(256, "Rollouts per step of that run (the study: 64 prompts × "
                                   "4).", minimum=1)
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
-    teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
-                                     "(retried with backoff) before the diagnosis stops.", above=0)
     progress: bool = setting(True, "Show a progress bar.")
-    trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
-                                      "unless asked).")
 
     def check(self) -> None:
         check_template(self.student_template, "student_template")
