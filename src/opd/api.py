@@ -35,6 +35,7 @@ from opd.doctor.measure import DiagnoseConfig
 from opd.doctor.rules import Thresholds
 from opd.errors import OPDError
 from opd.evaluation.accuracy import EvalConfig, EvalResult
+from opd.io import fmt
 from opd.recipes.select_prompts import SelectConfig
 from opd.runtime import StepHook
 
@@ -243,9 +244,9 @@ class Diagnosis:
                 continue
             lines.append(f"{label} {teacher.path}: {teacher.verdict}")
             for check in teacher.checks.values():
-                lines.append(f"  {check.name:<10} value {_fmt(check.value)}  threshold "
-                             f"{_fmt(check.threshold)}  margin {_fmt(check.margin)}  "
-                             f"passed {_fmt(check.passed)}")
+                lines.append(f"  {check.name:<10} value {fmt(check.value)}  threshold "
+                             f"{fmt(check.threshold)}  margin {fmt(check.margin)}  "
+                             f"passed {fmt(check.passed)}")
             lines += [f"  advice: {a}" for a in teacher.advice]
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"cost: {self.cost.wall_seconds:.1f} s, "
@@ -266,14 +267,6 @@ class Diagnosis:
             student_accuracy=data["student"].get("accuracy"), warnings=tuple(data["warnings"]),
             out=out, data=data,
         )
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def diagnose(student: str | None = None, teacher: str | None = None, prompts: str | None = None,

@@ -1,5 +1,6 @@
 """Atomic file writes: a file appears under its final name only once it is complete, so a
-killed process never leaves a half-written result that looks finished."""
+killed process never leaves a half-written result that looks finished. Also the one format of
+the numbers people read in reports, cards and summaries (`fmt`)."""
 
 from __future__ import annotations
 
@@ -62,6 +63,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a .jsonl file, one per non-empty line."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A value as people read it in a table or a summary: – for None, yes/no for a bool,
+    floats with `spec`."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
 
 
 def is_url(teacher: str) -> bool:

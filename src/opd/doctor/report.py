@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd.io import write_text_atomic
-from opd.run.report import fmt, save_figure
+from opd.io import fmt, write_text_atomic
+from opd.run.report import save_figure
 
 FIGURES = ("overlap_by_position.png", "continuation_by_depth.png", "reward_distributions.png")
 

@@ -38,10 +38,10 @@ from opd.config.training import PROFILES, TrainConfig, build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.doctor.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_jsonl_atomic, write_text_atomic
+from opd.io import check_output_folder, fmt, write_jsonl_atomic, write_text_atomic
 from opd.models.loading import context_window
 from opd.run.loop import run_training
-from opd.run.report import fmt, save_figure
+from opd.run.report import save_figure
 from opd.step.engines import require_engine
 from opd.step.rollout import check_prompts
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from opd import metrics as M
-from opd.io import write_text_atomic
+from opd.io import fmt, write_text_atomic
 from opd.runtime import StepHook, is_main_process
 from opd.version import __version__
 
@@ -53,14 +53,6 @@ def _objective(config: Any) -> str:
     if o.teacher_temperature != 1.0:
         text += f", teacher temperature {o.teacher_temperature:g}"
     return text
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def front_matter(config: Any) -> dict[str, Any]:
@@ -97,8 +89,8 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
         data += f" (split {config.split})"
     data += (f"; {config.prompts_per_step} prompts × {config.rollouts_per_prompt} rollouts per "
              f"step, at most {config.max_new_tokens} new tokens")
-    evaluated = (f"avg@{config.eval_n} on `{config.eval_prompts}`: {_number(initial_accuracy)} "
-                 f"before training, {_number(accuracy)} at the latest evaluation"
+    evaluated = (f"avg@{config.eval_n} on `{config.eval_prompts}`: {fmt(initial_accuracy, '.4g')} "
+                 f"before training, {fmt(accuracy, '.4g')} at the latest evaluation"
                  if config.eval_prompts else "not evaluated (no eval_prompts)")
     what = "final model" if final else f"checkpoint at step {step}"
     lines = [
@@ -125,7 +117,7 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
         lines += [f"## Measures at step {record.get(M.STEP, step)}", "",
                   "What each one means: opd's docs/metrics.md.", "",
                   "| measure | value |", "|---|---|"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in measures]
+        lines += [f"| {key} | {fmt(value, '.4g')} |" for key, value in measures]
         lines.append("")
     loader = ("from peft import AutoPeftModelForCausalLM\n"
               "model = AutoPeftModelForCausalLM.from_pretrained(folder)" if config.lora_rank else
