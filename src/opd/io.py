@@ -1,12 +1,14 @@
-"""Atomic file writes: a file appears under its final name only once it is complete, so a
-killed process never leaves a half-written result that looks finished. Also the one format of
+"""Atomic writes of files and folders: one appears under its final name only once it is
+complete, so a killed process never leaves a half-written result that looks finished. Also the one format of
 the numbers people read in reports, cards and summaries (`fmt`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable
+import shutil
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,35 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_folder(folder: Path) -> None:
+    """Rename `folder` out of the way, then delete it: a kill half-way through never leaves a
+    half-deleted folder under its name."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path, begun: Path | None = None) -> Iterator[Path]:
+    """A folder to build in, renamed to `final` (replacing what is there) once the block ends
+    without an error; on an error it is removed and `final` is left as it was. It is the
+    hidden sibling `.NAME.tmp`, emptied first (a killed attempt's leftovers go), or `begun`: a
+    temporary folder already started, e.g. by other processes."""
+    final = Path(final)
+    tmp = begun if begun is not None else final.with_name(f".{final.name}.tmp")
+    if begun is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        remove_folder(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

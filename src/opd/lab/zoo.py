@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_text_atomic
+from opd.io import atomic_folder, check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import ADDITION, World, sample_problems, sft_examples
 from opd.models.loading import load_model, load_tokenizer
@@ -261,17 +260,11 @@ def _run_stage(
     cached = _cached(root, name, fingerprint)
     if cached is not None:
         return cached
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(root / name) as tmp:
         start = time.perf_counter()
         meta = build(tmp)
         meta["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "meta": meta}))
-        shutil.rmtree(root / name, ignore_errors=True)
-        tmp.rename(root / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,14 @@ from opd.config.training import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluation.verify import get_verifier
-from opd.io import check_output_folder, is_url, read_jsonl, write_jsonl_atomic, write_text_atomic
+from opd.io import (
+    atomic_folder,
+    check_output_folder,
+    is_url,
+    read_jsonl,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from opd.models.loading import (
     check_model_folder,
     check_same_vocabulary,
@@ -246,12 +252,10 @@ def run_cold_start(train: TrainConfig, *, resume: bool = False, force: bool = Fa
             validation=examples["validation"],
             stopping=EarlyStopping(every=cold.sft_eval_every, patience=cold.sft_patience),
         )
-        tmp = sft_dir.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with original_config(dropout):
-            student.save_pretrained(tmp)
-        student_tok.save_pretrained(tmp)
-        tmp.rename(sft_dir)
+        with atomic_folder(sft_dir) as tmp:
+            with original_config(dropout):
+                student.save_pretrained(tmp)
+            student_tok.save_pretrained(tmp)
         del student
         report["sft"] = {
             "examples": len(examples["train"]), "validation_examples": len(examples["validation"]),

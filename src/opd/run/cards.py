@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from opd import metrics as M
-from opd.io import fmt, write_text_atomic
+from opd.io import atomic_folder, fmt, write_text_atomic
 from opd.runtime import StepHook, is_main_process
 from opd.version import __version__
 
@@ -150,22 +150,18 @@ def export_model(checkpoint: str | Path, folder: str | Path, card: str) -> Path:
     folder with its card: built beside `folder`, then renamed into place. Files are hard links
     where the file system allows (no second copy of the weights), else copies."""
     checkpoint, folder = Path(checkpoint), Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for source in sorted(checkpoint.rglob("*")):
-        relative = source.relative_to(checkpoint)
-        if source.is_dir() or relative.parts[0] in TRAINING_STATE:
-            continue
-        target = tmp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
-    write_card(tmp, card)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        for source in sorted(checkpoint.rglob("*")):
+            relative = source.relative_to(checkpoint)
+            if source.is_dir() or relative.parts[0] in TRAINING_STATE:
+                continue
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        write_card(tmp, card)
     return folder
 
 
