@@ -464,11 +464,11 @@ def build_zoo(profile: str = "quick", root: str | Path = ".opd-cache/zoo",
     `full` for the documented results; `only` builds just those models (and what they start
     from)."""
     from opd.io import check_output_folder
-    from opd.lab.zoo import build_zoo as build
+    from opd.lab.zoo import build_zoo_stages
 
     check_output_folder(root, "root")
     folder = Path(root) / profile
-    data = build(folder, profile, progress=progress, only=only)
+    data = build_zoo_stages(folder, profile, progress=progress, only=only)
     return Zoo(folder, profile,
                {name: folder / m["folder"] for name, m in data["models"].items()},
                {name: folder / s["path"] for name, s in data["sets"].items()},

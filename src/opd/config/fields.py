@@ -48,7 +48,7 @@ class OneModel(Config):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Teachers(Config):
+class TeacherOptions(Config):
     """One teacher per value of a prompt field, and how long a served teacher may stay away."""
 
     teachers: dict[str, str] = setting(

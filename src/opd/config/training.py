@@ -30,7 +30,7 @@ from opd.config.fields import (
     ModelLoading,
     ModelPair,
     PromptSource,
-    Teachers,
+    TeacherOptions,
     VLLMConfig,
     check_template,
 )
@@ -108,7 +108,7 @@ class ColdStartConfig(Decoding):
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(Generation, Decoding, PromptSource, Teachers, ModelLoading, ModelPair):
+class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoading, ModelPair):
     """Everything one OPD / GRPO / hybrid run needs. Defaults follow the study."""
 
     student: str = setting("", "Local Hugging Face folder (or hub id) of the student; it is "

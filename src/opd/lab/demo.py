@@ -21,7 +21,7 @@ from opd.evaluation.accuracy import evaluate
 from opd.io import fmt, write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
-from opd.lab.zoo import build_zoo, load_sets
+from opd.lab.zoo import build_zoo_stages, load_sets
 from opd.models.loading import load_model, load_tokenizer
 from opd.run.checkpoints import complete_checkpoints
 from opd.run.hooks import run_hooks
@@ -60,7 +60,7 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
     (and write) the results."""
     spec = DEMO_PROFILES[profile]
     root = Path(zoo_root)
-    build_zoo(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
+    build_zoo_stages(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
     sets = load_sets(root)
     digits = max(ZOO_PROFILES[spec.zoo].digits)
     own, subskill = f"eval-nochain-d{digits}", f"eval-chain-d{digits}"

@@ -1,7 +1,7 @@
 """The zoo: a student and teachers with planted properties, built in minutes on a CPU.
 
-`build_zoo(root)` runs a list of named stages — prompt sets, then one stage per model — and
-writes `zoo.json`: each model's folder, role, dialect, template, training and its accuracy on
+`build_zoo_stages(root)` runs a list of named stages — prompt sets, then one stage per model —
+and writes `zoo.json`: each model's folder, role, dialect, template, training and its accuracy on
 every evaluation set. Each stage is cached under `root/<name>` with a fingerprint of the
 profile, the stages it builds on and the code; a stage is built in a temporary folder and
 renamed when complete, so an interrupted build never leaves a folder that looks finished.
@@ -209,7 +209,8 @@ def model_folder(root: str | Path, name: str) -> Path:
     """The folder of the zoo model `name` under `root`, once its stage is complete."""
     folder = Path(root) / name
     if not (folder / STAGE_FILE).exists():
-        raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; run build_zoo first")
+        raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; build the zoo "
+                       "first (opd lab build)")
     return folder
 
 
@@ -268,7 +269,7 @@ def _run_stage(
     return meta
 
 
-def evaluate_model(
+def eval_set_accuracy(
     model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]], world: World = ADDITION
 ) -> dict[str, float]:
     """Greedy exact-match accuracy on every `eval-*` set, with the model's own template."""
@@ -312,7 +313,7 @@ def _sft_stage(
                            "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
                            "final_loss": round(losses[-1], 4) if losses else None},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets, world),
+            "accuracy": eval_set_accuracy(model, tokenizer, sets, world),
         }
 
     return build
@@ -354,7 +355,7 @@ def _rl_stage(
                            "prompts_per_step": spec.prompts_per_step,
                            "rollouts_per_prompt": spec.rollouts_per_prompt},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets, world),
+            "accuracy": eval_set_accuracy(model, tokenizer, sets, world),
         }
 
     return build
@@ -384,7 +385,7 @@ def _with_ancestors(spec: Profile, names: Sequence[str]) -> list[str]:
     return [s.name for s in spec.models if s.name in wanted]
 
 
-def build_zoo(
+def build_zoo_stages(
     root: str | Path, profile: str | Profile = "full", progress: bool = True,
     only: Sequence[str] | None = None,
 ) -> dict[str, Any]:

@@ -209,7 +209,7 @@ class HFBackend:
 
 
 
-def describe(backend: Backend) -> dict[str, Any]:
+def model_info(backend: Backend) -> dict[str, Any]:
     """The served model as `/v1/model` tells it (the limits aside)."""
     return {"model": backend.name, "backend": backend.kind, "vocab_size": backend.vocab_size,
             "tokenizer_fingerprint": backend.fingerprint, "entropy": backend.entropy,
@@ -297,7 +297,7 @@ def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
         if not authorised(request):
             return unauthorised()
         limits_json = {name: getattr(limits, name) for name in Limits.__dataclass_fields__}
-        return {**describe(backend), "limits": limits_json}
+        return {**model_info(backend), "limits": limits_json}
 
     @app.get("/v1/tokenizer")
     def tokenizer(request: fastapi.Request) -> Any:
