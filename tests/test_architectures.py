@@ -42,7 +42,7 @@ TOLERANCE = 1e-5
 def step_config(student, teacher, prompts, out, **overrides):
     settings = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
                 "out": str(out), "max_steps": 1, "prompts_per_step": 2,
-                "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3, "objective.k": 4,
+                "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3, "objective.k": 4,
                 "measure_k": 4, "progress": False, **overrides}
     return build_config(settings)
 

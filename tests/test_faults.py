@@ -44,7 +44,7 @@ from tests.test_train import KillAt, without_times
 train_module = sys.modules["opd.run.loop"]
 """The module: `opd.run.loop` is the API function of the same name."""
 
-SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
+SETTINGS = {"max_steps": 6, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8,
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
 
 

@@ -85,7 +85,8 @@ def test_subset_means_weight_prompts_by_tokens_and_entropy_effect():
     ("mix_share", -0.1, r"mix_share must lie in \[0, 1\)"),
     ("template", "own", r"template must be one of \['teacher', 'student'\]"),
     ("rank_by", ("overlap",), "rank_by must be each one of"), ("rank_by", (), "rank_by needs"),
-    ("trial_steps", -1, "trial_steps must be at least 0"), ("n", 0, "config: n must be at least 1"),
+    ("trial_steps", -1, "trial_steps must be at least 0"),
+    ("samples_per_prompt", 0, "config: samples_per_prompt must be at least 1"),
     ("trial_profile", "gpu", "trial_profile must be one of"),
 ])
 def test_bad_settings_are_explained(field, value, message):
@@ -111,9 +112,10 @@ def test_rendered_prompts_reach_a_student_with_its_own_chat_template_verbatim(tm
 
 def select_args(tiny_pair, out, *extra):
     return ["select-prompts", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
-            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8", "--n", "2",
-            "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2", "--trial-profile", "cpu-small",
-            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.rollouts_per_prompt=2",
+            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8",
+            "--samples-per-prompt", "2", "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2",
+            "--trial-profile", "cpu-small",
+            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.samples_per_prompt=2",
             "--set", "trial_settings.objective.k=4", "--set", "trial_settings.measure_k=4",
             "--no-progress", *extra]
 

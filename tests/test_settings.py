@@ -120,3 +120,31 @@ def test_a_shared_group_gives_each_verb_its_own_default_and_the_groups_bounds():
     # a verb may make a shared field required
     with pytest.raises(OPDError, match="config: student is required; pass --student"):
         settings.build(SelectConfig, {"teacher": "t", "prompts": "p.jsonl", "out": "o"})
+
+
+@pytest.mark.parametrize(("old", "new"), [("rollouts_per_prompt", "samples_per_prompt"),
+                                          ("eval_n", "eval_samples_per_prompt")])
+def test_an_old_setting_name_says_what_it_was_renamed(tmp_path, old, new):
+    message = rf"^config: {old} was renamed {new}$"
+    with pytest.raises(OPDError, match=message):
+        build_config({old: 2})
+    with pytest.raises(OPDError, match=message):
+        parse(TrainConfig, ["--" + old.replace("_", "-"), "2"])
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"{old}: 2\n")
+    with pytest.raises(OPDError, match=message):
+        parse(TrainConfig, ["--config", str(yaml_file)])
+
+
+def test_every_verb_calls_samples_per_prompt_by_one_name():
+    from opd.doctor.measure import DiagnoseConfig
+    from opd.evaluation.accuracy import EvalConfig
+    from opd.recipes.select_prompts import SelectConfig
+
+    required = ["--student", "s", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
+    for verb, given in ((DiagnoseConfig, []), (EvalConfig, []), (SelectConfig, required)):
+        with pytest.raises(OPDError, match=r"^config: n was renamed samples_per_prompt$"):
+            parse(verb, [*given, "--n", "2"])
+    assert parse(EvalConfig, ["--samples-per-prompt", "3"]).samples_per_prompt == 3
+    assert settings.build(TrainConfig, {"cold_start": {"samples_per_prompt": 2}}) \
+        .cold_start.samples_per_prompt == 2

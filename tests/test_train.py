@@ -24,7 +24,7 @@ def tiny_config(tiny_pair, out, **overrides):
     settings = {
         "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
         "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 6,
-        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
+        "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
         "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
     }
     settings.update(overrides)
@@ -110,14 +110,14 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
     code = main(["train", "--student", str(tiny_pair["student"]), "--teacher",
                  str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out",
                  str(out), "--max-steps", "2", "--prompts-per-step", "2",
-                 "--rollouts-per-prompt", "2", "--max-new-tokens", "6",
+                 "--samples-per-prompt", "2", "--max-new-tokens", "6",
                  "--set", "progress=false", "--set", "lr=1e-3"])
     assert code == 0
     assert len(load_metrics(out)) == 2
     grpo_out = tmp_path / "grpo"
     code = main(["grpo", "--student", str(tiny_pair["student"]), "--prompts",
                  str(tiny_pair["prompts"]), "--out", str(grpo_out), "--max-steps", "1",
-                 "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "4",
+                 "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4",
                  "--set", "progress=false"])
     assert code == 0
     (record,) = load_metrics(grpo_out)

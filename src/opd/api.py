@@ -154,7 +154,7 @@ def grpo(config: ConfigLike = None, /, *, resume: bool = False, hooks: Sequence[
 def evaluate(model: str | None = None, prompts: str | None = None, *, config: ConfigLike = None,
              **settings: Any) -> EvalResult:
     """avg@n accuracy of a model folder (or hub id) on a prompt set with answers (`opd eval`):
-    `n` samples per prompt at `temperature`, each checked by the `verifier`."""
+    `samples_per_prompt` samples per prompt at `temperature`, each checked by the `verifier`."""
     from opd.evaluation.accuracy import evaluate_model
 
     return evaluate_model(_config(EvalConfig, config, {"model": model, "prompts": prompts,

@@ -80,8 +80,9 @@ class PromptSource(Config):
 
 @dataclass(frozen=True, kw_only=True)
 class Generation(Config):
-    """How responses are generated: their length cap, seed and engine."""
+    """How responses are generated: how many per prompt, their length cap, seed and engine."""
 
+    samples_per_prompt: int = setting(4, "Student samples (rollouts) per prompt.", minimum=1)
     max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
     seed: int = setting(0, "Seed of the samples.")
     rollout_engine: str = setting("hf", "What generates the responses: hf (opd's own sampler) or "

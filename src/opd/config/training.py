@@ -116,6 +116,8 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
     teacher: str = setting("", "Folder or hub id of the teacher; frozen. Not needed when "
                            "distill_weight is 0 (GRPO). A URL (http://host:port) scores with "
                            "a teacher served by `opd serve-teacher`.")
+    samples_per_prompt: int = setting(4, "Student samples per prompt (the GRPO group).",
+                                      minimum=1)
     max_new_tokens: int = setting(7168, "Response length cap; a response hitting it counts as "
                                   "truncated.", minimum=1)
     seed: int = setting(0, "Seed for data order, rollouts and initialisation.")
@@ -128,8 +130,6 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
                        "reports.")
     max_steps: int = setting(100, "Optimizer steps to run.", minimum=1)
     prompts_per_step: int = setting(64, "Prompts per step, across all processes.", minimum=1)
-    rollouts_per_prompt: int = setting(4, "Student samples per prompt (the GRPO group).",
-                                       minimum=1)
     max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
                                      "front with its row named, never cut.", minimum=1)
     tis_cap: float = setting(
@@ -177,7 +177,8 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
     eval_split: str | None = setting(None, "Split of eval_prompts when it is a dataset.")
     eval_every: int = setting(0, "Evaluate every this many steps (0 = only at start and end "
                               "when eval_prompts is set).", minimum=0)
-    eval_n: int = setting(1, "Samples per evaluation prompt (avg@n).", minimum=1)
+    eval_samples_per_prompt: int = setting(1, "Samples per evaluation prompt (avg@n).",
+                                           minimum=1)
     eval_temperature: float = setting(0.7, "Evaluation sampling temperature (0 = greedy).",
                                       minimum=0)
     eval_top_p: float = setting(0.95, "Evaluation nucleus threshold.", above=0, maximum=1)
@@ -237,8 +238,8 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise OPDError("mixed_precision: bf16 keeps float32 master weights; set dtype=float32 "
                            "(or mixed_precision=no)")
-        if self.outcome_weight and self.rollouts_per_prompt < 2:
-            raise OPDError("config: outcome_weight needs rollouts_per_prompt ≥ 2 (a group "
+        if self.outcome_weight and self.samples_per_prompt < 2:
+            raise OPDError("config: outcome_weight needs samples_per_prompt ≥ 2 (a group "
                            "baseline)")
 
 
@@ -246,7 +247,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "study": {},
     "cpu-small": {
         "prompts_per_step": 16,
-        "rollouts_per_prompt": 4,
+        "samples_per_prompt": 4,
         "max_new_tokens": 96,
         "max_prompt_tokens": 64,
         "lr": 1e-4,

@@ -89,7 +89,6 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
                                   choices=("student", "own"))
     num_prompts: int = setting(64, "Prompts sampled (seeded) from the file: take them from the "
                                "set you plan to train on.", minimum=1)
-    n: int = setting(4, "Student rollouts per prompt.", minimum=1)
     temperature: float = setting(1.0, "Rollout temperature (as in training: the states OPD "
                                  "will see).", minimum=0)
     capability_temperature: float = setting(
@@ -430,7 +429,7 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     """The teacher's accuracy from scratch on the prompts, with its own template."""
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
-    out = _generate(pair, config, texts, n=config.n,
+    out = _generate(pair, config, texts, n=config.samples_per_prompt,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
@@ -525,7 +524,7 @@ def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], s
     cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
             "generated_tokens": 0, "scored_tokens": 0}
     rollouts = _generate(
-        student, config, student.prompt_rows, n=config.n,
+        student, config, student.prompt_rows, n=config.samples_per_prompt,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
     )
@@ -547,7 +546,7 @@ def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], s
 
 def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
                         teacher: Pair, k: int) -> dict[str, Any]:
-    """The step-0 measures at top-`k` per prompt, on the student's `config.n`
+    """The step-0 measures at top-`k` per prompt, on the student's `config.samples_per_prompt`
     rollouts of each of `records` (rendered with the config's templates; the teacher sees them
     as `config.teacher_prompt` says). Per prompt: `tokens` scored, a token mean of every
     measure, `overlap_share` (the min of both sides, as in the diagnosis) and, with

@@ -29,7 +29,7 @@ class EvalConfig(Generation, Decoding, PromptSource, ModelLoading, OneModel):
     model: str = setting("", "Model folder (or hub id) to evaluate.")
     prompts: str = setting("", "Prompt file, save_to_disk folder or hub dataset id with an "
                            "'answer' per row.")
-    n: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
+    samples_per_prompt: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
     temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
     verifier: str = setting("exact", "exact or math (needs math-verify).",
                             choices=tuple(VERIFIERS))
@@ -126,7 +126,7 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
             dtype=resolve_dtype(config.dtype, next(model.parameters()).device), settings=config.vllm,
             context_window=context_window(config.model), trust_remote_code=config.trust_remote_code)
     return evaluate(
-        model, tokenizer, records, n=config.n, temperature=config.temperature,
+        model, tokenizer, records, n=config.samples_per_prompt, temperature=config.temperature,
         top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
         chat_template_kwargs=config.chat_template_kwargs, engine=engine,

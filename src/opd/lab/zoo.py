@@ -91,7 +91,7 @@ class RLStage:
     seed: int
     lr: float
     prompts_per_step: int = 16
-    rollouts_per_prompt: int = 8
+    samples_per_prompt: int = 8
     temperature: float = 1.0
     """Rollout temperature of the RL run."""
 
@@ -334,7 +334,7 @@ def _rl_stage(
                 "out": str(run), "max_steps": spec.steps, "lr": spec.lr, "seed": spec.seed,
                 "distill_weight": 0.0, "outcome_weight": 1.0, "temperature": spec.temperature,
                 "prompts_per_step": spec.prompts_per_step,
-                "rollouts_per_prompt": spec.rollouts_per_prompt,
+                "samples_per_prompt": spec.samples_per_prompt,
                 "max_new_tokens": world.max_new_tokens(max(int(r.meta["digits"])
                                                            for r in sets[spec.data])),
                 "save_every": spec.steps, "keep_checkpoints": 1, "progress": progress,
@@ -353,7 +353,7 @@ def _rl_stage(
             "trained_on": {"sets": [spec.data], "method": "grpo", "steps": spec.steps,
                            "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
                            "prompts_per_step": spec.prompts_per_step,
-                           "rollouts_per_prompt": spec.rollouts_per_prompt},
+                           "samples_per_prompt": spec.samples_per_prompt},
             "parameters": sum(p.numel() for p in model.parameters()),
             "accuracy": eval_set_accuracy(model, tokenizer, sets, world),
         }

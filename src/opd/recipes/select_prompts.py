@@ -81,7 +81,6 @@ class SelectConfig(Generation, PromptSource, ModelLoading, ModelPair):
                                        "combined as the mean of their percentile ranks.",
                                        choices=RANKABLE)
     num_prompts: int = setting(256, "Candidates sampled (seeded) from the file.", minimum=1)
-    n: int = setting(4, "Student rollouts per candidate.", minimum=1)
     k: int = setting(16, "Top-k of the overlap measures.", minimum=1)
     trial_steps: int = setting(20, "OPD steps of the trial on each prompt set (0 = no trial).",
                                minimum=0)
@@ -258,7 +257,7 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     measure = DiagnoseConfig(
         student=config.student, teacher=config.teacher, prompts=config.prompts,
         student_template="{prompt}", teacher_template="{prompt}", teacher_prompt="student",
-        n=config.n, max_new_tokens=config.max_new_tokens,
+        samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
         depths=(0.0,) if ranking_needs_answers else (), seed=config.seed,
         batch_size=config.batch_size, dtype=config.dtype, progress=False,
         trust_remote_code=config.trust_remote_code, rollout_engine=config.rollout_engine,
@@ -387,7 +386,7 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
         "# Teacher-aligned prompt selection", "",
         f"Student `{inputs['student']}`, teacher `{inputs['teacher']}`, candidates `{inputs['prompts']}`.",
         f"Template: **{inputs['template']}**. Ranked by {', '.join(selection['rank_by'])} "
-        f"(top-{selection['k']}, {inputs['n']} student rollouts per prompt); kept "
+        f"(top-{selection['k']}, {inputs['samples_per_prompt']} student rollouts per prompt); kept "
         f"{counts['kept']} of {counts['candidates']} (fraction {inputs['keep_fraction']}), mixed in "
         f"{counts['mixed_in']} other prompts (share {inputs['mix_share']}): {counts['output']} prompts "
         "in `prompts.jsonl`.", "",

@@ -87,10 +87,11 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
     data = f"`{config.prompts}`"
     if config.split:
         data += f" (split {config.split})"
-    data += (f"; {config.prompts_per_step} prompts × {config.rollouts_per_prompt} rollouts per "
+    data += (f"; {config.prompts_per_step} prompts × {config.samples_per_prompt} rollouts per "
              f"step, at most {config.max_new_tokens} new tokens")
-    evaluated = (f"avg@{config.eval_n} on `{config.eval_prompts}`: {fmt(initial_accuracy, '.4g')} "
-                 f"before training, {fmt(accuracy, '.4g')} at the latest evaluation"
+    evaluated = (f"avg@{config.eval_samples_per_prompt} on `{config.eval_prompts}`: "
+                 f"{fmt(initial_accuracy, '.4g')} before training, {fmt(accuracy, '.4g')} at the "
+                 "latest evaluation"
                  if config.eval_prompts else "not evaluated (no eval_prompts)")
     what = "final model" if final else f"checkpoint at step {step}"
     lines = [
