@@ -23,7 +23,7 @@ from opd.config.training import build_config
 from opd.data.prompts import load_prompts
 from opd.evaluation.accuracy import evaluate
 from opd.lab.world import Dialect, World, vocabulary
-from opd.lab.zoo import PROFILES, ModelStage, Profile, Size, build_zoo
+from opd.lab.zoo import PROFILES, ModelStage, Profile, Size, build_zoo_stages
 from opd.models.loading import load_model, load_tokenizer
 from opd.recipes.cold_start import run_cold_start
 
@@ -66,7 +66,7 @@ def run(world: str, zoo_root: Path, out: Path, seed: int, prompts: int,
         overrides: dict[str, Any]) -> dict[str, Any]:
     profile, student, teacher = world_profile(world)
     root = zoo_root / world
-    build_zoo(root, profile, progress=False, only=[student, teacher])
+    build_zoo_stages(root, profile, progress=False, only=[student, teacher])
     digits = max(profile.digits)
     tokens = profile.world.max_new_tokens(digits)
     chain_file = root / "data" / f"eval-chain-d{digits}.jsonl"

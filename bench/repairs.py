@@ -19,7 +19,7 @@ from opd.config.training import build_config
 from opd.data.prompts import load_prompts
 from opd.evaluation.accuracy import evaluate
 from opd.lab.world import max_new_tokens
-from opd.lab.zoo import PROFILES, build_zoo
+from opd.lab.zoo import PROFILES, build_zoo_stages
 from opd.models.loading import load_model, load_tokenizer
 from opd.recipes.cold_start import run_cold_start
 from opd.run.folder import RunFolder
@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     zoo_root, out = Path(args.zoo), Path(args.out)
-    build_zoo(zoo_root, args.profile, progress=False,
+    build_zoo_stages(zoo_root, args.profile, progress=False,
               only=["student", "teacher-aligned", "teacher-foreign"])
     digits = max(PROFILES[args.profile].digits)
     tokens = max_new_tokens(digits)

@@ -46,7 +46,7 @@ def main() -> None:
                         help="vllm.memory_share (the share of RAM on vLLM's CPU build)")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from opd.config.training import VLLMConfig
+    from opd.config.fields import VLLMConfig
     from opd.step.engines import sample_rollouts, vllm_engine
     from opd.step.rollout import generate_rollouts
 

@@ -116,7 +116,7 @@ def main() -> None:
                                    for i in range(32)))
         settings = {"student": str(root / "student"), "teacher": str(root / "teacher"),
                     "prompts": str(prompts), "max_steps": args.steps, "prompts_per_step": 4,
-                    "rollouts_per_prompt": 2, "max_new_tokens": 16, "lr": 1e-5,
+                    "samples_per_prompt": 2, "max_new_tokens": 16, "lr": 1e-5,
                     "save_every": 10_000, "progress": False, "dtype": "float32"}
         results = {name: run_row(name, root, settings) for name in args.rows}
     base = results[args.rows[0]]

@@ -74,7 +74,7 @@ def step_seconds(folders: dict[str, Path], teacher: str, out: Path, steps: int,
     run_training(build_config({
         "student": str(folders["student"]), "teacher": teacher,
         "prompts": str(folders["prompts"]), "out": str(out), "max_steps": steps + 1,
-        "prompts_per_step": 16, "rollouts_per_prompt": 4, "max_new_tokens": 32,
+        "prompts_per_step": 16, "samples_per_prompt": 4, "max_new_tokens": 32,
         "lr": 1e-4, "objective.name": objective, "objective.k": 16, "measure_k": 16,
         "save_every": 1000, "progress": False, "dtype": "float32", "template": "{prompt}",
     }))

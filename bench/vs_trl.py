@@ -130,7 +130,7 @@ def run_opd(root: Path, row: str, steps: int, objective: str) -> dict:
     config = build_config({
         "student": str(root / "student"), "teacher": str(root / "teacher"),
         "prompts": str(root / "prompts.jsonl"), "out": str(out), "max_steps": steps,
-        "prompts_per_step": PROMPTS_PER_STEP, "rollouts_per_prompt": ROLLOUTS,
+        "prompts_per_step": PROMPTS_PER_STEP, "samples_per_prompt": ROLLOUTS,
         "max_new_tokens": ROWS[row][3], "lr": 1e-6, "save_every": 10**6, "progress": False,
         "objective": {"name": objective}, "top_p": 1.0, "temperature": 1.0,
     })

@@ -41,7 +41,7 @@ def cli_args(settings: dict) -> list[str]:
 
 
 # -- runs on the tiny pair ----------------------------------------------------------------------
-TINY_RUN = {"max_steps": 6, "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8,
+TINY_RUN = {"max_steps": 6, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8,
             "lr": 1e-3, "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False}
 """The tiny pair's standard run: 6 steps of 4 prompts × 2 rollouts, a checkpoint every second."""
 
@@ -79,9 +79,10 @@ COLD = {"keep": "all", "samples_per_prompt": 2, "sft_steps": 3, "sft_batch_size"
 def select_args(tiny_pair, out, *extra) -> list[str]:
     """`opd select-prompts` on 8 of the tiny pair's prompts with 2-step trials."""
     return ["select-prompts", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
-            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8", "--n", "2",
+            "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "8",
+            "--samples-per-prompt", "2",
             "--max-new-tokens", "6", "--k", "4", "--trial-steps", "2", "--trial-profile", "cpu-small",
-            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.rollouts_per_prompt=2",
+            "--set", "trial_settings.prompts_per_step=2", "--set", "trial_settings.samples_per_prompt=2",
             "--set", "trial_settings.objective.k=4", "--set", "trial_settings.measure_k=4",
             "--no-progress", *extra]
 
@@ -160,7 +161,7 @@ def step_config(student, teacher, prompts, out, **overrides) -> TrainConfig:
     """One step of 2 prompts × 2 rollouts."""
     settings = {"student": str(student), "teacher": str(teacher), "prompts": str(prompts),
                 "out": str(out), "max_steps": 1, "prompts_per_step": 2,
-                "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3, "objective.k": 4,
+                "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3, "objective.k": 4,
                 "measure_k": 4, "progress": False, **overrides}
     return build_config(settings)
 

@@ -17,7 +17,7 @@ import opd
 def tiny(tiny_pair, out, **more):
     settings = {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
                 "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 2,
-                "prompts_per_step": 2, "rollouts_per_prompt": 2, "max_new_tokens": 6, "lr": 1e-3,
+                "prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 6, "lr": 1e-3,
                 "progress": False}
     return {**settings, **more}
 
@@ -56,7 +56,7 @@ def test_settings_come_as_keywords_a_mapping_or_a_yaml_file(tiny_pair, tmp_path)
     assert from_yaml.config.lr_schedule == "cosine"  # the YAML's profile
     grpo = opd.grpo({"student": str(tiny_pair["student"]), "prompts": str(tiny_pair["prompts"])},
                     out=str(tmp_path / "g"), max_steps=1, prompts_per_step=2,
-                    rollouts_per_prompt=2, max_new_tokens=4, progress=False)
+                    samples_per_prompt=2, max_new_tokens=4, progress=False)
     assert grpo.config.distill_weight == 0 and grpo.config.outcome_weight == 1
     assert grpo.final_measures["train_reward"] is not None
     with pytest.raises(opd.OPDError, match="unknown key 'learning_rate'"):
@@ -69,12 +69,13 @@ def test_settings_come_as_keywords_a_mapping_or_a_yaml_file(tiny_pair, tmp_path)
 
 
 def test_evaluate_diagnose_and_report(tiny_pair, tmp_path, saved_figures):
-    evaluation = opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]), n=2,
+    evaluation = opd.evaluate(str(tiny_pair["student"]), str(tiny_pair["prompts"]),
+                              samples_per_prompt=2,
                               temperature=0.7, max_new_tokens=4)
     assert isinstance(evaluation, opd.EvalResult) and evaluation.n_prompts == 20
     assert 0 <= evaluation.accuracy <= 1 and len(evaluation.per_prompt) == 20
 
-    settings = {"num_prompts": 4, "n": 2, "max_new_tokens": 6, "depths": (0.0, 0.5),
+    settings = {"num_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 6, "depths": (0.0, 0.5),
                 "k": (1, 4), "progress": False}
     diagnosis = opd.diagnose(tiny_pair["student"], tiny_pair["teacher"], tiny_pair["prompts"],
                              **settings)

@@ -276,7 +276,7 @@ def adding(*extra: str) -> Change:
     return lambda ws, argv: [*argv, *extra]
 
 
-TRAIN_RUN = ["--max-steps", "1", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+TRAIN_RUN = ["--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
              "--max-new-tokens", "4", "--set", "progress=false"]
 NO_ANSWERS = lambda ws: ws.jsonl("no-answer.jsonl", {"prompt": "1 + 2 ="})  # noqa: E731
 def config_rows(float_key: str | None, int_key: str | None = "max_new_tokens") -> tuple:
@@ -423,8 +423,8 @@ VERBS: dict[str, Verb] = {
                     "--out", str(ws.out), *TRAIN_RUN],
         models=("--student",), prompts=("--prompts",), out="--out",
         rows=(*config_rows("lr"),
-              ("one rollout per group", adding("--rollouts-per-prompt", "1"),
-               "needs rollouts_per_prompt"),
+              ("one rollout per group", adding("--samples-per-prompt", "1"),
+               "needs samples_per_prompt"),
               ("prompts without answers", with_flag("--prompts", NO_ANSWERS),
                "prompts: row 1 has no 'answer'; outcome_weight > 0 needs"),
               *column_rows()),
@@ -434,7 +434,8 @@ VERBS: dict[str, Verb] = {
                     "--max-new-tokens", "4"],
         models=("--model",), prompts=("--prompts",),
         rows=(*config_rows("temperature"),
-              ("samples below 1", adding("--n", "0"), "config: n must be at least 1"),
+              ("samples below 1", adding("--samples-per-prompt", "0"),
+               "config: samples_per_prompt must be at least 1"),
               ("unknown verifier", adding("--verifier", "fuzzy"), "config: verifier must be one of"),
               ("template with a stray brace", adding("--template", "{prompt} {"),
                "config: template must be a format string"),
@@ -445,7 +446,7 @@ VERBS: dict[str, Verb] = {
     "diagnose": Verb(
         lambda ws: ["diagnose", "--student", str(ws.student), "--teacher", str(ws.teacher),
                     "--prompts", str(ws.prompts), "--out", str(ws.out), "--num-prompts", "4",
-                    "--n", "2", "--max-new-tokens", "4", "--no-progress"],
+                    "--samples-per-prompt", "2", "--max-new-tokens", "4", "--no-progress"],
         models=("--student", "--teacher", "--teacher2"), prompts=("--prompts",), out="--out",
         rows=(*config_rows("top_p"),
               ("depths not increasing", adding("--depths", "0.5,0.25"), "depths must be increasing"),
@@ -485,8 +486,8 @@ VERBS: dict[str, Verb] = {
     "select-prompts": Verb(
         lambda ws: ["select-prompts", "--student", str(ws.student), "--teacher", str(ws.teacher),
                     "--prompts", str(ws.prompts), "--out", str(ws.out), "--teacher-template",
-                    "a b {prompt}", "--num-prompts", "4", "--n", "2", "--max-new-tokens", "4",
-                    "--k", "4", "--trial-steps", "1", "--no-progress"],
+                    "a b {prompt}", "--num-prompts", "4", "--samples-per-prompt", "2",
+                    "--max-new-tokens", "4", "--k", "4", "--trial-steps", "1", "--no-progress"],
         models=("--student", "--teacher"), prompts=("--prompts", "--other-prompts"), out="--out",
         rows=(*config_rows("keep_fraction"),
               ("keep fraction of 0", adding("--keep-fraction", "0"), "keep_fraction must lie in (0, 1]"),

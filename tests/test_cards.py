@@ -29,7 +29,7 @@ def run(tiny_pair, tmp_path_factory):
     return opd.train(student=str(tiny_pair["student"]), teacher=str(tiny_pair["teacher"]),
                      prompts=str(tiny_pair["prompts"]), eval_prompts=str(tiny_pair["prompts"]),
                      out=str(out), max_steps=4, save_every=2, prompts_per_step=2,
-                     rollouts_per_prompt=2, max_new_tokens=6, lr=1e-3, eval_every=2,
+                     samples_per_prompt=2, max_new_tokens=6, lr=1e-3, eval_every=2,
                      eval_temperature=0.0, objective={"k": 4}, measure_k=4, progress=False)
 
 
@@ -81,7 +81,7 @@ def test_the_model_export_leaves_out_every_training_state_file_and_nothing_else(
 
 def test_cards_of_grpo_lora_and_hub_prompts():
     config = build_config({"student": "org/base-model", "prompts": "org/math-prompts", "lora_rank": 8,
-                           "distill_weight": 0, "outcome_weight": 1, "rollouts_per_prompt": 2,
+                           "distill_weight": 0, "outcome_weight": 1, "samples_per_prompt": 2,
                            "verifier": "math", "split": "test"})
     text = model_card(config, step=7, record={M.STEP: 7, M.TRAIN_REWARD: 0.5})
     assert text.startswith("---\n")

@@ -121,7 +121,7 @@ def test_the_verb_stops_with_one_line_and_exit_2_then_force_runs_opd(tiny_pair, 
     out = tmp_path / "cold"
     argv = ["cold-start", "--student", str(tiny_pair["student"]), "--teacher",
             str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out", str(out),
-            "--max-steps", "1", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+            "--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
             "--max-new-tokens", "4", "--set", "progress=false", "--set", "cold_start.keep=all",
             "--set", "cold_start.sft_steps=2"]
     assert main(argv) == 2

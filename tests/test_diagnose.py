@@ -125,7 +125,7 @@ def test_depths_and_cuts():
 def diagnose_args(tiny_pair, out, *extra):
     return ["diagnose", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
             "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--num-prompts", "6",
-            "--n", "2", "--max-new-tokens", "6", "--no-progress", *extra]
+            "--samples-per-prompt", "2", "--max-new-tokens", "6", "--no-progress", *extra]
 
 
 def test_end_to_end_on_the_tiny_pair_writes_json_report_and_figures(tiny_pair, tmp_path, capsys,

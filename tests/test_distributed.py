@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 def run_settings(tiny_pair, out, **overrides) -> dict:
     return {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
             "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 3,
-            "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
+            "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
             "save_every": 2, "objective.k": 4, "measure_k": 4, "progress": False,
             "chunk_size": 5, **overrides}  # several head chunks, unequal between processes
 

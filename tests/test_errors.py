@@ -18,7 +18,7 @@ def run_cli(args, capsys):
 def train_args(tiny_pair, out, *extra):
     return ["train", "--student", str(tiny_pair["student"]), "--teacher",
             str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out", str(out),
-            "--max-steps", "1", "--prompts-per-step", "2", "--rollouts-per-prompt", "2",
+            "--max-steps", "1", "--prompts-per-step", "2", "--samples-per-prompt", "2",
             "--max-new-tokens", "4", "--set", "progress=false", *extra]
 
 
@@ -95,7 +95,7 @@ def test_wrong_prompt_file_type_and_missing_file(tiny_pair, tmp_path, capsys):
         (["--set", "cold_start.sft_lr=0"], "cold_start.sft_lr must be positive"),
         (["--set", "loss_aggregation=sum"], "loss_aggregation must be one of"),
         (["--set", "top_p=0"], "top_p must lie in (0, 1]"),
-        (["--set", "outcome_weight=1", "--set", "rollouts_per_prompt=1"], "needs rollouts_per_prompt"),
+        (["--set", "outcome_weight=1", "--set", "samples_per_prompt=1"], "needs samples_per_prompt"),
         (["--set", "lr"], "is not key=value"),
         (["--max-steps", "0"], "max_steps must be at least 1"),
         (["--profile", "gpu-huge"], "profile: unknown value 'gpu-huge'"),

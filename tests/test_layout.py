@@ -1,10 +1,11 @@
 """The package's shape: the folders are the stages of the data flow, imports flow one way
-(down the layers, no cycle), config is a leaf, no module shadows a public name, and each zoo
-stage is keyed on all the code it runs."""
+(down the layers, no cycle), config is a leaf, no module shadows a public name, a public name
+is defined once, and each zoo stage is keyed on all the code it runs."""
 
 from __future__ import annotations
 
 import ast
+from collections import defaultdict
 from pathlib import Path
 
 import opd
@@ -170,3 +171,18 @@ def test_no_test_module_imports_another():
             tests = [name for name in imported if any(part.startswith("test_")
                                                       for part in name.split("."))]
             assert not tests, f"{path.relative_to(root)} imports {tests}"
+PER_MODULE_NAMES = {"register", "markdown", "write_report", "evaluate"}
+"""Names several modules define on purpose, each for itself and meaning the same: a CLI
+module's `register`, a verb's report `markdown` and `write_report`, and `evaluate` (avg@n
+accuracy: of a model in memory in opd.evaluation, of a model folder in the API)."""
+
+
+def test_each_public_class_or_function_is_defined_once():
+    defined: dict[str, list[str]] = defaultdict(list)
+    for path in sorted(SRC.rglob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef) and not node.name.startswith("_"):
+                defined[node.name].append(str(path.relative_to(SRC)))
+    twice = {name: where for name, where in defined.items()
+             if len(where) > 1 and name not in PER_MODULE_NAMES}
+    assert not twice

@@ -90,7 +90,7 @@ def test_fixed_seed_runs_write_the_reference_metrics(tiny_pair, tmp_path, name):
     config = build_config({
         "student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
         "prompts": str(tiny_pair["prompts"]), "out": str(tmp_path / name), "max_steps": 4,
-        "prompts_per_step": 4, "rollouts_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
+        "prompts_per_step": 4, "samples_per_prompt": 2, "max_new_tokens": 8, "lr": 1e-3,
         "save_every": 2, "measure_k": 4, "progress": False, **settings,
     })
     run_training(config)

@@ -118,7 +118,7 @@ def test_training_reads_its_prompts_and_eval_prompts_from_a_saved_dataset(tiny_p
                        prompts=str(saved["splits"]), eval_prompts=str(saved["splits"]),
                        eval_split="test", prompt_field="question", answer_field="solution.final",
                        outcome_weight=0.5, out=str(tmp_path / "run"), max_steps=1,
-                       prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=4,
+                       prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
                        progress=False)
     assert result.steps == 1 and result.final_measures["train_reward"] is not None
     assert result.final_accuracy is not None

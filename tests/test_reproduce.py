@@ -202,7 +202,8 @@ def test_cli_refuses_to_mix_profiles_in_one_folder(tmp_path, capsys, monkeypatch
     out = tmp_path / "r"
     out.mkdir()
     (out / "reproduce.json").write_text(json.dumps({"profile": "full", "zoo_code_version": {}}))
-    monkeypatch.setattr("opd.lab.zoo.build_zoo", lambda *a, **k: {"code_version": {}, "profile": "quick"})
+    monkeypatch.setattr("opd.lab.zoo.build_zoo_stages",
+                        lambda *a, **k: {"code_version": {}, "profile": "quick"})
     assert main(["reproduce", "--only", "4", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "holds a reproduction made with another profile ('full')" in err

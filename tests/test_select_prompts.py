@@ -86,7 +86,8 @@ def test_subset_means_weight_prompts_by_tokens_and_entropy_effect():
     ("mix_share", -0.1, r"mix_share must lie in \[0, 1\)"),
     ("template", "own", r"template must be one of \['teacher', 'student'\]"),
     ("rank_by", ("overlap",), "rank_by must be each one of"), ("rank_by", (), "rank_by needs"),
-    ("trial_steps", -1, "trial_steps must be at least 0"), ("n", 0, "config: n must be at least 1"),
+    ("trial_steps", -1, "trial_steps must be at least 0"),
+    ("samples_per_prompt", 0, "config: samples_per_prompt must be at least 1"),
     ("trial_profile", "gpu", "trial_profile must be one of"),
 ])
 def test_bad_settings_are_explained(field, value, message):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytest
 
@@ -99,3 +99,52 @@ def test_every_setting_has_help_a_flag_and_a_line_in_help_config():
         assert field.metadata["help"], path
         assert f"  {path} = " in described
         assert "--" + path.replace("_", "-") in flags
+
+
+def test_a_shared_group_gives_each_verb_its_own_default_and_the_groups_bounds():
+    from opd.config.fields import Decoding, PromptSource
+    from opd.config.training import ColdStartConfig
+    from opd.evaluation.accuracy import EvalConfig
+    from opd.recipes.select_prompts import SelectConfig
+
+    # redeclared defaults win, and the field keeps the group's place and its other fields
+    assert (TrainConfig().temperature, EvalConfig().temperature, ColdStartConfig().temperature) \
+        == (1.0, 0.0, 0.7)
+    assert TrainConfig().max_new_tokens == 7168 and EvalConfig().max_new_tokens == 256
+    assert [path for path, _, _ in settings.leaves(EvalConfig)][3:8] == [
+        f.name for f in fields(PromptSource)]
+    for verb in (TrainConfig, EvalConfig, ColdStartConfig):
+        assert issubclass(verb, Decoding)
+        with pytest.raises(OPDError, match="top_p must lie in"):
+            settings.build(verb, {"top_p": 0})
+    # a verb may make a shared field required
+    with pytest.raises(OPDError, match="config: student is required; pass --student"):
+        settings.build(SelectConfig, {"teacher": "t", "prompts": "p.jsonl", "out": "o"})
+
+
+@pytest.mark.parametrize(("old", "new"), [("rollouts_per_prompt", "samples_per_prompt"),
+                                          ("eval_n", "eval_samples_per_prompt")])
+def test_an_old_setting_name_says_what_it_was_renamed(tmp_path, old, new):
+    message = rf"^config: {old} was renamed {new}$"
+    with pytest.raises(OPDError, match=message):
+        build_config({old: 2})
+    with pytest.raises(OPDError, match=message):
+        parse(TrainConfig, ["--" + old.replace("_", "-"), "2"])
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"{old}: 2\n")
+    with pytest.raises(OPDError, match=message):
+        parse(TrainConfig, ["--config", str(yaml_file)])
+
+
+def test_every_verb_calls_samples_per_prompt_by_one_name():
+    from opd.doctor.measure import DiagnoseConfig
+    from opd.evaluation.accuracy import EvalConfig
+    from opd.recipes.select_prompts import SelectConfig
+
+    required = ["--student", "s", "--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
+    for verb, given in ((DiagnoseConfig, []), (EvalConfig, []), (SelectConfig, required)):
+        with pytest.raises(OPDError, match=r"^config: n was renamed samples_per_prompt$"):
+            parse(verb, [*given, "--n", "2"])
+    assert parse(EvalConfig, ["--samples-per-prompt", "3"]).samples_per_prompt == 3
+    assert settings.build(TrainConfig, {"cold_start": {"samples_per_prompt": 2}}) \
+        .cold_start.samples_per_prompt == 2

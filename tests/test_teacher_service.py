@@ -100,7 +100,7 @@ def test_only_teachers_may_be_served(tiny_pair, tmp_path, verb, capsys):
     assert not (tmp_path / "out").exists()
 
 
-DIAGNOSE = ["--num-prompts", "8", "--n", "2", "--max-new-tokens", "6", "--no-progress"]
+DIAGNOSE = ["--num-prompts", "8", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--no-progress"]
 CHAT_TEMPLATE = "{% for m in messages %}answer {{ m['content'] }} {% endfor %}"
 
 
@@ -477,7 +477,7 @@ def test_each_prompt_is_scored_by_its_own_teacher(tiny_pair, two_sources, tmp_pa
     and a run with one teacher for both sources equals the single-teacher run."""
     first, second = str(tiny_pair["teacher"]), str(two_sources["second"])
     common = {"prompts": str(two_sources["prompts"]), "max_steps": 1, "prompts_per_step": 8,
-              "rollouts_per_prompt": 1}
+              "samples_per_prompt": 1}
 
     def run(name, **settings):
         run_training(tiny_config(tiny_pair, tmp_path / name, **common, **settings))
@@ -527,7 +527,7 @@ def test_diagnose_gives_a_verdict_per_teacher_on_its_own_prompts(tiny_pair, two_
                                                                  tmp_path, capsys):
     """`opd diagnose` with `teachers` (one served, one a folder): a diagnosis per teacher in
     OUT/<value>, equal to the one-teacher diagnosis on that teacher's prompts alone."""
-    args = ["--student", str(tiny_pair["student"]), "--num-prompts", "20", "--n", "2",
+    args = ["--student", str(tiny_pair["student"]), "--num-prompts", "20", "--samples-per-prompt", "2",
             "--max-new-tokens", "6", "--no-progress"]
     teachers = {"a": served, "b": str(tiny_pair["student"])}
     assert main(["diagnose", *args, "--prompts", str(two_sources["prompts"]), "--out",

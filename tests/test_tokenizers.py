@@ -59,7 +59,7 @@ def boost(model, token_id: int) -> None:
 def config_for(student, teacher, prompts, out, **overrides):
     return build_config({
         "student": str(student), "teacher": str(teacher), "prompts": str(prompts),
-        "out": str(out), "max_steps": 1, "prompts_per_step": 4, "rollouts_per_prompt": 2,
+        "out": str(out), "max_steps": 1, "prompts_per_step": 4, "samples_per_prompt": 2,
         "max_new_tokens": 12, "lr": 1e-3, "objective.k": 4, "measure_k": 4,
         "progress": False, **overrides})
 

@@ -255,7 +255,7 @@ def test_a_training_run_reports_to_tensorboard_and_mlflow(tiny_pair, tracker_env
     out = tracker_env / "run"
     result = opd.train(student=str(tiny_pair["student"]), teacher=str(tiny_pair["teacher"]),
                        prompts=str(tiny_pair["prompts"]), out=str(out), max_steps=3,
-                       prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=6, lr=1e-3,
+                       prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, lr=1e-3,
                        objective={"k": 4}, measure_k=4, progress=False,
                        report_to=["tensorboard", "mlflow"], project="tiny")
     records = result.metrics()
@@ -310,7 +310,7 @@ def test_a_resumed_run_continues_its_tracker_runs(tiny_pair, tracker_env):
     out = tracker_env / "run"
     settings = {"student": str(tiny_pair["student"]), "teacher": str(tiny_pair["teacher"]),
                 "prompts": str(tiny_pair["prompts"]), "out": str(out), "max_steps": 4,
-                "save_every": 2, "prompts_per_step": 2, "rollouts_per_prompt": 2,
+                "save_every": 2, "prompts_per_step": 2, "samples_per_prompt": 2,
                 "max_new_tokens": 6, "lr": 1e-3, "progress": False,
                 "report_to": ["tensorboard", "mlflow"]}
     with pytest.raises(KeyboardInterrupt):  # step 3 is logged everywhere, the checkpoint is step 2

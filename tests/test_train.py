@@ -63,7 +63,7 @@ def test_resume_auto_starts_a_new_run_then_continues_it(tiny_pair, tmp_path):
     out = tmp_path / "auto"
     argv = ["train", "--student", str(tiny_pair["student"]), "--teacher", str(tiny_pair["teacher"]),
             "--prompts", str(tiny_pair["prompts"]), "--out", str(out), "--max-steps", "2",
-            "--prompts-per-step", "4", "--rollouts-per-prompt", "2", "--max-new-tokens", "8",
+            "--prompts-per-step", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8",
             "--save-every", "2", "--set", "objective.k=4", "--set", "measure_k=4",
             "--set", "progress=false", "--resume", "auto"]
     assert main(argv) == 0  # no run in --out yet: a new one
@@ -123,14 +123,14 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
     code = main(["train", "--student", str(tiny_pair["student"]), "--teacher",
                  str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out",
                  str(out), "--max-steps", "2", "--prompts-per-step", "2",
-                 "--rollouts-per-prompt", "2", "--max-new-tokens", "6",
+                 "--samples-per-prompt", "2", "--max-new-tokens", "6",
                  "--set", "progress=false", "--set", "lr=1e-3"])
     assert code == 0
     assert len(load_metrics(out)) == 2
     grpo_out = tmp_path / "grpo"
     code = main(["grpo", "--student", str(tiny_pair["student"]), "--prompts",
                  str(tiny_pair["prompts"]), "--out", str(grpo_out), "--max-steps", "1",
-                 "--prompts-per-step", "2", "--rollouts-per-prompt", "2", "--max-new-tokens", "4",
+                 "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4",
                  "--set", "progress=false"])
     assert code == 0
     (record,) = load_metrics(grpo_out)

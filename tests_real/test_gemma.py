@@ -38,7 +38,7 @@ def test_its_head_runs_chunked_and_a_twin_is_ideal(gemma, tmp_path):
     prompts.write_text(json.dumps({"prompt": PROMPT, "answer": "47"}) + "\n")
     result = opd.train(student=str(gemma), teacher=str(gemma), prompts=str(prompts),
                        out=str(tmp_path / "run"), max_steps=1, prompts_per_step=1,
-                       rollouts_per_prompt=2, max_new_tokens=8, max_prompt_tokens=32,
+                       samples_per_prompt=2, max_new_tokens=8, max_prompt_tokens=32,
                        chunk_size=4, eval_every=0, progress=False,
                        **{"objective.k": 8, "measure_k": 8})
     (record,) = result.metrics()

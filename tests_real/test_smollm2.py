@@ -20,7 +20,7 @@ from opd.models.gguf import SOURCE_FILE, converted_folder
 TOLERANCE = 1e-4
 """float32 sums over a 49,152-token vocabulary: measured within 1e-6; 1e-4 leaves room."""
 
-SMALL = {"prompts_per_step": 2, "rollouts_per_prompt": 2, "max_new_tokens": 12,
+SMALL = {"prompts_per_step": 2, "samples_per_prompt": 2, "max_new_tokens": 12,
          "max_prompt_tokens": 96, "objective.k": 8, "measure_k": 8, "lr": 1e-4,
          "warmup_steps": 0, "eval_every": 0, "progress": False}
 
@@ -103,8 +103,8 @@ def test_eval_runs_on_the_gguf_file(smollm2_gguf, addition_prompts):
 
 def test_diagnose_sees_no_novelty_in_a_twin(smollm2_gguf, addition_prompts, tmp_path):
     diagnosis = opd.diagnose(str(smollm2_gguf), str(smollm2_gguf), str(addition_prompts),
-                             out=tmp_path / "diagnosis", num_prompts=4, n=2, max_new_tokens=12,
-                             depths=(0.0,), progress=False)
+                             out=tmp_path / "diagnosis", num_prompts=4, samples_per_prompt=2,
+                             max_new_tokens=12, depths=(0.0,), progress=False)
     assert diagnosis.verdict == "no-novelty"
     assert diagnosis.teacher.measures[M.OVERLAP_RATIO] == pytest.approx(1.0, abs=TOLERANCE)
     assert (tmp_path / "diagnosis" / "diagnosis.json").exists()
@@ -123,8 +123,8 @@ def test_cold_start_runs_its_stages(smollm2_gguf, addition_prompts, tmp_path):
 
 def test_select_prompts_ranks_real_prompts(smollm2_gguf, addition_prompts, tmp_path):
     selection = opd.select_prompts(str(smollm2_gguf), str(smollm2_gguf), str(addition_prompts),
-                                   tmp_path / "selection", num_prompts=8, n=2, max_new_tokens=12,
-                                   k=8, trial_steps=0, progress=False)
+                                   tmp_path / "selection", num_prompts=8, samples_per_prompt=2,
+                                   max_new_tokens=12, k=8, trial_steps=0, progress=False)
     assert selection.counts and selection.prompts.exists()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.conftest import make_model
 
-from opd.config.training import VLLMConfig
+from opd.config.fields import VLLMConfig
 from opd.step.engines import VLLMEngine, vllm_engine
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on vLLM's CPU build

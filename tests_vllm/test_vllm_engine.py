@@ -97,7 +97,7 @@ def test_a_lora_student_is_synced_merged(engine, vllm_pair):
 def _run(vllm_pair, out, **settings):
     return opd.train(student=str(vllm_pair["student"]), teacher=str(vllm_pair["teacher"]),
                      prompts=str(vllm_pair["prompts"]), eval_prompts=str(vllm_pair["prompts"]),
-                     out=str(out), max_steps=3, prompts_per_step=4, rollouts_per_prompt=2,
+                     out=str(out), max_steps=3, prompts_per_step=4, samples_per_prompt=2,
                      max_new_tokens=16, max_prompt_tokens=16, lr=1e-3, eval_temperature=0.0,
                      progress=False, **{**SETTINGS, **settings})
 
@@ -177,7 +177,7 @@ def test_a_seeded_rollout_does_not_depend_on_its_batch(engine, vllm_pair):
 def test_a_greedy_diagnosis_on_vllm_equals_opds_sampler(vllm_pair):
     """Greedy rollouts, continuations and teacher attempts: the same tokens from either engine,
     so the same measures, curves and verdict (the engine moves from student to teacher)."""
-    options = dict(num_prompts=8, n=1, max_new_tokens=12, temperature=0.0, depths=(0.0, 0.5),
+    options = dict(num_prompts=8, samples_per_prompt=1, max_new_tokens=12, temperature=0.0, depths=(0.0, 0.5),
                    progress=False, dtype="float32",
                    **{k: v for k, v in SETTINGS.items() if k.startswith("vllm.")})
     args = (str(vllm_pair["student"]), str(vllm_pair["teacher"]), str(vllm_pair["prompts"]))
@@ -191,9 +191,9 @@ def test_a_greedy_diagnosis_on_vllm_equals_opds_sampler(vllm_pair):
 def test_select_prompts_on_vllm_measures_and_runs_its_trials_there(vllm_pair, tmp_path):
     vllm = {k: v for k, v in SETTINGS.items() if k.startswith("vllm.")}
     opd.select_prompts(str(vllm_pair["student"]), str(vllm_pair["teacher"]),
-                       str(vllm_pair["prompts"]), str(tmp_path), num_prompts=8, n=2,
+                       str(vllm_pair["prompts"]), str(tmp_path), num_prompts=8, samples_per_prompt=2,
                        max_new_tokens=6, k=4, trial_steps=1, trial_profile="cpu-small",
-                       trial_settings={"prompts_per_step": 2, "rollouts_per_prompt": 2,
+                       trial_settings={"prompts_per_step": 2, "samples_per_prompt": 2,
                                        "objective": {"k": 4}, "measure_k": 4, "dtype": "float32"},
                        teacher_template="a b {prompt}", rollout_engine="vllm", dtype="float32",
                        progress=False, **vllm)
@@ -209,7 +209,7 @@ def test_two_processes_on_vllm_match_one(engine, vllm_pair, tmp_path, parallel):
     """Under torchrun each process runs its own engine on its share of the prompts, given the
     student's whole weights (replicated, or gathered from the FSDP shards); the seeded rollouts,
     hence the loss curve, are the single process's (as tests/test_distributed.py)."""
-    options = ["--max-steps", "2", "--prompts-per-step", "4", "--rollouts-per-prompt", "2",
+    options = ["--max-steps", "2", "--prompts-per-step", "4", "--samples-per-prompt", "2",
                "--max-new-tokens", "8", "--max-prompt-tokens", "16", "--set", "lr=1e-3",
                "--rollout-engine", "vllm", "--no-progress",
                *[f"--set={key}={value}" for key, value in SETTINGS.items()]]
@@ -242,7 +242,7 @@ def test_the_cold_starts_teacher_data_come_from_the_engine(vllm_pair, tmp_path):
                "cold_start.sft_steps": 1}
     opd.cold_start(student=str(vllm_pair["student"]), teacher=str(vllm_pair["teacher"]),
                    prompts=str(vllm_pair["prompts"]), out=str(tmp_path), max_steps=1,
-                   prompts_per_step=4, rollouts_per_prompt=1, max_new_tokens=64,
+                   prompts_per_step=4, samples_per_prompt=1, max_new_tokens=64,
                    max_prompt_tokens=16, progress=False, rollout_engine="vllm", force=True,
                    **options, **SETTINGS)
     kept = [json.loads(line) for line in (tmp_path / "teacher_data.jsonl").read_text().splitlines()]

@@ -151,8 +151,8 @@ def test_diagnose_against_a_served_vllm_teacher(vllm_pair, served_vllm, tmp_path
     own attempts through vLLM alike) but the entropies, which the diagnosis and its report
     mark as top-k estimates."""
     common = ["diagnose", "--student", str(vllm_pair["student"]), "--prompts",
-              str(vllm_pair["prompts"]), "--num-prompts", "6", "--n", "2", "--max-new-tokens", "6",
-              "--dtype", "float32", "--no-progress"]
+              str(vllm_pair["prompts"]), "--num-prompts", "6", "--samples-per-prompt", "2",
+              "--max-new-tokens", "6", "--dtype", "float32", "--no-progress"]
     assert main([*common, "--teacher", str(vllm_pair["teacher"]), "--out", str(tmp_path / "l")]) == 0
     assert main([*common, "--teacher", served_vllm, "--out", str(tmp_path / "s")]) == 0
     local, remote = (json.loads((tmp_path / name / "diagnosis.json").read_text())["teacher"]

@@ -32,6 +32,7 @@ from opd.doctor.measure import DiagnoseConfig
 from opd.doctor.rules import Thresholds
 from opd.errors import OPDError
 from opd.evaluation.accuracy import EvalConfig, EvalResult
+from opd.io import fmt
 from opd.recipes.select_prompts import SelectConfig
 from opd.run.folder import Resume
 from opd.runtime import StepHook
@@ -155,7 +156,7 @@ def grpo(config: ConfigLike = None, /, *, resume: Resume = False, hooks: Sequenc
 def evaluate(model: str | None = None, prompts: str | None = None, *, config: ConfigLike = None,
              **settings: Any) -> EvalResult:
     """avg@n accuracy of a model folder (or hub id) on a prompt set with answers (`opd eval`):
-    `n` samples per prompt at `temperature`, each checked by the `verifier`."""
+    `samples_per_prompt` samples per prompt at `temperature`, each checked by the `verifier`."""
     from opd.evaluation.accuracy import evaluate_model
 
     return evaluate_model(_config(EvalConfig, config, {"model": model, "prompts": prompts,
@@ -245,9 +246,9 @@ class Diagnosis:
                 continue
             lines.append(f"{label} {teacher.path}: {teacher.verdict}")
             for check in teacher.checks.values():
-                lines.append(f"  {check.name:<10} value {_fmt(check.value)}  threshold "
-                             f"{_fmt(check.threshold)}  margin {_fmt(check.margin)}  "
-                             f"passed {_fmt(check.passed)}")
+                lines.append(f"  {check.name:<10} value {fmt(check.value)}  threshold "
+                             f"{fmt(check.threshold)}  margin {fmt(check.margin)}  "
+                             f"passed {fmt(check.passed)}")
             lines += [f"  advice: {a}" for a in teacher.advice]
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"cost: {self.cost.wall_seconds:.1f} s, "
@@ -268,14 +269,6 @@ class Diagnosis:
             student_accuracy=data["student"].get("accuracy"), warnings=tuple(data["warnings"]),
             out=out, data=data,
         )
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def diagnose(student: str | None = None, teacher: str | None = None, prompts: str | None = None,
@@ -473,11 +466,11 @@ def build_zoo(profile: str = "quick", root: str | Path = ".opd-cache/zoo",
     `full` for the documented results; `only` builds just those models (and what they start
     from)."""
     from opd.io import check_output_folder
-    from opd.lab.zoo import build_zoo as build
+    from opd.lab.zoo import build_zoo_stages
 
     check_output_folder(root, "root")
     folder = Path(root) / profile
-    data = build(folder, profile, progress=progress, only=only)
+    data = build_zoo_stages(folder, profile, progress=progress, only=only)
     return Zoo(folder, profile,
                {name: folder / m["folder"] for name, m in data["models"].items()},
                {name: folder / s["path"] for name, s in data["sets"].items()},

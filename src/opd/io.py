@@ -1,5 +1,6 @@
-"""Atomic file writes: a file appears under its final name only once it is complete, so a
-killed process never leaves a half-written result that looks finished."""
+"""Atomic writes of files and folders: one appears under its final name only once it is
+complete, so a killed process never leaves a half-written result that looks finished. Also the one format of
+the numbers people read in reports, cards and summaries (`fmt`)."""
 
 from __future__ import annotations
 
@@ -52,18 +53,30 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_folder(folder: Path) -> None:
+    """Rename `folder` out of the way, then delete it: a kill half-way through never leaves a
+    half-deleted folder under its name."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".old")
+        shutil.rmtree(trash, ignore_errors=True)
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_folder(final: Path) -> Iterator[Path]:
-    """Build a folder under a temporary sibling name and rename it to `final` once the block
-    ends without an error (the temporary folder is removed otherwise), so a folder under its
-    final name is always complete."""
+def atomic_folder(final: Path, begun: Path | None = None) -> Iterator[Path]:
+    """A folder to build in, renamed to `final` (replacing what is there) once the block ends
+    without an error; on an error it is removed and `final` is left as it was. It is the
+    hidden sibling `.NAME.tmp`, emptied first (a killed attempt's leftovers go), or `begun`: a
+    temporary folder already started, e.g. by other processes."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = begun if begun is not None else final.with_name(f".{final.name}.tmp")
+    if begun is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     try:
         yield tmp
+        remove_folder(final)
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +95,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a .jsonl file, one per non-empty line."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A value as people read it in a table or a summary: – for None, yes/no for a bool,
+    floats with `spec`."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
 
 
 def is_url(teacher: str) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from opd import metrics as M
 from opd.config.training import build_config
 from opd.lab.world import ADDITION, Dialect, World, vocabulary
-from opd.lab.zoo import ModelStage, Profile, Size, build_zoo
+from opd.lab.zoo import ModelStage, Profile, Size, build_zoo_stages
 from opd.metrics import read as load_metrics
 from opd.recipes.cold_start import GateStopped, run_cold_start
 from opd.run.loop import run_training
@@ -117,7 +117,7 @@ SECOND_WORLD = Profile("second-world", (2,), 3000, 100, 10, models=(
 
 def test_a_second_world_is_rescued_by_the_defaults(tmp_path) -> None:
     root = tmp_path / "world"
-    zoo = build_zoo(root, SECOND_WORLD, progress=False)
+    zoo = build_zoo_stages(root, SECOND_WORLD, progress=False)
     assert zoo["models"]["teacher"]["accuracy"]["subskill"] >= 0.5
     out = tmp_path / "cold"
     report = run_cold_start(cold_config(root, "student", "teacher", out, OTHER))

@@ -11,7 +11,7 @@ import pytest
 from opd.data.prompts import load_prompts, render_prompt
 from opd.errors import OPDError
 from opd.lab import zoo as zoo_module
-from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
+from opd.lab.zoo import PROFILES, build_zoo_stages, load_sets, model_folder
 from opd.models.loading import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,7 @@ def test_rebuild_loads_from_cache(quick_zoo: Zoo, monkeypatch: pytest.MonkeyPatc
         raise AssertionError("a cached stage was retrained")
 
     monkeypatch.setattr(zoo_module, "train_sft", refuse)
-    assert build_zoo(root, profile="quick", progress=False) == zoo
+    assert build_zoo_stages(root, profile="quick", progress=False) == zoo
 
 
 def test_interrupted_stage_leaves_no_complete_folder(tmp_path: Path) -> None:
@@ -117,13 +117,13 @@ def test_interrupted_stage_leaves_no_complete_folder(tmp_path: Path) -> None:
 def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
     assert set(PROFILES) == {"full", "quick"}
     with pytest.raises(OPDError, match="unknown profile"):
-        build_zoo(tmp_path, profile="huge")
+        build_zoo_stages(tmp_path, profile="huge")
 
 
 def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
     """The gap is learnable: a short SFT on teacher-aligned's data lifts the chain accuracy."""
     from opd.lab.world import sft_examples
-    from opd.lab.zoo import evaluate_model
+    from opd.lab.zoo import eval_set_accuracy
     from opd.run.sft import SFTConfig, train_sft
 
     root, zoo = quick_zoo
@@ -132,5 +132,5 @@ def test_student_can_learn_the_subskill(quick_zoo: Zoo) -> None:
     examples = sft_examples(sets["teacher-train"], "A", seed=0)
     train_sft(model, tokenizer, examples, SFTConfig(steps=40, lr=3e-4, warmup_steps=5,
                                                     progress=False))
-    after = evaluate_model(model, tokenizer, {"eval-chain-d2": sets["eval-chain-d2"]})
+    after = eval_set_accuracy(model, tokenizer, {"eval-chain-d2": sets["eval-chain-d2"]})
     assert after["eval-chain-d2"] >= acc(zoo, "student", "subskill") + 0.3

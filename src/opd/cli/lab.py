@@ -9,6 +9,7 @@ from typing import Any
 
 from opd.config import settings
 from opd.config.settings import Config, setting
+from opd.io import fmt
 from opd.lab.demo import DEMO_PROFILES, print_demo, run_demo
 from opd.lab.zoo import PROFILES
 
@@ -50,7 +51,7 @@ def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
     for name, model in zoo["models"].items():
         table.add_row(name, model["role"], model["dialect"], str(model["template"]),
                       f"{model['parameters'] / 1e6:.2f}M",
-                      *(f"{model['accuracy'][g]:.3f}" for g in groups),
+                      *(fmt(model["accuracy"][g]) for g in groups),
                       str(zoo["build_seconds"].get(name)))
     Console().print(table)
     print(root / "zoo.json")

@@ -9,6 +9,7 @@ from typing import Any
 
 from opd.config import settings
 from opd.config.training import TrainConfig
+from opd.io import fmt
 from opd.recipes.select_prompts import SelectConfig
 from opd.runtime import is_main_process
 
@@ -33,10 +34,10 @@ def cmd_select_prompts(config: SelectConfig, args: argparse.Namespace) -> int:
             ("output (fresh rollouts)", step0["fresh_rollouts"]["output"])]
     print(f"step-0 overlap ratio (top-{selection['k']}):")
     for name, values in rows:
-        print(f"  {name:<28}{values['overlap_ratio']:.3f}")
+        print(f"  {name:<28}{fmt(values['overlap_ratio'])}")
     effect = (selection["trial"] or {}).get("entropy_effect")
     if effect is not None:
-        print(f"trial: student entropy on selected minus unselected prompts {effect:+.3f}")
+        print(f"trial: student entropy on selected minus unselected prompts {fmt(effect, '+.3f')}")
     counts = selection["counts"]
     print(f"kept {counts['kept']} of {counts['candidates']}, mixed in {counts['mixed_in']}: "
           f"wrote {config.out}/prompts.jsonl, selection.json, report.md, selection.png; train "

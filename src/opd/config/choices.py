@@ -25,6 +25,9 @@ PARALLEL = ("ddp", "fsdp")
 TEACHER_PARALLEL = ("replicate", "fsdp")
 """How it holds the teacher (`teacher_parallel`): a whole copy per process, or sharded."""
 MIXED_PRECISION = ("no", "bf16")
+"""Mixed precision of the student's forward and backward (`mixed_precision`)."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""Model dtypes (`dtype`): auto picks float32 on a CPU, bfloat16 on a GPU."""
 SERVED_OBJECTIVES = ("sampled", "topk", "subset_kl")
 """Objectives that read only the teacher entries a served teacher sends (the sampled token, its
 top-k, the student's candidates); the others need its whole distribution."""

@@ -31,6 +31,9 @@ import yaml
 from opd.errors import OPDError
 
 MISSING = dataclasses.MISSING
+RENAMED = {"rollouts_per_prompt": "samples_per_prompt", "n": "samples_per_prompt",
+           "eval_n": "eval_samples_per_prompt"}
+"""Old setting name → its new name, for the line that says so when someone uses the old one."""
 _PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("opd_config_prefix", default="")
 """Dotted path of the group being built, so that a nested field's error names its full path."""
 
@@ -180,6 +183,8 @@ def construct(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
             flag = "--" + (prefix + field.name).replace("_", "-")
             raise OPDError(f"config: {prefix + field.name} is required; pass {flag} VALUE")
     for key in values:
+        if key not in names and RENAMED.get(key) in names:
+            raise OPDError(f"config: {prefix + key} was renamed {prefix + RENAMED[key]}")
         if key not in names:
             close = [n for n in sorted(names) if n.startswith(key[:3])]
             hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
@@ -339,6 +344,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
                         help="set any setting, e.g. objective.k=8 (repeatable)")
     common.add_argument("--help-config", action="store_true",
                         help="list every setting with its default and meaning")
+    for old in _renamed_flags(cls):
+        common.add_argument("--" + old.replace("_", "-"), dest=old, help=argparse.SUPPRESS)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for path, field, kind in leaves(cls):
         head = path.rsplit(".", 1)[0] if "." in path else ""
@@ -359,6 +366,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type,
             metavar = "{" + ",".join(map(str, choices)) + "}" if choices else _metavar(kind)
             groups[head].add_argument(flag, dest=path, default=None, metavar=metavar,
                                       help=f"{text} (default: {shown})".replace("%", "%%"))
+
+
+def _renamed_flags(cls: type) -> list[str]:
+    """Old names of `cls`'s settings: hidden flags, so that one says what it was renamed."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return [old for old, new in RENAMED.items() if new in names]
 
 
 def _metavar(kind: Any) -> str:
@@ -382,6 +395,7 @@ def from_args(cls: type, args: argparse.Namespace, forced: Mapping[str, Any] | N
             raise OPDError(f"profile: unknown value {name!r}; choose one of {sorted(profiles)}")
         profile_layer = profiles[name]
     flags = {path: getattr(args, path) for path, _, _ in leaves(cls)}
+    flags.update({old: getattr(args, old, None) for old in _renamed_flags(cls)})
     return build(cls, profile_layer, defaults or {}, file_layer, flags, parse_set(args.set),
                  forced or {})
 

@@ -25,11 +25,13 @@ from opd.config.choices import (
     WEIGHTINGS,
 )
 from opd.config.fields import (
-    ANSWER_FIELD_HELP,
-    MESSAGES_FIELD_HELP,
-    PROMPT_FIELD_HELP,
-    SPLIT_HELP,
-    TEACHER_FIELD_HELP,
+    Decoding,
+    Generation,
+    ModelLoading,
+    ModelPair,
+    PromptSource,
+    TeacherOptions,
+    VLLMConfig,
     check_template,
 )
 from opd.config.settings import Config, build, group, setting
@@ -46,22 +48,6 @@ def check_served_teacher(objective: str, teacher_prompt: str) -> None:
     if teacher_prompt != "student":
         raise OPDError("teacher_prompt: `own` needs the teacher's tokenizer in this process; "
                        "with a served teacher use teacher_prompt student")
-
-
-@dataclass(frozen=True)
-class VLLMConfig(Config):
-    """The colocated vLLM engine of `rollout_engine: vllm`."""
-
-    memory_share: float = setting(
-        0.3, "Share of the GPU's memory the engine may take for its weights and KV cache (vLLM's "
-        "gpu_memory_utilization; the trainer uses the rest). On vLLM's CPU build it is the share "
-        "of RAM and the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB).", above=0, maximum=1)
-    sleep: bool = setting(
-        True, "On a GPU, put the engine to sleep (weights moved to host memory, KV cache freed) "
-        "while the student is scored and updated; it wakes for the next rollouts. Ignored on a CPU.")
-    enforce_eager: bool = setting(
-        False, "Run the engine without CUDA graphs: a faster start and less memory, slower "
-        "generation.")
 
 
 @dataclass(frozen=True)
@@ -82,8 +68,8 @@ class ObjectiveConfig(Config):
                                          "before its log-softmax.", above=0)
 
 
-@dataclass(frozen=True)
-class ColdStartConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class ColdStartConfig(Decoding):
     """The off-policy cold start's teacher data and fine-tuning (`opd cold-start`, and the
     monitor's `on_failure: cold-start`); its OPD stage uses the run's own settings."""
 
@@ -121,8 +107,8 @@ class ColdStartConfig(Config):
                                 "(off: switched off, as in the on-policy stage).")
 
 
-@dataclass(frozen=True)
-class TrainConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoading, ModelPair):
     """Everything one OPD / GRPO / hybrid run needs. Defaults follow the study."""
 
     student: str = setting("", "Local Hugging Face folder (or hub id) of the student; it is "
@@ -130,37 +116,22 @@ class TrainConfig(Config):
     teacher: str = setting("", "Folder or hub id of the teacher; frozen. Not needed when "
                            "distill_weight is 0 (GRPO). A URL (http://host:port) scores with "
                            "a teacher served by `opd serve-teacher`.")
-    teachers: dict[str, str] = setting(
-        factory=dict, help="Several teachers: a value of the prompt field `teacher_field` → the "
-        "teacher folder or URL that scores the prompts with that value, e.g. {math: ./t1, code: "
-        "http://host:8000}; instead of `teacher`.")
-    teacher_field: str = setting("source", TEACHER_FIELD_HELP)
-    teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
-                                     "(retried with backoff) before the run stops, keeping its "
-                                     "last checkpoint.", above=0)
-    prompts: str = setting("", "Prompt file (.jsonl / .parquet), folder written by save_to_disk "
-                           "or hub dataset id, with a `prompt` text or chat `messages` per row.")
-    split: str | None = setting(None, SPLIT_HELP)
-    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
-    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
-    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
-    out: str = setting("runs/opd", "Run folder: metrics.jsonl, checkpoints/, config.yaml, "
-                       "reports.")
-    max_steps: int = setting(100, "Optimizer steps to run.", minimum=1)
-    prompts_per_step: int = setting(64, "Prompts per step, across all processes.", minimum=1)
-    rollouts_per_prompt: int = setting(4, "Student samples per prompt (the GRPO group).",
-                                       minimum=1)
+    samples_per_prompt: int = setting(4, "Student samples per prompt (the GRPO group).",
+                                      minimum=1)
     max_new_tokens: int = setting(7168, "Response length cap; a response hitting it counts as "
                                   "truncated.", minimum=1)
-    max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
-                                     "front with its row named, never cut.", minimum=1)
-    temperature: float = setting(1.0, "Rollout sampling temperature (0 = greedy).", minimum=0)
-    top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
+    seed: int = setting(0, "Seed for data order, rollouts and initialisation.")
     rollout_engine: str = setting(
         "hf", "What samples the student's rollouts: hf (opd's own sampler in transformers: exact "
         "and deterministic) or vllm (a vLLM engine in the training process, given the new weights "
         "after every step; needs the vllm extra).", choices=ENGINES)
     vllm: VLLMConfig = group(VLLMConfig, "The colocated vLLM engine (rollout_engine: vllm).")
+    out: str = setting("runs/opd", "Run folder: metrics.jsonl, checkpoints/, config.yaml, "
+                       "reports.")
+    max_steps: int = setting(100, "Optimizer steps to run.", minimum=1)
+    prompts_per_step: int = setting(64, "Prompts per step, across all processes.", minimum=1)
+    max_prompt_tokens: int = setting(1024, "Prompt length cap; a longer prompt is refused up "
+                                     "front with its row named, never cut.", minimum=1)
     tis_cap: float = setting(
         0.0, "Truncated importance sampling against the rollout engine: each token's loss is "
         "weighted by min(p_trainer / p_engine, tis_cap) (rollout_engine: vllm; 0 = off).", minimum=0)
@@ -206,19 +177,14 @@ class TrainConfig(Config):
     eval_split: str | None = setting(None, "Split of eval_prompts when it is a dataset.")
     eval_every: int = setting(0, "Evaluate every this many steps (0 = only at start and end "
                               "when eval_prompts is set).", minimum=0)
-    eval_n: int = setting(1, "Samples per evaluation prompt (avg@n).", minimum=1)
+    eval_samples_per_prompt: int = setting(1, "Samples per evaluation prompt (avg@n).",
+                                           minimum=1)
     eval_temperature: float = setting(0.7, "Evaluation sampling temperature (0 = greedy).",
                                       minimum=0)
     eval_top_p: float = setting(0.95, "Evaluation nucleus threshold.", above=0, maximum=1)
     save_every: int = setting(50, "Checkpoint every this many steps (and at the end).",
                               minimum=1)
     keep_checkpoints: int = setting(2, "Most recent checkpoints kept.", minimum=1)
-    seed: int = setting(0, "Seed for data order, rollouts and initialisation.")
-    trust_remote_code: bool = setting(False, "Allow model code from the model folder (off "
-                                      "unless asked).")
-    dtype: str = setting("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), "
-                         "float32, bfloat16 or float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
     lora_rank: int = setting(0, "Train LoRA adapters of this rank instead of all weights "
                              "(needs peft); 0 = full.", minimum=0)
     disable_dropout: bool = setting(
@@ -273,8 +239,8 @@ class TrainConfig(Config):
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise OPDError("mixed_precision: bf16 keeps float32 master weights; set dtype=float32 "
                            "(or mixed_precision=no)")
-        if self.outcome_weight and self.rollouts_per_prompt < 2:
-            raise OPDError("config: outcome_weight needs rollouts_per_prompt ≥ 2 (a group "
+        if self.outcome_weight and self.samples_per_prompt < 2:
+            raise OPDError("config: outcome_weight needs samples_per_prompt ≥ 2 (a group "
                            "baseline)")
 
 
@@ -282,7 +248,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "study": {},
     "cpu-small": {
         "prompts_per_step": 16,
-        "rollouts_per_prompt": 4,
+        "samples_per_prompt": 4,
         "max_new_tokens": 96,
         "max_prompt_tokens": 64,
         "lr": 1e-4,

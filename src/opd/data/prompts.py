@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from opd.config.fields import PromptSource
 from opd.errors import OPDError, one_line
 from opd.io import write_jsonl_atomic
 
@@ -285,7 +286,7 @@ def load_prompts(path: str | Path, field: str = "prompts", *, split: str | None 
     return records
 
 
-def source_of(config: Any, split: str = "split") -> dict[str, Any]:
+def source_of(config: PromptSource, split: str = "split") -> dict[str, Any]:
     """The `load_prompts` keywords of a verb's config: its split (or another split setting,
     e.g. `eval_split`) and its column names."""
     return {"split": getattr(config, split), "prompt_field": config.prompt_field,

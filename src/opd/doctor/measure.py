@@ -30,15 +30,15 @@ from tqdm.auto import tqdm
 from opd import metrics as M
 from opd.config.choices import ENGINES
 from opd.config.fields import (
-    ANSWER_FIELD_HELP,
-    MESSAGES_FIELD_HELP,
-    PROMPT_FIELD_HELP,
-    SPLIT_HELP,
-    TEACHER_FIELD_HELP,
+    Decoding,
+    Generation,
+    ModelLoading,
+    ModelPair,
+    PromptSource,
+    TeacherOptions,
     check_template,
 )
-from opd.config.settings import Config, group, setting
-from opd.config.training import VLLMConfig
+from opd.config.settings import group, setting
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_of
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
@@ -66,20 +66,13 @@ from opd.teachers.client import ServedTeacher, TeacherClient, check_served_vocab
 from opd.teachers.protocol import vocabulary_fingerprint
 
 
-@dataclass(frozen=True)
-class DiagnoseConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoading, ModelPair):
     """Inputs and sampling settings of one diagnosis (`opd diagnose`)."""
 
-    student: str = setting("", "Student model folder (or hub id).")
-    teacher: str = setting("", "Teacher model folder (or hub id), or the URL of `opd "
-                           "serve-teacher` (http://host:port).")
     prompts: str = setting("", "The prompts you plan to train on (.jsonl / .parquet, a "
                            "save_to_disk folder or a hub dataset id); an 'answer' per row enables "
                            "the accuracy checks.")
-    split: str | None = setting(None, SPLIT_HELP)
-    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
-    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
-    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     out: str = setting("diagnosis", "Output folder of diagnosis.json, report.md and figures.")
     teacher2: str | None = setting(None, "A second teacher (folder or URL): measured the same "
                                    "way, and compared with the first.")
@@ -87,7 +80,6 @@ class DiagnoseConfig(Config):
         factory=dict, help="Several teachers, as in training: a value of the prompt field "
         "`teacher_field` → the teacher folder or URL for the prompts with that value; each gets its "
         "own diagnosis and verdict, in OUT/<value>. Instead of `teacher`.")
-    teacher_field: str = setting("source", TEACHER_FIELD_HELP)
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
                                            "student tokenizer's chat template.")
     teacher_template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -97,11 +89,8 @@ class DiagnoseConfig(Config):
                                   choices=("student", "own"))
     num_prompts: int = setting(64, "Prompts sampled (seeded) from the file: take them from the "
                                "set you plan to train on.", minimum=1)
-    n: int = setting(4, "Student rollouts per prompt.", minimum=1)
-    max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
     temperature: float = setting(1.0, "Rollout temperature (as in training: the states OPD "
                                  "will see).", minimum=0)
-    top_p: float = setting(1.0, "Rollout nucleus threshold.", above=0, maximum=1)
     capability_temperature: float = setting(
         0.0, "Decoding of the continuations and of the teacher's own attempts: 0 = greedy, so "
         "that a capability is what a model does at its mode, not what sampling noise lets it "
@@ -120,20 +109,13 @@ class DiagnoseConfig(Config):
         "hf", "What generates the rollouts, continuations and the teacher's own attempts: hf "
         "(opd's own sampler) or vllm (needs the vllm extra; one engine, on each model in turn).",
         choices=ENGINES)
-    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
-    dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
     train_steps: int = setting(200, "Steps of the training run being judged (for the cost "
                                "share).", minimum=1)
     train_rollouts: int = setting(256, "Rollouts per step of that run (the study: 64 prompts × "
                                   "4).", minimum=1)
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
-    teacher_timeout: float = setting(60.0, "Seconds a served teacher may stay unreachable "
-                                     "(retried with backoff) before the diagnosis stops.", above=0)
     progress: bool = setting(True, "Show a progress bar.")
-    trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
-                                      "unless asked).")
 
     def check(self) -> None:
         check_template(self.student_template, "student_template")
@@ -165,7 +147,7 @@ class Pair:
 
 
 @dataclass
-class Context:
+class Baseline:
     """What every teacher is measured against: the student, its rollouts and continuations."""
 
     config: DiagnoseConfig
@@ -262,7 +244,7 @@ def _body_length(ids: list[int], eos: int) -> int:
     return len(ids) - 1 if ids and ids[-1] == eos else len(ids)
 
 
-def _continue(pair: Pair, ctx: Context, depth_index: int) -> tuple[list[bool], int]:
+def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], int]:
     """Correctness of `pair` continuing every cut rollout at one depth, and tokens generated.
     Seeds depend only on (rollout, depth), so every model draws the same random numbers."""
     config, rollouts = ctx.config, ctx.rollouts
@@ -285,7 +267,7 @@ def _continue(pair: Pair, ctx: Context, depth_index: int) -> tuple[list[bool], i
     return correct, sum(len(r) for r in out.response_ids)
 
 
-def _teacher_inputs(pair: Pair, ctx: Context, rows: slice):
+def _teacher_inputs(pair: Pair, ctx: Baseline, rows: slice):
     """The teacher's rows for scoring: its prompt rendering around the student's responses."""
     index = ctx.rollouts.prompt_index[rows].tolist()
     return pack([pair.prompt_rows[i] for i in index], ctx.rollouts.response_ids[rows],
@@ -316,7 +298,7 @@ def _measures_at(ks: Sequence[int]):
 
 
 @torch.no_grad()
-def _score(left: Pair, right: Pair, ctx: Context, k: Sequence[int]) -> dict[str, Any]:
+def _score(left: Pair, right: Pair, ctx: Baseline, k: Sequence[int]) -> dict[str, Any]:
     """Per-token measures of `right` against `left` (left plays the student; right may be
     served) on the student's rollouts, for each k: a dict k → {measure: [M] tensor} (the token
     measures and SHARES), plus positions and rows. Rows are scored `batch_size` at a time, in
@@ -352,7 +334,7 @@ def _row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[fl
     return (sums / counts.clamp(min=1)).tolist()
 
 
-def _pattern(scored: dict[str, Any], ctx: Context) -> dict[str, Any]:
+def _pattern(scored: dict[str, Any], ctx: Baseline) -> dict[str, Any]:
     """Overall and by-position means of every measure, for each k."""
     max_len = int(ctx.rollouts.response_lengths.max())
     edges = position_bin_edges(max(max_len, 1), ctx.config.position_bins)
@@ -364,7 +346,7 @@ def _pattern(scored: dict[str, Any], ctx: Context) -> dict[str, Any]:
     return out
 
 
-def _template_check(teacher: Pair, ctx: Context) -> dict[str, Any]:
+def _template_check(teacher: Pair, ctx: Baseline) -> dict[str, Any]:
     """The teacher's log-prob of the student's responses under its own template (`teacher`'s
     prompt rows) minus under the student's rendering: a mean over each rollout's tokens, then
     mean and prompt-clustered SE over rollouts. It applies when OPD shows the teacher the
@@ -392,17 +374,17 @@ def _template_check(teacher: Pair, ctx: Context) -> dict[str, Any]:
             "example_own": decode(teacher.prompt_rows[0]), "example_student": decode(asked.prompt_rows[0])}
 
 
-def _response_rows(ctx: Context) -> torch.Tensor:
+def _response_rows(ctx: Baseline) -> torch.Tensor:
     """The rollout row of each response token, row-major (as `ResponseStates.rows`)."""
     lengths = torch.tensor([len(r) for r in ctx.rollouts.response_ids])
     return torch.arange(len(lengths)).repeat_interleave(lengths)
 
 
-def _as_student_rendering(teacher: Pair, ctx: Context) -> Pair:
+def _as_student_rendering(teacher: Pair, ctx: Baseline) -> Pair:
     return replace(teacher, prompt_rows=ctx.student.prompt_rows)
 
 
-def _continuation_curve(pair: Pair, ctx: Context) -> tuple[list[dict[str, Any]], list[list[bool]]]:
+def _continuation_curve(pair: Pair, ctx: Baseline) -> tuple[list[dict[str, Any]], list[list[bool]]]:
     """Per depth: accuracies and the paired advantage (all prompts; prompts the student never
     solved), with prompt-clustered standard errors."""
     index = ctx.rollouts.prompt_index.tolist()
@@ -435,7 +417,7 @@ def _continuation_curve(pair: Pair, ctx: Context) -> tuple[list[dict[str, Any]],
     return curve, teacher_correct
 
 
-def _solved(ctx: Context) -> set[int]:
+def _solved(ctx: Baseline) -> set[int]:
     """Prompts the student solved at least once: in a rollout or continuing from the prompt
     (the shallowest cut). The others are what the student cannot do."""
     index = ctx.rollouts.prompt_index.tolist()
@@ -444,11 +426,11 @@ def _solved(ctx: Context) -> set[int]:
     return solved | {index[j] for j, ok in zip(rows, ctx.student_continuations[0], strict=True) if ok}
 
 
-def _accuracy_own(pair: Pair, ctx: Context) -> float:
+def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     """The teacher's accuracy from scratch on the prompts, with its own template."""
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
-    out = _generate(pair, config, texts, n=config.n,
+    out = _generate(pair, config, texts, n=config.samples_per_prompt,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
@@ -459,7 +441,7 @@ def _accuracy_own(pair: Pair, ctx: Context) -> float:
     return sum(correct) / len(correct)
 
 
-def measure_teacher(teacher: Pair, ctx: Context, bar: tqdm, times: dict[str, float]) -> dict[str, Any]:
+def measure_teacher(teacher: Pair, ctx: Baseline, bar: tqdm, times: dict[str, float]) -> dict[str, Any]:
     """Everything about one teacher on the student's states, with its verdict."""
     config, t = ctx.config, ctx.config.thresholds
     asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
@@ -514,7 +496,7 @@ def _recommended_length(point: dict[str, Any] | None) -> int | None:
 
 
 def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored: dict[str, Any],
-                     ctx: Context) -> dict[str, Any]:
+                     ctx: Baseline) -> dict[str, Any]:
     """Whether two teachers differ from the student's states: top-k agreement between them and
     their continuation accuracies from the same prefixes."""
     t = ctx.config.thresholds
@@ -537,13 +519,13 @@ def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored:
     return out
 
 
-def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair) -> Context:
+def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair) -> Baseline:
     """The student's rollouts of its prompt rows; with an answer on every record, their
     correctness and the student's own continuations at every depth."""
     cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
             "generated_tokens": 0, "scored_tokens": 0}
     rollouts = _generate(
-        student, config, student.prompt_rows, n=config.n,
+        student, config, student.prompt_rows, n=config.samples_per_prompt,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
     )
@@ -551,7 +533,7 @@ def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], st
     cost["generated_tokens"] += int(rollouts.response_lengths.sum())
     eos = student.tokenizer.eos_token_id
     cuts = [[cut_at(d, _body_length(r, eos)) for r in rollouts.response_ids] for d in config.depths]
-    ctx = Context(config, list(records), student, rollouts, None, cuts, [], cost)
+    ctx = Baseline(config, list(records), student, rollouts, None, cuts, [], cost)
     if all(r.answer is not None for r in records):
         ctx.correct = _decode_correct(student.tokenizer, records, config.verifier,
                                       rollouts.response_ids, rollouts.prompt_index.tolist())
@@ -565,7 +547,7 @@ def _student_context(config: DiagnoseConfig, records: Sequence[PromptRecord], st
 
 def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
                         teacher: Pair, k: int) -> dict[str, Any]:
-    """The step-0 measures at top-`k` per prompt, on the student's `config.n`
+    """The step-0 measures at top-`k` per prompt, on the student's `config.samples_per_prompt`
     rollouts of each of `records` (rendered with the config's templates; the teacher sees them
     as `config.teacher_prompt` says). Per prompt: `tokens` scored, a token mean of every
     measure, `overlap_share` (the min of both sides, as in the diagnosis) and, with
@@ -573,7 +555,7 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     continuing from the first depth (else None). `overall`: token means over all prompts."""
     student = _render(student, records, config.student_template)
     teacher = _render(teacher, records, config.teacher_template)
-    ctx = _student_context(config, records, student)
+    ctx = _student_baseline(config, records, student)
     asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
     scored = _score(student, asked, ctx, [k])
     values = scored["measures"][k]
@@ -629,7 +611,7 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
                         "checks still run)")
     with timed("student_rollouts", times):
         bar.set_postfix_str("student rollouts")
-        ctx = _student_context(config, records, student)
+        ctx = _student_baseline(config, records, student)
         bar.update()
     results = [measure_teacher(teacher, ctx, bar, times) for teacher in teachers]
     diagnosis: dict[str, Any] = {
@@ -654,7 +636,7 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
     return diagnosis
 
 
-def _student_summary(ctx: Context) -> dict[str, Any]:
+def _student_summary(ctx: Baseline) -> dict[str, Any]:
     rollouts = ctx.rollouts
     out = {"path": ctx.student.path, "prompts": len(ctx.records), "rollouts": len(rollouts.response_ids),
            "mean_response_length": float(rollouts.response_lengths.float().mean()),
@@ -666,7 +648,7 @@ def _student_summary(ctx: Context) -> dict[str, Any]:
     return out
 
 
-def _cost(ctx: Context, times: dict[str, float], wall: float) -> dict[str, Any]:
+def _cost(ctx: Baseline, times: dict[str, float], wall: float) -> dict[str, Any]:
     """What the diagnosis cost and its share of the training run it judges, in token passes:
     a training step generates R rollouts of mean length L, scores them with the teacher and runs
     the student forward and backward (≈ 3 passes): ≈ 5·R·L token passes per step."""

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd.io import write_text_atomic
-from opd.run.report import fmt, save_figure
+from opd.io import fmt, write_text_atomic
+from opd.run.report import save_figure
 
 FIGURES = ("overlap_by_position.png", "continuation_by_depth.png", "reward_distributions.png")
 
@@ -127,7 +127,7 @@ def _markdown(diagnosis: dict[str, Any]) -> str:
         f"Student `{inputs['student']}`, teacher `{inputs['teacher']}`"
         + (f", second teacher `{inputs['teacher2']}`" if inputs.get("teacher2") else "")
         + f"; {diagnosis['student']['prompts']} prompts from `{inputs['prompts']}`, "
-        f"{inputs['n']} rollouts each at temperature {inputs['temperature']}.", "",
+        f"{inputs['samples_per_prompt']} rollouts each at temperature {inputs['temperature']}.", "",
         "## Evidence and thresholds", "",
         *table(("check", "measured", "threshold", "margin", "passed"), evidence_rows(diagnosis)), "",
         "## Measures", "", *table(("measure", "value"), measure_rows(diagnosis)), "",

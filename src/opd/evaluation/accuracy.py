@@ -8,36 +8,29 @@ from typing import Any
 
 import torch
 
-from opd.config.choices import ENGINES
 from opd.config.fields import (
-    ANSWER_FIELD_HELP,
-    MESSAGES_FIELD_HELP,
-    PROMPT_FIELD_HELP,
-    SPLIT_HELP,
+    Decoding,
+    Generation,
+    ModelLoading,
+    OneModel,
+    PromptSource,
     check_template,
 )
-from opd.config.settings import Config, group, setting
-from opd.config.training import VLLMConfig
+from opd.config.settings import setting
 from opd.data.prompts import PromptRecord, render_prompt, require_answers
 from opd.evaluation.verify import VERIFIERS, get_verifier
 from opd.step.engines import ServedSampler, VLLMEngine, generate, require_engine
 
 
-@dataclass(frozen=True)
-class EvalConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig(Generation, Decoding, PromptSource, ModelLoading, OneModel):
     """Settings of `opd eval`."""
 
     model: str = setting("", "Model folder (or hub id) to evaluate.")
     prompts: str = setting("", "Prompt file, save_to_disk folder or hub dataset id with an "
                            "'answer' per row.")
-    split: str | None = setting(None, SPLIT_HELP)
-    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
-    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
-    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
-    n: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
+    samples_per_prompt: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
     temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
-    top_p: float = setting(1.0, "Nucleus threshold.", above=0, maximum=1)
-    max_new_tokens: int = setting(256, "Response length cap.", minimum=1)
     verifier: str = setting("exact", "exact or math (needs math-verify).",
                             choices=tuple(VERIFIERS))
     template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -45,12 +38,6 @@ class EvalConfig(Config):
     chat_template_kwargs: dict[str, Any] = setting(
         factory=dict, help="Extra variables for the chat template, e.g. {enable_thinking: "
         "false}.")
-    seed: int = setting(0, "Seed of the samples.")
-    rollout_engine: str = setting("hf", "What generates the responses: hf (opd's own sampler) or "
-                                  "vllm (needs the vllm extra).", choices=ENGINES)
-    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
-    trust_remote_code: bool = setting(False, "Allow model code from the model folder (off "
-                                      "unless asked).")
 
     def check(self) -> None:
         check_template(self.template, "template")
@@ -124,7 +111,7 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
     records = load_prompts(config.prompts, **source_of(config))
     require_answers(records, "prompts", "evaluation")
     tokenizer = load_tokenizer(config.model, "model", config.trust_remote_code)
-    model = load_model(config.model, "model", trainable=False,
+    model = load_model(config.model, "model", trainable=False, dtype=config.dtype,
                        trust_remote_code=config.trust_remote_code)
     check_prompts(records, tokenizer, config.template, who="the model's rendering",
                   limit=context_window(config.model), limit_name="the model's context window",
@@ -136,10 +123,10 @@ def evaluate_model(config: EvalConfig) -> EvalResult:
                  for r in records]
         engine = engine_for_prompts(
             config.model, tokenizer, texts, max_new_tokens=config.max_new_tokens,
-            dtype=resolve_dtype("auto", next(model.parameters()).device), settings=config.vllm,
+            dtype=resolve_dtype(config.dtype, next(model.parameters()).device), settings=config.vllm,
             context_window=context_window(config.model), trust_remote_code=config.trust_remote_code)
     return evaluate(
-        model, tokenizer, records, n=config.n, temperature=config.temperature,
+        model, tokenizer, records, n=config.samples_per_prompt, temperature=config.temperature,
         top_p=config.top_p, max_new_tokens=config.max_new_tokens, verifier=config.verifier,
         template=config.template, seed=config.seed,
         chat_template_kwargs=config.chat_template_kwargs, engine=engine,

@@ -14,7 +14,7 @@ from opd.lab.world import (
     solve,
     vocabulary,
 )
-from opd.lab.zoo import PROFILES, build_zoo, load_sets, model_folder
+from opd.lab.zoo import PROFILES, build_zoo_stages, load_sets, model_folder
 
 __all__ = [
     "ADDITION",
@@ -25,7 +25,7 @@ __all__ = [
     "Problem",
     "World",
     "build_tokenizer",
-    "build_zoo",
+    "build_zoo_stages",
     "load_sets",
     "model_folder",
     "sample_problems",

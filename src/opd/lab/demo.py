@@ -18,15 +18,14 @@ from opd import metrics as M
 from opd.config.training import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluation.accuracy import evaluate
-from opd.io import check_output_folder, write_text_atomic
+from opd.io import check_output_folder, fmt, write_text_atomic
 from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
-from opd.lab.zoo import build_zoo, load_sets
+from opd.lab.zoo import build_zoo_stages, load_sets
 from opd.models.loading import load_model, load_tokenizer
 from opd.run.folder import CURVES_FIGURE, ENTROPY_FIGURE, RunFolder
 from opd.run.hooks import run_hooks
 from opd.run.loop import run_training
-from opd.run.report import fmt
 
 SHOWN = (M.OVERLAP_RATIO, M.OVERLAP_TOKEN_ADVANTAGE, M.ENTROPY_GAP, M.REVERSE_KL,
          M.STUDENT_ENTROPY, M.GRAD_NORM)
@@ -63,7 +62,7 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
     root = Path(zoo_root)
     check_output_folder(out, "out")
     check_output_folder(root, "cache")
-    build_zoo(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
+    build_zoo_stages(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
     sets = load_sets(root)
     digits = max(ZOO_PROFILES[spec.zoo].digits)
     own, subskill = f"eval-nochain-d{digits}", f"eval-chain-d{digits}"
@@ -106,8 +105,8 @@ def demo_markdown(result: dict[str, Any]) -> str:
              "teacher-aligned.", "",
              "| evaluation set | prompts | before | after | teacher |", "|---|---|---|---|---|"]
     for name, row in result["accuracy"].items():
-        lines.append(f"| {name} | {row['prompts']} | {row['before']:.3f} | {row['after']:.3f} | "
-                     f"{row['teacher']:.3f} |")
+        lines.append(f"| {name} | {row['prompts']} | {fmt(row['before'])} | {fmt(row['after'])} | "
+                     f"{fmt(row['teacher'])} |")
     lines += ["", "| measure | first step | last step |", "|---|---|---|"]
     for name, row in result["measures"].items():
         first, last = row["first"], row["last"]
@@ -125,8 +124,8 @@ def print_demo(result: dict[str, Any], out: Path) -> None:
     for column in ("evaluation set", "prompts", "before", "after", "teacher"):
         table.add_column(column, justify="right" if column != "evaluation set" else "left")
     for name, row in result["accuracy"].items():
-        table.add_row(name, str(row["prompts"]), f"{row['before']:.3f}", f"{row['after']:.3f}",
-                      f"{row['teacher']:.3f}")
+        table.add_row(name, str(row["prompts"]), fmt(row["before"]), fmt(row["after"]),
+                      fmt(row["teacher"]))
     measures = Table(title="the study's measures on the student's rollouts")
     for column in ("measure", "first step", "last step"):
         measures.add_column(column)

@@ -1,7 +1,7 @@
 """The zoo: a student and teachers with planted properties, built in minutes on a CPU.
 
-`build_zoo(root)` runs a list of named stages — prompt sets, then one stage per model — and
-writes `zoo.json`: each model's folder, role, dialect, template, training and its accuracy on
+`build_zoo_stages(root)` runs a list of named stages — prompt sets, then one stage per model —
+and writes `zoo.json`: each model's folder, role, dialect, template, training and its accuracy on
 every evaluation set. Each stage is cached under `root/<name>` with a fingerprint of the
 profile, the stages it builds on and the code; a stage is built in a temporary folder and
 renamed when complete, so an interrupted build never leaves a folder that looks finished.
@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,7 +40,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_text_atomic
+from opd.io import atomic_folder, check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import ADDITION, World, sample_problems, sft_examples
 from opd.models.loading import load_model, load_tokenizer
@@ -93,7 +92,7 @@ class RLStage:
     seed: int
     lr: float
     prompts_per_step: int = 16
-    rollouts_per_prompt: int = 8
+    samples_per_prompt: int = 8
     temperature: float = 1.0
     """Rollout temperature of the RL run."""
 
@@ -212,7 +211,8 @@ def model_folder(root: str | Path, name: str) -> Path:
     """The folder of the zoo model `name` under `root`, once its stage is complete."""
     folder = Path(root) / name
     if not (folder / STAGE_FILE).exists():
-        raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; run build_zoo first")
+        raise OPDError(f"zoo: no complete model {name!r} under {str(root)!r}; build the zoo "
+                       "first (opd lab build)")
     return folder
 
 
@@ -263,21 +263,15 @@ def _run_stage(
     cached = _cached(root, name, fingerprint)
     if cached is not None:
         return cached
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(root / name) as tmp:
         start = time.perf_counter()
         meta = build(tmp)
         meta["build_seconds"] = round(time.perf_counter() - start, 1)
         (tmp / STAGE_FILE).write_text(json.dumps({"fingerprint": fingerprint, "meta": meta}))
-        shutil.rmtree(root / name, ignore_errors=True)
-        tmp.rename(root / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 
-def evaluate_model(
+def eval_set_accuracy(
     model: Any, tokenizer: Any, sets: dict[str, list[PromptRecord]], world: World = ADDITION
 ) -> dict[str, float]:
     """Greedy exact-match accuracy on every `eval-*` set, with the model's own template."""
@@ -321,7 +315,7 @@ def _sft_stage(
                            "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
                            "final_loss": round(losses[-1], 4) if losses else None},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets, world),
+            "accuracy": eval_set_accuracy(model, tokenizer, sets, world),
         }
 
     return build
@@ -342,7 +336,7 @@ def _rl_stage(
                 "out": str(run), "max_steps": spec.steps, "lr": spec.lr, "seed": spec.seed,
                 "distill_weight": 0.0, "outcome_weight": 1.0, "temperature": spec.temperature,
                 "prompts_per_step": spec.prompts_per_step,
-                "rollouts_per_prompt": spec.rollouts_per_prompt,
+                "samples_per_prompt": spec.samples_per_prompt,
                 "max_new_tokens": world.max_new_tokens(max(int(r.meta["digits"])
                                                            for r in sets[spec.data])),
                 "save_every": spec.steps, "keep_checkpoints": 1, "progress": progress,
@@ -361,9 +355,9 @@ def _rl_stage(
             "trained_on": {"sets": [spec.data], "method": "grpo", "steps": spec.steps,
                            "lr": spec.lr, "seed": spec.seed, "init_from": spec.init_from,
                            "prompts_per_step": spec.prompts_per_step,
-                           "rollouts_per_prompt": spec.rollouts_per_prompt},
+                           "samples_per_prompt": spec.samples_per_prompt},
             "parameters": sum(p.numel() for p in model.parameters()),
-            "accuracy": evaluate_model(model, tokenizer, sets, world),
+            "accuracy": eval_set_accuracy(model, tokenizer, sets, world),
         }
 
     return build
@@ -393,7 +387,7 @@ def _with_ancestors(spec: Profile, names: Sequence[str]) -> list[str]:
     return [s.name for s in spec.models if s.name in wanted]
 
 
-def build_zoo(
+def build_zoo_stages(
     root: str | Path, profile: str | Profile = "full", progress: bool = True,
     only: Sequence[str] | None = None,
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from opd.io import is_url
 if TYPE_CHECKING:
     from opd.config.training import TrainConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_device() -> torch.device:
@@ -35,7 +35,7 @@ def default_device() -> torch.device:
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 SAVE_HINT = "make the folder with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"

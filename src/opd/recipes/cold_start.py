@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,14 @@ from opd.config.training import ColdStartConfig, TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluation.verify import get_verifier
-from opd.io import check_output_folder, is_url, read_jsonl, write_jsonl_atomic, write_text_atomic
+from opd.io import (
+    atomic_folder,
+    check_output_folder,
+    is_url,
+    read_jsonl,
+    write_jsonl_atomic,
+    write_text_atomic,
+)
 from opd.models.loading import (
     check_model_folder,
     check_same_vocabulary,
@@ -330,12 +336,10 @@ def fine_tune(train: TrainConfig, inputs: ColdStartInputs, data: TeacherData, st
             validation=examples["validation"],
             stopping=EarlyStopping(every=cold.sft_eval_every, patience=cold.sft_patience),
         )
-        tmp = sft_dir.with_suffix(".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with original_config(dropout):
-            student.save_pretrained(tmp)
-        inputs.student_tokenizer.save_pretrained(tmp)
-        tmp.rename(sft_dir)
+        with atomic_folder(sft_dir) as tmp:
+            with original_config(dropout):
+                student.save_pretrained(tmp)
+            inputs.student_tokenizer.save_pretrained(tmp)
         report["sft"] = _sft_summary(cold, data, examples, run, time.perf_counter() - start)
         report.pop("gate", None)
         _say(report["sft"]["warnings"])

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd.io import write_text_atomic
-from opd.run.report import fmt, pyplot, save_figure
+from opd.io import fmt, write_text_atomic
+from opd.run.report import pyplot, save_figure
 
 REPORT_FILE, FIGURE_FILE = "cold_start.json", "sft_curves.png"
 

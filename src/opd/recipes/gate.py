@@ -87,8 +87,8 @@ def diagnose_config(train: TrainConfig, student: str) -> DiagnoseConfig:
     of the prompt, length cap), with the doctor's thresholds and no continuations."""
     return DiagnoseConfig(
         student=student, teacher=train.teacher, student_template=train.template,
-        teacher_prompt=train.teacher_prompt, n=4, max_new_tokens=train.max_new_tokens,
-        temperature=train.temperature, top_p=train.top_p, depths=(),
+        teacher_prompt=train.teacher_prompt, samples_per_prompt=4,
+        max_new_tokens=train.max_new_tokens, temperature=train.temperature, top_p=train.top_p, depths=(),
         k=(Thresholds().pattern_k,), verifier=train.verifier, seed=train.seed, dtype=train.dtype,
         progress=False, trust_remote_code=train.trust_remote_code,
         teacher_timeout=train.teacher_timeout,
@@ -128,7 +128,7 @@ def measure_gate(train: TrainConfig, fine_tuned: str, records: Sequence[PromptRe
     teacher = load_pair(train.teacher, "teacher", config, student)
     overall = alignment_by_prompt(config, records, student, teacher, thresholds.pattern_k)["overall"]
     gate: dict[str, Any] = {
-        "prompts": len(records), "rollouts_per_prompt": config.n,
+        "prompts": len(records), "rollouts_per_prompt": config.samples_per_prompt,
         "pattern": pattern_check(overall["overlap_share"], thresholds),
         "overlap_ratio": overall["overlap_ratio"], "accuracy": None,
     }

@@ -32,23 +32,17 @@ from tqdm.auto import tqdm
 
 from opd import metrics as M
 from opd.config.choices import ENGINES
-from opd.config.fields import (
-    ANSWER_FIELD_HELP,
-    MESSAGES_FIELD_HELP,
-    PROMPT_FIELD_HELP,
-    SPLIT_HELP,
-    check_template,
-)
-from opd.config.settings import Config, group, setting, to_dict
-from opd.config.training import PROFILES, TrainConfig, VLLMConfig, build_config
+from opd.config.fields import Generation, ModelLoading, ModelPair, PromptSource, check_template
+from opd.config.settings import setting, to_dict
+from opd.config.training import PROFILES, TrainConfig, build_config
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.doctor.measure import DiagnoseConfig, Pair, alignment_by_prompt, load_pair
 from opd.errors import OPDError
-from opd.io import check_output_folder, check_teacher_urls, write_jsonl_atomic, write_text_atomic
+from opd.io import check_output_folder, check_teacher_urls, fmt, write_jsonl_atomic, write_text_atomic
 from opd.models.loading import context_window
 from opd.run.folder import RunFolder
 from opd.run.loop import run_training
-from opd.run.report import fmt, save_figure
+from opd.run.report import save_figure
 from opd.step.engines import require_engine
 from opd.step.rollout import check_prompts
 
@@ -62,8 +56,8 @@ USE_WITH = {"template": "{prompt}", "teacher_prompt": "student"}
 """Training settings under which the rendered prompts reach the student verbatim."""
 
 
-@dataclass(frozen=True)
-class SelectConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class SelectConfig(Generation, PromptSource, ModelLoading, ModelPair):
     """Inputs and settings of one prompt selection (`opd select-prompts`)."""
 
     student: str = setting(help="Student model folder (or hub id).")
@@ -72,10 +66,6 @@ class SelectConfig(Config):
     prompts: str = setting(help="Candidate prompts (.jsonl / .parquet, a save_to_disk folder or "
                            "a hub dataset id).")
     out: str = setting(help="Output folder (must not hold a selection yet).")
-    split: str | None = setting(None, SPLIT_HELP)
-    prompt_field: str = setting("prompt", PROMPT_FIELD_HELP)
-    messages_field: str = setting("messages", MESSAGES_FIELD_HELP)
-    answer_field: str = setting("answer", ANSWER_FIELD_HELP)
     template: str = setting("teacher", "Whose prompt template the output prompts are rendered "
                             "with: teacher or student.", choices=("teacher", "student"))
     student_template: str | None = setting(None, "Format string with {prompt} instead of the "
@@ -93,8 +83,6 @@ class SelectConfig(Config):
                                        "combined as the mean of their percentile ranks.",
                                        choices=RANKABLE)
     num_prompts: int = setting(256, "Candidates sampled (seeded) from the file.", minimum=1)
-    n: int = setting(4, "Student rollouts per candidate.", minimum=1)
-    max_new_tokens: int = setting(256, "Response length cap of the rollouts.", minimum=1)
     k: int = setting(16, "Top-k of the overlap measures.", minimum=1)
     trial_steps: int = setting(20, "OPD steps of the trial on each prompt set (0 = no trial).",
                                minimum=0)
@@ -107,13 +95,8 @@ class SelectConfig(Config):
     rollout_engine: str = setting("hf", "What generates the candidates' rollouts and the trial "
                                   "runs' (unless trial_settings says otherwise): hf or vllm "
                                   "(needs the vllm extra).", choices=ENGINES)
-    vllm: VLLMConfig = group(VLLMConfig, "The vLLM engine (rollout_engine: vllm).")
     batch_size: int = setting(64, "Rollouts generated and scored at a time.", minimum=1)
-    dtype: str = setting("auto", "Model dtype: auto, float32, bfloat16 or float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
     progress: bool = setting(True, "Show progress bars.")
-    trust_remote_code: bool = setting(False, "Allow model code from the model folders (off "
-                                      "unless asked).")
 
     def check(self) -> None:
         check_template(self.student_template, "student_template")
@@ -357,7 +340,7 @@ def load_models(config: SelectConfig, inputs: SelectionInputs) -> SelectionModel
     measure = DiagnoseConfig(
         student=config.student, teacher=config.teacher, prompts=config.prompts,
         student_template="{prompt}", teacher_template="{prompt}", teacher_prompt="student",
-        n=config.n, max_new_tokens=config.max_new_tokens,
+        samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
         depths=(0.0,) if "advantage" in config.rank_by else (), seed=config.seed,
         batch_size=config.batch_size, dtype=config.dtype, progress=False,
         trust_remote_code=config.trust_remote_code, rollout_engine=config.rollout_engine,
@@ -526,7 +509,7 @@ def _markdown(selection: dict[str, Any], out: Path) -> str:
         "# Teacher-aligned prompt selection", "",
         f"Student `{inputs['student']}`, teacher `{inputs['teacher']}`, candidates `{inputs['prompts']}`.",
         f"Template: **{inputs['template']}**. Ranked by {', '.join(selection['rank_by'])} "
-        f"(top-{selection['k']}, {inputs['n']} student rollouts per prompt); kept "
+        f"(top-{selection['k']}, {inputs['samples_per_prompt']} student rollouts per prompt); kept "
         f"{counts['kept']} of {counts['candidates']} (fraction {inputs['keep_fraction']}), mixed in "
         f"{counts['mixed_in']} other prompts (share {inputs['mix_share']}): {counts['output']} prompts "
         "in `prompts.jsonl`.", "",

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from opd import metrics as M
-from opd.io import write_text_atomic
+from opd.io import atomic_folder, fmt, write_text_atomic
 from opd.run.folder import CHECKPOINT_STATE, RunFolder
 from opd.runtime import StepHook, is_main_process
 from opd.version import __version__
@@ -51,14 +51,6 @@ def _objective(config: Any) -> str:
     if o.teacher_temperature != 1.0:
         text += f", teacher temperature {o.teacher_temperature:g}"
     return text
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def front_matter(config: Any) -> dict[str, Any]:
@@ -93,10 +85,11 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
     data = f"`{config.prompts}`"
     if config.split:
         data += f" (split {config.split})"
-    data += (f"; {config.prompts_per_step} prompts × {config.rollouts_per_prompt} rollouts per "
+    data += (f"; {config.prompts_per_step} prompts × {config.samples_per_prompt} rollouts per "
              f"step, at most {config.max_new_tokens} new tokens")
-    evaluated = (f"avg@{config.eval_n} on `{config.eval_prompts}`: {_number(initial_accuracy)} "
-                 f"before training, {_number(accuracy)} at the latest evaluation"
+    evaluated = (f"avg@{config.eval_samples_per_prompt} on `{config.eval_prompts}`: "
+                 f"{fmt(initial_accuracy, '.4g')} before training, {fmt(accuracy, '.4g')} at the "
+                 "latest evaluation"
                  if config.eval_prompts else "not evaluated (no eval_prompts)")
     what = "final model" if final else f"checkpoint at step {step}"
     lines = [
@@ -123,7 +116,7 @@ def model_card(config: Any, *, step: int, record: Mapping[str, Any] | None = Non
         lines += [f"## Measures at step {record.get(M.STEP, step)}", "",
                   "What each one means: opd's docs/metrics.md.", "",
                   "| measure | value |", "|---|---|"]
-        lines += [f"| {key} | {_number(value)} |" for key, value in measures]
+        lines += [f"| {key} | {fmt(value, '.4g')} |" for key, value in measures]
         lines.append("")
     loader = ("from peft import AutoPeftModelForCausalLM\n"
               "model = AutoPeftModelForCausalLM.from_pretrained(folder)" if config.lora_rank else
@@ -156,22 +149,18 @@ def export_model(checkpoint: str | Path, folder: str | Path, card: str) -> Path:
     folder with its card: built beside `folder`, then renamed into place. Files are hard links
     where the file system allows (no second copy of the weights), else copies."""
     checkpoint, folder = Path(checkpoint), Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for source in sorted(checkpoint.rglob("*")):
-        relative = source.relative_to(checkpoint)
-        if source.is_dir() or relative.parts[0] in TRAINING_STATE:
-            continue
-        target = tmp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
-    write_card(tmp, card)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with atomic_folder(folder) as tmp:
+        for source in sorted(checkpoint.rglob("*")):
+            relative = source.relative_to(checkpoint)
+            if source.is_dir() or relative.parts[0] in TRAINING_STATE:
+                continue
+            target = tmp / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                shutil.copy2(source, target)
+        write_card(tmp, card)
     return folder
 
 

@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from opd.errors import OPDError, one_line
+from opd.io import atomic_folder, remove_folder
 from opd.run.cards import CARD_FILE
 from opd.run.folder import (
     MANIFEST_FILE,
@@ -77,16 +78,6 @@ def _write_manifest(folder: Path) -> None:
     files = {p.relative_to(folder).as_posix(): p.stat().st_size
              for p in sorted(folder.rglob("*")) if p.is_file()}
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=1))
-
-
-def _remove(folder: Path) -> None:
-    """Rename `folder` out of the way, then delete it: a kill half-way through never leaves a
-    half-deleted folder under a checkpoint's name."""
-    if folder.exists():
-        trash = folder.with_name(folder.name + ".old")
-        shutil.rmtree(trash, ignore_errors=True)
-        folder.rename(trash)
-        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _flat_optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
@@ -159,29 +150,27 @@ def save_checkpoint(
     try:
         if optimizer is not None:
             start_checkpoint(out, step)
-        model.save_pretrained(tmp, state_dict=model_state)
-        tokenizer.save_pretrained(tmp)
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
-        (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
-        if settings is not None:
-            (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
-        if card is not None:
-            (tmp / CARD_FILE).write_text(card, encoding="utf-8")
-        _write_manifest(tmp)
-        _remove(final)
-        tmp.rename(final)
+        with atomic_folder(final, begun=tmp):
+            model.save_pretrained(tmp, state_dict=model_state)
+            tokenizer.save_pretrained(tmp)
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
+            (tmp / RNG_FILE).write_text(json.dumps(rng_state()))
+            if settings is not None:
+                (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            if card is not None:
+                (tmp / CARD_FILE).write_text(card, encoding="utf-8")
+            _write_manifest(tmp)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
         done = RunFolder(out).complete_checkpoints()
         last = f"the last complete one is {done[-1].name}" if done else "there is no complete one yet"
         raise OPDError(
             f"checkpoint: could not write step {step} to {tmp.parent} ({err.strerror or err}); "
             f"{last}: free space, then run again with --resume") from None
     for old in RunFolder(out).complete_checkpoints()[:-keep]:
-        _remove(old)
+        remove_folder(old)
     return final
 
 

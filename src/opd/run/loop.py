@@ -71,7 +71,7 @@ from opd.teachers.build import Share, build_teachers
 
 RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
                      "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
-                     "rollouts_per_prompt", "objective")
+                     "samples_per_prompt", "objective")
 """Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
 an older opd, counts as its default)."""
 
@@ -227,7 +227,7 @@ class Trainer:
         texts = [render_prompt(self.records[i].messages, tok, config.template,
                                config.chat_template_kwargs) for i in indices]
         return generate(
-            self.engine, self.models.student, tok, texts, n=config.rollouts_per_prompt,
+            self.engine, self.models.student, tok, texts, n=config.samples_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed * 1_000_003 + step, prompt_ids=indices,
             max_prompt_tokens=config.max_prompt_tokens,
@@ -433,8 +433,8 @@ class Trainer:
             if self.procs.is_main:
                 cfg = self.config
                 result = evaluate(
-                    self.models.student, self.models.tokenizer, self.eval_records, n=cfg.eval_n,
-                    engine=self.engine,
+                    self.models.student, self.models.tokenizer, self.eval_records,
+                    n=cfg.eval_samples_per_prompt, engine=self.engine,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                     max_new_tokens=cfg.max_new_tokens, verifier=cfg.verifier,
                     template=cfg.template, seed=cfg.seed,

@@ -11,7 +11,7 @@ from typing import Any
 
 from opd import metrics as M
 from opd.errors import OPDError
-from opd.io import check_output_folder, write_atomic, write_text_atomic
+from opd.io import check_output_folder, fmt, write_atomic, write_text_atomic
 from opd.run.folder import CURVES_FIGURE, ENTROPY_FIGURE, RunFolder
 from opd.runtime import StepHook, is_main_process
 
@@ -45,17 +45,6 @@ def save_figure(fig: Any, path: Path, **options: Any) -> Path:
     write_atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip("."), **options))
     plt.close(fig)
     return path
-
-
-def fmt(value: Any, spec: str = ".3f") -> str:
-    """A value for a table: – for None, yes/no for a bool, floats with `spec`."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:

@@ -43,7 +43,7 @@ from opd.config.choices import TRACKERS
 from opd.config.settings import flatten, to_dict
 from opd.config.training import TrainConfig
 from opd.errors import OPDError
-from opd.io import write_text_atomic
+from opd.io import fmt, write_text_atomic
 from opd.run.folder import SUMMARY_FILE, RunFolder
 from opd.runtime import StepHook, is_installed, is_main_process
 from opd.step.measures import position_bin_edges
@@ -85,8 +85,7 @@ def scalars(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def alert_text(alert: Mapping[str, Any]) -> str:
-    evidence = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in alert.get("evidence", {}).items())
+    evidence = ", ".join(f"{k} {fmt(v, '.4g')}" for k, v in alert.get("evidence", {}).items())
     return (f"step {alert.get('step')}: {alert.get('cause')} Recipe: {alert.get('recipe')}"
             + (f" (evidence: {evidence})" if evidence else ""))
 

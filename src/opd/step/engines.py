@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from opd.config.choices import ENGINES
-from opd.config.training import VLLMConfig
+from opd.config.fields import VLLMConfig
 from opd.errors import OPDError, one_line
 from opd.runtime import is_installed
 from opd.step.rollout import (

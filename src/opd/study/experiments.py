@@ -73,7 +73,7 @@ class OPDRun:
 
 
 @dataclass(frozen=True)
-class Diagnosis:
+class DiagnoseRun:
     """`opd diagnose` of the zoo student against a teacher, the overlap at every k of PROBE_K."""
 
     teacher: str
@@ -94,7 +94,7 @@ class PromptSelection:
     teacher: str
 
 
-Spec = OPDRun | Diagnosis | ColdStart | PromptSelection
+Spec = OPDRun | DiagnoseRun | ColdStart | PromptSelection
 
 EXPERIMENTS: dict[str, Spec] = {
     "opd-aligned": OPDRun("student", "teacher-aligned", probe=True),
@@ -106,8 +106,8 @@ EXPERIMENTS: dict[str, Spec] = {
                                    {"strategy": "symmetric-difference"}),
     "opd-sampled": OPDRun("student", "teacher-aligned", {"name": "sampled"}),
     **{f"opd-top{k}": OPDRun("student", "teacher-aligned", {"k": k}) for k in (1, 4, 16, 64)},
-    "diagnose-aligned": Diagnosis("teacher-aligned"),
-    "diagnose-foreign": Diagnosis("teacher-foreign"),
+    "diagnose-aligned": DiagnoseRun("teacher-aligned"),
+    "diagnose-foreign": DiagnoseRun("teacher-foreign"),
     "cold-start-foreign": ColdStart("teacher-foreign"),
     "select-prompts-template2": PromptSelection("teacher-aligned-template2"),
 }
@@ -123,7 +123,7 @@ def zoo_models(names: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Context:
+class JobContext:
     """What a job needs besides its name and seed (picklable, for the worker processes)."""
 
     zoo: dict[str, Any]
@@ -133,15 +133,15 @@ class Context:
 
 
 # -- the jobs ---------------------------------------------------------------------------------
-def _path(ctx: Context, model: str) -> str:
+def _path(ctx: JobContext, model: str) -> str:
     return str(Path(ctx.zoo["root"]) / ctx.zoo["models"][model]["folder"])
 
 
-def _set(ctx: Context, name: str) -> str:
+def _set(ctx: JobContext, name: str) -> str:
     return str(Path(ctx.zoo["root"]) / ctx.zoo["sets"][name]["path"])
 
 
-def _tokens(ctx: Context) -> int:
+def _tokens(ctx: JobContext) -> int:
     from opd.lab.zoo import PROFILES as ZOO_PROFILES
 
     spec = ZOO_PROFILES[ctx.zoo["profile"]]
@@ -169,7 +169,7 @@ def _accuracy(path: str, records_file: str, tokens: int) -> float:
                     max_new_tokens=tokens).accuracy
 
 
-def _train_config(ctx: Context, spec: OPDRun | ColdStart, seed: int, out: Path):
+def _train_config(ctx: JobContext, spec: OPDRun | ColdStart, seed: int, out: Path):
     from opd.config.training import build_config
 
     steps = ctx.profile.opd_steps
@@ -188,7 +188,7 @@ def _series(run: Path) -> dict[str, list[float | None]]:
     return {name: [r.get(name) for r in records] for name in SERIES}
 
 
-def _judged(ctx: Context, student: str, teacher: str, trained: str,
+def _judged(ctx: JobContext, student: str, teacher: str, trained: str,
             leader: str = "teacher") -> dict[str, Any]:
     """Accuracy of the trained student on the run's evaluation set, beside the zoo's
     accuracies of the starting student and the teacher there, and the share of the gap."""
@@ -201,7 +201,7 @@ def _judged(ctx: Context, student: str, teacher: str, trained: str,
             "gap_recovery": (after - before) / gap if gap else None}
 
 
-def _overlap_by_k(ctx: Context, student_path: str, teacher: str, seed: int) -> dict[str, Any]:
+def _overlap_by_k(ctx: JobContext, student_path: str, teacher: str, seed: int) -> dict[str, Any]:
     """`opd diagnose` of a student folder against a zoo teacher on `teacher-train`: the overlap
     measures at every k of PROBE_K, the continuation curve and the sequence reward's AUROC."""
     from opd.config.settings import build
@@ -223,7 +223,7 @@ def _overlap_by_k(ctx: Context, student_path: str, teacher: str, seed: int) -> d
             "verdict": found["decision"]["verdict"]}
 
 
-def _opd_run(ctx: Context, spec: OPDRun, seed: int, folder: Path) -> dict[str, Any]:
+def _opd_run(ctx: JobContext, spec: OPDRun, seed: int, folder: Path) -> dict[str, Any]:
     from opd.run.folder import RunFolder
     from opd.run.loop import run_training
 
@@ -236,11 +236,11 @@ def _opd_run(ctx: Context, spec: OPDRun, seed: int, folder: Path) -> dict[str, A
     return out
 
 
-def _diagnosis(ctx: Context, spec: Diagnosis, seed: int, folder: Path) -> dict[str, Any]:
+def _diagnosis(ctx: JobContext, spec: DiagnoseRun, seed: int, folder: Path) -> dict[str, Any]:
     return _overlap_by_k(ctx, _path(ctx, "student"), spec.teacher, seed)
 
 
-def _cold_start(ctx: Context, spec: ColdStart, seed: int, folder: Path) -> dict[str, Any]:
+def _cold_start(ctx: JobContext, spec: ColdStart, seed: int, folder: Path) -> dict[str, Any]:
     from opd.recipes.cold_start import run_cold_start
 
     run = folder / "run"
@@ -251,7 +251,7 @@ def _cold_start(ctx: Context, spec: ColdStart, seed: int, folder: Path) -> dict[
             "sft_steps": report["sft"].get("steps"), "series": _series(run / "opd")}
 
 
-def _prompt_selection(ctx: Context, spec: PromptSelection, seed: int, folder: Path) -> dict[str, Any]:
+def _prompt_selection(ctx: JobContext, spec: PromptSelection, seed: int, folder: Path) -> dict[str, Any]:
     from opd.config.settings import build
     from opd.recipes.select_prompts import SelectConfig, run_select_prompts
 
@@ -275,8 +275,8 @@ def _prompt_selection(ctx: Context, spec: PromptSelection, seed: int, folder: Pa
     }
 
 
-RUNNERS: dict[type, Callable[[Context, Any, int, Path], dict[str, Any]]] = {
-    OPDRun: _opd_run, Diagnosis: _diagnosis, ColdStart: _cold_start,
+RUNNERS: dict[type, Callable[[JobContext, Any, int, Path], dict[str, Any]]] = {
+    OPDRun: _opd_run, DiagnoseRun: _diagnosis, ColdStart: _cold_start,
     PromptSelection: _prompt_selection,
 }
 
@@ -291,7 +291,7 @@ def read_result(out: str | Path, name: str, seed: int) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def run_job(ctx: Context, name: str, seed: int) -> dict[str, Any]:
+def run_job(ctx: JobContext, name: str, seed: int) -> dict[str, Any]:
     """Run one experiment for one seed from scratch (whatever an unfinished attempt left is
     removed first) and write its result; returns it."""
     import torch
@@ -311,7 +311,7 @@ def run_job(ctx: Context, name: str, seed: int) -> dict[str, Any]:
     return result
 
 
-def run_jobs(ctx: Context, jobs: Sequence[tuple[str, int]], workers: int) -> Iterator[dict[str, Any]]:
+def run_jobs(ctx: JobContext, jobs: Sequence[tuple[str, int]], workers: int) -> Iterator[dict[str, Any]]:
     """Run the jobs in `workers` processes (in this one with 1), yielding each result as it
     finishes. A job that fails stops the reproduction with its name and seed."""
     if workers <= 1:

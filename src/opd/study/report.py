@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from opd import metrics as M
-from opd.io import write_text_atomic
-from opd.run.report import fmt, pyplot, save_figure
+from opd.io import fmt, write_text_atomic
+from opd.run.report import pyplot, save_figure
 from opd.study.experiments import PROBE_K, ReproduceProfile
 from opd.study.findings import Results
 from opd.study.stats import interval
@@ -22,12 +22,12 @@ COLOURS = {"opd-aligned": "tab:green", "opd-foreign": "tab:red", "cold-start-for
 
 def _interval_text(value: Mapping[str, Any]) -> str:
     if value["low"] is None:
-        return f"{value['mean']:.3f} (one seed)"
-    return f"{value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]"
+        return f"{fmt(value['mean'])} (one seed)"
+    return f"{fmt(value['mean'])} [{fmt(value['low'])}, {fmt(value['high'])}]"
 
 
 def _seeds_text(values: Sequence[float]) -> str:
-    return ", ".join(f"{v:.3f}" for v in values)
+    return ", ".join(fmt(v) for v in values)
 
 
 # -- figures ----------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def _overlap_by_k_table(results: Results) -> list[str]:
             for k in PROBE_K:
                 b = sum(r["by_k"][str(k)][key] for r in results[before]) / len(results[before])
                 a = sum(r["probe_after"]["by_k"][str(k)][key] for r in results[run]) / len(results[run])
-                cells.append(f"{b:.3f} → {a:.3f}")
+                cells.append(f"{fmt(b)} → {fmt(a)}")
             lines.append(f"| {run.removeprefix('opd-')} | {label} | " + " | ".join(cells) + " |")
     return lines
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from opd.config.settings import Config, setting
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_text_atomic
-from opd.study.experiments import PROFILES, Context, read_result, run_jobs, zoo_models
+from opd.study.experiments import PROFILES, JobContext, read_result, run_jobs, zoo_models
 from opd.study.findings import BY_SLUG, FINDINGS, Finding, judge
 
 MANIFEST = "reproduce.json"
@@ -71,7 +71,7 @@ def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 def run_reproduce(config: ReproduceConfig) -> dict[str, Any]:
     """Every chosen finding, reproduced into `config.out`; returns results.json's contents."""
-    from opd.lab.zoo import build_zoo
+    from opd.lab.zoo import build_zoo_stages
     from opd.study.report import write_report
 
     started = time.perf_counter()
@@ -85,7 +85,7 @@ def run_reproduce(config: ReproduceConfig) -> dict[str, Any]:
         print(f"opd reproduce: {config.seeds} seed(s): intervals are wide (one seed: unbounded) "
               "and most verdicts will be inconclusive; use --seeds 3 or more", flush=True)
     zoo_start = time.perf_counter()
-    zoo = build_zoo(Path(config.zoo) / profile.zoo, profile.zoo, progress=config.progress,
+    zoo = build_zoo_stages(Path(config.zoo) / profile.zoo, profile.zoo, progress=config.progress,
                     only=zoo_models(names))
     zoo_seconds = time.perf_counter() - zoo_start
     zoo["root"] = str(Path(config.zoo) / profile.zoo)
@@ -101,7 +101,7 @@ def run_reproduce(config: ReproduceConfig) -> dict[str, Any]:
     workers = min(config.workers or os.cpu_count() or 1, max(len(jobs), 1))
     bar = tqdm(total=len(names) * config.seeds, initial=done, desc="opd reproduce",
                unit="experiment", disable=not config.progress)
-    ctx = Context(zoo, profile, str(out))
+    ctx = JobContext(zoo, profile, str(out))
     for result in run_jobs(ctx, jobs, workers):
         bar.update()
         bar.write(f"{result['experiment']} seed {result['seed']}: {result['seconds']:.0f} s")

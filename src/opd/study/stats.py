@@ -55,11 +55,6 @@ class Interval:
         return {"mean": self.mean, "low": self.low if bounded else None,
                 "high": self.high if bounded else None, "n": self.n}
 
-    def __str__(self) -> str:
-        if not math.isfinite(self.low):
-            return f"{self.mean:.3f} (one seed)"
-        return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
 
 def interval(values: Sequence[float], confidence: float = 0.95) -> Interval:
     """Mean and t interval of `values` (one per seed)."""

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 import torch
 
-from opd.config.settings import Config, group, setting
-from opd.config.training import VLLMConfig
+from opd.config.fields import ModelLoading, OneModel, VLLMConfig
+from opd.config.settings import group, setting
 from opd.errors import OPDError
 from opd.models.loading import default_device, load_model, load_tokenizer
 from opd.step.distributions import entropy, topk_indices
@@ -42,8 +42,8 @@ from opd.teachers.protocol import (
 from opd.version import __version__
 
 
-@dataclass(frozen=True)
-class ServeConfig(Config):
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(ModelLoading, OneModel):
     """Settings of `opd serve-teacher`."""
 
     model: str = setting("", "Teacher model folder (or hub id) to serve.")
@@ -58,9 +58,6 @@ class ServeConfig(Config):
                              "share of the GPU it takes, sleep does not apply).")
     api_key: str | None = setting(None, f"Key clients must send (Authorization: Bearer KEY); "
                                   f"default: the {API_KEY_ENV} environment variable.")
-    dtype: str = setting("auto", "Model dtype: auto (float32 on CPU, bfloat16 on GPU), "
-                         "float32, bfloat16 or float16.",
-                         choices=("auto", "float32", "bfloat16", "float16"))
     batch_tokens: int = setting(16384, "Token budget of one forward pass: a request's "
                                 "sequences are run in batches of at most this many tokens.",
                                 minimum=1)
@@ -76,7 +73,6 @@ class ServeConfig(Config):
                          minimum=1)
     max_new_tokens: int = setting(Limits.max_new_tokens, "Longest generation asked of "
                                   "/v1/generate.", minimum=1)
-    trust_remote_code: bool = setting(False, "Allow model code from the model folder.")
 
     def check(self) -> None:
         if not self.model:
@@ -213,7 +209,7 @@ class HFBackend:
 
 
 
-def describe(backend: Backend) -> dict[str, Any]:
+def model_info(backend: Backend) -> dict[str, Any]:
     """The served model as `/v1/model` tells it (the limits aside)."""
     return {"model": backend.name, "backend": backend.kind, "vocab_size": backend.vocab_size,
             "tokenizer_fingerprint": backend.fingerprint, "entropy": backend.entropy,
@@ -301,7 +297,7 @@ def make_app(backend: Backend, *, api_key: str | None, limits: Limits) -> Any:
         if not authorised(request):
             return unauthorised()
         limits_json = {name: getattr(limits, name) for name in Limits.__dataclass_fields__}
-        return {**describe(backend), "limits": limits_json}
+        return {**model_info(backend), "limits": limits_json}
 
     @app.get("/v1/tokenizer")
     def tokenizer(request: fastapi.Request) -> Any:

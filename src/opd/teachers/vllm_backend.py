@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from opd.config.training import VLLMConfig
+from opd.config.fields import VLLMConfig
 from opd.models.loading import context_window, default_device, load_tokenizer, resolve_dtype
 from opd.step.engines import VLLMEngine, model_length_limit
 from opd.step.rollout import eos_token_ids
