@@ -28,7 +28,7 @@ from opd.io import atomic_folder, is_url, write_text_atomic
 GGUF_EXTRA = 'pip install "opd[gguf]"'
 SOURCE_FILE = "opd_gguf_source.json"
 """What a converted folder was made from (file name, sha256, transformers version)."""
-MODEL_FIELDS = ("student", "teacher", "model", "teachers")
+MODEL_FIELDS = ("student", "teacher", "teacher2", "model", "teachers")
 """Settings of the verbs' configs that name a model (`teachers`: a mapping of them)."""
 
 
