@@ -200,9 +200,9 @@ def run_cold_start(train: TrainConfig, *, resume: Resume = False, force: bool = 
     """All stages into `train.out` (settings of the first two in `train.cold_start`): teacher
     data, SFT with early stopping, the gate, OPD; returns (and writes) the stage report.
     Raises `GateStopped` after writing the report when the gate fails, unless `force`."""
-    inputs = check_inputs(train, resume)
+    inputs = check_cold_start_inputs(train, resume)
     teacher, student = load_stage_models(train, inputs)
-    check_renderings(train, inputs)
+    check_cold_start_renderings(train, inputs)
     report = _read_report(Path(train.out) / REPORT_FILE)
     engine = teacher_engine(train, inputs, teacher)
     Path(train.out).mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def run_cold_start(train: TrainConfig, *, resume: Resume = False, force: bool = 
     return run_opd_stage(train, data, sft, gate, report)
 
 
-def check_inputs(train: TrainConfig, resume: Resume) -> ColdStartInputs:
+def check_cold_start_inputs(train: TrainConfig, resume: Resume) -> ColdStartInputs:
     """The folder, the settings, the prompt files and the tokenizers, refused with one line
     before anything is written."""
     cold, out = train.cold_start, Path(train.out)
@@ -259,7 +259,7 @@ def load_stage_models(train: TrainConfig, inputs: ColdStartInputs) -> tuple[Any,
     return teacher, student
 
 
-def check_renderings(train: TrainConfig, inputs: ColdStartInputs) -> None:
+def check_cold_start_renderings(train: TrainConfig, inputs: ColdStartInputs) -> None:
     """The model folders looked at, and every prompt rendered and measured for the teacher
     and for the OPD stage."""
     models = ((train.student, "student"), *(() if inputs.served else [(train.teacher, "teacher")]))

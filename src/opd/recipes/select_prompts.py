@@ -291,12 +291,12 @@ class Chosen:
 def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     """Select, write every output into `config.out` and return the selection (selection.json)."""
     out = Path(config.out)
-    inputs = check_inputs(config)
+    inputs = check_selection_inputs(config)
     bar = tqdm(total=4 + (3 if config.mix_share else 2) * bool(config.trial_steps),
                desc="opd select-prompts", disable=not config.progress)
     bar.set_postfix_str("loading models")
     models = load_models(config, inputs)
-    check_renderings(config, inputs, models)
+    check_selection_renderings(config, inputs, models)
     bar.update()
     candidates = score_candidates(config, inputs, models, bar)
     chosen = choose(config, inputs, models, candidates)
@@ -312,7 +312,7 @@ def run_select_prompts(config: SelectConfig) -> dict[str, Any]:
     return selection
 
 
-def check_inputs(config: SelectConfig) -> SelectionInputs:
+def check_selection_inputs(config: SelectConfig) -> SelectionInputs:
     """The out folder, engines, trial settings and prompt files, refused with one line before
     any model loads."""
     out = Path(config.out)
@@ -351,7 +351,7 @@ def load_models(config: SelectConfig, inputs: SelectionInputs) -> SelectionModel
     return SelectionModels(measure, student, teacher)
 
 
-def check_renderings(config: SelectConfig, inputs: SelectionInputs,
+def check_selection_renderings(config: SelectConfig, inputs: SelectionInputs,
                      models: SelectionModels) -> None:
     """Every prompt renders with each model's template within its context window (and, for
     the trial, within its max_prompt_tokens) before anything is written."""
