@@ -1,8 +1,8 @@
 """`opd reproduce --profile quick`, every finding, as a user runs it (`make test-reproduce`,
 with the quick zoo built from scratch; its time: docs/results.md#timings). Checks that every
 finding gets the verdict of the committed report (docs/reproduce/), every claim one its
-committed runs gave (or, on other CPU kernels, inconclusive), each recomputed by hand from the
-per-seed numbers; the report's
+committed runs gave (on other CPU kernels: or one step away, never across the bound), each
+recomputed by hand from the per-seed numbers; the report's
 structure; that the experiments ran for real (their curves have the profile's steps, seeds
 differ); and that a second call resumes from the finished experiments instead of running them
 again."""
@@ -59,20 +59,26 @@ def hand_verdict(per_seed: list[float], kind: str, bound: float) -> str:
     return REP if meets[kind] else NOT if contradicts[kind] else INC
 
 
+NEIGHBOURS = {REP: {REP, INC}, INC: {REP, INC, NOT}, NOT: {NOT, INC}}
+"""Verdicts one step away on the scale does not < inconclusive < reproduces."""
+
+
 def assert_expected_verdicts(findings: list[dict], *, another_machine: bool = False) -> None:
     """Every finding as `EXPECTED` says, every verdict recomputed by hand from its numbers.
-    `another_machine`: a run on other CPU kernels than the committed report's may also move a
-    claim, or a finding, to inconclusive (its interval now reaching across the bound: seen on
-    2026-12-02, when the demo and a cold start moved with the machine), but never across it
-    (reproduces ↔ does not)."""
+    `another_machine`: a run on other CPU kernels than the committed report's may move a claim,
+    or a finding, one step (to or from inconclusive, its interval now reaching across the
+    bound or no longer: seen on 2026-12-02, when the demo, a cold start and dynamics' third
+    claim moved with the machine), but never across the bound (reproduces ↔ does not)."""
+    def widen(verdicts: set[str]) -> set[str]:
+        return set().union(*(NEIGHBOURS[v] for v in verdicts)) if another_machine else verdicts
+
     assert [f["slug"] for f in findings] == list(EXPECTED)
     for finding in findings:
         verdict, claim_verdicts = EXPECTED[finding["slug"]]
-        near = {INC} if another_machine else set()
-        assert finding["verdict"] in {verdict, *near}, finding["slug"]
+        assert finding["verdict"] in widen({verdict}), finding["slug"]
         assert len(finding["claims"]) == len(claim_verdicts), finding["slug"]
         for claim, allowed in zip(finding["claims"], claim_verdicts, strict=True):
-            allowed = allowed | near
+            allowed = widen(allowed)
             mean, low, high = hand_interval(claim["per_seed"])
             assert claim["value"]["mean"] == pytest.approx(mean, rel=1e-12)
             assert (claim["value"]["low"], claim["value"]["high"]) == pytest.approx((low, high),
