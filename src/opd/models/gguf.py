@@ -20,10 +20,10 @@ from typing import Any
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from opd.errors import OPDError, one_line
 from opd.io import atomic_folder, is_url, write_text_atomic
+from opd.models.loading import quiet_transformers
 
 GGUF_EXTRA = 'pip install "opd[gguf]"'
 SOURCE_FILE = "opd_gguf_source.json"
@@ -105,17 +105,14 @@ def _convert(file: Path, out: Path, role: str) -> None:
     except ImportError:
         raise OPDError(f"{role}: {file.name} is a GGUF file, which needs the gguf package: "
                        f"{GGUF_EXTRA}") from None
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-        loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
-                                                      dtype=torch.float32)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+            loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name,
+                                                          dtype=torch.float32)
     except Exception as err:
         raise OPDError(f"{role}: transformers {transformers.__version__} cannot dequantize "
                        f"{file.name}: {one_line(err, 160)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     # A model loaded from GGUF refuses save_pretrained; the same weights in a model built from
     # its config without the quantization settings save as an ordinary folder.
     settings = loaded.config.to_dict()

@@ -38,6 +38,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own warnings silenced for the block: our one line says what is wrong."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 SAVE_HINT = "make the folder with model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -203,16 +214,13 @@ def load_tokenizer(path: str, role: str, trust_remote_code: bool = False):
     if not path:
         raise OPDError(f"{role}: no model given; pass --{role} PATH")
     check_model_folder(path, role, model=False, trust_remote_code=trust_remote_code)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # our own line says what is wrong
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise _describe_missing(role, path, err) from None
     except Exception as err:  # a tokenizer file transformers cannot use
         raise OPDError(f"{role}: could not load the tokenizer in {path!r}: {one_line(err)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -247,20 +255,17 @@ def load_model(
     if not path:
         raise OPDError(f"{role}: no model given; pass --{role} PATH")
     check_model_folder(path, role, tokenizer=False, trust_remote_code=trust_remote_code)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # our own line says what is wrong
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
-            output_loading_info=True,
-        )
+        with quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
     except (OSError, ValueError) as err:
         raise _describe_missing(role, path, err) from None
     except Exception as err:  # e.g. weights whose shapes do not match config.json
         raise OPDError(f"{role}: the weights in {path!r} do not fit its config.json "
                        f"({_mismatch(path, err)}); copy the folder again or {SAVE_HINT}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise OPDError(f"{role}: the weights in {path!r} lack {len(missing)} of the model's "
