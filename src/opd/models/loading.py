@@ -230,8 +230,9 @@ def _mismatch(path: str, err: Exception) -> str:
     """The first tensor whose shape differs between the weights and the config (transformers
     only says so in a report table), or the error itself."""
     try:
-        _, info = AutoModelForCausalLM.from_pretrained(
-            path, ignore_mismatched_sizes=True, output_loading_info=True, dtype=torch.float32)
+        with quiet_transformers():
+            _, info = AutoModelForCausalLM.from_pretrained(
+                path, ignore_mismatched_sizes=True, output_loading_info=True, dtype=torch.float32)
         key, stored, expected = sorted(info["mismatched_keys"])[0]
         return (f"{key} is {list(stored)} in the weights but {list(expected)} by config.json, and "
                 f"{len(info['mismatched_keys']) - 1} more")
