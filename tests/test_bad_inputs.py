@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file, save_file
+from transformers.utils import logging as hf_logging
 
 import opd.io
 import opd.run.trackers
@@ -602,12 +604,27 @@ def ws(tiny_pair, tmp_path, monkeypatch):
     workspace.unlock()
 
 
+@pytest.fixture
+def library_logs(capfd):
+    """transformers' log handler writes to the captured stderr at its default verbosity, as in a
+    user's shell, wherever an earlier test left it (its handler keeps the stream it first saw)."""
+    handler = hf_logging._default_handler
+    stream, verbosity = handler.stream, hf_logging.get_verbosity()
+    handler.setStream(sys.stderr)
+    hf_logging.set_verbosity_warning()
+    yield capfd
+    handler.setStream(stream)
+    hf_logging.set_verbosity(verbosity)
+
+
 def progress_line(line: str) -> bool:
     return "%|" in line or "it/s]" in line
 
 
 @pytest.mark.parametrize(("verb", "change", "role", "fragment"), ROWS)
-def test_bad_input_is_one_line_exit_2_and_nothing_written(ws, capfd, verb, change, role, fragment):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(ws, library_logs, verb, change, role,
+                                                           fragment):
+    capfd = library_logs
     argv = change(ws, VERBS[verb].argv(ws))
     capfd.readouterr()
     before = snapshot(ws.root)
