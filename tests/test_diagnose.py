@@ -12,6 +12,7 @@ import pytest
 
 from opd.cli import main
 from opd.doctor.measure import DiagnoseConfig, cut_at
+from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
 from opd.errors import OPDError
 from tests.conftest import make_model
@@ -209,3 +210,37 @@ def test_tokenizer_mismatch_stops_before_measuring(tiny_pair, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "tokenizer mismatch" in err and "'answer' vs 'zebra'" in err
     assert not (tmp_path / "diag").exists()
+
+
+@pytest.mark.parametrize("extra", [
+    (),  # one teacher, answers: rollouts, continuations, the teacher's own attempts, scoring
+    ("--teacher-template", "a b {prompt}", "--depths", "0,3"),  # a template check to score
+    ("--teacher2", "STUDENT"),  # a second teacher and the teacher-vs-teacher2 pass
+])
+def test_the_progress_bar_ends_at_its_plan_and_estimates_up_front(tiny_pair, tmp_path, capfd,
+                                                                  monkeypatch, extra):
+    """The plan made once the student's rollouts are in is the work done, token pass for token
+    pass; the estimate comes after the first decode steps, long before the end."""
+    ends = []
+    monkeypatch.setattr(WorkMeter, "close", lambda meter: ends.append((meter.bar.n, meter.bar.total)))
+    args = [a for a in diagnose_args(tiny_pair, tmp_path / "diag") if a != "--no-progress"]
+    extra = [str(tiny_pair["student"]) if a == "STUDENT" else a for a in extra]
+    assert main([*args, *extra]) == 0
+    (done, planned), = ends
+    assert done == planned > 0
+    cost = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())["cost"]
+    assert cost["planned_token_passes"] == planned >= cost["token_passes"]
+    assert cost["estimated_seconds"] > 0
+    assert "opd diagnose: about " in capfd.readouterr().err
+
+
+def test_the_first_plan_is_an_upper_bound_of_the_work():
+    shape = DiagnosisShape(rollouts=8, max_new_tokens=10, depths=2, teachers=1, answers=True,
+                           template_checks=1)
+    # The student's rollouts and continuations, the teacher's attempts and continuations, and
+    # two scoring passes (pattern, template) of two models over every response token.
+    assert planned_passes(shape) == 80 + 160 + 80 + 160 + 2 * 2 * 80
+    assert planned_passes(shape, response_tokens=40, continuation_steps=50) == 80 + 50 + 80 + 50 + 160
+    silent = DiagnosisShape(rollouts=8, max_new_tokens=10, depths=2, teachers=1, answers=False,
+                            template_checks=0)
+    assert planned_passes(silent) == 80 + 2 * 80

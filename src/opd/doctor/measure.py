@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from opd import metrics as M
 from opd.config.choices import ENGINES
@@ -40,6 +39,7 @@ from opd.config.fields import (
 )
 from opd.config.settings import group, setting
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_of
+from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
 from opd.evaluation.verify import VERIFIERS, get_verifier
@@ -158,6 +158,7 @@ class Baseline:
     cuts: list[list[int | None]]  # [depth][rollout] cut in tokens, None = not cut there
     student_continuations: list[list[bool] | None]
     cost: dict[str, Any]
+    meter: WorkMeter
 
 
 def cut_at(depth: float, length: int) -> int | None:
@@ -227,9 +228,10 @@ def _decode_correct(tokenizer: Any, records: Sequence[PromptRecord], verifier: s
 
 
 def _generate(pair: Pair, config: DiagnoseConfig, prompts: Sequence[str] | Sequence[list[int]],
-              **options: Any) -> Rollouts:
+              meter: WorkMeter, **options: Any) -> Rollouts:
     """`pair`'s samples from the configured engine (vLLM: the process's engine, on `pair`'s
-    folder, long enough for a continuation: prompt, prefix and new tokens)."""
+    folder, long enough for a continuation: prompt, prefix and new tokens), counted on
+    `meter` as every row's whole budget of decode steps."""
     engine = None if pair.served is None else pair.served.client
     if engine is None and config.rollout_engine == "vllm":
         longest = max(len(row) for row in pair.prompt_rows) + config.max_new_tokens
@@ -237,7 +239,22 @@ def _generate(pair: Pair, config: DiagnoseConfig, prompts: Sequence[str] | Seque
                              max_model_len=model_length_limit(context_window(pair.path), longest,
                                                               config.max_new_tokens),
                              settings=config.vllm, trust_remote_code=config.trust_remote_code)
-    return generate(engine, pair.model, pair.tokenizer, prompts, **options)
+    start = meter.bar.n
+    out = generate(engine, pair.model, pair.tokenizer, prompts, on_step=meter.decoded, **options)
+    budget = len(prompts) * options.get("n", 1) * options["max_new_tokens"]
+    meter.advance(budget - (meter.bar.n - start))  # rows that stopped early, or another engine
+    return out
+
+
+def _continuation_steps(config: DiagnoseConfig, rollouts: Rollouts,
+                        cuts: list[list[int | None]]) -> int:
+    """Decode row-steps of one model's continuations at every depth (as `_continue` runs them)."""
+    steps = 0
+    for depth_cuts in cuts:
+        prefixes = [c for c in depth_cuts if c is not None]
+        if prefixes:
+            steps += len(prefixes) * max(config.max_new_tokens - min(prefixes), 1)
+    return steps
 
 
 def _body_length(ids: list[int], eos: int) -> int:
@@ -256,7 +273,7 @@ def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], 
     inputs = [pair.prompt_rows[index[j]] + p for j, p in zip(rows, prefixes, strict=True)]
     budget = config.max_new_tokens - min(len(p) for p in prefixes)
     out = _generate(
-        pair, config, inputs, n=1, max_new_tokens=max(budget, 1),
+        pair, config, inputs, ctx.meter, n=1, max_new_tokens=max(budget, 1),
         temperature=config.capability_temperature, top_p=config.top_p, seed=config.seed + 1,
         prompt_ids=[j * len(config.depths) + depth_index for j in rows],
         batch_size=config.batch_size,
@@ -317,6 +334,7 @@ def _score(left: Pair, right: Pair, ctx: Baseline, k: Sequence[int]) -> dict[str
         scores = score(left_states, teacher, student_head=left_head, measures=_measures_at(k))
         for name, value in scores.measures.items():
             columns.setdefault(name, []).append(value.cpu())
+        ctx.meter.advance(2 * left_states.positions.numel())
         positions.append(left_states.positions.cpu())
         rows.append(left_states.rows.cpu() + start)
     ctx.cost["scored_tokens"] += 2 * int(sum(p.numel() for p in positions))
@@ -362,6 +380,7 @@ def _template_check(teacher: Pair, ctx: Baseline) -> dict[str, Any]:
                             - teacher.served.token_logprobs(_teacher_inputs(asked, ctx, everything)),
                             _response_rows(ctx))
         ctx.cost["scored_tokens"] += 2 * gap_tokens.numel()
+        ctx.meter.advance(2 * gap_tokens.numel())
     else:
         k = ctx.config.thresholds.pattern_k
         scored = _score(teacher, asked, ctx, [k])
@@ -430,7 +449,7 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     """The teacher's accuracy from scratch on the prompts, with its own template."""
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
-    out = _generate(pair, config, texts, n=config.samples_per_prompt,
+    out = _generate(pair, config, texts, ctx.meter, n=config.samples_per_prompt,
                             max_new_tokens=config.max_new_tokens,
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
@@ -441,22 +460,20 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     return sum(correct) / len(correct)
 
 
-def measure_teacher(teacher: Pair, ctx: Baseline, bar: tqdm, times: dict[str, float]) -> dict[str, Any]:
+def measure_teacher(teacher: Pair, ctx: Baseline, times: dict[str, float]) -> dict[str, Any]:
     """Everything about one teacher on the student's states, with its verdict."""
     config, t = ctx.config, ctx.config.thresholds
     asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
     out: dict[str, Any] = {"path": teacher.path,
                            "entropy": teacher.served.entropy if teacher.served else "exact"}
     with timed(f"{teacher.name}_scoring", times):
-        bar.set_postfix_str(f"{teacher.name}: step-0 measures")
+        ctx.meter.stage(f"{teacher.name}: step-0 measures")
         scored = _score(ctx.student, asked, ctx, sorted({*config.k, t.pattern_k}))
         out["pattern"] = _pattern(scored, ctx)
         reward = [-v for v in _row_means(scored["measures"][t.pattern_k][M.REVERSE_KL], scored["rows"],
                                          ctx.rollouts.input_ids.shape[0])]
-        bar.update()
-        bar.set_postfix_str(f"{teacher.name}: template check")
+        ctx.meter.stage(f"{teacher.name}: template check")
         out["template"] = _template_check(teacher, ctx)
-        bar.update()
     out["sequence_reward"] = reward
     out["global_signal"] = None
     out["continuation"], out["horizon"] = None, None
@@ -464,10 +481,9 @@ def measure_teacher(teacher: Pair, ctx: Baseline, bar: tqdm, times: dict[str, fl
     if ctx.correct is not None:
         out["global_signal"] = {"auroc": auroc(reward, ctx.correct)}
         with timed(f"{teacher.name}_continuations", times):
-            bar.set_postfix_str(f"{teacher.name}: continuations")
+            ctx.meter.stage(f"{teacher.name}: continuations")
             out["accuracy_own_template"] = _accuracy_own(teacher, ctx)
             curve, correct = _continuation_curve(asked, ctx)
-            bar.update()
         out["continuation"], out["continuation_correct"] = curve, correct
         out["horizon"] = horizon(curve, t.z)
         novelty, advantage = curve[0]["advantage_unsolved"], curve[0]["advantage"]
@@ -475,8 +491,6 @@ def measure_teacher(teacher: Pair, ctx: Baseline, bar: tqdm, times: dict[str, fl
             novelty = {"mean": None, "se": None}
         fraction = out["horizon"]["fraction"] if out["horizon"] else None
         out["recommended_max_new_tokens"] = _recommended_length(out["horizon"])
-    else:
-        bar.update()
     shares = out["pattern"]["by_k"][str(t.pattern_k)]["overall"]
     out["summary"] = {
         "overlap_share": min(shares["overlap_share_student"], shares["overlap_share_teacher"]),
@@ -519,13 +533,15 @@ def _distinguishable(first: dict[str, Any], second: dict[str, Any], pair_scored:
     return out
 
 
-def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair) -> Baseline:
+def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
+                      meter: WorkMeter, shape: DiagnosisShape) -> Baseline:
     """The student's rollouts of its prompt rows; with an answer on every record, their
-    correctness and the student's own continuations at every depth."""
+    correctness and the student's own continuations at every depth. `meter` is replanned
+    from what the rollouts turned out to be (`shape`: the diagnosis being run)."""
     cost = {"student_rollouts": 0, "teacher_rollouts": 0, "continuations": 0,
             "generated_tokens": 0, "scored_tokens": 0}
     rollouts = _generate(
-        student, config, student.prompt_rows, n=config.samples_per_prompt,
+        student, config, student.prompt_rows, meter, n=config.samples_per_prompt,
         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, seed=config.seed, batch_size=config.batch_size,
     )
@@ -533,7 +549,10 @@ def _student_baseline(config: DiagnoseConfig, records: Sequence[PromptRecord], s
     cost["generated_tokens"] += int(rollouts.response_lengths.sum())
     eos = student.tokenizer.eos_token_id
     cuts = [[cut_at(d, _body_length(r, eos)) for r in rollouts.response_ids] for d in config.depths]
-    ctx = Baseline(config, list(records), student, rollouts, None, cuts, [], cost)
+    ctx = Baseline(config, list(records), student, rollouts, None, cuts, [], cost, meter)
+    full = shape.rollouts * shape.max_new_tokens
+    meter.replan(planned_passes(shape, int(rollouts.response_lengths.sum()),
+                                _continuation_steps(config, rollouts, cuts)) - full)
     if all(r.answer is not None for r in records):
         ctx.correct = _decode_correct(student.tokenizer, records, config.verifier,
                                       rollouts.response_ids, rollouts.prompt_index.tolist())
@@ -555,7 +574,8 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     continuing from the first depth (else None). `overall`: token means over all prompts."""
     student = _render(student, records, config.student_template)
     teacher = _render(teacher, records, config.teacher_template)
-    ctx = _student_baseline(config, records, student)
+    shape = _shape(config, records, student, [teacher])
+    ctx = _student_baseline(config, records, student, WorkMeter(0, enabled=False), shape)
     asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
     scored = _score(student, asked, ctx, [k])
     values = scored["measures"][k]
@@ -594,15 +614,15 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
     if writes:
         check_output_folder(config.out, "out")
     records = _sample_records(config, value)
-    stages = 2 + 3 * (1 + bool(config.teacher2))
-    bar = tqdm(total=stages, desc="opd diagnose", disable=not config.progress)
+    meter = WorkMeter(0, enabled=config.progress)
     with timed("load", times):
-        bar.set_postfix_str("loading models")
+        meter.stage("loading models")
         student = _render(load_pair(config.student, "student", config), records, config.student_template)
         paths = [("teacher", config.teacher), *([("teacher2", config.teacher2)] if config.teacher2 else [])]
         teachers = [_render(load_pair(path, role, config, student), records, config.teacher_template)
                     for role, path in paths]
-        bar.update()
+    shape = _shape(config, records, student, teachers)
+    meter.replan(planned_passes(shape))
     warnings: list[str] = []
     if any(r.answer is None for r in records):
         missing = sum(r.answer is None for r in records)
@@ -610,10 +630,9 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
                         "accuracy, novelty, horizon and AUROC are skipped (pattern and template "
                         "checks still run)")
     with timed("student_rollouts", times):
-        bar.set_postfix_str("student rollouts")
-        ctx = _student_baseline(config, records, student)
-        bar.update()
-    results = [measure_teacher(teacher, ctx, bar, times) for teacher in teachers]
+        meter.stage("student rollouts")
+        ctx = _student_baseline(config, records, student, meter, shape)
+    results = [measure_teacher(teacher, ctx, times) for teacher in teachers]
     diagnosis: dict[str, Any] = {
         "verdict": results[0]["decision"]["verdict"],
         "inputs": {k: v for k, v in asdict(config).items() if k not in {"thresholds", "progress"}},
@@ -631,9 +650,22 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
         diagnosis["teacher2"] = results[1]
     for result in results:
         result.pop("continuation_correct", None)
-    bar.close()
+    meter.close()
     diagnosis["cost"] = _cost(ctx, times, time.perf_counter() - start)
+    diagnosis["cost"]["estimated_seconds"] = (None if meter.estimate_seconds is None
+                                              else round(meter.estimate_seconds, 2))
+    diagnosis["cost"]["planned_token_passes"] = meter.bar.total
     return diagnosis
+
+
+def _shape(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,
+           teachers: Sequence[Pair]) -> DiagnosisShape:
+    return DiagnosisShape(
+        rollouts=len(records) * config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
+        depths=len(config.depths), teachers=len(teachers),
+        answers=all(r.answer is not None for r in records),
+        template_checks=sum(t.prompt_rows != student.prompt_rows for t in teachers),
+        teacher_pairs=int(len(teachers) > 1))
 
 
 def _student_summary(ctx: Baseline) -> dict[str, Any]:

@@ -257,10 +257,11 @@ def generate(engine: VLLMEngine | ServedSampler | None, model: torch.nn.Module |
              ) -> Rollouts:
     """Rollouts from `engine` (given `model`'s weights), from a served teacher (`engine` its
     client, `tokenizer` its own, no `model`), or from opd's own sampler when `engine` is None
-    (same options as `generate_rollouts`; `batch_size` only applies to the sampler)."""
+    (same options as `generate_rollouts`; `batch_size` and `on_step` only apply to the sampler)."""
     if engine is None:
         return generate_rollouts(model, tokenizer, prompts, **options)
     options.pop("batch_size", None)
+    options.pop("on_step", None)
     if isinstance(engine, VLLMEngine):
         return sample_rollouts(engine, model, tokenizer, prompts, **options)
     return engine.rollouts(tokenizer, prompts, **options)

@@ -9,7 +9,7 @@ samples as a single uninterrupted run.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,7 @@ def _sample_batch(
     top_p: float,
     eos_ids: set[int],
     pad_id: int,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_rows, pad_id)
@@ -176,6 +177,8 @@ def _sample_batch(
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         finished |= torch.isin(token, eos)
+        if on_step is not None:
+            on_step(len(prompt_rows))
         if len(tokens) == max_new_tokens or bool(finished.all()):  # no logits needed after
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -268,9 +271,11 @@ def generate_rollouts(
     prompt_ids: Sequence[int] | None = None,
     batch_size: int | None = None,
     max_prompt_tokens: int | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Rollouts:
     """Sample `n` responses for each prompt: a rendered prompt text, or token ids as they
     are (e.g. a prompt followed by the first tokens of another model's response).
+    `on_step(rows)` is called after every decode step of a batch of `rows` (progress bars).
 
     `prompt_ids` are stable ids for seeding (default: positions in `prompts`); a prompt longer
     than `max_prompt_tokens` keeps its last tokens (the verbs refuse such prompts up front with
@@ -301,7 +306,7 @@ def generate_rollouts(
             responses += _sample_batch(
                 model, [encoded[i] for i, _ in chunk], generators,
                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                eos_ids=eos_ids, pad_id=pad_id,
+                eos_ids=eos_ids, pad_id=pad_id, on_step=on_step,
             )
     model.train(was_training)
     return assemble_rollouts(tokenizer, encoded, [i for i, _ in rows], responses, eos_ids, pad_id)
