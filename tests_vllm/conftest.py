@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import make_model
+from tests_real.conftest import smollm2, smollm2_gguf  # noqa: F401  (SmolLM2's fixtures)
 
 from opd.config.fields import VLLMConfig
 from opd.step.engines import VLLMEngine, vllm_engine
