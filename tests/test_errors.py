@@ -147,4 +147,4 @@ def test_eval_needs_answers_and_unknown_verifier(tiny_pair, tmp_path, capsys):
     assert code == 2 and "prompts: row 1 has no 'answer'; evaluation needs an answer" in err
     code, err = run_cli(["eval", "--model", str(tiny_pair["student"]), "--prompts",
                          str(tiny_pair["prompts"]), "--verifier", "fuzzy"], capsys)
-    assert code == 2 and "config: verifier must be one of ['exact', 'math'], got 'fuzzy'" in err
+    assert code == 2 and "config: verifier must be one of ['exact', 'number', 'math'], got 'fuzzy'" in err

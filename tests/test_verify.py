@@ -74,3 +74,18 @@ def test_a_missing_math_verify_is_one_line_before_any_model_loads(tmp_path, math
                  "--verifier", "math"])
     err = capsys.readouterr().err
     assert code == 2 and 'pip install "opd[math]"' in err and "no-model" not in err
+
+
+@pytest.mark.parametrize(("response", "answer", "right"), [
+    ("12 + 35 = 47.", "47", True),                      # a sum written out, no answer line
+    ("The sum of 12 and 35 is 47", "47", True),
+    ("First 10 + 30 = 40, then 2 + 5 = 7, so 47.", "47", True),  # the last number counts
+    ("It is 47, or maybe 48", "47", False),
+    ("\\boxed{1,234} and then 5", "1234", True),        # the boxed answer first, commas dropped
+    ("-3.50", "-3.5", True),
+    ("twelve", "12", False),                             # no number at all
+    ("answer: blue", "blue", True),                      # a reference without a number: exact
+    ("answer: red", "blue", False),
+])
+def test_number_compares_the_last_number_of_the_response(response, answer, right):
+    assert get_verifier("number")(response, answer) is right

@@ -16,7 +16,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 """Learning-rate schedules after the warm-up (`lr_schedule`)."""
 ON_FAILURE = ("warn", "stop", "cold-start")
 """What the monitor does on a failure signature (`on_failure`)."""
-VERIFIERS = ("exact", "math")
+VERIFIERS = ("exact", "number", "math")
 """Answer verifiers (`verifier`)."""
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 """Experiment trackers a run can report to (`report_to`), each an optional extra."""

@@ -154,7 +154,8 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
                                     "answers and a verifier).", minimum=0)
     kl_penalty: float = setting(0.0, "Coefficient of a k3 KL-to-reference (the initial student) "
                                 "penalty; 0 = off.", minimum=0)
-    verifier: str = setting("exact", "exact or math (needs math-verify).",
+    verifier: str = setting("exact", "exact, number (the last number of the response, for "
+                            "models that write no answer line) or math (needs math-verify).",
                             choices=VERIFIERS)
     lr: float = setting(1e-6, "AdamW learning rate.", above=0)
     lr_schedule: str = setting("constant", "constant, linear or cosine decay after warm-up.",

@@ -102,7 +102,8 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
                                  "check uses thresholds.pattern_k).", minimum=1)
     position_bins: int = setting(8, "Response-position bins of the by-position measures.",
                                  minimum=1)
-    verifier: str = setting("exact", "exact or math (needs math-verify).",
+    verifier: str = setting("exact", "exact, number (the last number of the response, for "
+                            "models that write no answer line) or math (needs math-verify).",
                             choices=tuple(VERIFIERS))
     seed: int = setting(0, "Seed of the prompt sample, rollouts and continuations.")
     rollout_engine: str = setting(

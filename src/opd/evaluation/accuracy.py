@@ -31,7 +31,8 @@ class EvalConfig(Generation, Decoding, PromptSource, ModelLoading, OneModel):
                            "'answer' per row.")
     samples_per_prompt: int = setting(1, "Samples per prompt (avg@n).", minimum=1)
     temperature: float = setting(0.0, "Sampling temperature (0 = greedy).", minimum=0)
-    verifier: str = setting("exact", "exact or math (needs math-verify).",
+    verifier: str = setting("exact", "exact, number (the last number of the response, for "
+                            "models that write no answer line) or math (needs math-verify).",
                             choices=tuple(VERIFIERS))
     template: str | None = setting(None, "Format string with {prompt} instead of the "
                                    "tokenizer's chat template.")

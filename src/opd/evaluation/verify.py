@@ -1,6 +1,6 @@
 """Verifiers: decide whether a response's final answer matches the reference answer.
 
-`exact` is built in; `math` uses the optional `math-verify` package. A verifier is a function
+`exact` and `number` are built in; `math` uses the optional `math-verify` package. A verifier is a function
 `(response_text, answer_text) -> bool`, looked up by name in `VERIFIERS`.
 """
 
@@ -17,6 +17,7 @@ Verifier = Callable[[str, str], bool]
 
 ANSWER_PATTERN = re.compile(r"answer\s*[:=]?\s*(.*)$", re.IGNORECASE | re.DOTALL)
 BOXED_PATTERN = re.compile(r"\\boxed\{([^{}]*)\}")
+NUMBER_PATTERN = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 
 
 def _normalise(text: str) -> str:
@@ -43,6 +44,22 @@ def exact_match(response: str, answer: str) -> bool:
     return _normalise(extract_answer(response)) == _normalise(answer)
 
 
+def _last_number(text: str) -> float | None:
+    numbers = NUMBER_PATTERN.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+def number_match(response: str, answer: str) -> bool:
+    """True when the response's last number (in its last `\\boxed{…}` when it has one) equals
+    the reference's value: pretrained models write `12 + 35 = 47.` or `The sum is 47`, not an
+    answer line. A reference that holds no number is matched as `exact` does."""
+    expected = _last_number(answer)
+    if expected is None:
+        return exact_match(response, answer)
+    boxed = BOXED_PATTERN.findall(response)
+    return _last_number(boxed[-1] if boxed else response) == expected
+
+
 MATH_EXTRA = 'verifier: math needs the math-verify package: pip install "opd[math]"'
 
 
@@ -58,7 +75,8 @@ def math_verify_match(response: str, answer: str) -> bool:
     return bool(verify(gold, parse(response)))
 
 
-VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "math": math_verify_match}
+VERIFIERS: dict[str, Verifier] = {"exact": exact_match, "number": number_match,
+                                  "math": math_verify_match}
 assert tuple(VERIFIERS) == choices.VERIFIERS
 
 
