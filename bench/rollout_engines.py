@@ -10,6 +10,8 @@ vLLM (`.venv-vllm` on a CPU, the `vllm` extra on a GPU). The engine's start is t
     python bench/rollout_engines.py                                    # CPU: tiny shape, float32
     python bench/rollout_engines.py --shape 0.5b --rollouts 256 --max-new-tokens 1024 \\
         --dtype bfloat16                                               # GPU (bench/gpu_check.sh)
+    python bench/rollout_engines.py --model SmolLM2-135M-Instruct.Q4_1.gguf --rollouts 64 \\
+        --max-new-tokens 64     # a real model (a folder or a GGUF file): its chat-rendered prompts
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ SHAPES = {  # name: (hidden, layers, heads, intermediate); vLLM's CPU build want
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of a random shape: a Hugging Face folder or a "
+                        "GGUF file; its prompts are chat-rendered two-digit additions")
     parser.add_argument("--vocab", type=int, default=None,
                         help="vocabulary size (default: 2,000 for tiny, 151,936 otherwise)")
     parser.add_argument("--rollouts", type=int, default=32)
@@ -52,16 +57,21 @@ def main() -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    vocab = args.vocab or (2_000 if args.shape == "tiny" else 151_936)
-    folder = Path(tempfile.mkdtemp(prefix="opd-rollout-bench-"))
-    tokenizer = make_tokenizer(vocab)
-    make_model(folder, SHAPES[args.shape], vocab, tokenizer, seed=0)
     from transformers import AutoModelForCausalLM
 
+    if args.model:
+        folder, tokenizer, prompts = real_model(args.model, args.rollouts)
+        vocab, stop = tokenizer.vocab_size, tokenizer.eos_token_id
+        args.prompt_tokens = max(len(p) for p in prompts)
+    else:
+        vocab, stop = args.vocab or (2_000 if args.shape == "tiny" else 151_936), 2
+        folder = Path(tempfile.mkdtemp(prefix="opd-rollout-bench-"))
+        tokenizer = make_tokenizer(vocab)
+        make_model(folder, SHAPES[args.shape], vocab, tokenizer, seed=0)
+        generator = torch.Generator().manual_seed(0)
+        prompts = [[1, *torch.randint(4, vocab, (args.prompt_tokens - 1,),
+                                      generator=generator).tolist()] for _ in range(args.rollouts)]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    generator = torch.Generator().manual_seed(0)
-    prompts = [[1, *torch.randint(4, vocab, (args.prompt_tokens - 1,), generator=generator).tolist()]
-               for _ in range(args.rollouts)]
     options = dict(max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
 
     rows = []
@@ -92,20 +102,40 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    plain = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, stop_token_ids=[2])
+    plain = SamplingParams(temperature=1.0, max_tokens=args.max_new_tokens, stop_token_ids=[stop])
     requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     timed("vllm (plain LLM.generate)", lambda: sum(
         len(o.outputs[0].token_ids) for o in engine.llm.generate(requests, plain, use_tqdm=False)))
 
-    print(f"shape {args.shape}, vocab {vocab}, {args.dtype} on {device.type}, {args.rollouts} "
-          f"rollouts × ≤{args.max_new_tokens} tokens, prompts of {args.prompt_tokens} tokens, "
-          f"best of {args.repeats}; vLLM engine start {started:.1f} s\n")
+    print(f"{args.model or 'shape ' + args.shape}, vocab {vocab}, {args.dtype} on {device.type}, "
+          f"{args.rollouts} rollouts × ≤{args.max_new_tokens} tokens, prompts of "
+          f"{args.prompt_tokens} tokens, best of {args.repeats}; vLLM engine start {started:.1f} s\n")
     print("| engine | tokens | seconds | tokens/s | × hf |")
     print("|---|---|---|---|---|")
     hf_rate = rows[0][1] / rows[0][2]
     for name, tokens, seconds in rows:
         rate = tokens / seconds
         print(f"| {name} | {tokens} | {seconds:.2f} | {rate:,.0f} | {rate / hf_rate:.2f} |")
+
+
+def real_model(path: str, rollouts: int) -> tuple[Path, object, list[list[int]]]:
+    """A real model's folder (converted from GGUF when it is one), tokenizer, and `rollouts`
+    chat-rendered addition prompts as token ids."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from opd.models.gguf import converted_folder
+
+    folder = Path(converted_folder(path, "model"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rng, prompts = random.Random(0), []
+    for _ in range(rollouts):
+        question = f"What is {rng.randint(10, 99)} + {rng.randint(10, 99)}? Show your steps."
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return folder, tokenizer, prompts
 
 
 if __name__ == "__main__":
