@@ -244,3 +244,17 @@ def test_the_first_plan_is_an_upper_bound_of_the_work():
     silent = DiagnosisShape(rollouts=8, max_new_tokens=10, depths=2, teachers=1, answers=False,
                             template_checks=0)
     assert planned_passes(silent) == 80 + 2 * 80
+
+
+def test_a_long_estimate_says_what_shortens_it(monkeypatch, capsys):
+    clock = iter(range(100))  # one second per decode step
+    monkeypatch.setattr("opd.doctor.progress.time.perf_counter", lambda: next(clock))
+    meter = WorkMeter(1_000_000)
+    for _ in range(16):
+        meter.decoded(64)
+    meter.close()
+    err = capsys.readouterr().err
+    # 15 timed steps of 64 rows in 15 s: 64 passes/s, so the million take about 4.3 h.
+    assert meter.estimate_seconds == pytest.approx((1_000_000 - 16 * 64) / 64 + 15)
+    assert "opd diagnose: about 4.3 h (1,000,000 token passes at 64/s" in err
+    assert "a shorter --max-new-tokens" in err

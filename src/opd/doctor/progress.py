@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 CALIBRATION_STEPS = 16
 """Decode steps timed before the estimate is given (a few seconds on a CPU)."""
+LONG_SECONDS = 1800
+"""An estimate beyond this says which settings shorten the diagnosis."""
 
 
 @dataclass(frozen=True)
@@ -81,9 +83,12 @@ class WorkMeter:
             rate = (self.bar.n - self._start_n) / max(now - self._start, 1e-9)
             self.estimate_seconds = (self.bar.total - self.bar.n) / rate + (now - self._start)
             if self.enabled:
+                hint = ("; fewer --num-prompts or --samples-per-prompt, a shorter "
+                        "--max-new-tokens or fewer --depths shorten it"
+                        if self.estimate_seconds > LONG_SECONDS else "")
                 self.bar.write(f"opd diagnose: about {_duration(self.estimate_seconds)} "
                                f"({self.bar.total:,} token passes at {rate:,.0f}/s, an upper "
-                               f"bound: rollouts that stop early make it shorter)",
+                               f"bound: rollouts that stop early make it shorter{hint})",
                                file=sys.stderr)
 
     def advance(self, passes: int) -> None:
