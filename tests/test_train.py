@@ -142,6 +142,7 @@ def test_cli_trains_and_every_verb_has_help(tiny_pair, tmp_path, capsys):
     assert "objective.strategy" in (main(["train", "--help-config"]) == 0 and capsys.readouterr().out)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # no library deprecation reaches the user
 def test_lora_training_resumes_from_its_adapter_checkpoint(tiny_pair, tmp_path):
     whole = tiny_config(tiny_pair, tmp_path / "whole", lora_rank=4, max_steps=4)
     run_training(whole)

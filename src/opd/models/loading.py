@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -394,14 +395,16 @@ def load_training_models(config: TrainConfig, device: torch.device,
     common = dict(device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     if config.lora_rank and student_path != config.student:
         base = load_model(config.student, "student", trainable=True, **common)
-        student = _peft().PeftModel.from_pretrained(base, student_path, is_trainable=True)
+        with _peft_quietly():
+            student = _peft().PeftModel.from_pretrained(base, student_path, is_trainable=True)
     else:
         student = load_model(student_path, "student", trainable=True, **common)
         if config.lora_rank:
             peft = _peft()
             lora = peft.LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank,
                                    target_modules="all-linear")
-            student = peft.get_peft_model(student, lora)
+            with _peft_quietly():
+                student = peft.get_peft_model(student, lora)
     student_dropout = disable_dropout(student) if config.disable_dropout else []
     if local_teacher:
         teacher = load_model(config.teacher, "teacher", trainable=False, **common)
@@ -411,6 +414,16 @@ def load_training_models(config: TrainConfig, device: torch.device,
     )
     return TrainingModels(student, teacher, reference, tokenizer, teacher_tokenizer,
                           student_dropout)
+
+
+@contextlib.contextmanager
+def _peft_quietly() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every LoRA run; nothing the user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        yield
 
 
 def _peft():
