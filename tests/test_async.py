@@ -91,6 +91,9 @@ def test_rollouts_ahead_record_their_staleness_and_resume_exactly(tiny_pair, tmp
     assert whole[1][M.LOSS] != sync[1][M.LOSS]  # step 2: sampled before update 1
     meter = whole[2]  # step 3, two updates stale: the gradient turned, but not around
     assert 0 < meter[M.STALENESS_GRAD_COSINE] < 0.9999 and meter[M.STALENESS_LOSS_BIAS] != 0
+    run_training(tiny_config(tiny_pair, tmp_path / "unmetered", **AHEAD, max_staleness=2))
+    metered = [{k: v for k, v in r.items() if not k.startswith("staleness_")} for r in whole]
+    assert json.dumps(metered) == json.dumps(without_times(M.read(tmp_path / "unmetered")))
 
     with pytest.raises(KeyboardInterrupt):  # step 3 is logged, the last checkpoint is step 2
         run_training(tiny_config(tiny_pair, tmp_path / "killed", **ahead), hooks=[KillAt(3)])
@@ -155,3 +158,14 @@ def test_a_worker_that_dies_is_reported_and_resume_refuses_missing_batches(tiny_
     resumed = RolloutWorker(model, lambda m, step: None, max_staleness=2, max_steps=9)
     with pytest.raises(OPDError, match="lacks the rollouts of step 5"):
         resumed.start(5, {})
+
+
+def test_tis_weighs_stale_tokens_by_the_sampler_and_recompute_does_not(tiny_pair, tmp_path):
+    for mode in ("recompute", "tis"):
+        run_training(tiny_config(tiny_pair, tmp_path / mode, max_steps=3, max_staleness=2,
+                                 stale_loss=mode, tis_cap=1.5))
+    recompute, tis = (M.read(tmp_path / mode) for mode in ("recompute", "tis"))
+    # step 1: the sampler's weights are the trainer's, every weight min(1, 1.5) = 1
+    assert tis[0][M.LOSS] == pytest.approx(recompute[0][M.LOSS], rel=1e-5)
+    assert tis[0][M.GRAD_NORM] == pytest.approx(recompute[0][M.GRAD_NORM], rel=1e-5)
+    assert tis[1][M.LOSS] != pytest.approx(recompute[1][M.LOSS], rel=1e-4)  # one update stale
