@@ -148,7 +148,8 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
         "auto", "How the loss treats a stale rollout: recompute (the student's side scored "
         "under the current weights, the tokens taken as its own samples), tis (that, each "
         "token's loss also weighted by min(p_now / p_sampler, tis_cap)), or auto: recompute "
-        "for the reverse-KL objectives, tis for forward_kl (docs/method.md#stale-rollouts).",
+        "for the reverse-KL objectives, tis for forward_kl (whose target, the teacher's, "
+        "tolerates stale states).",
         choices=STALE_LOSSES)
     staleness_meter_every: int = setting(
         0, "Every this many steps, also sample the step's prompts with the current weights and "
