@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from opd import metrics as M
 from opd.config.training import build_config, stale_loss_of
 from opd.errors import OPDError
-from opd.run.ahead import AheadBatch, RolloutWorker, policy_version, staleness_bias
+from opd.run.ahead import AheadBatch, RolloutWorker, staleness_bias
 from opd.run.checkpoints import load_in_flight
 from opd.run.folder import RunFolder
 from opd.run.loop import Trainer, run_training
@@ -45,9 +45,22 @@ def test_the_staleness_settings_are_checked_with_the_fix_named():
                                        "tis_cap": 2.0})) == "tis"
 
 
-def test_the_schedule_fixes_each_steps_policy_version():
-    assert [policy_version(t, 0) for t in range(1, 6)] == [0, 1, 2, 3, 4]
-    assert [policy_version(t, 2) for t in range(1, 6)] == [0, 0, 0, 1, 2]
+def test_step_t_is_sampled_by_the_weights_after_update_t_minus_1_minus_s():
+    student = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(0.0)
+    worker = RolloutWorker(student, lambda model, step: (float(model.weight), None),
+                           max_staleness=2, max_steps=6)
+    worker.start(1, {})
+    batches = []
+    for step in range(1, 7):
+        batches.append(worker.take(step))
+        with torch.no_grad():
+            student.weight.fill_(float(step))  # "update" number `step`
+        worker.push(step, student)
+    worker.close()
+    assert [(b.step, b.version, b.rollouts) for b in batches] == [
+        (1, 0, 0.0), (2, 0, 0.0), (3, 0, 0.0), (4, 1, 1.0), (5, 2, 2.0), (6, 3, 3.0)]
 
 
 def test_the_meter_of_identical_gradients_is_one_and_of_opposite_ones_minus_one():
@@ -147,17 +160,22 @@ def test_a_failing_worker_stops_the_run_with_one_line_and_resume_continues(
         without_times(M.read(tmp_path / "whole")))
 
 
-def test_a_worker_that_dies_is_reported_and_resume_refuses_missing_batches(tiny_pair):
+def test_a_worker_that_dies_is_reported_and_missing_batches_are_sampled_fresh():
     model = torch.nn.Linear(2, 2)
     worker = RolloutWorker(model, lambda m, step: (_ for _ in ()).throw(SystemExit(3)),
                            max_staleness=1, max_steps=3)
     worker.start(1, {})
-    with pytest.raises(OPDError, match="failed sampling step 1 \\(SystemExit: 3\\)"):
+    with pytest.raises(OPDError, match=r"failed sampling step 1 \(SystemExit: 3\)"):
         worker.take(1)
     worker.close()
-    resumed = RolloutWorker(model, lambda m, step: None, max_staleness=2, max_steps=9)
-    with pytest.raises(OPDError, match="lacks the rollouts of step 5"):
-        resumed.start(5, {})
+    # resumed at step 5 with only step 5's batch kept: 6 and 7 come from version 4, less stale
+    kept = AheadBatch(5, 2, "rollouts of step 5")
+    resumed = RolloutWorker(model, lambda m, step: (f"rollouts of step {step}", None),
+                            max_staleness=2, max_steps=9)
+    resumed.start(5, {5: kept})
+    assert [resumed.take(s) for s in (5, 6, 7)] == [
+        kept, AheadBatch(6, 4, "rollouts of step 6"), AheadBatch(7, 4, "rollouts of step 7")]
+    resumed.close()
 
 
 def test_tis_weighs_stale_tokens_by_the_sampler_and_recompute_does_not(tiny_pair, tmp_path):

@@ -2,7 +2,7 @@
 steps' rollouts with its own copy of the student while the trainer scores and updates.
 
 The schedule is fixed, not timed: step t's rollouts are sampled by the weights after update
-`policy_version(t, S)` = max(0, t − 1 − S), so step t's staleness is min(t − 1, S) however fast
+max(0, t − 1 − S) (the policy version), so step t's staleness is min(t − 1, S) however fast
 either side runs. With rollouts seeded per (step, prompt, sample) an asynchronous run is as
 reproducible as a synchronous one, and it resumes exactly: a checkpoint keeps the batches that
 weights older than its own sampled (`AheadBatch.saved`). The trainer hands the worker a copy of
@@ -32,11 +32,6 @@ import torch
 from opd import metrics as M
 from opd.errors import OPDError, one_line
 from opd.step.rollout import Rollouts
-
-
-def policy_version(step: int, max_staleness: int) -> int:
-    """The updates applied to the weights that sample step `step`'s rollouts."""
-    return max(0, step - 1 - max_staleness)
 
 
 @dataclass(frozen=True)
@@ -86,18 +81,16 @@ class RolloutWorker:
         self.thread = threading.Thread(target=self._work, name="opd-rollouts", daemon=True)
 
     def start(self, first: int, saved: dict[int, AheadBatch]) -> None:
-        """Queue steps first … first + S from the weights the worker was made with (version
-        first − 1), except those in `saved` (sampled by older weights, from a checkpoint)."""
-        version = first - 1
+        """Queue steps first … first + S: those in `saved` (sampled by older weights, kept by
+        the checkpoint resumed from) as they are, the others sampled by the weights the worker
+        was made with (version first − 1). Only a checkpoint without a step's batch (the last
+        one of a run whose max_steps was then raised) makes that step less stale than the
+        schedule; its record says so."""
         for step in range(first, min(first + self.max_staleness, self.max_steps) + 1):
             if step in saved:
                 self.done[step] = saved[step]
-            elif policy_version(step, self.max_staleness) == version:
-                self.jobs.put((step, version, None))
             else:
-                raise OPDError(f"--resume: the checkpoint of step {version} lacks the rollouts "
-                               f"of step {step}, sampled ahead by older weights; resume with "
-                               "the max_staleness it was saved with, or use a new --out")
+                self.jobs.put((step, first - 1, None))
         self.thread.start()
 
     def push(self, version: int, student: torch.nn.Module) -> None:
