@@ -11,7 +11,9 @@ that version samples, so at most S + 1 copies wait in its queue.
 
 A thread rather than a process: torch releases the GIL in its kernels, the weights move as
 tensors, and a failure comes back to the trainer as an exception at the step that needed the
-batch, which stops the run with one line before anything of that step is written.
+batch, which stops the run with one line before anything of that step is written. On a GPU the
+worker queues its kernels on a CUDA stream of its own, so they can run beside the trainer's
+rather than after them; a copy of the weights is complete before the worker may read it.
 
 `staleness_bias` is the meter's arithmetic: what a stale batch changed in the step's loss and
 gradient against a fresh batch of the same prompts sampled by the current weights.
@@ -69,6 +71,9 @@ class RolloutWorker:
         self.model = copy.deepcopy(student)
         for param in self.model.parameters():
             param.requires_grad_(False)
+        self.device = next(self.model.parameters()).device
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._settle()
         self.sample = sample
         self.max_staleness = max_staleness
         self.max_steps = max_steps
@@ -98,6 +103,7 @@ class RolloutWorker:
         step = version + 1 + self.max_staleness
         if step <= self.max_steps:
             weights = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            self._settle()
             self.jobs.put((step, version, weights))
 
     def take(self, step: int) -> AheadBatch:
@@ -120,6 +126,11 @@ class RolloutWorker:
         if self.thread.is_alive():
             self.thread.join()
 
+    def _settle(self) -> None:
+        """Wait for the trainer's queued GPU work (a copy of the weights) to finish."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).synchronize()
+
     def _wait(self, step: int) -> AheadBatch:
         with self.ready:
             while step not in self.done:
@@ -137,6 +148,8 @@ class RolloutWorker:
             return self.done[step]
 
     def _work(self) -> None:
+        if self.stream is not None:
+            torch.cuda.set_stream(self.stream)  # this thread's current stream
         while not self.stopping:
             job = self.jobs.get()
             if job is None or self.stopping:
@@ -145,6 +158,9 @@ class RolloutWorker:
             try:
                 if weights is not None:
                     self.model.load_state_dict(weights)
+                    if self.stream is not None:  # read before the trainer's stream reuses it
+                        self.stream.synchronize()
+                    weights = job = None
                 rollouts, logprobs = self.sample(self.model, step)
             except BaseException as err:  # handed to the trainer, which stops the run
                 with self.ready:

@@ -227,7 +227,7 @@ class Trainer:
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
         self.ahead: RolloutWorker | None = None
-        self.checkpoint_dir = checkpoint
+        self.resumed_from = checkpoint
 
     # -- run folder -----------------------------------------------------------------------
     def _resume_point(self, resume: Resume) -> Path | None:
@@ -268,7 +268,7 @@ class Trainer:
         tokenizer = copy.deepcopy(self.models.tokenizer)  # not shared across threads
         tis = stale_loss_of(self.config) == "tis"
 
-        def sample(model: torch.nn.Module, step: int):
+        def sample(model: torch.nn.Module, step: int) -> tuple[Rollouts, list[list[float]] | None]:
             rollouts = self.sample(step, self._step_prompts(step), model, tokenizer)
             if not tis:
                 return rollouts, None
@@ -278,9 +278,9 @@ class Trainer:
             return rollouts, per_rollout(flat, rollouts.response_mask)
 
         saved = {}
-        if self.checkpoint_dir is not None:
-            saved = {int(step): AheadBatch.from_saved(batch)
-                     for step, batch in load_in_flight(self.checkpoint_dir).items()}
+        if self.resumed_from is not None:
+            saved = {step: AheadBatch.from_saved(batch)
+                     for step, batch in load_in_flight(self.resumed_from).items()}
         worker = RolloutWorker(self.models.student, sample,
                                max_staleness=self.config.max_staleness,
                                max_steps=self.config.max_steps)
