@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from opd import metrics as M
+from opd.cli import main
 from opd.config.training import build_config, stale_loss_of
 from opd.errors import OPDError
 from opd.run.ahead import AheadBatch, RolloutWorker, staleness_bias
@@ -187,3 +188,16 @@ def test_tis_weighs_stale_tokens_by_the_sampler_and_recompute_does_not(tiny_pair
     assert tis[0][M.LOSS] == pytest.approx(recompute[0][M.LOSS], rel=1e-5)
     assert tis[0][M.GRAD_NORM] == pytest.approx(recompute[0][M.GRAD_NORM], rel=1e-5)
     assert tis[1][M.LOSS] != pytest.approx(recompute[1][M.LOSS], rel=1e-4)  # one update stale
+
+
+def test_opd_train_takes_the_staleness_flags(tiny_pair, tmp_path):
+    out = tmp_path / "cli"
+    code = main(["train", "--student", str(tiny_pair["student"]), "--teacher",
+                 str(tiny_pair["teacher"]), "--prompts", str(tiny_pair["prompts"]), "--out",
+                 str(out), "--max-steps", "3", "--prompts-per-step", "2",
+                 "--samples-per-prompt", "2", "--max-new-tokens", "6", "--max-staleness", "1",
+                 "--staleness-meter-every", "3", "--set", "progress=false"])
+    assert code == 0
+    records = M.read(out)
+    assert [r[M.STALENESS] for r in records] == [0, 1, 1]
+    assert [M.STALENESS_GRAD_COSINE in r for r in records] == [False, False, True]

@@ -116,7 +116,9 @@ STALENESS_GRAD_COSINE = _declare(
 STALENESS_GRAD_NORM_RATIO = _declare(
     "staleness_grad_norm_ratio", "The staleness meter: norm of the stale batch's gradient over "
     "the fresh batch's, both before clipping.", "ratio", METER_PRESENT)
-TIME_ROLLOUT = _declare("time_rollout", "Wall time of the student's rollouts.", "seconds")
+TIME_ROLLOUT = _declare("time_rollout", "Wall time of the student's rollouts; with "
+                        "max_staleness > 0, the time the step waited for the worker that sampled "
+                        "them ahead (0 when they were ready).", "seconds")
 TIME_SCORE = _declare("time_score", "Wall time of the teacher's (and reference's) scoring.",
                       "seconds")
 TIME_UPDATE = _declare("time_update", "Wall time of the student's forward and backward pass, "
