@@ -4,11 +4,11 @@ accuracy against `max_staleness` S, for `topk` (reverse KL) and `forward_kl`, on
 OPD from the quick zoo's teacher-aligned into its student (`cpu-small` profile: 16 prompts ×
 4 rollouts, top-8, lr 1e-4 with warm-up and cosine decay) for each objective and S, the meter
 every `--meter-every` steps; greedy accuracy on the carry-chain set after. S = 0 runs once with
-one torch thread (the trainer alone) and once with two (the cores async uses: its worker thread
-and the trainer, one each). Step time = the step's sampling wait + scoring + update, median over
-the steps where neither it nor the step before was measured by the meter (whose extra sampling
-and backward run outside those timers and give the worker a head start). Prints a table and
-writes results.json.
+one torch thread (the trainer alone) and, unless --one-thread-only, once with two (the cores
+async uses: its worker thread and the trainer, one each). Step time = the step's sampling
+wait + scoring + update, median over the steps where neither it nor the step before was
+measured by the meter (whose extra sampling and backward run outside those timers and give the
+worker a head start). Prints a table and writes results-seed<seed>.json.
 
     OMP_NUM_THREADS=1 python bench/async_rollouts.py --zoo /tmp/opd-zoo/quick --out runs/async
 """
@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--objectives", nargs="+", default=["topk", "forward_kl"])
     parser.add_argument("--meter-every", type=int, default=5)
     parser.add_argument("--tis-cap", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-thread-only", action="store_true",
+                        help="skip the synchronous runs with two torch threads")
     args = parser.parse_args()
     zoo_root, out = Path(args.zoo), Path(args.out)
     build_zoo_stages(zoo_root, args.profile, progress=False, only=["student", "teacher-aligned"])
@@ -72,14 +75,16 @@ def main() -> None:
     eval_file = zoo_root / "data" / f"eval-chain-d{max(PROFILES[args.profile].digits)}.jsonl"
     before = accuracy(str(zoo_root / "student"), eval_file, tokens)
     plan = [(o, s, 1) for o in args.objectives for s in args.staleness]
-    plan += [(o, 0, 2) for o in args.objectives if 0 in args.staleness]
+    if not args.one_thread_only:
+        plan += [(o, 0, 2) for o in args.objectives if 0 in args.staleness]
     rows = []
     for objective, staleness, threads in plan:
-        run = out / f"{objective}-S{staleness}-t{threads}"
+        run = out / f"{objective}-S{staleness}-t{threads}-seed{args.seed}"
         config = build_config({
             "student": str(zoo_root / "student"), "teacher": str(zoo_root / "teacher-aligned"),
             "prompts": str(zoo_root / "data" / "teacher-train.jsonl"), "out": str(run),
             "max_steps": args.steps, "max_new_tokens": tokens, "progress": False,
+            "seed": args.seed,
             "eval_every": 10_000, "save_every": args.steps, "objective": {"name": objective},
             "max_staleness": staleness, "staleness_meter_every": args.meter_every,
             "tis_cap": args.tis_cap if staleness and objective == "forward_kl" else 0.0,
@@ -92,6 +97,7 @@ def main() -> None:
         records = M.read(run)
         rows.append({
             "objective": objective, "max_staleness": staleness, "threads": threads,
+            "seed": args.seed,
             "step_s": step_time(records, args.meter_every), "wall_s": wall,
             "loss_bias": mean_of(records, M.STALENESS_LOSS_BIAS, staleness),
             "grad_cosine": mean_of(records, M.STALENESS_GRAD_COSINE, staleness),
@@ -101,8 +107,9 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"before": before, "rows": rows}, indent=2))
-    print(f"\nchain-set accuracy before OPD: {before:.3f}; {args.steps} steps each\n")
+    (out / f"results-seed{args.seed}.json").write_text(json.dumps({"before": before, "rows": rows}, indent=2))
+    print(f"\nchain-set accuracy before OPD: {before:.3f}; {args.steps} steps each, seed "
+          f"{args.seed}\n")
     print("| objective | S | torch threads | s / step | vs S=0, 1 thread | vs S=0, 2 threads "
           "| meter: loss bias | grad cosine | grad norm ratio | accuracy after |")
     print("|---|---|---|---|---|---|---|---|---|---|")
