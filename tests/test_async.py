@@ -201,3 +201,11 @@ def test_opd_train_takes_the_staleness_flags(tiny_pair, tmp_path):
     records = M.read(out)
     assert [r[M.STALENESS] for r in records] == [0, 1, 1]
     assert [M.STALENESS_GRAD_COSINE in r for r in records] == [False, False, True]
+
+
+def test_rollouts_ahead_are_refused_under_a_distributed_launch(tiny_pair, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # as a launcher would
+    with pytest.raises(OPDError, match="max_staleness: rollouts ahead of the update run in one "
+                       "plain process"):
+        Trainer(tiny_config(tiny_pair, tmp_path / "run", max_staleness=1))
+    assert not (tmp_path / "run").exists()

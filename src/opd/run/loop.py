@@ -186,10 +186,10 @@ class Trainer:
                 f"{self.procs.world} processes"
             )
         check_parallel_settings(config, self.procs.launched)
-        if config.max_staleness and self.procs.world > 1:
-            raise OPDError(f"max_staleness: rollouts ahead of the update run in one process, "
-                           f"not {self.procs.world}; set max_staleness=0 under a distributed "
-                           "launch")
+        if config.max_staleness and self.procs.launched:
+            raise OPDError("max_staleness: rollouts ahead of the update run in one plain "
+                           "process (the worker copies an unwrapped student); set "
+                           "max_staleness=0 under a distributed launch")
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
