@@ -110,7 +110,7 @@ def main() -> None:
     (out / f"results-seed{args.seed}.json").write_text(json.dumps({"before": before, "rows": rows}, indent=2))
     print(f"\nchain-set accuracy before OPD: {before:.3f}; {args.steps} steps each, seed "
           f"{args.seed}\n")
-    print("| objective | S | torch threads | s / step | vs S=0, 1 thread | vs S=0, 2 threads "
+    print("| objective | S | torch threads | s / step | × S=0, 1 thread | × S=0, 2 threads "
           "| meter: loss bias | grad cosine | grad norm ratio | accuracy after |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
@@ -118,8 +118,8 @@ def main() -> None:
         base = {r["threads"]: r["step_s"] for r in rows
                 if r["objective"] == row["objective"] and r["max_staleness"] == 0}
         print(f"| {row['objective']} | {row['max_staleness']} | {row['threads']} | "
-              f"{row['step_s']:.3f} | {base[1] / row['step_s']:.2f}× | "
-              f"{fmt(base[2] / row['step_s'] if 2 in base else None, '.2f')}× | "
+              f"{row['step_s']:.3f} | {base[1] / row['step_s']:.2f} | "
+              f"{fmt(base[2] / row['step_s'] if 2 in base else None, '.2f')} | "
               f"{fmt(row['loss_bias'], '+.4f')} | {fmt(row['grad_cosine'], '.3f')} | "
               f"{fmt(row['grad_norm_ratio'], '.3f')} | {row['accuracy']:.3f} |")
 
