@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--samples-per-prompt", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-staleness", type=int, default=0,
+                        help="rollouts of the next S steps sampled while a step updates")
     args = parser.parse_args()
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)
@@ -83,18 +85,20 @@ def main() -> None:
         "prompts_per_step": args.prompts_per_step,
         "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
         "lr": 1e-6, "save_every": 10_000, "progress": False, "micro_batch": 16,
+        "max_staleness": args.max_staleness,
     })
     run_training(config)
     print(f"student {sizes['student'] / 1e6:.0f}M params, teacher {sizes['teacher'] / 1e6:.0f}M, "
           f"vocab {vocab}, {args.prompts_per_step}x{args.samples_per_prompt} rollouts of "
-          f"{args.max_new_tokens} tokens, device "
+          f"{args.max_new_tokens} tokens, max_staleness {args.max_staleness}, device "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}")
-    print(f"{'step':>4} {'tokens':>7} {'rollout s':>9} {'score s':>8} {'update s':>8} {'tok/s':>8}")
+    print(f"{'step':>4} {'stale':>5} {'tokens':>7} {'rollout s':>9} {'score s':>8} "
+          f"{'update s':>8} {'tok/s':>8}")
     for r in read(root / "run"):
         tokens = r["response_length"] * args.prompts_per_step * args.samples_per_prompt
         total = r["time_rollout"] + r["time_score"] + r["time_update"]
-        print(f"{r['step']:>4} {tokens:>7.0f} {r['time_rollout']:>9.2f} {r['time_score']:>8.2f} "
-              f"{r['time_update']:>8.2f} {tokens / total:>8.0f}")
+        print(f"{r['step']:>4} {r['staleness']:>5} {tokens:>7.0f} {r['time_rollout']:>9.2f} "
+              f"{r['time_score']:>8.2f} {r['time_update']:>8.2f} {tokens / total:>8.0f}")
     if torch.cuda.is_available():
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

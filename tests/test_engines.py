@@ -102,7 +102,7 @@ def test_unknown_engine_is_named():
 
 
 def test_tis_cap_needs_the_vllm_engine():
-    with pytest.raises(OPDError, match="tis_cap needs rollout_engine=vllm"):
+    with pytest.raises(OPDError, match="tis_cap needs rollout_engine=vllm or max_staleness > 0"):
         build_config({"tis_cap": 2.0})
     assert build_config({"tis_cap": 2.0, "rollout_engine": "vllm"}).tis_cap == 2.0
 

@@ -101,7 +101,24 @@ TRAIN_REWARD = _declare("train_reward", "Mean verifier reward of the step's roll
 LR = _declare("lr", "Learning rate after the step's scheduler update.", "lr")
 SKIPPED_STEPS = _declare("skipped_steps", "Steps skipped so far because the loss or gradient "
                          "was not finite.", "count")
-TIME_ROLLOUT = _declare("time_rollout", "Wall time of the student's rollouts.", "seconds")
+STALENESS = _declare(
+    "staleness", "Updates between the weights that sampled the step's rollouts and the weights "
+    "it updates: min(step − 1, max_staleness); 0 in a synchronous run.", "updates")
+METER_PRESENT = "every staleness_meter_every steps"
+STALENESS_LOSS_BIAS = _declare(
+    "staleness_loss_bias", "The staleness meter: the step's loss on its (stale) rollouts minus "
+    "the loss on fresh rollouts of the same prompts sampled by the current weights.", "nats",
+    METER_PRESENT)
+STALENESS_GRAD_COSINE = _declare(
+    "staleness_grad_cosine", "The staleness meter: cosine between the gradient of the stale "
+    "batch and that of the fresh one (1 = same direction; null for a zero gradient).",
+    "cosine", METER_PRESENT)
+STALENESS_GRAD_NORM_RATIO = _declare(
+    "staleness_grad_norm_ratio", "The staleness meter: norm of the stale batch's gradient over "
+    "the fresh batch's, both before clipping.", "ratio", METER_PRESENT)
+TIME_ROLLOUT = _declare("time_rollout", "Wall time of the student's rollouts; with "
+                        "max_staleness > 0, the time the step waited for the worker that sampled "
+                        "them ahead (0 when they were ready).", "seconds")
 TIME_SCORE = _declare("time_score", "Wall time of the teacher's (and reference's) scoring.",
                       "seconds")
 TIME_UPDATE = _declare("time_update", "Wall time of the student's forward and backward pass, "

@@ -28,6 +28,11 @@ MIXED_PRECISION = ("no", "bf16")
 """Mixed precision of the student's forward and backward (`mixed_precision`)."""
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """Model dtypes (`dtype`): auto picks float32 on a CPU, bfloat16 on a GPU."""
+STALE_LOSSES = ("auto", "recompute", "tis")
+"""How the loss treats rollouts sampled by older weights (`stale_loss`, with max_staleness > 0)."""
+FORWARD_KL_OBJECTIVES = ("forward_kl",)
+"""Objectives whose expectation is under the teacher: they tolerate stale rollouts, and
+`stale_loss: auto` reweights them (tis) rather than taking them as the current policy's."""
 SERVED_OBJECTIVES = ("sampled", "topk", "subset_kl")
 """Objectives that read only the teacher entries a served teacher sends (the sampled token, its
 top-k, the student's candidates); the others need its whole distribution."""

@@ -13,12 +13,14 @@ from opd.config.choices import (
     AGGREGATIONS,
     CANDIDATE_SETS,
     ENGINES,
+    FORWARD_KL_OBJECTIVES,
     MIXED_PRECISION,
     OBJECTIVES,
     ON_FAILURE,
     PARALLEL,
     SCHEDULES,
     SERVED_OBJECTIVES,
+    STALE_LOSSES,
     TEACHER_PARALLEL,
     TRACKERS,
     VERIFIERS,
@@ -134,7 +136,26 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
                                      "front with its row named, never cut.", minimum=1)
     tis_cap: float = setting(
         0.0, "Truncated importance sampling against the rollout engine: each token's loss is "
-        "weighted by min(p_trainer / p_engine, tis_cap) (rollout_engine: vllm; 0 = off).", minimum=0)
+        "weighted by min(p_trainer / p_engine, tis_cap) (rollout_engine: vllm, or stale rollouts "
+        "with stale_loss tis; 0 = off).", minimum=0)
+    max_staleness: int = setting(
+        0, "Rollouts ahead of the update: 0 = synchronous (sample, score, update, sample again); "
+        "S > 0 = a worker thread with its own copy of the student samples the next steps' "
+        "rollouts while this step updates, step t's with the weights after update t-1-S (so "
+        "the staleness is min(t-1, S), whatever the timing). rollout_engine hf, one process; "
+        "costs up to S+1 extra copies of the student's weights.", minimum=0)
+    stale_loss: str = setting(
+        "auto", "How the loss treats a stale rollout: recompute (the student's side scored "
+        "under the current weights, the tokens taken as its own samples), tis (that, each "
+        "token's loss also weighted by min(p_now / p_sampler, tis_cap)), or auto: recompute "
+        "for the reverse-KL objectives, tis for forward_kl (whose target, the teacher's, "
+        "tolerates stale states).",
+        choices=STALE_LOSSES)
+    staleness_meter_every: int = setting(
+        0, "Every this many steps, also sample the step's prompts with the current weights and "
+        "log what the stale batch changed: the loss's bias and the gradient's cosine and norm "
+        "ratio to the fresh batch's (0 = off; one more sampling and backward on those steps).",
+        minimum=0)
     template: str | None = setting(None, "Python format string with {prompt} used instead of "
                                    "the student tokenizer's chat template.")
     chat_template_kwargs: dict[str, Any] = setting(
@@ -234,15 +255,32 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
             check_served_teacher(self.objective.name, self.teacher_prompt)
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
-        if self.tis_cap and self.rollout_engine == "hf":
-            raise OPDError("config: tis_cap needs rollout_engine=vllm (opd's own sampler's "
-                           "log-probs are the trainer's); set tis_cap=0 or rollout_engine=vllm")
+        if self.tis_cap and self.rollout_engine == "hf" and not self.max_staleness:
+            raise OPDError("config: tis_cap needs rollout_engine=vllm or max_staleness > 0 "
+                           "(opd's own sampler's log-probs are the trainer's); set tis_cap=0 "
+                           "or rollout_engine=vllm")
+        if self.max_staleness and self.rollout_engine != "hf":
+            raise OPDError("max_staleness: rollouts ahead of the update need rollout_engine=hf "
+                           "(the vllm engine samples in step); set max_staleness=0 or "
+                           "rollout_engine=hf")
+        if self.max_staleness and stale_loss_of(self) == "tis" and not self.tis_cap:
+            raise OPDError(f"stale_loss: tis (the default for {self.objective.name}) weights "
+                           "each stale token by min(p_now / p_sampler, tis_cap); set tis_cap "
+                           "(e.g. 2) or stale_loss=recompute")
         if self.mixed_precision == "bf16" and self.dtype != "float32":
             raise OPDError("mixed_precision: bf16 keeps float32 master weights; set dtype=float32 "
                            "(or mixed_precision=no)")
         if self.outcome_weight and self.samples_per_prompt < 2:
             raise OPDError("config: outcome_weight needs samples_per_prompt ≥ 2 (a group "
                            "baseline)")
+
+
+def stale_loss_of(config: TrainConfig) -> str:
+    """`stale_loss` resolved: auto is tis for objectives whose expectation is under the teacher
+    (forward KL tolerates stale rollouts), recompute for the reverse-KL ones, which do not."""
+    if config.stale_loss != "auto":
+        return config.stale_loss
+    return "tis" if config.objective.name in FORWARD_KL_OBJECTIVES else "recompute"
 
 
 PROFILES: dict[str, dict[str, Any]] = {

@@ -38,6 +38,7 @@ from opd.errors import OPDError, one_line
 from opd.io import atomic_folder, remove_folder
 from opd.run.cards import CARD_FILE
 from opd.run.folder import (
+    IN_FLIGHT_FILE,
     MANIFEST_FILE,
     OPTIMIZER_FILE,
     RNG_FILE,
@@ -136,7 +137,7 @@ def save_sharded_optimizer(out: Path, step: int, model, optimizer) -> None:
 def save_checkpoint(
     out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict[str, Any], keep: int,
     settings: dict[str, Any] | None = None, card: str | None = None,
-    model_state: dict[str, torch.Tensor] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None, in_flight: dict[int, Any] | None = None,
 ) -> Path:
     """Write everything (and the model card `card` as README.md) to `step-N.tmp`, the manifest
     last, then rename; keep the newest `keep` checkpoints. A write that fails (a full disk)
@@ -144,7 +145,8 @@ def save_checkpoint(
 
     `optimizer` None: the processes already wrote the sharded optimizer state into the folder
     `start_checkpoint` made (`save_sharded_optimizer`); `model_state`: the gathered weights to
-    save instead of the model's own."""
+    save instead of the model's own; `in_flight`: the rollouts sampled ahead by older weights
+    (plain values and tensors, read back by `load_in_flight`)."""
     final = RunFolder(out).checkpoint(step)
     tmp = final.with_suffix(".tmp")
     try:
@@ -160,6 +162,8 @@ def save_checkpoint(
             if settings is not None:
                 (tmp / SETTINGS_FILE).write_text(yaml.safe_dump(settings))
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            if in_flight:
+                torch.save(in_flight, tmp / IN_FLIGHT_FILE)
             if card is not None:
                 (tmp / CARD_FILE).write_text(card, encoding="utf-8")
             _write_manifest(tmp)
@@ -218,6 +222,12 @@ def _shard_whole_optimizer(saved: dict[str, Any], model, optimizer) -> None:
                               for group in saved["param_groups"]]}
     set_optimizer_state_dict(model, optimizer, whole,
                              options=StateDictOptions(full_state_dict=True))
+
+
+def load_in_flight(checkpoint: Path) -> dict[int, Any]:
+    """The rollouts in flight saved with `checkpoint` (none for a synchronous run's)."""
+    file = checkpoint / IN_FLIGHT_FILE
+    return _load_tensors(file, checkpoint) if file.exists() else {}
 
 
 def load_checkpoint(checkpoint: Path, optimizer, scheduler, model=None) -> dict[str, Any]:

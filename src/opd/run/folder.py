@@ -55,8 +55,10 @@ SHARDED_OPTIMIZER = "optimizer"
 """The folder of the sharded optimizer state (runs of several processes)."""
 SETTINGS_FILE = "run_config.yaml"
 """The run's settings when the checkpoint was taken (what `--resume` compares with)."""
+IN_FLIGHT_FILE = "rollouts_in_flight.pt"
+"""The rollouts sampled ahead by older weights than the checkpoint's (max_staleness > 0)."""
 CHECKPOINT_STATE = frozenset({OPTIMIZER_FILE, SHARDED_OPTIMIZER, SCHEDULER_FILE, RNG_FILE,
-                              STATE_FILE, SETTINGS_FILE, MANIFEST_FILE})
+                              STATE_FILE, SETTINGS_FILE, MANIFEST_FILE, IN_FLIGHT_FILE})
 """Checkpoint files and folders that resume training and are not part of the model."""
 
 

@@ -12,10 +12,17 @@ or sharded (`parallel: fsdp`) by PyTorch (`opd.run.parallel`). Each process take
 the step's prompts; losses are normalised by the global token count and gradients summed
 across processes, so the update equals the single-process one for the same global batch.
 Rollouts are seeded per (step, prompt, sample), so they do not depend on the sharding either.
+
+With `max_staleness: S` > 0 (one process, hf engine) the rollouts come from `opd.run.ahead`'s
+worker thread, which samples step t's with the weights after update max(0, t − 1 − S) while the
+trainer scores and updates the steps before; the rest of the step is the same. Every record
+carries its `staleness`, and every `staleness_meter_every` steps the meter replays the step's
+prompts under the current weights and logs what the stale batch changed in the loss and gradient.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -28,15 +35,22 @@ from tqdm.auto import tqdm
 
 from opd import metrics as M
 from opd.config.settings import to_dict
-from opd.config.training import TrainConfig
+from opd.config.training import TrainConfig, stale_loss_of
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
 from opd.errors import OPDError
 from opd.evaluation.accuracy import evaluate
 from opd.evaluation.verify import get_verifier
 from opd.io import check_output_folder, write_text_atomic
 from opd.models.loading import context_window, load_training_models, original_config, resolve_dtype
+from opd.run.ahead import AheadBatch, RolloutWorker, per_rollout, staleness_bias
 from opd.run.cards import model_card
-from opd.run.checkpoints import load_checkpoint, save_checkpoint, save_sharded_optimizer, start_checkpoint
+from opd.run.checkpoints import (
+    load_checkpoint,
+    load_in_flight,
+    save_checkpoint,
+    save_sharded_optimizer,
+    start_checkpoint,
+)
 from opd.run.folder import Resume, RunFolder
 from opd.run.monitor import Monitor
 from opd.run.optim import adamw_with_schedule
@@ -50,7 +64,14 @@ from opd.run.parallel import (
     whole_head,
 )
 from opd.runtime import Processes, StepHook, is_wrapped, timed
-from opd.step.engines import generate, model_length_limit, require_engine, sampled_token_logprobs, vllm_engine
+from opd.step.engines import (
+    flat_logprobs,
+    generate,
+    model_length_limit,
+    require_engine,
+    sampled_token_logprobs,
+    vllm_engine,
+)
 from opd.step.measures import position_bin_edges, token_measures
 from opd.step.objectives import StepLoss, TokenLoss
 from opd.step.rollout import Rollouts, check_prompts, encode_prompts, pack
@@ -71,7 +92,7 @@ from opd.teachers.build import Share, build_teachers
 
 RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
                      "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
-                     "samples_per_prompt", "objective")
+                     "samples_per_prompt", "objective", "max_staleness")
 """Settings a resumed run must share with the run it continues (one its config.yaml lacks, from
 an older opd, counts as its default)."""
 
@@ -165,6 +186,10 @@ class Trainer:
                 f"{self.procs.world} processes"
             )
         check_parallel_settings(config, self.procs.launched)
+        if config.max_staleness and self.procs.launched:
+            raise OPDError("max_staleness: rollouts ahead of the update run in one plain "
+                           "process (the worker copies an unwrapped student); set "
+                           "max_staleness=0 under a distributed launch")
         checkpoint = self._resume_point(resume)
         torch.manual_seed(config.seed)
         self.models = load_training_models(
@@ -201,6 +226,8 @@ class Trainer:
         self.chunk_size = positions_per_chunk(config.chunk_size, vocab_size(self.models.student))
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
+        self.ahead: RolloutWorker | None = None
+        self.resumed_from = checkpoint
 
     # -- run folder -----------------------------------------------------------------------
     def _resume_point(self, resume: Resume) -> Path | None:
@@ -221,17 +248,52 @@ class Trainer:
         return checkpoint
 
     # -- one step -------------------------------------------------------------------------
-    def sample(self, step: int, indices: list[int]) -> Rollouts:
-        """The student's rollouts of the prompts `indices`, seeded per step, prompt and sample."""
-        config, tok = self.config, self.models.tokenizer
+    def sample(self, step: int, indices: list[int], model: torch.nn.Module | None = None,
+               tokenizer: Any = None) -> Rollouts:
+        """The student's rollouts of the prompts `indices`, seeded per step, prompt and sample
+        (`model`, `tokenizer`: the rollout worker's copies instead of the trainer's)."""
+        config, tok = self.config, tokenizer or self.models.tokenizer
         texts = [render_prompt(self.records[i].messages, tok, config.template,
                                config.chat_template_kwargs) for i in indices]
         return generate(
-            self.engine, self.models.student, tok, texts, n=config.samples_per_prompt,
+            self.engine, model or self.models.student, tok, texts, n=config.samples_per_prompt,
             max_new_tokens=config.max_new_tokens, temperature=config.temperature,
             top_p=config.top_p, seed=config.seed * 1_000_003 + step, prompt_ids=indices,
             max_prompt_tokens=config.max_prompt_tokens,
         )
+
+    def _start_worker(self, first: int) -> RolloutWorker:
+        """The rollout worker, its copy of the student at the current weights, queued from
+        step `first` (with the batches in flight that the checkpoint resumed from kept)."""
+        tokenizer = copy.deepcopy(self.models.tokenizer)  # not shared across threads
+        tis = stale_loss_of(self.config) == "tis"
+
+        def sample(model: torch.nn.Module, step: int) -> tuple[Rollouts, list[list[float]] | None]:
+            rollouts = self.sample(step, self._step_prompts(step), model, tokenizer)
+            if not tis:
+                return rollouts, None
+            with torch.inference_mode():
+                flat = reference_token_logprobs(model, rollouts.input_ids, rollouts.attention_mask,
+                                                rollouts.response_mask, self.chunk_size)
+            return rollouts, per_rollout(flat, rollouts.response_mask)
+
+        saved = {}
+        if self.resumed_from is not None:
+            saved = {step: AheadBatch.from_saved(batch)
+                     for step, batch in load_in_flight(self.resumed_from).items()}
+        worker = RolloutWorker(self.models.student, sample,
+                               max_staleness=self.config.max_staleness,
+                               max_steps=self.config.max_steps)
+        worker.start(first, saved)
+        return worker
+
+    def rollouts(self, step: int, indices: list[int]) -> AheadBatch:
+        """Step `step`'s rollouts: sampled now by the current weights, or taken from the
+        worker that sampled them ahead."""
+        if self.ahead is not None:
+            return self.ahead.take(step)
+        with gathered(self.models.student):
+            return AheadBatch(step, step - 1, self.sample(step, indices))
 
     def _teacher_inputs(self, rollouts: Rollouts, indices: list[int], rows: slice):
         """The teacher's input rows: the student's tokens, or its own prompt rendering."""
@@ -258,8 +320,25 @@ class Trainer:
         """Rollouts → scoring → loss and measures → update; returns the step's record."""
         record: dict[str, Any] = {M.STEP: step}
         indices = self._step_prompts(step)
-        with timed(M.TIME_ROLLOUT, record), gathered(self.models.student):
-            rollouts = self.sample(step, indices)
+        with timed(M.TIME_ROLLOUT, record):
+            sampled = self.rollouts(step, indices)
+        record[M.STALENESS] = step - 1 - sampled.version
+        batch, totals = self.backward(sampled.rollouts, indices, record,
+                                      sampled.sampler_logprobs)
+        every = self.config.staleness_meter_every
+        if every and step % every == 0:
+            record.update(self.meter(step, indices, totals))
+        with timed(M.TIME_UPDATE, record):
+            loss, norm = self.update(totals)
+        if self.ahead is not None:
+            self.ahead.push(step, self.models.student)
+        return self.log(record, batch, totals, loss, norm)
+
+    def backward(self, rollouts: Rollouts, indices: list[int], record: dict[str, Any],
+                 sampler_logprobs: list[list[float]] | None = None,
+                 ) -> tuple[BatchCounts, StepTotals]:
+        """The loss of `rollouts` differentiated micro-batch by micro-batch (gradients add up
+        in the parameters' .grad); their counts, and the loss and measures in totals."""
         rewards = self._rewards(rollouts, indices)
         batch = BatchCounts.summed(rollouts, rewards, self.procs)
         step_loss = self._step_loss(rollouts, rewards, batch)
@@ -267,10 +346,27 @@ class Trainer:
         n_rows = rollouts.input_ids.shape[0]
         micro = self.config.micro_batch or n_rows
         for start in range(0, n_rows, micro):
-            self.score(rollouts, indices, slice(start, start + micro), step_loss, totals, record)
-        with timed(M.TIME_UPDATE, record):
-            loss, norm = self.update(totals)
-        return self.log(record, batch, totals, loss, norm)
+            self.score(rollouts, indices, slice(start, start + micro), step_loss, totals, record,
+                       sampler_logprobs)
+        return batch, totals
+
+    def meter(self, step: int, indices: list[int], stale: StepTotals) -> dict[str, float | None]:
+        """The staleness meter: the step's prompts sampled again by the current weights, and
+        what the stale batch (whose gradient is in .grad, and stays there) changed in the loss
+        and the gradient against that fresh batch."""
+        stale_grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                       for p in self.params]
+        self.optimizer.zero_grad(set_to_none=True)
+        with gathered(self.models.student):
+            fresh = self.sample(step, indices)
+        _, totals = self.backward(fresh, indices, {})
+        fresh_grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                       for p in self.params]
+        bias = staleness_bias(stale.total_loss(self.procs), totals.total_loss(self.procs),
+                              stale_grads, fresh_grads)
+        for param, grad in zip(self.params, stale_grads, strict=True):
+            param.grad = grad
+        return bias
 
     def _step_prompts(self, step: int) -> list[int]:
         """This process's share of the step's prompt indices."""
@@ -293,10 +389,13 @@ class Trainer:
         )
 
     def score(self, rollouts: Rollouts, indices: list[int], rows: slice, step_loss: StepLoss,
-              totals: StepTotals, record: dict[str, Any]) -> None:
+              totals: StepTotals, record: dict[str, Any],
+              sampler_logprobs: list[list[float]] | None = None) -> None:
         """One micro-batch: the teachers' and the reference's log-probs, the student's states,
         then each teacher's share through the scoring pass. Its loss is differentiated at once
-        (gradients add up over micro-batches); its loss and measures go into `totals`."""
+        (gradients add up over micro-batches); its loss and measures go into `totals`.
+        `sampler_logprobs`: the log-probs of the older weights that sampled stale rollouts,
+        against which `tis_cap` weighs each token (stale_loss tis)."""
         models = self.models
         shares = self._shares(rollouts, indices, rows)
         with timed(M.TIME_SCORE, record), torch.no_grad():
@@ -314,9 +413,10 @@ class Trainer:
                            self._teacher_logprobs(rollouts, indices, rows, student_states, s)
                            for i, s in enumerate(shares)]
         engine_lp = sampled_token_logprobs(rollouts, rows)
+        behaviour_lp = flat_logprobs(sampler_logprobs, rows) if sampler_logprobs else engine_lp
         with timed(M.TIME_UPDATE, record):
             token_loss = step_loss.rows(rows, student_states.rows, student_states.hidden.device,
-                                        reference_lp, engine_lp)
+                                        reference_lp, behaviour_lp)
             loss = student_states.hidden.new_zeros((), dtype=torch.float32)
             with whole_head(models.student), whole_head(models.teacher):
                 for share, teacher_lp in zip(shares, teacher_lps, strict=True):
@@ -463,28 +563,23 @@ class Trainer:
             card = model_card(self.config, step=step, record=record,
                               initial_accuracy=self.state.get("initial_accuracy"),
                               accuracy=self.latest_accuracy)
+            in_flight = ({s: b.saved() for s, b in self.ahead.pending(step).items()}
+                         if self.ahead is not None else None)
             with original_config(self.models.student_dropout), plain_class(student):
                 save_checkpoint(
                     self.out, step, student, self.models.tokenizer,
                     None if sharded else self.optimizer, self.scheduler,
                     {k: v for k, v in self.state.items() if k != "step"},
                     self.config.keep_checkpoints, settings=to_dict(self.config), card=card,
-                    model_state=model_state,
+                    model_state=model_state, in_flight=in_flight,
                 )
         self.procs.barrier()
 
     # -- the loop -------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def _steps(self, bar: Any) -> tuple[dict[str, Any], int | None]:
+        """The steps of `bar`, each logged, evaluated and checkpointed when due; the last
+        step's record, and the step a stop was asked at (None: ran to the end)."""
         config = self.config
-        first = self.state["step"] + 1
-        if first == 1 and self.eval_records:
-            self.state["initial_accuracy"] = self.evaluate()
-        bar = tqdm(
-            range(first, config.max_steps + 1), initial=first - 1, total=config.max_steps,
-            disable=not (config.progress and self.procs.is_main), desc="opd train",
-            dynamic_ncols=True,
-        )
-        stopped_by = None
         record: dict[str, Any] = {}
         for step in bar:
             record = self.train_step(step)
@@ -501,12 +596,30 @@ class Trainer:
             if self.procs.is_main:
                 M.append(self.out, record)
                 bar.set_postfix(_postfix(record), refresh=False)
-            if stop:
-                stopped_by = step
             if step % config.save_every == 0 or last or stop:
                 self.checkpoint(step, record)
             if stop:
-                break
+                return record, step
+        return record, None
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        first = self.state["step"] + 1
+        if first == 1 and self.eval_records:
+            self.state["initial_accuracy"] = self.evaluate()
+        bar = tqdm(
+            range(first, config.max_steps + 1), initial=first - 1, total=config.max_steps,
+            disable=not (config.progress and self.procs.is_main), desc="opd train",
+            dynamic_ncols=True,
+        )
+        if config.max_staleness:
+            self.ahead = self._start_worker(first)
+        try:
+            record, stopped_by = self._steps(bar)
+        finally:
+            if self.ahead is not None:
+                self.ahead.close()
+                self.ahead = None
         bar.close()
         checkpoints = self.folder.complete_checkpoints()
         summary = {

@@ -238,10 +238,15 @@ def sample_rollouts(engine: VLLMEngine, model: torch.nn.Module, tokenizer: Any,
 def sampled_token_logprobs(rollouts: Rollouts, rows: slice) -> torch.Tensor | None:
     """The engine's log-probs [M] of the response tokens of `rollouts[rows]`, in the trainer's
     row-major order (`ResponseStates`); None when opd's own sampler drew them."""
-    if rollouts.sampled_logprobs is None:
+    return flat_logprobs(rollouts.sampled_logprobs, rows)
+
+
+def flat_logprobs(per_rollout: list[list[float]] | None, rows: slice) -> torch.Tensor | None:
+    """Per-rollout log-probs of the rollouts `rows` as one [M] tensor in the trainer's
+    row-major token order (None for None)."""
+    if per_rollout is None:
         return None
-    flat = [lp for row in rollouts.sampled_logprobs[rows] for lp in row]
-    return torch.tensor(flat, dtype=torch.float32)
+    return torch.tensor([lp for row in per_rollout[rows] for lp in row], dtype=torch.float32)
 
 
 class ServedSampler(Protocol):
