@@ -13,6 +13,7 @@ from opd import metrics as M
 from opd.config.training import build_config
 from opd.run.cards import CARD_FILE, TRAINING_STATE, model_card, read_card
 from opd.run.folder import (
+    IN_FLIGHT_FILE,
     MANIFEST_FILE,
     RNG_FILE,
     SETTINGS_FILE,
@@ -76,7 +77,7 @@ def test_the_final_model_folder_is_a_loadable_hf_model_with_the_final_card(run):
 
 def test_the_model_export_leaves_out_every_training_state_file_and_nothing_else():
     assert {"optimizer.pt", SHARDED_OPTIMIZER, "scheduler.pt", RNG_FILE, STATE_FILE,
-            SETTINGS_FILE, MANIFEST_FILE, CARD_FILE} == TRAINING_STATE
+            SETTINGS_FILE, MANIFEST_FILE, CARD_FILE, IN_FLIGHT_FILE} == TRAINING_STATE
 
 
 def test_cards_of_grpo_lora_and_hub_prompts():
