@@ -55,7 +55,8 @@ class ObjectiveConfig(Config):
     """Which per-token distillation objective, and its knobs (docs/method.md#objectives)."""
 
     name: str = setting("topk", "Per-token objective: sampled, topk, subset_kl, "
-                        "full_reverse_kl, forward_kl or jsd.", choices=OBJECTIVES)
+                        "full_reverse_kl, forward_kl, jsd, or cross_tokenizer_kl (a teacher "
+                        "with another tokenizer).", choices=OBJECTIVES)
     k: int = setting(16, "Candidate-set size of topk and subset_kl.", minimum=1)
     strategy: str = setting("student", "Candidate set of topk and subset_kl: student, teacher, "
                             "intersection, union or symmetric-difference.",

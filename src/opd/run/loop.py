@@ -67,7 +67,7 @@ from opd.step.scoring import (
     vocab_size,
 )
 from opd.step.totals import StepTotals
-from opd.teachers.build import Share, build_teachers
+from opd.teachers.build import Share, Teacher, TextInputs, build_teachers
 
 RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
                      "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
@@ -198,7 +198,10 @@ class Trainer:
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
-        self.chunk_size = positions_per_chunk(config.chunk_size, vocab_size(self.models.student))
+        vocab = vocab_size(self.models.student)
+        if self.models.teacher is not None:  # another vocabulary may be larger
+            vocab = max(vocab, vocab_size(self.models.teacher))
+        self.chunk_size = positions_per_chunk(config.chunk_size, vocab)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
 
@@ -233,8 +236,17 @@ class Trainer:
             max_prompt_tokens=config.max_prompt_tokens,
         )
 
-    def _teacher_inputs(self, rollouts: Rollouts, indices: list[int], rows: slice):
-        """The teacher's input rows: the student's tokens, or its own prompt rendering."""
+    def _teacher_inputs(self, rollouts: Rollouts, indices: list[int], rows: slice,
+                        teacher: Teacher):
+        """The teacher's input rows: the student's tokens, or its own prompt rendering; for a
+        teacher with another vocabulary, its own prompt rendering and the student's response
+        ids, which it re-tokenizes."""
+        if teacher.reads_text:
+            texts = [render_prompt(self.records[indices[i]].messages, teacher.tokenizer,
+                                   chat_template_kwargs=self.config.chat_template_kwargs)
+                     for i in rollouts.prompt_index[rows].tolist()]
+            return TextInputs(texts, rollouts.response_ids[rows],
+                              (~rollouts.truncated[rows]).tolist())
         if self.config.teacher_prompt == "student":
             return (rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows])
@@ -387,9 +399,10 @@ class Trainer:
                                     student.rows)
             return LocalTeacher(hidden, self.student_head,
                                 self.config.objective.teacher_temperature)
-        inputs = self._teacher_inputs(rollouts, indices, rows)
+        inputs = self._teacher_inputs(rollouts, indices, rows, share.teacher)
         if share.rows is not None:
-            inputs = tuple(part[share.rows] for part in inputs)
+            inputs = (inputs.select(share.rows) if isinstance(inputs, TextInputs)
+                      else tuple(part[share.rows] for part in inputs))
         return share.teacher.logprobs(inputs, student, self.student_head)
 
     def _score_share(self, share: Share | None, student: ResponseStates,

@@ -18,12 +18,18 @@ from opd.step.distributions import contains, entropy, masked_sum, shared_topk, t
 @torch.no_grad()
 def token_measures(
     student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor, k: int,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None, aligned: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each measure per position [N] from log-probs [N, V] and sampled tokens [N].
 
     `teacher_entropy` [N] replaces the entropy of `teacher_lp` where that holds only some
     entries (a served teacher's); every other measure reads only its top-k and sampled tokens.
+
+    `aligned` [N] marks, for a teacher with another vocabulary, the exact positions, where
+    `teacher_lp` is its distribution mapped onto the student's vocabulary: the teacher measures
+    are then taken there only (NaN elsewhere), on the mapped shared vocabulary, with
+    `aligned_share` (1 at an exact position, 0 elsewhere); `reverse_kl` stays at every position,
+    each token's share of its span's log-ratio.
 
     `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
     `position_totals` leaves such positions out of its mean.
@@ -50,7 +56,7 @@ def token_measures(
     student_h = entropy(student_lp)
     teacher_h = entropy(teacher_lp) if teacher_entropy is None else teacher_entropy.to(dtype)
     tokens = targets[:, None]
-    return {
+    values = {
         M.OVERLAP_RATIO: n_shared.to(dtype) / k,
         M.OVERLAP_TOKEN_ADVANTAGE: advantage,
         M.ENTROPY_GAP: (teacher_h - student_h).abs(),
@@ -60,6 +66,14 @@ def token_measures(
         M.TEACHER_ENTROPY: teacher_h,
         M.REVERSE_KL: (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),
     }
+    if aligned is None:
+        return values
+    teacher_only = set(M.TEACHER_MEASURES) - {M.REVERSE_KL}
+    values = {name: torch.where(aligned, value, math.nan) if name in teacher_only else value
+              for name, value in values.items()}
+    reverse_kl = values[M.REVERSE_KL]
+    values[M.REVERSE_KL] = torch.where(reverse_kl.isfinite(), reverse_kl, math.nan)
+    return {**values, M.ALIGNED_SHARE: aligned.to(dtype)}
 
 
 @torch.no_grad()
