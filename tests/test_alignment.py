@@ -4,6 +4,7 @@ Unigram) on the same texts."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -37,14 +38,14 @@ def covered(ends: list[int], start: int, stop: int) -> tuple[int, int]:
 def assert_partition(spans, n: int, m: int) -> None:
     assert spans[0][0] == 0 and spans[0][2] == 0
     assert spans[-1][1] == n and spans[-1][3] == m
-    for (_, s1, _, t1), (s0, _, t0, _) in zip(spans, spans[1:], strict=False):
+    for (_, s1, _, t1), (s0, _, t0, _) in itertools.pairwise(spans):
         assert (s1, t1) == (s0, t0)
     assert all(s1 > s0 and t1 > t0 for s0, s1, t0, t1 in spans)
 
 
 @st.composite
 def segmentations(draw, zero_length: bool = False):
-    """A text length and two cuttings of it into tokens (as the characters they end at); with
+    """Two cuttings of a text into tokens (as the characters they end at); with
     `zero_length`, some tokens add no character (a skipped special token, a partial byte)."""
     length = draw(st.integers(2, 40))
     sides = []
@@ -56,13 +57,13 @@ def segmentations(draw, zero_length: bool = False):
             cuts = [0] * lead + [c for c, r in zip(cuts, repeats, strict=True)
                                  for _ in range(1 + r)]
         sides.append(cuts)
-    return length, sides[0], sides[1]
+    return sides[0], sides[1]
 
 
 @settings(max_examples=200, deadline=None)
 @given(segmentations())
 def test_spans_are_the_brute_force_finest_common_cuts(case):
-    length, student, teacher = case
+    student, teacher = case
     spans = align_spans(student, teacher)
     assert spans == brute_spans(student, teacher)
     assert_partition(spans, len(student), len(teacher))
@@ -79,7 +80,7 @@ def test_spans_are_the_brute_force_finest_common_cuts(case):
 @settings(max_examples=200, deadline=None)
 @given(segmentations(zero_length=True))
 def test_tokens_that_add_no_character_join_a_span_of_the_same_text(case):
-    length, student, teacher = case
+    student, teacher = case
     spans = align_spans(student, teacher)
     assert_partition(spans, len(student), len(teacher))
     for s0, s1, t0, t1 in spans:

@@ -1,0 +1,163 @@
+"""Distilling across tokenizers: the objective against brute force, the re-tokenizing teacher
+against the teacher's own forward pass, and training the tiny student from a teacher whose
+tokenizer cuts numbers into digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from opd import metrics as M
+from opd.config.training import ObjectiveConfig
+from opd.errors import OPDError
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.loop import run_training
+from opd.step.distributions import UNKNOWN_LOGPROB
+from opd.step.objectives import distillation_loss
+from opd.step.rollout import pack
+from opd.step.scoring import LocalTeacher, output_head, response_states
+from opd.teachers.build import RetokenizingTeacher, TextInputs
+from tests.support import random_log_probs, tiny_config
+
+CROSS = ObjectiveConfig(name="cross_tokenizer_kl")
+
+
+def test_with_one_vocabulary_it_is_the_full_reverse_kl():
+    logits = torch.randn(7, 11, dtype=torch.float64, requires_grad=True)
+    teacher = random_log_probs(1, 7, 11).double()
+    targets = torch.randint(0, 11, (7,))
+    grads = []
+    for config, aligned in ((CROSS, None), (CROSS, torch.ones(7, dtype=torch.bool)),
+                            (ObjectiveConfig(name="full_reverse_kl"), None)):
+        loss = distillation_loss(logits.log_softmax(-1), teacher, targets, config, aligned)
+        grads.append((loss.detach(), *torch.autograd.grad(loss.sum(), logits)))
+    for value, grad in grads[:2]:
+        torch.testing.assert_close(value, grads[2][0])
+        torch.testing.assert_close(grad, grads[2][1])
+
+
+def brute_cross_loss(logits, teacher, targets, aligned):
+    """One position at a time with plain sums: KL of both renormalised on the known entries
+    where aligned, else −sg(log q_share − log p(ŷ))·log p(ŷ) (nothing without a teacher)."""
+    values, grads = [], []
+    for x, q, y, exact in zip(logits, teacher.tolist(), targets.tolist(), aligned.tolist(),
+                              strict=True):
+        x = x.detach().clone().requires_grad_(True)
+        lp = x.log_softmax(-1)
+        if exact:
+            support = [v for v in range(len(q)) if q[v] > UNKNOWN_LOGPROB / 2]
+            p_norm = torch.logsumexp(lp[support], 0)
+            q_norm = math.log(sum(math.exp(q[v]) for v in support))
+            loss = sum(torch.exp(lp[v] - p_norm) * ((lp[v] - p_norm) - (q[v] - q_norm))
+                       for v in support)
+        elif math.isinf(q[y]):
+            loss = lp[y] * 0
+        else:
+            loss = -(q[y] - lp[y].item()) * lp[y]
+        loss.backward()
+        values.append(float(loss.detach()))
+        grads.append(x.grad)
+    return torch.tensor(values, dtype=torch.float64), torch.stack(grads)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_and_span_positions_match_brute_force(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, v = 9, 8
+    logits = torch.randn(n, v, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    aligned = torch.rand(n, generator=generator) < 0.5
+    teacher = random_log_probs(seed, n, v).double()
+    unmapped = (torch.rand(n, v, generator=generator) < 0.3) & aligned[:, None]
+    unmapped[aligned, targets[aligned]] = False  # an exact position's token is always mapped
+    teacher = teacher.masked_fill(unmapped, UNKNOWN_LOGPROB)
+    # A span position knows only its sampled token's share; one has no teacher text at all.
+    shares = torch.where(torch.arange(n) == 0, -torch.inf, -torch.rand(n, generator=generator))
+    span_rows = torch.full_like(teacher, UNKNOWN_LOGPROB)
+    span_rows[torch.arange(n), targets] = shares.double()
+    aligned[0] = False
+    teacher = torch.where(aligned[:, None], teacher, span_rows)
+    loss = distillation_loss(logits.log_softmax(-1), teacher, targets, CROSS, aligned)
+    (grad,) = torch.autograd.grad(loss.sum(), logits)
+    expected, expected_grad = brute_cross_loss(logits, teacher, targets, aligned)
+    torch.testing.assert_close(loss.detach(), expected)
+    torch.testing.assert_close(grad, expected_grad)
+    assert torch.isfinite(grad).all()
+
+
+def teacher_inputs(tokenizer, responses: list[str]) -> TextInputs:
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            for r in responses]
+    return TextInputs(["3 + 4 =", "1 + 12 ="][:len(rows)], rows, [True] * len(rows))
+
+
+def test_a_teacher_of_the_same_tokenizer_gives_its_own_log_probs(tiny_pair):
+    tokenizer = load_tokenizer(str(tiny_pair["student"]), "student")
+    model = load_model(str(tiny_pair["teacher"]), "teacher", trainable=False,
+                       device=torch.device("cpu"), dtype="float32")
+    teacher = RetokenizingTeacher(model, tokenizer, tokenizer, 1.5, len(tokenizer))
+    inputs = teacher_inputs(tokenizer, ["7 answer 7", "13 = 13 c"])
+    aligned = teacher.logprobs(inputs, None, output_head(model))
+    prompts = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]]
+               for p in inputs.prompts]
+    states = response_states(model, *pack(prompts, inputs.responses, tokenizer.pad_token_id))
+    direct = LocalTeacher(states, output_head(model), 1.5).chunk(slice(0, 9), torch.device("cpu"))
+    got = aligned.chunk(slice(0, 9), torch.device("cpu"))
+    assert got.aligned.all()
+    torch.testing.assert_close(got.log_probs, direct.log_probs)
+    torch.testing.assert_close(got.entropy, -(direct.log_probs.exp() * direct.log_probs).sum(-1))
+
+
+def test_a_teacher_of_another_tokenizer_scores_spans_of_the_same_text(tiny_pair, digit_teacher):
+    student_tok = load_tokenizer(str(tiny_pair["student"]), "student")
+    teacher_tok = load_tokenizer(str(digit_teacher), "teacher")
+    model = load_model(str(digit_teacher), "teacher", trainable=False,
+                       device=torch.device("cpu"), dtype="float32")
+    teacher = RetokenizingTeacher(model, teacher_tok, student_tok, 2.0, len(student_tok))
+    inputs = teacher_inputs(student_tok, ["12 + 5"])
+    got = teacher.logprobs(inputs, None, output_head(model)).chunk(slice(0, 4),
+                                                                   torch.device("cpu"))
+    # Brute force: the teacher's own forward pass over its rendering of prompt and response.
+    prompt = teacher_tok("3 + 4 =", add_special_tokens=False)["input_ids"]
+    response = teacher_tok("12 + 5", add_special_tokens=False)["input_ids"]
+    ids = [teacher_tok.bos_token_id, *prompt, *response, teacher_tok.eos_token_id]
+    assert teacher_tok.convert_ids_to_tokens(response) == ["1", "##2", "+", "5"]
+    with torch.no_grad():
+        lp = (model(torch.tensor([ids])).logits[0] / 2.0).log_softmax(-1)  # temperature 2
+    start = 1 + len(prompt)  # the first response token's index in `ids`
+    token_lp = [float(lp[start - 1 + j, ids[start + j]]) for j in range(5)]
+    assert got.aligned.tolist() == [False, True, True, True]
+    targets = inputs.responses[0]
+    assert float(got.log_probs[0, targets[0]]) == pytest.approx(token_lp[0] + token_lp[1],
+                                                                abs=1e-5)
+    assert (got.log_probs[0] == UNKNOWN_LOGPROB).sum() == len(student_tok) - 1
+    for row, j in ((1, 2), (2, 3), (3, 4)):  # "+", "5" and EOS: the whole distribution
+        for student_id, teacher_id in enumerate(teacher.vocab_map.tolist()):
+            expected = (float(lp[start - 1 + j, teacher_id]) if teacher_id >= 0
+                        else UNKNOWN_LOGPROB)
+            assert float(got.log_probs[row, student_id]) == pytest.approx(expected, rel=1e-6,
+                                                                           abs=1e-5)
+        assert float(got.log_probs[row, targets[row]]) == pytest.approx(token_lp[j], abs=1e-5)
+
+
+def test_training_from_a_teacher_of_another_tokenizer(tiny_pair, digit_teacher, tmp_path):
+    config = tiny_config(tiny_pair, tmp_path / "run", teacher=str(digit_teacher),
+                         max_steps=3, save_every=3, **{"objective.name": "cross_tokenizer_kl"})
+    summary = run_training(config)
+    records = M.read(tmp_path / "run")
+    assert [r[M.STEP] for r in records] == [1, 2, 3] and summary["skipped_steps"] == 0
+    for record in records:
+        assert math.isfinite(record[M.LOSS]) and record[M.GRAD_NORM] > 0
+        assert 0 < record[M.ALIGNED_SHARE] < 1  # digits shared, two-digit numbers not
+        for name in M.TEACHER_MEASURES:
+            assert math.isfinite(record[name]), name
+        assert set(record[M.BY_POSITION]) == {*M.TOKEN_MEASURES, M.ALIGNED_SHARE}
+
+
+def test_token_level_objectives_still_refuse_another_vocabulary(tiny_pair, digit_teacher,
+                                                                tmp_path):
+    config = tiny_config(tiny_pair, tmp_path / "run", teacher=str(digit_teacher))
+    with pytest.raises(OPDError, match=r"tokenizer mismatch.*cross_tokenizer_kl"):
+        run_training(config)
