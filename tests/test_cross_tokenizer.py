@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from opd import metrics as M
+from opd.cli import main
 from opd.config.training import ObjectiveConfig
 from opd.errors import OPDError
 from opd.models.loading import load_model, load_tokenizer
@@ -161,3 +162,21 @@ def test_token_level_objectives_still_refuse_another_vocabulary(tiny_pair, digit
     config = tiny_config(tiny_pair, tmp_path / "run", teacher=str(digit_teacher))
     with pytest.raises(OPDError, match=r"tokenizer mismatch.*cross_tokenizer_kl"):
         run_training(config)
+
+
+def test_a_served_teacher_is_refused_at_the_start(tiny_pair, tmp_path, capsys):
+    code = main(["train", "--student", str(tiny_pair["student"]), "--teacher",
+                 "http://127.0.0.1:9", "--prompts", str(tiny_pair["prompts"]), "--out",
+                 str(tmp_path / "run"), "--set", "objective.name=cross_tokenizer_kl"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "served teacher with another tokenizer is not supported" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_teacher_is_refused(tiny_pair, digit_teacher, tmp_path):
+    config = tiny_config(tiny_pair, tmp_path / "run", teacher=str(digit_teacher),
+                         teacher_parallel="fsdp", **{"objective.name": "cross_tokenizer_kl"})
+    with pytest.raises(OPDError, match="teacher_parallel=replicate"):
+        run_training(config)
+    assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from typing import Any
 from opd.config.choices import (
     AGGREGATIONS,
     CANDIDATE_SETS,
+    CROSS_TOKENIZER,
     ENGINES,
     MIXED_PRECISION,
     OBJECTIVES,
@@ -41,6 +42,10 @@ from opd.io import check_teacher_urls, is_url
 
 def check_served_teacher(objective: str, teacher_prompt: str) -> None:
     """Refuse, at the start, what a served teacher cannot do."""
+    if objective == CROSS_TOKENIZER:
+        raise OPDError("objective.name: cross_tokenizer_kl re-tokenizes the student's text with "
+                       "the teacher's tokenizer in this process; a served teacher with another "
+                       "tokenizer is not supported yet: give the teacher as a folder")
     if objective not in SERVED_OBJECTIVES:
         raise OPDError(f"objective.name: {objective} needs the teacher's whole distribution, "
                        "which a served teacher does not send; use one of "

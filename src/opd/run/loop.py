@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd import metrics as M
+from opd.config.choices import CROSS_TOKENIZER
 from opd.config.settings import to_dict
 from opd.config.training import TrainConfig
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
@@ -110,16 +111,18 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
 def check_training_prompts(config: TrainConfig, records: Sequence[PromptRecord],
                            tokenizer: Any, teacher_tokenizer: Any = None,
                            eval_records: Sequence[PromptRecord] = ()) -> None:
-    """Every prompt renders for the run and fits: the student's (and, with teacher_prompt own,
-    the teacher's) rendering within max_prompt_tokens, evaluation prompts within the student's
-    context window. Longer prompts are refused, not cut."""
+    """Every prompt renders for the run and fits: the student's (and, with teacher_prompt own or
+    a teacher of another tokenizer, the teacher's) rendering within max_prompt_tokens,
+    evaluation prompts within the student's context window. Longer prompts are refused, not
+    cut."""
     fix = ("raise max_prompt_tokens, or shorten or remove the row (longer prompts are refused "
            "rather than cut)")
     kwargs = config.chat_template_kwargs
     check_prompts(records, tokenizer, config.template, who="the student's rendering",
                   limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
                   chat_template_kwargs=kwargs)
-    if teacher_tokenizer is not None and config.teacher_prompt == "own":
+    own = config.teacher_prompt == "own" or config.objective.name == CROSS_TOKENIZER
+    if teacher_tokenizer is not None and own:
         check_prompts(records, teacher_tokenizer, None, who="the teacher's own rendering",
                       limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
                       chat_template_kwargs=kwargs)
