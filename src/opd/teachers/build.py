@@ -5,7 +5,7 @@ scoring pass; `Teachers.split` says which rows each teacher scores."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -88,13 +88,19 @@ class TextInputs:
     responses: list[list[int]]
     ended: list[bool]
     """Whether each response ends with the student's stop token (the teacher then scores its
-    own EOS in its place)."""
+    counterpart, or its own EOS, in its place)."""
 
     def select(self, rows: torch.Tensor) -> TextInputs:
         """The rows `rows` only."""
         picked = rows.tolist()
         return TextInputs([self.prompts[i] for i in picked], [self.responses[i] for i in picked],
                           [self.ended[i] for i in picked])
+
+
+def _decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """ids → the text they stand for, special tokens left out (as the rollouts' texts)."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
 
 
 class RetokenizingTeacher:
@@ -115,20 +121,21 @@ class RetokenizingTeacher:
         self.vocab_map = vocabulary_map(student_tokenizer, tokenizer, student_vocab,
                                         vocab_size(model))
 
-    def _decode(self, tokenizer):
-        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
-                                            clean_up_tokenization_spaces=False)
+    def _stop(self, student_stop: int) -> int:
+        """The teacher's token in place of the student's stop token: its counterpart through
+        the vocabulary map (EOS for EOS, an end-of-turn token of the same name), else its EOS."""
+        mapped = int(self.vocab_map[student_stop])
+        return mapped if mapped >= 0 else self.tokenizer.eos_token_id
 
     @torch.no_grad()
     def logprobs(self, inputs: TextInputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs:
-        student_decode, teacher_decode = self._decode(self.student_tokenizer), self._decode(
-            self.tokenizer)
+        student_decode, teacher_decode = _decoder(self.student_tokenizer), _decoder(self.tokenizer)
         texts = [student_decode(ids) for ids in inputs.responses]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        eos = self.tokenizer.eos_token_id
-        teacher_rows = [[*ids, eos] if ended else ids
-                        for ids, ended in zip(encoded, inputs.ended, strict=True)]
+        teacher_rows = [[*ids, self._stop(student_ids[-1])] if ended else ids
+                        for ids, student_ids, ended in zip(encoded, inputs.responses,
+                                                           inputs.ended, strict=True)]
         alignment = align_tokens(
             inputs.responses, teacher_rows,
             [char_ends(student_decode, ids, t) for ids, t in zip(inputs.responses, texts,
