@@ -16,6 +16,7 @@ from opd.errors import OPDError
 from opd.models.loading import load_model, load_tokenizer
 from opd.run.loop import run_training
 from opd.step.distributions import UNKNOWN_LOGPROB
+from opd.step.measures import token_measures
 from opd.step.objectives import distillation_loss
 from opd.step.rollout import pack
 from opd.step.scoring import LocalTeacher, output_head, response_states
@@ -180,3 +181,25 @@ def test_a_sharded_teacher_is_refused(tiny_pair, digit_teacher, tmp_path):
     with pytest.raises(OPDError, match="teacher_parallel=replicate"):
         run_training(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_measures_are_taken_at_the_exact_positions_only():
+    student, teacher = random_log_probs(5, 6, 10), random_log_probs(6, 6, 10)
+    targets = torch.arange(6)
+    aligned = torch.tensor([True, False, True, True, False, True])
+    teacher[~aligned] = UNKNOWN_LOGPROB
+    teacher[~aligned, targets[~aligned]] = -0.7
+    got = token_measures(student, teacher, targets, 4, teacher_entropy=torch.ones(6),
+                         aligned=aligned)
+    alone = token_measures(student[aligned], teacher[aligned], targets[aligned], 4,
+                           teacher_entropy=torch.ones(4))
+    for name, value in alone.items():
+        if name == M.REVERSE_KL:  # every position: each token's share of its span's log-ratio
+            torch.testing.assert_close(got[name], student[torch.arange(6), targets]
+                                       - teacher[torch.arange(6), targets])
+        elif name in M.TEACHER_MEASURES:
+            torch.testing.assert_close(got[name][aligned], value, equal_nan=True)
+            assert got[name][~aligned].isnan().all()
+        else:
+            torch.testing.assert_close(got[name][aligned], value, equal_nan=True)
+    assert got[M.ALIGNED_SHARE].tolist() == aligned.float().tolist()
