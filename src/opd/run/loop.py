@@ -202,8 +202,8 @@ class Trainer:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
         vocab = vocab_size(self.models.student)
-        if self.models.teacher is not None:  # another vocabulary may be larger
-            vocab = max(vocab, vocab_size(self.models.teacher))
+        if config.objective.name == CROSS_TOKENIZER and self.models.teacher is not None:
+            vocab = max(vocab, vocab_size(self.models.teacher))  # another vocabulary's chunks
         self.chunk_size = positions_per_chunk(config.chunk_size, vocab)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
