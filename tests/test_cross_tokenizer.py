@@ -203,3 +203,19 @@ def test_measures_are_taken_at_the_exact_positions_only():
         else:
             torch.testing.assert_close(got[name][aligned], value, equal_nan=True)
     assert got[M.ALIGNED_SHARE].tolist() == aligned.float().tolist()
+
+
+def test_the_overlap_counts_only_tokens_of_the_shared_vocabulary():
+    # Three mapped tokens (1, 4, 6) at an exact position, k = 4: the teacher's top-4 holds one
+    # unmapped entry, which the student's top-4 (its most likely tokens 0, 2, 3) must not share.
+    student = torch.tensor([[0.0, -9.0, 0.0, 0.0, -1.0, -9.0, -2.0, -9.0]]).log_softmax(-1)
+    teacher = torch.full((1, 8), UNKNOWN_LOGPROB)
+    teacher[0, [1, 4, 6]] = torch.tensor([-0.3, -2.0, -1.6])
+    got = token_measures(student, teacher, torch.tensor([4]), 4,
+                         teacher_entropy=torch.ones(1), aligned=torch.tensor([True]))
+    # Brute force: top-4 among the mapped tokens is all three on both sides; 3 of 3 slots.
+    assert got[M.OVERLAP_RATIO].item() == pytest.approx(1.0)
+    mass = student[0, [1, 4, 6]].exp().sum()
+    assert got[M.OVERLAP_MASS_STUDENT].item() == pytest.approx(float(mass), rel=1e-6)
+    assert got[M.OVERLAP_MASS_TEACHER].item() == pytest.approx(
+        float(teacher[0, [1, 4, 6]].exp().sum()), rel=1e-6)

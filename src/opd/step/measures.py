@@ -12,7 +12,14 @@ import math
 import torch
 
 from opd import metrics as M
-from opd.step.distributions import contains, entropy, masked_sum, shared_topk, topk_indices
+from opd.step.distributions import (
+    contains,
+    entropy,
+    known,
+    masked_sum,
+    shared_topk,
+    topk_indices,
+)
 
 
 @torch.no_grad()
@@ -27,7 +34,8 @@ def token_measures(
 
     `aligned` [N] marks, for a teacher with another vocabulary, the exact positions, where
     `teacher_lp` is its distribution mapped onto the student's vocabulary: the teacher measures
-    are then taken there only (NaN elsewhere), on the mapped shared vocabulary, with
+    are then taken there only (NaN elsewhere), on the mapped shared vocabulary (both top-k among
+    the mapped tokens; the overlap ratio out of k or of the mapped tokens if fewer), with
     `aligned_share` (1 at an exact position, 0 elsewhere); `reverse_kl` stays at every position,
     each token's share of its span's log-ratio.
 
@@ -39,9 +47,16 @@ def token_measures(
     k = min(k, student_lp.shape[-1])
     # Everything about the shared set reads the student's top-k ids [N, k] and the log-probs
     # gathered there, never an [N, V] mask.
+    slots = torch.full_like(targets, k, dtype=dtype)
     with shared_topk():
-        ids = topk_indices(student_lp, k)
-        shared = contains(ids, topk_indices(teacher_lp, k))
+        if aligned is None:
+            ids = topk_indices(student_lp, k)
+            shared = contains(ids, topk_indices(teacher_lp, k))
+        else:  # both top-k among the mapped tokens, of which a row may have fewer than k
+            mapped = known(teacher_lp)
+            ids = topk_indices(student_lp.masked_fill(~mapped, -math.inf), k)
+            shared = contains(ids, topk_indices(teacher_lp, k)) & mapped.gather(-1, ids)
+            slots = mapped.sum(-1).clamp(min=1, max=k).to(dtype)
     student_top, teacher_top = student_lp.gather(-1, ids), teacher_lp.gather(-1, ids)
     n_shared = shared.sum(-1)
     # Log of each model's mass on the shared set (−inf where it is empty), and the student's
@@ -57,7 +72,7 @@ def token_measures(
     teacher_h = entropy(teacher_lp) if teacher_entropy is None else teacher_entropy.to(dtype)
     tokens = targets[:, None]
     values = {
-        M.OVERLAP_RATIO: n_shared.to(dtype) / k,
+        M.OVERLAP_RATIO: n_shared.to(dtype) / slots,
         M.OVERLAP_TOKEN_ADVANTAGE: advantage,
         M.ENTROPY_GAP: (teacher_h - student_h).abs(),
         M.OVERLAP_MASS_STUDENT: student_mass.exp(),
