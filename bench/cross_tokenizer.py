@@ -1,7 +1,8 @@
 """Distilling across tokenizers on the model organisms (docs/method.md#across-tokenizers): the
 quick zoo's student (word-level tokenizer) from `teacher-aligned` (the same tokenizer) and from
-a teacher trained like it on the same data and dialect but with a character tokenizer
-(`build_char_tokenizer` below), over several seeds.
+teachers trained like it on the same data and dialect but with another tokenizer
+(`build_other_tokenizer` below: characters, or the two-digit numbers cut into digits), over
+several seeds.
 
 gap recovery = (acc_after − acc_before) / (acc_teacher − acc_before) on the withheld
 sub-skill's evaluation set (greedy exact match), as bench/repairs.py. Prints one JSON line per
@@ -33,21 +34,37 @@ from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 from opd.run.sft import SFTConfig, train_sft
 
-CHAR_TEACHER = "teacher-aligned-chars"
+OTHER_EVAL_TOKENS = {"chars": 200, "digits": 60}
+"""New tokens of each other-tokenizer teacher's own evaluation: a character tokenizer writes
+about four tokens per word (its position limit is 256), a digit one a few more than words."""
 
 
-def build_char_tokenizer(template: int = 1, world: World = ADDITION) -> PreTrainedTokenizerFast:
-    """Another tokenizer of the zoo's texts: one token per character (space included), with the
-    special tokens and chat template of `opd.lab.tokenizer.build_tokenizer`. Against the
-    student's word-level tokenizer only the special tokens pair up (a word `5` adds ` 5` in
-    running text, two characters here), so nearly every position is a span."""
+def build_other_tokenizer(kind: str, template: int = 1,
+                          world: World = ADDITION) -> PreTrainedTokenizerFast:
+    """Another tokenizer of the zoo's texts, with the special tokens and chat template of
+    `opd.lab.tokenizer.build_tokenizer`: `chars`, one token per character (space included), or
+    `digits`, the words with the two-digit numbers cut into digits (WordPiece, `12` → `1 ##2`).
+
+    Against the student's word-level tokenizer, `chars` pairs only the special tokens (a word
+    `5` adds ` 5` in running text, two characters here), so nearly every position is a span;
+    `digits` pairs every token but the two-digit numbers."""
     if template not in TEMPLATES:
         raise OPDError(f"unknown prompt template {template}; choose one of {sorted(TEMPLATES)}")
-    characters = sorted({c for text in (*world.vocab, TEMPLATES[template]) for c in text} | {" "})
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *characters))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
+    if kind == "chars":
+        characters = {c for text in (*world.vocab, TEMPLATES[template]) for c in text} | {" "}
+        tokens = sorted(characters)
+        backend = Tokenizer(models.WordLevel(
+            {t: i for i, t in enumerate((*SPECIAL_TOKENS, *tokens))}, unk_token=UNK))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+    else:
+        words = [w for w in world.vocab if not (w.isdigit() and len(w) > 1)]
+        tokens = [*words, *(f"##{d}" for d in range(10))]
+        backend = Tokenizer(models.WordPiece(
+            {t: i for i, t in enumerate((*SPECIAL_TOKENS, *tokens))}, unk_token=UNK,
+            continuing_subword_prefix="##"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         padding_side="right", model_max_length=256,
@@ -62,14 +79,14 @@ def accuracy(path: str, eval_file: Path, tokens: int) -> float:
                     max_new_tokens=tokens).accuracy
 
 
-def char_teacher(zoo_root: Path, profile: str, steps: int) -> Path:
-    """`teacher-aligned`'s recipe (data, dialect, size, seed, lr) with a character tokenizer;
-    built once under the zoo's folder."""
-    folder = zoo_root / f"{CHAR_TEACHER}-{steps}"
+def other_teacher(zoo_root: Path, profile: str, steps: int, kind: str) -> Path:
+    """`teacher-aligned`'s recipe (data, dialect, size, seed, lr) with another tokenizer
+    (`build_other_tokenizer`); built once under the zoo's folder."""
+    folder = zoo_root / f"teacher-aligned-{kind}-{steps}"
     if (folder / "config.json").exists():
         return folder
     spec = next(s for s in PROFILES[profile].models if s.name == "teacher-aligned")
-    tokenizer = build_char_tokenizer(spec.template)
+    tokenizer = build_other_tokenizer(kind, spec.template)
     model = build_model(spec.size, tokenizer, spec.seed)
     sets = load_sets(zoo_root)
     examples = [ex for name in spec.data
@@ -91,21 +108,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--tokenizers", nargs="+", default=["chars", "digits"],
+                        choices=sorted(OTHER_EVAL_TOKENS))
     args = parser.parse_args()
     zoo_root, out = Path(args.zoo), Path(args.out)
     build_zoo_stages(zoo_root, args.profile, progress=False, only=["student", "teacher-aligned"])
-    chars = char_teacher(zoo_root, args.profile, args.teacher_steps)
+    others = {kind: other_teacher(zoo_root, args.profile, args.teacher_steps, kind)
+              for kind in args.tokenizers}
     digits = max(PROFILES[args.profile].digits)
     tokens = max_new_tokens(digits)
     eval_file = zoo_root / "data" / f"eval-chain-d{digits}.jsonl"
     student = str(zoo_root / "student")
     before = accuracy(student, eval_file, tokens)
-    runs = (("aligned, topk", zoo_root / "teacher-aligned", "topk"),
-            ("aligned, cross_tokenizer_kl", zoo_root / "teacher-aligned", "cross_tokenizer_kl"),
-            ("chars, cross_tokenizer_kl", chars, "cross_tokenizer_kl"))
+    # (name, teacher, objective, new tokens for the teacher's own evaluation: a character
+    # tokenizer writes about four tokens per word)
+    runs = (("aligned, topk", zoo_root / "teacher-aligned", "topk", tokens),
+            ("aligned, sampled", zoo_root / "teacher-aligned", "sampled", tokens),
+            ("aligned, cross_tokenizer_kl", zoo_root / "teacher-aligned", "cross_tokenizer_kl",
+             tokens),
+            *((f"{kind}, cross_tokenizer_kl", teacher, "cross_tokenizer_kl",
+               OTHER_EVAL_TOKENS[kind]) for kind, teacher in others.items()))
     rows = []
     for seed in args.seeds:
-        for name, teacher, objective in runs:
+        for name, teacher, objective, teacher_tokens in runs:
             run = out / f"{name.replace(', ', '-')}-seed{seed}"
             config = build_config({
                 "student": student, "teacher": str(teacher),
@@ -116,7 +141,7 @@ def main() -> None:
             run_training(config, resume=run.exists())
             trained = str(RunFolder(run).complete_checkpoints()[-1])
             records = M.read(run)
-            teacher_acc = accuracy(str(teacher), eval_file, tokens)
+            teacher_acc = accuracy(str(teacher), eval_file, teacher_tokens)
             after = accuracy(trained, eval_file, tokens)
             rows.append({
                 "run": name, "seed": seed, "before": before, "after": after,
