@@ -99,10 +99,17 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
     """For each row of the student's output head [student_size], the teacher id [< teacher_size]
     of the token that adds the same text, or −1. One to one: where several ids add one text, the
     lowest id on each side is paired. The two EOS tokens are paired with each other, and other
-    special tokens of the same name too."""
+    special tokens of the same name too.
+
+    A pair is left out where a token of either side without a counterpart extends its text:
+    a teacher that writes `10` as `1 ##0` puts the mass of the student's `10` on its `1`, so its
+    `1` is not the student's `1` (a word of its own) and renormalising on the pairs would move
+    the student's mass from `10` to `1`. What remains pairs the same events."""
     mapped = torch.full((student_size,), -1, dtype=torch.long)
+    student_strings = token_strings(student_tokenizer)[:student_size]
+    teacher_strings = token_strings(teacher_tokenizer)[:teacher_size]
     teacher_of: dict[str, int] = {}
-    for token_id, text in enumerate(token_strings(teacher_tokenizer)[:teacher_size]):
+    for token_id, text in enumerate(teacher_strings):
         if text is not None:
             teacher_of.setdefault(text, token_id)
     for token in teacher_tokenizer.all_special_tokens:
@@ -111,8 +118,7 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
     pairs += [(student_tokenizer.convert_tokens_to_ids(token), teacher_of.get(("special", token)))
               for token in student_tokenizer.all_special_tokens]
     pairs += [(token_id, teacher_of.get(text))
-              for token_id, text in enumerate(token_strings(student_tokenizer)[:student_size])
-              if text is not None]
+              for token_id, text in enumerate(student_strings) if text is not None]
     used: set[int] = set()
     for student_id, teacher_id in pairs:
         if (student_id is None or teacher_id is None or not 0 <= student_id < student_size
@@ -121,7 +127,24 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
             continue
         mapped[student_id] = teacher_id
         used.add(teacher_id)
+    _drop_extended(mapped, student_strings, teacher_strings)
     return mapped
+
+
+def _drop_extended(mapped: torch.Tensor, student_strings: Sequence[str | None],
+                   teacher_strings: Sequence[str | None]) -> None:
+    """Unpair, in place, the tokens whose text is a proper prefix of an unpaired token's on
+    either side, until none is (an unpaired token may make more)."""
+    while True:
+        paired = set(mapped[mapped >= 0].tolist())
+        loose = [text for i, text in enumerate(student_strings) if text and mapped[i] < 0]
+        loose += [text for i, text in enumerate(teacher_strings) if text and i not in paired]
+        prefixes = {text[:n] for text in loose for n in range(1, len(text))}
+        extended = [i for i, text in enumerate(student_strings)
+                    if text in prefixes and mapped[i] >= 0]
+        if not extended:
+            return
+        mapped[extended] = -1
 
 
 @dataclass(frozen=True)
