@@ -41,8 +41,9 @@ def test_with_one_vocabulary_it_is_the_full_reverse_kl():
 
 
 def brute_cross_loss(logits, teacher, targets, aligned):
-    """One position at a time with plain sums: KL of both renormalised on the known entries
-    where aligned, else −sg(log q_share − log p(ŷ))·log p(ŷ) (nothing without a teacher)."""
+    """One position at a time with plain sums: where aligned, the KL over the known entries
+    plus one class for the rest of each side's mass; else −sg(log q_share − log p(ŷ))·log p(ŷ)
+    (nothing without a teacher)."""
     values, grads = [], []
     for x, q, y, exact in zip(logits, teacher.tolist(), targets.tolist(), aligned.tolist(),
                               strict=True):
@@ -50,10 +51,11 @@ def brute_cross_loss(logits, teacher, targets, aligned):
         lp = x.log_softmax(-1)
         if exact:
             support = [v for v in range(len(q)) if q[v] > UNKNOWN_LOGPROB / 2]
-            p_norm = torch.logsumexp(lp[support], 0)
-            q_norm = math.log(sum(math.exp(q[v]) for v in support))
-            loss = sum(torch.exp(lp[v] - p_norm) * ((lp[v] - p_norm) - (q[v] - q_norm))
-                       for v in support)
+            rest = [v for v in range(len(q)) if v not in support]
+            p_rest = sum((torch.exp(lp[v]) for v in rest), torch.zeros((), dtype=lp.dtype))
+            q_rest = 1 - sum(math.exp(q[v]) for v in support)
+            loss = sum(torch.exp(lp[v]) * (lp[v] - q[v]) for v in support)
+            loss = loss + p_rest * (p_rest.clamp(min=1e-8).log() - math.log(max(q_rest, 1e-8)))
         elif math.isinf(q[y]):
             loss = lp[y] * 0
         else:

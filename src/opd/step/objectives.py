@@ -134,20 +134,32 @@ def jsd_loss(student_lp, teacher_lp, targets, config):
     return beta * kl_teacher + (1 - beta) * kl_student
 
 
+REST_FLOOR = 1e-8
+"""Smallest teacher probability of the tokens without a counterpart, so that a student that
+puts mass there where the teacher's vocabulary is all mapped pays a large, finite price."""
+
+
 def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=None):
     """Reverse KL across tokenizers (docs/method.md#across-tokenizers), per student position.
 
     At an exact position (`aligned` [N] True; every position for None) `teacher_lp` holds the
-    teacher's log-probs of the student's tokens through the vocabulary map (unknown elsewhere)
-    and the loss is KL(p̄‖q̄) of both distributions renormalised on the mapped tokens: the full
-    reverse KL when the vocabularies coincide. Elsewhere `teacher_lp` knows only the sampled
-    token's entry, its share of the teacher's log-prob of the whole span, and the loss is the
-    sampled-token policy gradient with that reward (none where it is −inf: no teacher text).
+    teacher's log-probs of the student's tokens through the vocabulary map (unknown elsewhere),
+    and the loss is the KL of the two distributions over the mapped tokens plus one class for
+    all the others, each side's mass off the map: the full reverse KL when the vocabularies
+    coincide. (Renormalising on the mapped tokens instead would let the student move mass to
+    a mapped token wherever the teacher's own choice has no counterpart.) Elsewhere
+    `teacher_lp` knows only the sampled token's entry, its share of the teacher's log-prob of
+    the whole span, and the loss is the sampled-token policy gradient with that reward (none
+    where it is −inf: no teacher text).
     """
     support = known(teacher_lp)
-    student_bar = renormalise(student_lp, support)
-    teacher_bar = renormalise(teacher_lp, support)
-    exact = masked_sum(student_bar.exp() * (student_bar - teacher_bar), support)
+    student_p = student_lp.exp()
+    mapped = (student_p * torch.where(support, student_lp - teacher_lp, 0.0)).sum(-1)
+    student_rest = torch.where(support, torch.zeros_like(student_p), student_p).sum(-1)
+    teacher_rest = 1 - torch.where(support, teacher_lp.exp(), 0.0).sum(-1)
+    rest = student_rest * (student_rest.clamp(min=REST_FLOOR).log()
+                           - teacher_rest.clamp(min=REST_FLOOR).log())
+    exact = mapped + rest
     if aligned is None:
         return exact
     student = _gather(student_lp, targets)
