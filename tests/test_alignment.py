@@ -159,7 +159,7 @@ def test_the_vocabulary_map_pairs_tokens_that_add_the_same_text(real_tokenizers)
     assert len(words) > 10
     assert all(student_strings[s] == teacher_strings[t] for s, t in words)
     # Brute force: every shared string is paired, the lowest id of each side where repeated,
-    # unless a token without a counterpart on either side extends it (until none does).
+    # unless a text without a counterpart on either side extends it (until none does).
     lowest: list[dict[str, int]] = [{}, {}]
     for side, strings in zip(lowest, (student_strings, teacher_strings), strict=True):
         for token_id, text in enumerate(strings):
@@ -167,10 +167,8 @@ def test_the_vocabulary_map_pairs_tokens_that_add_the_same_text(real_tokenizers)
                 side.setdefault(text, token_id)
     kept = set(lowest[0]) & set(lowest[1])
     while True:
-        paired_ids = [{lowest[0][x] for x in kept}, {lowest[1][x] for x in kept}]
-        loose = [text for strings, ids in zip((student_strings, teacher_strings), paired_ids,
-                                              strict=True)
-                 for i, text in enumerate(strings) if text is not None and i not in ids]
+        loose = [text for text in student_strings + teacher_strings
+                 if text is not None and text not in kept]
         dropped = {x for x in kept if any(y.startswith(x) and y != x for y in loose)}
         if not dropped:
             break

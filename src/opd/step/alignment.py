@@ -133,12 +133,14 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
 
 def _drop_extended(mapped: torch.Tensor, student_strings: Sequence[str | None],
                    teacher_strings: Sequence[str | None]) -> None:
-    """Unpair, in place, the tokens whose text is a proper prefix of an unpaired token's on
-    either side, until none is (an unpaired token may make more)."""
+    """Unpair, in place, the tokens whose text is a proper prefix of an unpaired text on either
+    side, until none is (an unpaired token may make more). A token whose text another id pairs
+    (a duplicate) is not unpaired text."""
     while True:
-        paired = set(mapped[mapped >= 0].tolist())
-        loose = [text for i, text in enumerate(student_strings) if text and mapped[i] < 0]
-        loose += [text for i, text in enumerate(teacher_strings) if text and i not in paired]
+        paired = {student_strings[i] for i in (mapped >= 0).nonzero()[:, 0].tolist()
+                  if i < len(student_strings)}
+        loose = {text for text in (*student_strings, *teacher_strings)
+                 if text and text not in paired}
         prefixes = {text[:n] for text in loose for n in range(1, len(text))}
         extended = [i for i, text in enumerate(student_strings)
                     if text in prefixes and mapped[i] >= 0]
