@@ -158,23 +158,26 @@ def test_the_vocabulary_map_pairs_tokens_that_add_the_same_text(real_tokenizers)
     words = [(s, t) for s, t in pairs if student_strings[s] is not None]
     assert len(words) > 10
     assert all(student_strings[s] == teacher_strings[t] for s, t in words)
-    # Brute force: every shared string is paired, the lowest id of each side where repeated,
-    # unless a text without a counterpart on either side extends it (until none does).
-    lowest: list[dict[str, int]] = [{}, {}]
-    for side, strings in zip(lowest, (student_strings, teacher_strings), strict=True):
-        for token_id, text in enumerate(strings):
-            if text is not None:
-                side.setdefault(text, token_id)
-    kept = set(lowest[0]) & set(lowest[1])
+    # Brute force: every shared text is paired (each appears once on each side here), unless
+    # the other side writes a text only one side has as a token starting with it.
+    for strings in (student_strings, teacher_strings):
+        texts = [x for x in strings if x is not None]
+        assert len(texts) == len(set(texts))
+    kept = {x for x in student_strings if x} & {x for x in teacher_strings if x}
     while True:
-        loose = [text for text in student_strings + teacher_strings
-                 if text is not None and text not in kept]
-        dropped = {x for x in kept if any(y.startswith(x) and y != x for y in loose)}
-        if not dropped:
+        starts = set()
+        for own, other, other_strings in ((student_strings, unigram, teacher_strings),
+                                          (teacher_strings, bpe, student_strings)):
+            for text in {x for x in own if x and x not in kept}:
+                ids = other(text, add_special_tokens=False)["input_ids"]
+                first = other_strings[ids[0]] if ids else None
+                if first in kept and first != text and text.startswith(first):
+                    starts.add(first)
+        if not starts:
             break
-        kept -= dropped
-    assert set(words) == {(lowest[0][x], lowest[1][x]) for x in kept}
-    assert len(kept) < len(set(lowest[0]) & set(lowest[1]))  # some pairs were left out
+        kept -= starts
+    assert {student_strings[s] for s, _ in words} == kept
+    assert len(kept) < len({x for x in student_strings if x} & {x for x in teacher_strings if x})
 
 
 def test_identical_tokenizers_map_every_token_to_itself():

@@ -98,27 +98,25 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
                    teacher_size: int) -> torch.Tensor:
     """For each row of the student's output head [student_size], the teacher id [< teacher_size]
     of the token that adds the same text, or −1. One to one: where several ids add one text, the
-    lowest id on each side is paired. The two EOS tokens are paired with each other, and other
-    special tokens of the same name too.
+    one each tokenizer writes it with is paired (`_token_of`). The two EOS tokens are paired
+    with each other, and other special tokens of the same name too.
 
-    A pair is left out where a token of either side without a counterpart extends its text:
-    a teacher that writes `10` as `1 ##0` puts the mass of the student's `10` on its `1`, so its
-    `1` is not the student's `1` (a word of its own) and renormalising on the pairs would move
-    the student's mass from `10` to `1`. What remains pairs the same events."""
+    A pair is left out where one side writes a text that the other has a single unpaired
+    token for starting with the pair's token: a teacher that writes `10` as `1 ##0` puts the
+    mass of the student's `10` on its `1`, so its `1` is not the student's `1` (a word of its
+    own), and comparing them would move the student's mass from `10` to `1`."""
     mapped = torch.full((student_size,), -1, dtype=torch.long)
     student_strings = token_strings(student_tokenizer)[:student_size]
     teacher_strings = token_strings(teacher_tokenizer)[:teacher_size]
-    teacher_of: dict[str, int] = {}
-    for token_id, text in enumerate(teacher_strings):
-        if text is not None:
-            teacher_of.setdefault(text, token_id)
+    teacher_of: dict[str | tuple[str, str], int] = dict(_token_of(teacher_tokenizer,
+                                                                  teacher_strings))
     for token in teacher_tokenizer.all_special_tokens:
         teacher_of.setdefault(("special", token), teacher_tokenizer.convert_tokens_to_ids(token))
     pairs = [(student_tokenizer.eos_token_id, teacher_tokenizer.eos_token_id)]
     pairs += [(student_tokenizer.convert_tokens_to_ids(token), teacher_of.get(("special", token)))
               for token in student_tokenizer.all_special_tokens]
     pairs += [(token_id, teacher_of.get(text))
-              for token_id, text in enumerate(student_strings) if text is not None]
+              for text, token_id in _token_of(student_tokenizer, student_strings).items()]
     used: set[int] = set()
     for student_id, teacher_id in pairs:
         if (student_id is None or teacher_id is None or not 0 <= student_id < student_size
@@ -127,23 +125,49 @@ def vocabulary_map(student_tokenizer, teacher_tokenizer, student_size: int,
             continue
         mapped[student_id] = teacher_id
         used.add(teacher_id)
-    _drop_extended(mapped, student_strings, teacher_strings)
+    _drop_extended(mapped, student_tokenizer, teacher_tokenizer, student_strings,
+                   teacher_strings)
     return mapped
 
 
-def _drop_extended(mapped: torch.Tensor, student_strings: Sequence[str | None],
+def _token_of(tokenizer, strings: Sequence[str | None]) -> dict[str, int]:
+    """Each text's token id; where several ids add the same text (a byte-fallback `<0x31>`
+    beside `1`), the one the tokenizer writes the text with, else the lowest."""
+    ids: dict[str, list[int]] = {}
+    for token_id, text in enumerate(strings):
+        if text is not None:
+            ids.setdefault(text, []).append(token_id)
+    repeated = [text for text, found in ids.items() if len(found) > 1]
+    written = tokenizer(repeated, add_special_tokens=False)["input_ids"] if repeated else []
+    chosen = {text: found[0] for text, found in ids.items()}
+    for text, encoded in zip(repeated, written, strict=True):
+        if len(encoded) == 1 and encoded[0] in ids[text]:
+            chosen[text] = encoded[0]
+    return chosen
+
+
+def _drop_extended(mapped: torch.Tensor, student_tokenizer, teacher_tokenizer,
+                   student_strings: Sequence[str | None],
                    teacher_strings: Sequence[str | None]) -> None:
-    """Unpair, in place, the tokens whose text is a proper prefix of an unpaired text on either
-    side, until none is (an unpaired token may make more). A token whose text another id pairs
-    (a duplicate) is not unpaired text."""
+    """Unpair, in place, each text that the other side starts an unpaired text with: where one
+    side has a single token for `w + c` and the other writes it `w`, `c`, the latter's `w`
+    holds the mass of `w + c` and the former's does not. Repeated until nothing changes (an
+    unpaired text may start more); a duplicate id of a paired text is not unpaired."""
     while True:
         paired = {student_strings[i] for i in (mapped >= 0).nonzero()[:, 0].tolist()
                   if i < len(student_strings)}
-        loose = {text for text in (*student_strings, *teacher_strings)
-                 if text and text not in paired}
-        prefixes = {text[:n] for text in loose for n in range(1, len(text))}
+        starts: set[str] = set()
+        for own, other, other_strings in ((student_strings, teacher_tokenizer, teacher_strings),
+                                          (teacher_strings, student_tokenizer, student_strings)):
+            loose = sorted({text for text in own if text and text not in paired})
+            firsts = other(loose, add_special_tokens=False)["input_ids"] if loose else []
+            for text, ids in zip(loose, firsts, strict=True):
+                first = other_strings[ids[0]] if ids and ids[0] < len(other_strings) else None
+                if first is not None and first in paired and first != text \
+                        and text.startswith(first):
+                    starts.add(first)
         extended = [i for i, text in enumerate(student_strings)
-                    if text in prefixes and mapped[i] >= 0]
+                    if text in starts and mapped[i] >= 0]
         if not extended:
             return
         mapped[extended] = -1
