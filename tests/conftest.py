@@ -26,11 +26,32 @@ def make_tokenizer():
     )
 
 
-def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2, heads: int = 4):
-    """A random tiny LlamaForCausalLM saved with its tokenizer in `folder`."""
+def make_digit_tokenizer():
+    """Another tokenizer of the tiny tokenizer's texts: numbers are cut into digits (WordPiece,
+    `12` → `1 ##2`), so a teacher with it shares the one-digit numbers and the words with the
+    student's vocabulary, under other ids, and not the two-digit numbers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [w for w in TINY_WORDS if not w.isdigit()]
+    digits = [str(d) for d in range(10)] + [f"##{d}" for d in range(10)]
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", *digits, *words])}
+    core = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+
+
+def make_model(folder: Path, seed: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+               tokenizer=None):
+    """A random tiny LlamaForCausalLM saved with its tokenizer (the tiny word-level one by
+    default) in `folder`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = make_tokenizer()
+    tokenizer = tokenizer or make_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
@@ -56,6 +77,14 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"student": student, "teacher": teacher, "prompts": prompts, "root": root}
+
+
+@pytest.fixture(scope="session")
+def digit_teacher(tmp_path_factory) -> Path:
+    """A teacher folder for the tiny pair's student with another tokenizer
+    (`make_digit_tokenizer`)."""
+    return make_model(tmp_path_factory.mktemp("digits") / "teacher", seed=3, hidden=48,
+                      tokenizer=make_digit_tokenizer())
 
 
 @pytest.fixture(scope="session")

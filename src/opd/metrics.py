@@ -74,6 +74,11 @@ TEACHER_ENTROPY = _declare(
 REVERSE_KL = _declare(
     "reverse_kl", "Sampled-token estimate of KL(p‖q): log p_t(ŷ_t) − log q_t(ŷ_t).", "nats",
     "with a teacher", by_position=True)
+ALIGNED_SHARE = _declare(
+    "aligned_share", "Share of response tokens at an exact position of a teacher with another "
+    "tokenizer (objective cross_tokenizer_kl): one token on both sides, the same string. The "
+    "teacher measures above are taken there only, on the mapped shared vocabulary.", "fraction",
+    "with a teacher of another tokenizer")
 
 TEACHER_ENTROPY_ESTIMATE = _declare(
     "teacher_entropy_estimate", "`topk` when teacher_entropy and entropy_gap are estimates: the "

@@ -4,8 +4,11 @@ that every name has an implementation)."""
 
 ENGINES = ("hf", "vllm")
 """What samples rollouts (`rollout_engine`): opd's own sampler, or a colocated vLLM engine."""
-OBJECTIVES = ("sampled", "topk", "subset_kl", "full_reverse_kl", "forward_kl", "jsd")
+OBJECTIVES = ("sampled", "topk", "subset_kl", "full_reverse_kl", "forward_kl", "jsd",
+              "cross_tokenizer_kl")
 """Per-token distillation objectives (`objective.name`)."""
+CROSS_TOKENIZER = "cross_tokenizer_kl"
+"""The objective that takes a teacher with another vocabulary."""
 CANDIDATE_SETS = ("student", "teacher", "intersection", "union", "symmetric-difference")
 """Candidate sets of the top-k objectives (`objective.strategy`)."""
 WEIGHTINGS = ("student_p", "teacher_p", "none")

@@ -12,6 +12,7 @@ from typing import Any
 from opd.config.choices import (
     AGGREGATIONS,
     CANDIDATE_SETS,
+    CROSS_TOKENIZER,
     ENGINES,
     FORWARD_KL_OBJECTIVES,
     MIXED_PRECISION,
@@ -43,6 +44,10 @@ from opd.io import check_teacher_urls, is_url
 
 def check_served_teacher(objective: str, teacher_prompt: str) -> None:
     """Refuse, at the start, what a served teacher cannot do."""
+    if objective == CROSS_TOKENIZER:
+        raise OPDError("objective.name: cross_tokenizer_kl re-tokenizes the student's text with "
+                       "the teacher's tokenizer in this process; a served teacher with another "
+                       "tokenizer is not supported yet: give the teacher as a folder")
     if objective not in SERVED_OBJECTIVES:
         raise OPDError(f"objective.name: {objective} needs the teacher's whole distribution, "
                        "which a served teacher does not send; use one of "
@@ -57,7 +62,8 @@ class ObjectiveConfig(Config):
     """Which per-token distillation objective, and its knobs (docs/method.md#objectives)."""
 
     name: str = setting("topk", "Per-token objective: sampled, topk, subset_kl, "
-                        "full_reverse_kl, forward_kl or jsd.", choices=OBJECTIVES)
+                        "full_reverse_kl, forward_kl, jsd, or cross_tokenizer_kl (a teacher "
+                        "with another tokenizer).", choices=OBJECTIVES)
     k: int = setting(16, "Candidate-set size of topk and subset_kl.", minimum=1)
     strategy: str = setting("student", "Candidate set of topk and subset_kl: student, teacher, "
                             "intersection, union or symmetric-difference.",

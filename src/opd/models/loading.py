@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import logging as hf_logging
 
+from opd.config.choices import CROSS_TOKENIZER
 from opd.errors import OPDError, one_line
 from opd.io import is_url
 
@@ -361,7 +362,8 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
                 "tokenizer mismatch: token-level OPD needs the student and teacher to share one "
                 f"vocabulary. Student {student!r} ({len(student_vocab)} tokens) and teacher "
                 f"{teacher!r} ({len(teacher_vocab)} tokens) first differ at id {token_id}: "
-                f"{left!r} vs {right!r}. Pick a teacher from the same tokenizer family."
+                f"{left!r} vs {right!r}. Pick a teacher from the same tokenizer family, or "
+                "distil across tokenizers with objective cross_tokenizer_kl."
             )
 
 
@@ -391,7 +393,8 @@ def load_training_models(config: TrainConfig, device: torch.device,
     local_teacher = config.distill_weight and not config.teachers and not is_url(config.teacher)
     if local_teacher:
         teacher_tokenizer = load_tokenizer(config.teacher, "teacher", config.trust_remote_code)
-        check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)
+        if config.objective.name != CROSS_TOKENIZER:
+            check_same_vocabulary(tokenizer, teacher_tokenizer, config.student, config.teacher)
     common = dict(device=device, dtype=config.dtype, trust_remote_code=config.trust_remote_code)
     if config.lora_rank and student_path != config.student:
         base = load_model(config.student, "student", trainable=True, **common)

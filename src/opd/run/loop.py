@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opd import metrics as M
+from opd.config.choices import CROSS_TOKENIZER
 from opd.config.settings import to_dict
 from opd.config.training import TrainConfig, stale_loss_of
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, require_answers, source_of
@@ -88,7 +89,7 @@ from opd.step.scoring import (
     vocab_size,
 )
 from opd.step.totals import StepTotals
-from opd.teachers.build import Share, build_teachers
+from opd.teachers.build import Share, Teacher, TextInputs, build_teachers
 
 RESUME_MUST_MATCH = ("student", "teacher", "teachers", "teacher_field", "prompts", "split",
                      "prompt_field", "messages_field", "answer_field", "seed", "prompts_per_step",
@@ -131,16 +132,18 @@ def prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]
 def check_training_prompts(config: TrainConfig, records: Sequence[PromptRecord],
                            tokenizer: Any, teacher_tokenizer: Any = None,
                            eval_records: Sequence[PromptRecord] = ()) -> None:
-    """Every prompt renders for the run and fits: the student's (and, with teacher_prompt own,
-    the teacher's) rendering within max_prompt_tokens, evaluation prompts within the student's
-    context window. Longer prompts are refused, not cut."""
+    """Every prompt renders for the run and fits: the student's (and, with teacher_prompt own or
+    a teacher of another tokenizer, the teacher's) rendering within max_prompt_tokens,
+    evaluation prompts within the student's context window. Longer prompts are refused, not
+    cut."""
     fix = ("raise max_prompt_tokens, or shorten or remove the row (longer prompts are refused "
            "rather than cut)")
     kwargs = config.chat_template_kwargs
     check_prompts(records, tokenizer, config.template, who="the student's rendering",
                   limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
                   chat_template_kwargs=kwargs)
-    if teacher_tokenizer is not None and config.teacher_prompt == "own":
+    own = config.teacher_prompt == "own" or config.objective.name == CROSS_TOKENIZER
+    if teacher_tokenizer is not None and own:
         check_prompts(records, teacher_tokenizer, None, who="the teacher's own rendering",
                       limit=config.max_prompt_tokens, limit_name="max_prompt_tokens", fix=fix,
                       chat_template_kwargs=kwargs)
@@ -223,7 +226,10 @@ class Trainer:
         if checkpoint:
             self.monitor.restore(M.read(self.out))
         self.student_head = output_head(self.models.student)
-        self.chunk_size = positions_per_chunk(config.chunk_size, vocab_size(self.models.student))
+        vocab = vocab_size(self.models.student)
+        if config.objective.name == CROSS_TOKENIZER and self.models.teacher is not None:
+            vocab = max(vocab, vocab_size(self.models.teacher))  # another vocabulary's chunks
+        self.chunk_size = positions_per_chunk(config.chunk_size, vocab)
         self.bin_edges = position_bin_edges(config.max_new_tokens, config.position_bins)
         self.latest_accuracy: float | None = None
         self.ahead: RolloutWorker | None = None
@@ -295,8 +301,17 @@ class Trainer:
         with gathered(self.models.student):
             return AheadBatch(step, step - 1, self.sample(step, indices))
 
-    def _teacher_inputs(self, rollouts: Rollouts, indices: list[int], rows: slice):
-        """The teacher's input rows: the student's tokens, or its own prompt rendering."""
+    def _teacher_inputs(self, rollouts: Rollouts, indices: list[int], rows: slice,
+                        teacher: Teacher):
+        """The teacher's input rows: the student's tokens, or its own prompt rendering; for a
+        teacher with another vocabulary, its own prompt rendering and the student's response
+        ids, which it re-tokenizes."""
+        if teacher.reads_text:
+            texts = [render_prompt(self.records[indices[i]].messages, teacher.tokenizer,
+                                   chat_template_kwargs=self.config.chat_template_kwargs)
+                     for i in rollouts.prompt_index[rows].tolist()]
+            return TextInputs(texts, rollouts.response_ids[rows],
+                              (~rollouts.truncated[rows]).tolist())
         if self.config.teacher_prompt == "student":
             return (rollouts.input_ids[rows], rollouts.attention_mask[rows],
                     rollouts.response_mask[rows])
@@ -487,9 +502,10 @@ class Trainer:
                                     student.rows)
             return LocalTeacher(hidden, self.student_head,
                                 self.config.objective.teacher_temperature)
-        inputs = self._teacher_inputs(rollouts, indices, rows)
+        inputs = self._teacher_inputs(rollouts, indices, rows, share.teacher)
         if share.rows is not None:
-            inputs = tuple(part[share.rows] for part in inputs)
+            inputs = (inputs.select(share.rows) if isinstance(inputs, TextInputs)
+                      else tuple(part[share.rows] for part in inputs))
         return share.teacher.logprobs(inputs, student, self.student_head)
 
     def _score_share(self, share: Share | None, student: ResponseStates,

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from opd.config.choices import CROSS_TOKENIZER
 from opd.errors import OPDError
 from opd.runtime import wrapped_units
 from opd.step.scoring import hf_model
@@ -168,6 +169,10 @@ def check_parallel_settings(config: TrainConfig, launched: bool) -> None:
     if not launched and config.mixed_precision != "no":
         raise OPDError("mixed_precision: bf16 needs a distributed launch (accelerate launch "
                        "--num_processes N, or torchrun, N ≥ 1); without one set dtype=bfloat16")
+    if config.objective.name == CROSS_TOKENIZER and config.teacher_parallel == "fsdp":
+        raise OPDError("teacher_parallel: a teacher with another tokenizer scores as many of its "
+                       "own tokens as each process's text has, so its sharded head would run a "
+                       "different number of times on each process; set teacher_parallel=replicate")
 
 
 def prepare(models: TrainingModels, config: TrainConfig, launched: bool) -> None:

@@ -8,6 +8,18 @@ from collections.abc import Iterator
 
 import torch
 
+UNKNOWN_LOGPROB = -1e30
+"""Log-prob of entries a teacher did not give (a served teacher's unsent ones, a teacher of
+another vocabulary's tokens without a counterpart): below every real log-prob, so top-k and
+renormalisation on the known entries are exact, and finite, so a weight of 0 times it is 0
+(−inf would turn the zero gradient off the known entries into NaN)."""
+
+
+def known(log_probs: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the entries that hold a real log-prob (not `UNKNOWN_LOGPROB` or −inf)."""
+    return log_probs > UNKNOWN_LOGPROB / 2
+
+
 _TOPK_MEMO: contextvars.ContextVar[dict | None] = contextvars.ContextVar("topk_memo", default=None)
 
 

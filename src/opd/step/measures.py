@@ -12,18 +12,32 @@ import math
 import torch
 
 from opd import metrics as M
-from opd.step.distributions import contains, entropy, masked_sum, shared_topk, topk_indices
+from opd.step.distributions import (
+    contains,
+    entropy,
+    known,
+    masked_sum,
+    shared_topk,
+    topk_indices,
+)
 
 
 @torch.no_grad()
 def token_measures(
     student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor, k: int,
-    teacher_entropy: torch.Tensor | None = None,
+    teacher_entropy: torch.Tensor | None = None, aligned: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each measure per position [N] from log-probs [N, V] and sampled tokens [N].
 
     `teacher_entropy` [N] replaces the entropy of `teacher_lp` where that holds only some
     entries (a served teacher's); every other measure reads only its top-k and sampled tokens.
+
+    `aligned` [N] marks, for a teacher with another vocabulary, the exact positions, where
+    `teacher_lp` is its distribution mapped onto the student's vocabulary: the teacher measures
+    are then taken there only (NaN elsewhere), on the mapped shared vocabulary (both top-k among
+    the mapped tokens; the overlap ratio out of k or of the mapped tokens if fewer), with
+    `aligned_share` (1 at an exact position, 0 elsewhere); `reverse_kl` stays at every position,
+    each token's share of its span's log-ratio.
 
     `overlap_token_advantage` is NaN where the two top-k sets share no token (undefined);
     `position_totals` leaves such positions out of its mean.
@@ -33,9 +47,16 @@ def token_measures(
     k = min(k, student_lp.shape[-1])
     # Everything about the shared set reads the student's top-k ids [N, k] and the log-probs
     # gathered there, never an [N, V] mask.
+    slots = torch.full_like(targets, k, dtype=dtype)
     with shared_topk():
-        ids = topk_indices(student_lp, k)
-        shared = contains(ids, topk_indices(teacher_lp, k))
+        if aligned is None:
+            ids = topk_indices(student_lp, k)
+            shared = contains(ids, topk_indices(teacher_lp, k))
+        else:  # both top-k among the mapped tokens, of which a row may have fewer than k
+            mapped = known(teacher_lp)
+            ids = topk_indices(student_lp.masked_fill(~mapped, -math.inf), k)
+            shared = contains(ids, topk_indices(teacher_lp, k)) & mapped.gather(-1, ids)
+            slots = mapped.sum(-1).clamp(min=1, max=k).to(dtype)
     student_top, teacher_top = student_lp.gather(-1, ids), teacher_lp.gather(-1, ids)
     n_shared = shared.sum(-1)
     # Log of each model's mass on the shared set (−inf where it is empty), and the student's
@@ -50,8 +71,8 @@ def token_measures(
     student_h = entropy(student_lp)
     teacher_h = entropy(teacher_lp) if teacher_entropy is None else teacher_entropy.to(dtype)
     tokens = targets[:, None]
-    return {
-        M.OVERLAP_RATIO: n_shared.to(dtype) / k,
+    values = {
+        M.OVERLAP_RATIO: n_shared.to(dtype) / slots,
         M.OVERLAP_TOKEN_ADVANTAGE: advantage,
         M.ENTROPY_GAP: (teacher_h - student_h).abs(),
         M.OVERLAP_MASS_STUDENT: student_mass.exp(),
@@ -60,6 +81,14 @@ def token_measures(
         M.TEACHER_ENTROPY: teacher_h,
         M.REVERSE_KL: (student_lp.gather(-1, tokens) - teacher_lp.gather(-1, tokens)).squeeze(-1),
     }
+    if aligned is None:
+        return values
+    teacher_only = set(M.TEACHER_MEASURES) - {M.REVERSE_KL}
+    values = {name: torch.where(aligned, value, math.nan) if name in teacher_only else value
+              for name, value in values.items()}
+    reverse_kl = values[M.REVERSE_KL]
+    values[M.REVERSE_KL] = torch.where(reverse_kl.isfinite(), reverse_kl, math.nan)
+    return {**values, M.ALIGNED_SHARE: aligned.to(dtype)}
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from opd.config import choices
 from opd.config.training import ObjectiveConfig
 from opd.step.distributions import (
     contains,
+    known,
     masked_sum,
     renormalise,
     shared_topk,
@@ -133,6 +134,41 @@ def jsd_loss(student_lp, teacher_lp, targets, config):
     return beta * kl_teacher + (1 - beta) * kl_student
 
 
+REST_FLOOR = 1e-8
+"""Smallest teacher probability of the tokens without a counterpart, so that a student that
+puts mass there where the teacher's vocabulary is all mapped pays a large, finite price."""
+
+
+def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=None):
+    """Reverse KL across tokenizers (docs/method.md#across-tokenizers), per student position.
+
+    At an exact position (`aligned` [N] True; every position for None) `teacher_lp` holds the
+    teacher's log-probs of the student's tokens through the vocabulary map (unknown elsewhere),
+    and the loss is the KL of the two distributions over the mapped tokens plus one class for
+    all the others, each side's mass off the map: the full reverse KL when the vocabularies
+    coincide. (Renormalising on the mapped tokens instead would let the student move mass to
+    a mapped token wherever the teacher's own choice has no counterpart.) Elsewhere
+    `teacher_lp` knows only the sampled token's entry, its share of the teacher's log-prob of
+    the whole span, and the loss is the sampled-token policy gradient with that reward (none
+    where it is −inf: no teacher text).
+    """
+    support = known(teacher_lp)
+    student_p = student_lp.exp()
+    mapped = (student_p * torch.where(support, student_lp - teacher_lp, 0.0)).sum(-1)
+    student_rest = torch.where(support, torch.zeros_like(student_p), student_p).sum(-1)
+    teacher_rest = 1 - torch.where(support, teacher_lp.exp(), 0.0).sum(-1)
+    rest = student_rest * (student_rest.clamp(min=REST_FLOOR).log()
+                           - teacher_rest.clamp(min=REST_FLOOR).log())
+    exact = mapped + rest
+    if aligned is None:
+        return exact
+    student = _gather(student_lp, targets)
+    teacher = _gather(teacher_lp, targets)
+    scored = known(teacher)
+    reward = torch.where(scored, teacher - student.detach(), torch.zeros_like(student)).detach()
+    return torch.where(aligned, exact, -reward * student)
+
+
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ObjectiveConfig"], torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {
     "sampled": sampled_token_loss,
@@ -141,13 +177,18 @@ OBJECTIVES: dict[str, Objective] = {
     "full_reverse_kl": full_reverse_kl_loss,
     "forward_kl": forward_kl_loss,
     "jsd": jsd_loss,
+    "cross_tokenizer_kl": cross_tokenizer_kl_loss,
 }
 assert tuple(OBJECTIVES) == choices.OBJECTIVES
 
 
-def distillation_loss(student_lp, teacher_lp, targets, config: ObjectiveConfig) -> torch.Tensor:
-    """Per-position loss [N] of the configured objective."""
-    return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config)
+def distillation_loss(student_lp, teacher_lp, targets, config: ObjectiveConfig,
+                      aligned: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position loss [N] of the configured objective; `aligned` [N] marks the exact
+    positions of a teacher with another vocabulary (given only with `cross_tokenizer_kl`)."""
+    if aligned is None:
+        return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config)
+    return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config, aligned=aligned)
 
 
 def reference_kl_penalty(student_token_lp: torch.Tensor, reference_token_lp: torch.Tensor):
@@ -222,12 +263,14 @@ class TokenLoss:
                        reference_lp=pick(self.reference_lp), behaviour_lp=pick(self.behaviour_lp))
 
     def chunk(self, student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
-              token_lp: torch.Tensor, part: slice) -> torch.Tensor:
-        """The weighted loss summed over the positions `part` of the micro-batch."""
+              token_lp: torch.Tensor, part: slice,
+              aligned: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted loss summed over the positions `part` of the micro-batch (`aligned`: as
+        for `distillation_loss`)."""
         per_token = torch.zeros_like(token_lp)
         if self.distill_weight:
             per_token = per_token + self.distill_weight * distillation_loss(
-                student_lp, teacher_lp, targets, self.objective
+                student_lp, teacher_lp, targets, self.objective, aligned
             )
         if self.advantage is not None:
             per_token = per_token - self.advantage[part] * token_lp

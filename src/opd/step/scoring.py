@@ -21,7 +21,8 @@ from typing import Any, Protocol
 
 import torch
 
-from opd.step.distributions import shared_topk, topk_indices
+from opd.step.alignment import TokenAlignment
+from opd.step.distributions import UNKNOWN_LOGPROB, shared_topk, topk_indices
 from opd.step.objectives import TokenLoss
 
 Head = Callable[[torch.Tensor], torch.Tensor]
@@ -134,7 +135,8 @@ def positions_per_chunk(chunk_size: int, vocab_size: int) -> int:
 MeasureFn = Callable[..., dict[str, torch.Tensor]]
 """(student log-probs [n, V], teacher log-probs [n, V], sampled tokens [n]) → named values [n].
 When the teacher's log-probs hold only some entries (a served teacher), it is also called with
-`teacher_entropy=` [n], the teacher's exact entropy, which the entries cannot give."""
+`teacher_entropy=` [n], the teacher's exact entropy, which the entries cannot give; for a
+teacher with another vocabulary also with `aligned=` [n] (`TeacherChunk.aligned`)."""
 
 
 @dataclass
@@ -147,12 +149,15 @@ class TeacherChunk:
 
     log_probs: torch.Tensor
     entropy: torch.Tensor | None = None
+    aligned: torch.Tensor | None = None
+    """[n] for a teacher with another vocabulary: True at the exact positions, where
+    `log_probs` maps the teacher's distribution onto the student's vocabulary; elsewhere it
+    knows only the sampled token's share of its span's teacher log-prob
+    (`objectives.cross_tokenizer_kl_loss`)."""
 
 
-PARTIAL_FILL = -1e30
-"""Log-prob of the entries a served teacher did not send: below every real log-prob, so top-k
-and renormalisation on the known entries are exact, and finite, so a weight of 0 times it is 0
-(−inf would turn the zero gradient off the candidate set into NaN)."""
+PARTIAL_FILL = UNKNOWN_LOGPROB
+"""Log-prob of the entries a served teacher did not send (`distributions.UNKNOWN_LOGPROB`)."""
 
 
 class TeacherLogprobs(Protocol):
@@ -173,6 +178,53 @@ class LocalTeacher:
     def chunk(self, part: slice, device: torch.device) -> TeacherChunk:
         hidden = self.states.hidden[part].to(device)
         return TeacherChunk((self.head(hidden) / self.temperature).log_softmax(-1))
+
+
+@dataclass
+class AlignedTeacher:
+    """An in-process teacher with another vocabulary: its states at its own response tokens and
+    its head, brought to the student's positions and vocabulary by a `TokenAlignment`."""
+
+    states: ResponseStates
+    """The teacher's states at its response tokens (its re-tokenization of the student's
+    text)."""
+    head: Head
+    alignment: TokenAlignment
+    vocab_map: torch.Tensor
+    """[student V] teacher id of each student token, −1 for none (`alignment.vocabulary_map`)."""
+    targets: torch.Tensor
+    """[M] the student's response tokens."""
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.span_lp = self.alignment.span_logprobs(self._token_logprobs())
+
+    @torch.no_grad()
+    def _token_logprobs(self, chunk_size: int = 256) -> torch.Tensor:
+        """The teacher's log-prob [teacher M] of each of its response tokens."""
+        parts = [(self.head(h) / self.temperature).log_softmax(-1).gather(-1, t[:, None])[:, 0]
+                 for h, t in zip(self.states.hidden.split(chunk_size),
+                                 self.states.targets.split(chunk_size), strict=True)]
+        return torch.cat(parts) if parts else self.states.hidden.new_zeros(0)
+
+    @torch.no_grad()
+    def chunk(self, part: slice, device: torch.device) -> TeacherChunk:
+        exact = self.alignment.exact[part].to(device)
+        targets = self.targets[part].to(device)
+        aligned = exact >= 0
+        log_probs = torch.full((exact.shape[0], self.vocab_map.shape[0]), UNKNOWN_LOGPROB,
+                               device=device)
+        span_lp = self.span_lp[part].to(device)
+        log_probs[~aligned, targets[~aligned]] = span_lp[~aligned].float()
+        entropy = torch.full((exact.shape[0],), torch.nan, device=device)
+        if aligned.any():
+            hidden = self.states.hidden[exact[aligned].to(self.states.hidden.device)].to(device)
+            teacher_lp = (self.head(hidden) / self.temperature).log_softmax(-1)
+            vocab_map = self.vocab_map.to(device)
+            mapped = teacher_lp[:, vocab_map.clamp(min=0)]
+            log_probs[aligned] = mapped.masked_fill(vocab_map < 0, UNKNOWN_LOGPROB)
+            entropy[aligned] = -(teacher_lp.exp() * teacher_lp).sum(-1)
+        return TeacherChunk(log_probs, entropy, aligned)
 
 
 @dataclass
@@ -208,9 +260,11 @@ def _score_chunk(student_hidden: torch.Tensor, teacher: TeacherChunk, targets: t
     teacher_lp = teacher.log_probs
     token_lp = student_lp.gather(-1, targets[:, None]).squeeze(-1)
     exact = {} if teacher.entropy is None else {"teacher_entropy": teacher.entropy}
+    if teacher.aligned is not None:
+        exact["aligned"] = teacher.aligned
     with shared_topk():
-        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part) if loss is not None
-                 else token_lp.new_zeros(()))
+        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part, teacher.aligned)
+                 if loss is not None else token_lp.new_zeros(()))
         values = measures(student_lp, teacher_lp, targets, **exact) if measures is not None else {}
     return {"loss": total, "token_lp": token_lp.detach(), "measures": values}
 

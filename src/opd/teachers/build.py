@@ -5,19 +5,23 @@ scoring pass; `Teachers.split` says which rows each teacher scores."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from opd.config.choices import CROSS_TOKENIZER
 from opd.config.training import TrainConfig
 from opd.data.prompts import PromptRecord
 from opd.errors import OPDError
 from opd.io import is_url
 from opd.models.loading import TrainingModels, check_same_vocabulary, load_model, load_tokenizer
 from opd.runtime import Processes
+from opd.step.alignment import align_tokens, char_ends, vocabulary_map
+from opd.step.rollout import encode_prompts, pack, pad_token_id
 from opd.step.scoring import (
+    AlignedTeacher,
     Head,
     LocalTeacher,
     ResponseStates,
@@ -51,6 +55,9 @@ class Teacher(Protocol):
     """Whether `logprobs` reads the student's states. One that does not is passed None and
     asked before the student's forward pass: on the CPU a teacher's forward pass run while the
     student's graph is held takes ~30% longer (its memory is freshly faulted in)."""
+    reads_text: bool
+    """Whether `logprobs` reads `TextInputs` (a teacher with another vocabulary) rather than
+    token rows of the student's vocabulary."""
 
     def logprobs(self, inputs: Inputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs: ...
@@ -61,6 +68,7 @@ class InProcessTeacher:
 
     entropy = "exact"
     reads_student = False
+    reads_text = False
 
     def __init__(self, model: torch.nn.Module, temperature: float) -> None:
         self.model, self.head, self.temperature = model, output_head(model), temperature
@@ -69,6 +77,77 @@ class InProcessTeacher:
     def logprobs(self, inputs: Inputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs:
         return LocalTeacher(response_states(self.model, *inputs), self.head, self.temperature)
+
+
+@dataclass(frozen=True)
+class TextInputs:
+    """What a teacher with another vocabulary reads of a micro-batch: its own rendering of each
+    row's prompt and the student's response ids, which it decodes and re-tokenizes."""
+
+    prompts: list[str]
+    responses: list[list[int]]
+    ended: list[bool]
+    """Whether each response ends with the student's stop token (the teacher then scores its
+    counterpart, or its own EOS, in its place)."""
+
+    def select(self, rows: torch.Tensor) -> TextInputs:
+        """The rows `rows` only."""
+        picked = rows.tolist()
+        return TextInputs([self.prompts[i] for i in picked], [self.responses[i] for i in picked],
+                          [self.ended[i] for i in picked])
+
+
+def _decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """ids → the text they stand for, special tokens left out (as the rollouts' texts)."""
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+
+
+class RetokenizingTeacher:
+    """A teacher model with another tokenizer, in this process: it re-tokenizes the student's
+    response text with its own tokenizer after its own rendering of the prompt, and its
+    log-probs reach the student's positions through the alignment of the two tokenizations
+    (`opd.step.alignment`)."""
+
+    entropy = "exact"
+    reads_student = False
+    reads_text = True
+
+    def __init__(self, model: torch.nn.Module, tokenizer, student_tokenizer, temperature: float,
+                 student_vocab: int, max_prompt_tokens: int | None = None) -> None:
+        self.model, self.head, self.temperature = model, output_head(model), temperature
+        self.tokenizer, self.student_tokenizer = tokenizer, student_tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.vocab_map = vocabulary_map(student_tokenizer, tokenizer, student_vocab,
+                                        vocab_size(model))
+
+    def _stop(self, student_stop: int) -> int:
+        """The teacher's token in place of the student's stop token: its counterpart through
+        the vocabulary map (EOS for EOS, an end-of-turn token of the same name), else its EOS."""
+        mapped = int(self.vocab_map[student_stop])
+        return mapped if mapped >= 0 else self.tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def logprobs(self, inputs: TextInputs, student: ResponseStates | None,
+                 student_head: Head) -> TeacherLogprobs:
+        student_decode, teacher_decode = _decoder(self.student_tokenizer), _decoder(self.tokenizer)
+        texts = [student_decode(ids) for ids in inputs.responses]
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        teacher_rows = [[*ids, self._stop(student_ids[-1])] if ended else ids
+                        for ids, student_ids, ended in zip(encoded, inputs.responses,
+                                                           inputs.ended, strict=True)]
+        alignment = align_tokens(
+            inputs.responses, teacher_rows,
+            [char_ends(student_decode, ids, t) for ids, t in zip(inputs.responses, texts,
+                                                                strict=True)],
+            [char_ends(teacher_decode, ids, t) for ids, t in zip(teacher_rows, texts,
+                                                                strict=True)],
+            self.vocab_map)
+        prompts = encode_prompts(self.tokenizer, inputs.prompts, self.max_prompt_tokens)
+        packed = pack(prompts, teacher_rows, pad_token_id(self.tokenizer))
+        targets = torch.tensor([i for ids in inputs.responses for i in ids], dtype=torch.long)
+        return AlignedTeacher(response_states(self.model, *packed), self.head, alignment,
+                              self.vocab_map, targets, self.temperature)
 
 
 @dataclass
@@ -139,12 +218,19 @@ def _load(path: str, role: str, config: TrainConfig, models: TrainingModels,
           device: torch.device) -> Teacher:
     objective = config.objective
     if not is_url(path):
+        cross = objective.name == CROSS_TOKENIZER
         if path == config.teacher and models.teacher is not None:
-            return InProcessTeacher(models.teacher, objective.teacher_temperature)
-        tokenizer = load_tokenizer(path, role, config.trust_remote_code)
-        check_same_vocabulary(models.tokenizer, tokenizer, config.student, path)
-        model = load_model(path, role, trainable=False, device=device, dtype=config.dtype,
-                           trust_remote_code=config.trust_remote_code)
+            model, tokenizer = models.teacher, models.teacher_tokenizer
+        else:
+            tokenizer = load_tokenizer(path, role, config.trust_remote_code)
+            if not cross:
+                check_same_vocabulary(models.tokenizer, tokenizer, config.student, path)
+            model = load_model(path, role, trainable=False, device=device, dtype=config.dtype,
+                               trust_remote_code=config.trust_remote_code)
+        if cross:
+            return RetokenizingTeacher(model, tokenizer, models.tokenizer,
+                                       objective.teacher_temperature, vocab_size(models.student),
+                                       config.max_prompt_tokens)
         return InProcessTeacher(model, objective.teacher_temperature)
     vocab = vocab_size(models.student)
     client = TeacherClient(path, timeout=config.teacher_timeout)

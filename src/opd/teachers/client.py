@@ -203,6 +203,7 @@ class ServedTeacher:
     the server's entropies are: exact, or topk (estimates from the top-k)."""
 
     reads_student = True
+    reads_text = False
 
     def __init__(self, client: TeacherClient, *, vocab_size: int, k: int, candidates_k: int,
                  temperature: float, chunk_size: int = 256, entropy: str = "exact") -> None:

@@ -1,0 +1,172 @@
+"""Distilling across tokenizers on the model organisms (docs/method.md#across-tokenizers): the
+quick zoo's student (word-level tokenizer) from `teacher-aligned` (the same tokenizer) and from
+teachers trained like it on the same data and dialect but with another tokenizer
+(`build_other_tokenizer` below: characters, or the two-digit numbers cut into digits), over
+several seeds.
+
+gap recovery = (acc_after − acc_before) / (acc_teacher − acc_before) on the withheld
+sub-skill's evaluation set (greedy exact match), as bench/repairs.py. Prints one JSON line per
+run and writes results.json.
+
+    python bench/cross_tokenizer.py --zoo .opd-cache/zoo/quick --out runs/cross-tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from opd import metrics as M
+from opd.config.training import build_config
+from opd.data.prompts import load_prompts
+from opd.errors import OPDError
+from opd.evaluation.accuracy import evaluate
+from opd.lab.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
+from opd.lab.world import ADDITION, TEMPLATES, World, max_new_tokens, sft_examples
+from opd.lab.zoo import PROFILES, build_model, build_zoo_stages, load_sets
+from opd.models.loading import load_model, load_tokenizer
+from opd.run.folder import RunFolder
+from opd.run.loop import run_training
+from opd.run.sft import SFTConfig, train_sft
+
+OTHER_EVAL_TOKENS = {"chars": 200, "digits": 60}
+"""New tokens of each other-tokenizer teacher's own evaluation: a character tokenizer writes
+about four tokens per word (its position limit is 256), a digit one a few more than words."""
+
+
+def build_other_tokenizer(kind: str, template: int = 1,
+                          world: World = ADDITION) -> PreTrainedTokenizerFast:
+    """Another tokenizer of the zoo's texts, with the special tokens and chat template of
+    `opd.lab.tokenizer.build_tokenizer`: `chars`, one token per character (space included), or
+    `digits`, the words with the two-digit numbers cut into digits (WordPiece, `12` → `1 ##2`).
+
+    Against the student's word-level tokenizer, `chars` pairs only the special tokens (a word
+    `5` adds ` 5` in running text, two characters here), so nearly every position is a span;
+    `digits` pairs every token but the two-digit numbers."""
+    if template not in TEMPLATES:
+        raise OPDError(f"unknown prompt template {template}; choose one of {sorted(TEMPLATES)}")
+    if kind == "chars":
+        characters = {c for text in (*world.vocab, TEMPLATES[template]) for c in text} | {" "}
+        tokens = sorted(characters)
+        backend = Tokenizer(models.WordLevel(
+            {t: i for i, t in enumerate((*SPECIAL_TOKENS, *tokens))}, unk_token=UNK))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+    else:
+        words = [w for w in world.vocab if not (w.isdigit() and len(w) > 1)]
+        tokens = [*words, *(f"##{d}" for d in range(10))]
+        backend = Tokenizer(models.WordPiece(
+            {t: i for i, t in enumerate((*SPECIAL_TOKENS, *tokens))}, unk_token=UNK,
+            continuing_subword_prefix="##"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        padding_side="right", model_max_length=256,
+    )
+    tokenizer.chat_template = TEMPLATES[template]
+    return tokenizer
+
+
+def accuracy(path: str, eval_file: Path, tokens: int) -> float:
+    model = load_model(path, "model", trainable=False)
+    return evaluate(model, load_tokenizer(path, "model"), load_prompts(eval_file),
+                    max_new_tokens=tokens).accuracy
+
+
+def other_teacher(zoo_root: Path, profile: str, steps: int, kind: str) -> Path:
+    """`teacher-aligned`'s recipe (data, dialect, size, seed, lr) with another tokenizer
+    (`build_other_tokenizer`); built once under the zoo's folder."""
+    folder = zoo_root / f"teacher-aligned-{kind}-{steps}"
+    if (folder / "config.json").exists():
+        return folder
+    spec = next(s for s in PROFILES[profile].models if s.name == "teacher-aligned")
+    tokenizer = build_other_tokenizer(kind, spec.template)
+    model = build_model(spec.size, tokenizer, spec.seed)
+    sets = load_sets(zoo_root)
+    examples = [ex for name in spec.data
+                for ex in sft_examples(sets[name], spec.dialect, spec.seed, ADDITION)]
+    losses = train_sft(model, tokenizer, examples,
+                       SFTConfig(steps=steps, lr=spec.lr, seed=spec.seed, progress=False))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(json.dumps({"built": str(folder), "final_loss": losses[-1]}), flush=True)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--zoo", default=".opd-cache/zoo/quick")
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--out", default="runs/cross-tokenizer")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--teacher-steps", type=int, default=300)
+    parser.add_argument("--tokenizers", nargs="+", default=["chars", "digits"],
+                        choices=sorted(OTHER_EVAL_TOKENS))
+    args = parser.parse_args()
+    zoo_root, out = Path(args.zoo), Path(args.out)
+    build_zoo_stages(zoo_root, args.profile, progress=False, only=["student", "teacher-aligned"])
+    others = {kind: other_teacher(zoo_root, args.profile, args.teacher_steps, kind)
+              for kind in args.tokenizers}
+    digits = max(PROFILES[args.profile].digits)
+    tokens = max_new_tokens(digits)
+    eval_file = zoo_root / "data" / f"eval-chain-d{digits}.jsonl"
+    student = str(zoo_root / "student")
+    before = accuracy(student, eval_file, tokens)
+    # (name, teacher, objective, new tokens for the teacher's own evaluation: a character
+    # tokenizer writes about four tokens per word)
+    runs = (("aligned, topk", zoo_root / "teacher-aligned", "topk", tokens),
+            ("aligned, sampled", zoo_root / "teacher-aligned", "sampled", tokens),
+            ("aligned, cross_tokenizer_kl", zoo_root / "teacher-aligned", "cross_tokenizer_kl",
+             tokens),
+            *((f"{kind}, cross_tokenizer_kl", teacher, "cross_tokenizer_kl",
+               OTHER_EVAL_TOKENS[kind]) for kind, teacher in others.items()))
+    rows = []
+    for seed in args.seeds:
+        for name, teacher, objective, teacher_tokens in runs:
+            run = out / f"{name.replace(', ', '-')}-seed{seed}"
+            config = build_config({
+                "student": student, "teacher": str(teacher),
+                "prompts": str(zoo_root / "data" / "teacher-train.jsonl"), "out": str(run),
+                "max_steps": args.steps, "max_new_tokens": tokens, "seed": seed,
+                "progress": False, "eval_every": 10_000, "objective": {"name": objective},
+            }, profile="cpu-small")
+            run_training(config, resume=run.exists())
+            trained = str(RunFolder(run).complete_checkpoints()[-1])
+            records = M.read(run)
+            teacher_acc = accuracy(str(teacher), eval_file, teacher_tokens)
+            after = accuracy(trained, eval_file, tokens)
+            rows.append({
+                "run": name, "seed": seed, "before": before, "after": after,
+                "teacher": teacher_acc, "gap_recovery": (after - before) / (teacher_acc - before),
+                "aligned_share": records[-1].get(M.ALIGNED_SHARE),
+                "reverse_kl_first": records[0][M.REVERSE_KL],
+                "reverse_kl_last": records[-1][M.REVERSE_KL],
+                "seconds_per_step": statistics.mean(
+                    sum(r[k] for k in (M.TIME_ROLLOUT, M.TIME_SCORE, M.TIME_UPDATE)) for r in records),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    print(f"\n{'run':<30} {'seeds':>5} {'before':>7} {'after':>13} {'teacher':>7} "
+          f"{'gap recovery':>16} {'reverse KL first→last':>22}")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == name]
+        recov = [r["gap_recovery"] for r in mine]
+        after = [r["after"] for r in mine]
+        spread = statistics.pstdev(recov) if len(recov) > 1 else 0.0
+        print(f"{name:<30} {len(mine):>5} {before:>7.3f} "
+              f"{statistics.mean(after):>7.3f}±{statistics.pstdev(after):.3f} "
+              f"{mine[0]['teacher']:>7.3f} {statistics.mean(recov):>9.1%} ± {spread:.1%} "
+              f"{statistics.mean(r['reverse_kl_first'] for r in mine):>10.3f} → "
+              f"{statistics.mean(r['reverse_kl_last'] for r in mine):.3f}")
+
+
+if __name__ == "__main__":
+    main()
