@@ -191,7 +191,8 @@ def test_a_teacher_with_its_own_template_scores_the_same_response_tokens(prompts
     trainer = Trainer(config)
     indices = list(range(len(PROMPTS)))
     rollouts = trainer.sample(1, indices)
-    ids, attention, response = trainer._teacher_inputs(rollouts, indices, slice(None))
+    ids, attention, response = trainer._teacher_inputs(rollouts, indices, slice(None),
+                                                       trainer.teachers.by_name[None])
     teacher_tok = trainer.models.teacher_tokenizer
     for i in range(len(rollouts.response_ids)):
         assert ids[i][response[i]].tolist() == rollouts.input_ids[i][rollouts.response_mask[i]
