@@ -145,7 +145,7 @@ class TeacherChunk:
 
     `entropy` is None when `log_probs` is the whole distribution. A served teacher sends only
     some entries (the sampled token, its top-k, the student's candidates) and puts
-    `PARTIAL_FILL` elsewhere; its exact entropy [n] then comes with them."""
+    `UNKNOWN_LOGPROB` elsewhere; its exact entropy [n] then comes with them."""
 
     log_probs: torch.Tensor
     entropy: torch.Tensor | None = None
@@ -154,10 +154,6 @@ class TeacherChunk:
     `log_probs` maps the teacher's distribution onto the student's vocabulary; elsewhere it
     knows only the sampled token's share of its span's teacher log-prob
     (`objectives.cross_tokenizer_kl_loss`)."""
-
-
-PARTIAL_FILL = UNKNOWN_LOGPROB
-"""Log-prob of the entries a served teacher did not send (`distributions.UNKNOWN_LOGPROB`)."""
 
 
 class TeacherLogprobs(Protocol):

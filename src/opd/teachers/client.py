@@ -27,8 +27,9 @@ from transformers import GenerationConfig
 
 from opd.errors import OPDError, one_line
 from opd.models.loading import load_tokenizer
+from opd.step.distributions import UNKNOWN_LOGPROB
 from opd.step.rollout import Rollouts, assemble_rollouts, eos_token_ids, pad_token_id, prompt_token_rows
-from opd.step.scoring import PARTIAL_FILL, Head, ResponseStates, TeacherChunk, student_topk_ids
+from opd.step.scoring import Head, ResponseStates, TeacherChunk, student_topk_ids
 from opd.teachers.protocol import API_KEY_ENV, GenerateRequest, ScoreRequest, decode_array
 
 SEQUENCES_PER_REQUEST = 16
@@ -179,7 +180,7 @@ def check_served_capabilities(info: dict[str, Any], url: str, *, candidates: boo
 class PartialTeacher:
     """A served teacher's answer for the scored positions, as `TeacherLogprobs`: dense [n, V]
     log-probs a chunk at a time, with the sent entries (sampled token, teacher top-k, student
-    candidates) and `PARTIAL_FILL` elsewhere, plus the entropy the server sent (exact, or a
+    candidates) and `UNKNOWN_LOGPROB` elsewhere, plus the entropy the server sent (exact, or a
     top-k estimate: `ServedTeacher.entropy`)."""
 
     targets: torch.Tensor  # [M]
@@ -191,7 +192,7 @@ class PartialTeacher:
 
     def chunk(self, part: slice, device: torch.device) -> TeacherChunk:
         targets = self.targets[part].to(device)
-        dense = torch.full((targets.shape[0], self.vocab_size), PARTIAL_FILL, device=device)
+        dense = torch.full((targets.shape[0], self.vocab_size), UNKNOWN_LOGPROB, device=device)
         dense.scatter_(-1, self.ids[part].to(device), self.values[part].to(device))
         dense.scatter_(-1, targets[:, None], self.token_lp[part, None].to(device))
         return TeacherChunk(dense, self.entropy[part].to(device))
