@@ -161,6 +161,27 @@ def test_a_failing_worker_stops_the_run_with_one_line_and_resume_continues(
         without_times(M.read(tmp_path / "whole")))
 
 
+def test_the_worker_receives_only_the_trained_weights_and_samples_with_them():
+    """A frozen base and a trained adapter (LoRA's shape): a push copies the adapter alone, and
+    the worker's copy then equals the student, frozen weights included."""
+    student = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    student[0].requires_grad_(False)
+    pushed = []
+    worker = RolloutWorker(student, lambda model, step: (
+        [p.clone() for p in model.parameters()], None), max_staleness=1, max_steps=3)
+    worker.jobs.put = lambda job, put=worker.jobs.put: (pushed.append(job), put(job))[1]
+    worker.start(1, {})
+    with torch.no_grad():
+        student[1].weight.add_(1.0)
+    worker.push(1, student)
+    third = [worker.take(step) for step in (1, 2, 3)][-1]
+    worker.close()
+    (weights,) = [job[2] for job in pushed if job is not None and job[2] is not None]
+    assert set(weights) == {"1.weight", "1.bias"}
+    assert all(torch.equal(seen, p) for seen, p in zip(third.rollouts, student.parameters(),
+                                                      strict=True))
+
+
 def test_a_worker_that_dies_is_reported_and_missing_batches_are_sampled_fresh():
     model = torch.nn.Linear(2, 2)
     worker = RolloutWorker(model, lambda m, step: (_ for _ in ()).throw(SystemExit(3)),

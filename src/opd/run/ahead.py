@@ -99,10 +99,12 @@ class RolloutWorker:
         self.thread.start()
 
     def push(self, version: int, student: torch.nn.Module) -> None:
-        """After update `version`: a copy of its weights for the step they sample, if any."""
+        """After update `version`: a copy of the weights it changed (the trainable ones: a
+        LoRA student's adapters only) for the step they sample, if any."""
         step = version + 1 + self.max_staleness
         if step <= self.max_steps:
-            weights = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            weights = {name: param.detach().clone() for name, param in student.named_parameters()
+                       if param.requires_grad}
             self._settle()
             self.jobs.put((step, version, weights))
 
@@ -157,7 +159,9 @@ class RolloutWorker:
             step, version, weights = job
             try:
                 if weights is not None:
-                    self.model.load_state_dict(weights)
+                    unknown = self.model.load_state_dict(weights, strict=False).unexpected_keys
+                    if unknown:  # a name the copy lacks: never silently skip a weight
+                        raise RuntimeError(f"weights the worker's copy lacks: {unknown[:3]}")
                     if self.stream is not None:  # read before the trainer's stream reuses it
                         self.stream.synchronize()
                     weights = job = None
