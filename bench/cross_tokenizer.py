@@ -23,16 +23,14 @@ from transformers import PreTrainedTokenizerFast
 
 from opd import metrics as M
 from opd.config.training import build_config
-from opd.data.prompts import load_prompts
 from opd.errors import OPDError
-from opd.evaluation.accuracy import evaluate
 from opd.lab.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK
 from opd.lab.world import ADDITION, TEMPLATES, World, max_new_tokens, sft_examples
 from opd.lab.zoo import PROFILES, build_model, build_zoo_stages, load_sets
-from opd.models.loading import load_model, load_tokenizer
 from opd.run.folder import RunFolder
 from opd.run.loop import run_training
 from opd.run.sft import SFTConfig, train_sft
+from repairs import accuracy, print_recovery  # bench/repairs.py, beside this script
 
 OTHER_EVAL_TOKENS = {"chars": 200, "digits": 60}
 """New tokens of each other-tokenizer teacher's own evaluation: a character tokenizer writes
@@ -71,12 +69,6 @@ def build_other_tokenizer(kind: str, template: int = 1,
     )
     tokenizer.chat_template = TEMPLATES[template]
     return tokenizer
-
-
-def accuracy(path: str, eval_file: Path, tokens: int) -> float:
-    model = load_model(path, "model", trainable=False)
-    return evaluate(model, load_tokenizer(path, "model"), load_prompts(eval_file),
-                    max_new_tokens=tokens).accuracy
 
 
 def other_teacher(zoo_root: Path, profile: str, steps: int, kind: str) -> Path:
@@ -154,18 +146,7 @@ def main() -> None:
             })
             print(json.dumps(rows[-1]), flush=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"\n{'run':<30} {'seeds':>5} {'before':>7} {'after':>13} {'teacher':>7} "
-          f"{'gap recovery':>16} {'reverse KL first→last':>22}")
-    for name in dict.fromkeys(r["run"] for r in rows):
-        mine = [r for r in rows if r["run"] == name]
-        recov = [r["gap_recovery"] for r in mine]
-        after = [r["after"] for r in mine]
-        spread = statistics.pstdev(recov) if len(recov) > 1 else 0.0
-        print(f"{name:<30} {len(mine):>5} {before:>7.3f} "
-              f"{statistics.mean(after):>7.3f}±{statistics.pstdev(after):.3f} "
-              f"{mine[0]['teacher']:>7.3f} {statistics.mean(recov):>9.1%} ± {spread:.1%} "
-              f"{statistics.mean(r['reverse_kl_first'] for r in mine):>10.3f} → "
-              f"{statistics.mean(r['reverse_kl_last'] for r in mine):.3f}")
+    print_recovery(rows, before, "reverse_kl", width=30)
 
 
 if __name__ == "__main__":
