@@ -17,7 +17,7 @@ from opd.cli import main
 from opd.errors import OPDError
 from opd.study.experiments import EXPERIMENTS, PROBE_K, PROFILES, SERIES, OPDRun, eval_set
 from opd.study.findings import FINDINGS, judge
-from opd.study.report import markdown, write_report
+from opd.study.report import markdown, pairs_table, write_report
 from opd.study.run import chosen_findings
 from opd.study.stats import (
     DOES_NOT,
@@ -208,3 +208,18 @@ def test_cli_refuses_to_mix_profiles_in_one_folder(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "holds a reproduction made with another profile ('full')" in err
     assert sorted(p.name for p in out.iterdir()) == ["reproduce.json"]
+
+
+def test_report_sets_the_doctors_verdict_the_outcome_and_the_alerts_side_by_side():
+    results = _synthetic_results(seeds=2)
+    results["diagnose-foreign"][1]["verdict"] = "pattern-mismatch"
+    results["opd-foreign"][1] |= {"gap_recovery": -0.04, "alerts": ["pattern-mismatch@16"]}
+    results["cold-start-foreign"][0] |= {"gap_recovery": 0.9, "gate_passed": True,
+                                         "alerts": ["pattern-mismatch@16", "entropy-tail@24"]}
+    text = "\n".join(pairs_table(results))
+    assert "| teacher-foreign | 1 | pattern-mismatch | -0.040 | pattern-mismatch@16 |" in text
+    assert ("| teacher-foreign, cold start first | 0 | go | 0.900 (gate passed) | "
+            "pattern-mismatch@16, entropy-tail@24 |") in text
+    assert text.count("| teacher-aligned |") == 2 and "| none |" in text
+    del results["opd-aligned"], results["opd-foreign"], results["cold-start-foreign"]
+    assert pairs_table(results) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -11,10 +12,13 @@ from opd.errors import OPDError
 from opd.evaluation.verify import exact_match
 from opd.lab.tokenizer import build_tokenizer
 from opd.lab.world import (
+    CHOICE,
     DIALECTS,
+    SKILLS,
     Dialect,
     Problem,
     World,
+    leaves,
     max_new_tokens,
     problem_from_record,
     sample_problems,
@@ -126,3 +130,61 @@ def test_a_world_refuses_an_unknown_dialect_and_words_outside_its_vocabulary() -
     with pytest.raises(OPDError, match=r"world 'broken' lacks words in its vocab "
                        r"\(\['with', 'yields', 'keep'\]\)"):
         World("broken", OTHER.dialects, vocabulary(OTHER.dialects[1:]))
+
+
+@pytest.mark.parametrize("dialect", [d.name for d in CHOICE.dialects])
+def test_every_solution_of_the_choice_world_is_verified_and_fits(dialect: str) -> None:
+    rng = random.Random(0)
+    for problem in sample_problems(200, digits=(1, 2, 3), skills=SKILLS, seed=5):
+        for text in (solve(problem, dialect, world=CHOICE), solve(problem, dialect, rng, CHOICE)):
+            assert exact_match(text, problem.answer), text
+            assert len(text.split()) + 1 <= max_new_tokens(problem.digits, CHOICE)
+
+
+def _first_step_words(dialect: str, draws: int = 4000) -> tuple[Counter, Counter]:
+    """How often each word follows the first column's `+` (a synonym list) and which of the
+    free-order steps comes first, over `draws` seeded solutions."""
+    rng, after_plus, first_step = random.Random(3), Counter(), Counter()
+    writes = set(CHOICE.dialect("A").column[8].first[0])
+    for _ in range(draws):
+        words = solve(Problem(12, 34, 2), dialect, rng, CHOICE).split()
+        start = 1 if words[0] in CHOICE.dialect("A").filler else 0
+        after_plus[words[start + 1]] += 1
+        first_step["write" if words[start + 8] in writes else "carry"] += 1
+    return after_plus, first_step
+
+
+def test_choice_words_follow_zipf_and_a2_favours_other_words_in_the_same_steps() -> None:
+    plus = CHOICE.dialect("A").column[1]
+    harmonic = sum(1 / (i + 1) for i in range(len(plus)))
+    after_plus, first_step = _first_step_words("A")
+    for rank, word in enumerate(plus):  # weight 1 / (rank + 1), as Zipf's law
+        assert after_plus[word] / 4000 == pytest.approx(1 / (rank + 1) / harmonic, abs=0.025)
+    assert first_step["write"] / 4000 == pytest.approx(0.75, abs=0.025)
+    after_plus, first_step = _first_step_words("A2")
+    assert after_plus.most_common(1)[0][0] == plus[1]  # every list rotated by one
+    assert after_plus[plus[0]] / 4000 == pytest.approx(1 / 8 / harmonic, abs=0.02)
+    assert first_step["write"] / 4000 == pytest.approx(0.25, abs=0.025)
+    a, a2 = CHOICE.dialect("A"), CHOICE.dialect("A2")
+    assert set(a.words) == set(a2.words) and len(leaves(a.column)) == len(leaves(a2.column))
+    assert solve(Problem(12, 34, 2), "A2", world=CHOICE).split()[1] == plus[1]
+
+
+def test_the_choice_machinery_leaves_the_zoo_worlds_draws_as_they_were() -> None:
+    """The zoo's models were trained on these exact texts; the same seeds must give them."""
+    texts = [solve(Problem(456, 567, 3), d, random.Random(s)) for d in DIALECTS for s in (0, 3)]
+    assert texts == ZOO_TEXTS
+
+
+ZOO_TEXTS = [
+    "6 + 7 + 0 = 13 , put 3 carry 1 ; 5 + 6 + 1 = 12 , note 2 keep 1 ; 4 + 5 + 1 = 10 , put 0 "
+    "keep 1 ; answer 1 0 2 3",
+    "ok 6 + 7 + 0 = 13 , write 3 keep 1 ; 5 + 6 + 1 = 12 , put 2 hold 1 ; 4 + 5 + 1 = 10 , note "
+    "0 carry 1 ; answer 1 0 2 3",
+    "col 7 6 c 0 gives 13 -> emit 3 pass 1 right | col 6 5 c 1 gives 12 -> emit 2 pass 1 | col 5 "
+    "4 c 1 gives 10 -> emit 0 pass 1 | answer 1 0 2 3",
+    "col 7 6 c 0 gives 13 -> digit 3 fwd 1 | col 6 5 c 1 gives 12 -> emit 2 fwd 1 | col 5 4 c 1 "
+    "gives 10 -> out 0 next 1 | answer 1 0 2 3",
+]
+"""Seeded solutions of 456 + 567 in the zoo's dialects, as the code before the choice world
+wrote them."""

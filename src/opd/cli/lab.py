@@ -20,7 +20,9 @@ CACHE = ".opd-cache/zoo"
 class BuildConfig(Config):
     """Settings of `opd lab build`."""
 
-    profile: str = setting("full", "Which zoo: full (2–3 digits) or quick (2 digits, for tests).",
+    profile: str = setting("full", "Which zoo: full (2–3 digits), quick (2 digits, for tests) "
+                           "or choice (the quick zoo in a world with genuine choice of words "
+                           "and order).",
                            choices=tuple(PROFILES))
     root: str = setting(CACHE, "Cache folder of the zoo (one sub-folder per profile).")
 

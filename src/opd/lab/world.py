@@ -17,16 +17,19 @@ next-token distributions are broad there, while the tokens that decide the answe
 digits, carries, the answer) stay deterministic.
 
 A `World` is a set of `Dialect`s (data: the slots of a column) with its vocabulary. The zoo's is
-`ADDITION` (dialects A and B); another world, with other words and other orders of the same
-steps, is one value away (`World(name, dialects, vocabulary(dialects))`), and `solve`,
-`sft_examples`, `max_new_tokens`, `lab.tokenizer.build_tokenizer` and a zoo `Profile` take it.
+`ADDITION` (dialects A and B), where nearly every position has one right token. `CHOICE` is the
+same task with genuine choice (many synonyms drawn by Zipf's law, steps in a free order), so that
+next-token distributions are spread as a pretrained model's are. Another world, with other words
+and other orders of the same steps, is one value away (`World(name, dialects,
+vocabulary(dialects))`), and `solve`, `sft_examples`, `max_new_tokens`,
+`lab.tokenizer.build_tokenizer` and a zoo `Profile` take it.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from opd.data.prompts import PromptRecord
 from opd.errors import OPDError
@@ -35,29 +38,79 @@ SKILLS = ("nocarry", "carry", "chain")
 FIELDS = ("top", "bottom", "carry_in", "total", "digit", "carry_out")
 """The numbers of a column a dialect can write (the `Column` fields)."""
 
-Slot = str | tuple[str, ...]
-"""One slot of a dialect's column: a `FIELDS` name (its number), a word, or synonyms (one drawn)."""
+
+
+@dataclass(frozen=True)
+class Either:
+    """Two independent steps that may be written in either order: `first` then `second` with
+    probability `p_first`, else the other way round (the canonical wording keeps this order)."""
+
+    first: tuple[Slot, ...]
+    second: tuple[Slot, ...]
+    p_first: float = 0.5
+
+
+Slot = str | tuple[str, ...] | Either
+"""One slot of a dialect's column: a `FIELDS` name (its number), a word, synonyms (one drawn),
+or two runs of slots in a free order."""
+
+
+def leaves(slots: Iterable[Slot]) -> list[str | tuple[str, ...]]:
+    """The slots a column writes one word for, with every `Either` opened in its own order."""
+    out: list[str | tuple[str, ...]] = []
+    for slot in slots:
+        out += leaves((*slot.first, *slot.second)) if isinstance(slot, Either) else [slot]
+    return out
 
 
 @dataclass(frozen=True)
 class Dialect:
     """One way of writing the same column-by-column reasoning: the slots of a column, in order,
     with an optional filler word (drawn with probability `filler_p`) inserted before slot
-    `filler_at` (`len(column)`: at the end)."""
+    `filler_at` (`len(column)`: at the end). Synonyms (and fillers) are drawn with weight
+    `(rank + 1) ** -preference`: 0 draws them uniformly, 1 prefers the first as Zipf's law
+    does, so that a position's probability mass spreads over many words with a long tail."""
 
     name: str
     column: tuple[Slot, ...]
     filler: tuple[str, ...]
     filler_at: int = 0
     filler_p: float = 0.25
+    preference: float = 0.0
 
     @property
     def words(self) -> tuple[str, ...]:
         """Every word the dialect can write besides numbers, in order of first appearance."""
-        found = [w for slot in (*self.column, self.filler)
+        found = [w for slot in (*leaves(self.column), self.filler)
                  for w in ((slot,) if isinstance(slot, str) else slot)
                  if not isinstance(slot, str) or slot not in FIELDS]
         return tuple(dict.fromkeys(found))
+
+    def pick(self, options: tuple[str, ...], rng: random.Random | None) -> str:
+        """One of `options`: the first without `rng` (canonical wording), else drawn by the
+        dialect's preference."""
+        if rng is None:
+            return options[0]
+        if not self.preference:
+            return rng.choice(options)
+        return rng.choices(options, [(i + 1) ** -self.preference for i in range(len(options))])[0]
+
+
+def preferring_other_words(dialect: Dialect, name: str, shift: int = 1) -> Dialect:
+    """`dialect` with the same words in the same steps, but other preferences: every list of
+    synonyms (and the fillers) rotated by `shift`, and every free order's odds reversed. The
+    reasoning is the same, the favourite words are not, as between two models of one family."""
+
+    def rotated(slot: Slot) -> Slot:
+        if isinstance(slot, Either):
+            return Either(tuple(map(rotated, slot.first)), tuple(map(rotated, slot.second)),
+                          1 - slot.p_first)
+        if isinstance(slot, tuple):
+            return slot[shift % len(slot):] + slot[:shift % len(slot)]
+        return slot
+
+    return replace(dialect, name=name, column=tuple(map(rotated, dialect.column)),
+                   filler=rotated(dialect.filler))
 
 
 TEMPLATE_WORDS = ("user", "assistant", ":", "question", "add", "and", "solution", ".")
@@ -95,7 +148,7 @@ class World:
         """A generation budget that fits any solution of a `digits`-digit problem in any of
         the dialects (the longest column with its filler, then `answer` and up to `digits + 1`
         digits), with slack."""
-        column = max(len(d.column) + 1 for d in self.dialects)
+        column = max(len(leaves(d.column)) + 1 for d in self.dialects)
         return column * digits + digits + 10
 
 
@@ -125,6 +178,41 @@ ADDITION = World(
 """The zoo's world: 3-digit-style addition in dialects A and B."""
 DIALECTS = tuple(d.name for d in ADDITION.dialects)
 VOCAB = ADDITION.vocab
+
+# The choice world: the same addition, but most word positions offer eight synonyms drawn by
+# Zipf's law (the favourite about a third of the time, the top four about three quarters), the
+# written digit and the carry come in a free order, and a filler is as likely as not. Dialect A2
+# is A with other favourites (each list rotated, the free order's odds reversed); B reasons in
+# other words and another order.
+_CHOICE_A = Dialect(
+    "A",
+    ("top", ("+", "plus", "with", "adds", "joined", "more", "also", "&"), "bottom",
+     ("+", "plus", "with", "adds", "joined", "more", "also", "&"), "carry_in",
+     ("=", "is", "makes", "equals", "totals", "yields", "gets", "becomes"), "total",
+     (",", "so", "thus", "hence", "giving", "therefore", "meaning", "then"),
+     Either((("write", "put", "note", "set", "place", "record", "mark", "keep"), "digit"),
+            (("carry", "hold", "move", "bring", "lift", "raise", "shift", "send"), "carry_out"),
+            p_first=0.75),
+     (";", "done", "!", "fin")),
+    filler=("now", "ok", "alright", "right", "well", "good", "fine", "sure"), filler_at=0,
+    filler_p=0.5, preference=1.0,
+)
+_CHOICE_B = Dialect(
+    "B",
+    ("col", "bottom", "top", "c", "carry_in",
+     ("gives", "sums", "amounts", "comes", "reaches", "forms", "hits", "reads"), "total",
+     ("->", "=>", ">>", "to", "into", "onto", "toward", "unto"),
+     Either((("digit", "emit", "out", "low", "unit", "ones", "last", "rest"), "digit"),
+            (("next", "pass", "fwd", "high", "over", "up", "onward", "ahead"), "carry_out"),
+            p_first=0.75),
+     ("|", "||", "/", "end")),
+    filler=("hmm", "uh", "er", "um", "mm", "ah", "eh", "oh"), filler_at=10, filler_p=0.5,
+    preference=1.0,
+)
+CHOICE = World("choice", dialects := (_CHOICE_A, preferring_other_words(_CHOICE_A, "A2"),
+                                      _CHOICE_B), vocabulary(dialects))
+"""A world with genuine choice: next-token mass spread like a pretrained model's, not on one
+right token per step (the zoo's `choice` profile)."""
 
 # Prompt templates, as Jinja chat templates stored in each model's tokenizer. The user message is
 # the problem as written ("123 + 459"); the templates spell it out one character per word so that
@@ -264,17 +352,28 @@ def solve(problem: Problem, dialect: str, rng: random.Random | None = None,
     spec = world.dialect(dialect)
 
     def filler() -> list[str]:
-        return [rng.choice(spec.filler)] if rng and rng.random() < spec.filler_p else []
+        return [spec.pick(spec.filler, rng)] if rng and rng.random() < spec.filler_p else []
+
+    def write(slots: Iterable[Slot], col: Column) -> list[str]:
+        out: list[str] = []
+        for slot in slots:
+            if isinstance(slot, Either):
+                parts = (slot.first, slot.second)
+                if rng and rng.random() >= slot.p_first:
+                    parts = parts[::-1]
+                out += write((*parts[0], *parts[1]), col)
+            elif isinstance(slot, tuple):
+                out.append(spec.pick(slot, rng))
+            else:
+                out.append(str(getattr(col, slot)) if slot in FIELDS else slot)
+        return out
 
     words: list[str] = []
     for col in problem.columns:
         for i, slot in enumerate(spec.column):
             if i == spec.filler_at:
                 words += filler()
-            if isinstance(slot, tuple):
-                words.append(rng.choice(slot) if rng else slot[0])
-            else:
-                words.append(str(getattr(col, slot)) if slot in FIELDS else slot)
+            words += write((slot,), col)
         if spec.filler_at == len(spec.column):
             words += filler()
     return " ".join([*words, ANSWER, problem.answer])

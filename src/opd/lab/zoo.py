@@ -42,7 +42,7 @@ from opd.data.prompts import PromptRecord, load_prompts, save_prompts
 from opd.errors import OPDError
 from opd.io import atomic_folder, check_output_folder, write_text_atomic
 from opd.lab.tokenizer import build_tokenizer
-from opd.lab.world import ADDITION, World, sample_problems, sft_examples
+from opd.lab.world import ADDITION, CHOICE, World, sample_problems, sft_examples
 from opd.models.loading import load_model, load_tokenizer
 from opd.run.folder import RunFolder
 from opd.run.sft import SFTConfig, train_sft
@@ -120,25 +120,29 @@ def _profile(
     big: Size,
     template2_lr: float,
     rl: RLStage,
+    world: World = ADDITION,
+    aligned: str = "A",
 ) -> Profile:
     """The zoo's stages; `sizes` = (train, eval, post-training) prompts per set, `steps` =
     student, teacher-aligned, teacher-foreign, teacher-same-pipeline and template-2
-    post-training steps; `rl` the RL stage."""
+    post-training steps; `rl` the RL stage; `aligned` the aligned teachers' dialect of `world`
+    (the student speaks A, the foreign teacher B)."""
     s_student, s_aligned, s_foreign, s_same, s_template2 = steps
     student_data, teacher_data = ("student-train",), ("teacher-train",)
     models: tuple[ModelStage | RLStage, ...] = (
         ModelStage("student", "student", "A", 1, student_data, s_student, 11, student),
-        ModelStage("teacher-aligned", "teacher", "A", 1, teacher_data, s_aligned, 12, student),
+        ModelStage("teacher-aligned", "teacher", aligned, 1, teacher_data, s_aligned, 12,
+                   student),
         ModelStage("teacher-foreign", "teacher", "B", 1, teacher_data, s_foreign, 13, student),
         ModelStage("teacher-same-pipeline", "teacher", "A", 1, student_data, s_same, 14, big),
         ModelStage(
-            "teacher-aligned-template2", "teacher", "A", 2, ("template2-train",), s_template2,
+            "teacher-aligned-template2", "teacher", aligned, 2, ("template2-train",), s_template2,
             15, student, lr=template2_lr, init_from="teacher-aligned",
         ),
         ModelStage("student-prerl", "student", "A", 1, (), 0, 11, student, init_from="student"),
         rl,
     )
-    return Profile(name, digits, *sizes, models)
+    return Profile(name, digits, *sizes, models, world)
 
 
 PROFILES: dict[str, Profile] = {
@@ -157,6 +161,16 @@ PROFILES: dict[str, Profile] = {
         Size(3, 128), Size(3, 128), template2_lr=1e-3,
         rl=RLStage("student-rl", "student", "student-prerl", "rl-train", 80, 16, lr=2e-4,
                    prompts_per_step=32, temperature=0.7),
+    ),
+    # The quick profile in the world with genuine choice (`world.CHOICE`): the aligned teacher
+    # reasons as the student does but favours other words, so that its top-k overlap with the
+    # student starts below 1 at k >= 2 and has room to rise (docs/results.md, issue 25).
+    "choice": _profile(
+        "choice", (2,), (3_000, 150, 1_000), (200, 300, 350, 300, 40),
+        Size(3, 128), Size(3, 128), template2_lr=1e-3,
+        rl=RLStage("student-rl", "student", "student-prerl", "rl-train", 80, 16, lr=2e-4,
+                   prompts_per_step=32, temperature=0.7),
+        world=CHOICE, aligned="A2",
     ),
 }
 

@@ -52,6 +52,9 @@ class ReproduceProfile:
 PROFILES: dict[str, ReproduceProfile] = {
     "quick": ReproduceProfile("quick", zoo="quick", opd_steps=40, window=5, diagnose_prompts=32,
                               sft_steps=300, select_candidates=128, trial_steps=10),
+    "choice": ReproduceProfile("choice", zoo="choice", opd_steps=40, window=5,
+                               diagnose_prompts=32, sft_steps=300, select_candidates=128,
+                               trial_steps=10),
     "full": ReproduceProfile("full", zoo="full", opd_steps=100, window=10, diagnose_prompts=64,
                              sft_steps=1000, select_candidates=256, trial_steps=20),
 }
@@ -223,14 +226,20 @@ def _overlap_by_k(ctx: JobContext, student_path: str, teacher: str, seed: int) -
             "verdict": found["decision"]["verdict"]}
 
 
+def fired_alerts(summary: Mapping[str, Any]) -> list[str]:
+    """The live monitor's alerts of a run (its summary), as `rule@step`."""
+    return [f"{a['rule']}@{a['step']}" for a in summary.get("alerts", [])]
+
+
 def _opd_run(ctx: JobContext, spec: OPDRun, seed: int, folder: Path) -> dict[str, Any]:
     from opd.run.folder import RunFolder
     from opd.run.loop import run_training
 
     run = folder / "run"
-    run_training(_train_config(ctx, spec, seed, run))
+    summary = run_training(_train_config(ctx, spec, seed, run))
     trained = str(RunFolder(run).complete_checkpoints()[-1])
-    out = {**_judged(ctx, spec.student, spec.teacher, trained, spec.leader), "series": _series(run)}
+    out = {**_judged(ctx, spec.student, spec.teacher, trained, spec.leader),
+           "alerts": fired_alerts(summary), "series": _series(run)}
     if spec.probe:
         out["probe_after"] = _overlap_by_k(ctx, trained, spec.teacher, seed)
     return out
@@ -248,6 +257,7 @@ def _cold_start(ctx: JobContext, spec: ColdStart, seed: int, folder: Path) -> di
     sft = _judged(ctx, "student", spec.teacher, str(run / "sft"))
     final = _judged(ctx, "student", spec.teacher, report["opd"]["final_checkpoint"])
     return {**final, "after_sft": sft["after"], "gate_passed": report["gate"]["passed"],
+            "alerts": fired_alerts(report["opd"]),
             "sft_steps": report["sft"].get("steps"), "series": _series(run / "opd")}
 
 

@@ -180,6 +180,29 @@ def _overlap_by_k_table(results: Results) -> list[str]:
     return lines
 
 
+PAIRS = (("teacher-aligned", "diagnose-aligned", "opd-aligned"),
+         ("teacher-foreign", "diagnose-foreign", "opd-foreign"),
+         ("teacher-foreign, cold start first", "diagnose-foreign", "cold-start-foreign"))
+"""(pair, the diagnosis before, the run after) rows of the pairs table."""
+
+
+def pairs_table(results: Results) -> list[str]:
+    """Per pair and seed: the doctor's verdict before the run, the run's outcome and the live
+    monitor's alerts during it, side by side, so that a disagreement is in plain sight."""
+    lines = ["| pair | seed | doctor's verdict before | gap recovery after | monitor's alerts |",
+             "|---|---|---|---|---|"]
+    for pair, before, run in PAIRS:
+        if before not in results or run not in results:
+            continue
+        for diagnosis, outcome in zip(results[before], results[run], strict=True):
+            gate = ("" if "gate_passed" not in outcome
+                    else f" (gate {'passed' if outcome['gate_passed'] else 'failed'})")
+            lines.append(f"| {pair} | {outcome['seed']} | {diagnosis['verdict']} | "
+                         f"{fmt(outcome['gap_recovery'])}{gate} | "
+                         f"{', '.join(outcome.get('alerts', [])) or 'none'} |")
+    return lines if len(lines) > 2 else []
+
+
 def markdown(summary: Mapping[str, Any], results: Results) -> str:
     profile = summary["profile"]
     lines = [
@@ -214,6 +237,11 @@ def markdown(summary: Mapping[str, Any], results: Results) -> str:
                       "(means over seeds; `opd diagnose`'s measurement on fresh rollouts):", "",
                       *_overlap_by_k_table(results)]
         lines += ["", f"![{f['slug']}]({f['slug']}.png)"]
+    pairs = pairs_table(results)
+    if pairs:
+        lines += ["", "## The doctor, the outcome and the monitor", "",
+                  "What `opd diagnose` said of each pair before its run, what the run did, and "
+                  "what the live monitor raised during it (`rule@step`).", "", *pairs]
     seconds = summary["seconds"]
     lines += ["", "## Time", "",
               f"Zoo: {summary['zoo']['seconds']:.0f} s (0 when cached). This call: "

@@ -28,8 +28,9 @@ SLOW_FIRST = ("cold-start-foreign", "select-prompts-template2", "opd-same-pipeli
 class ReproduceConfig(Config):
     """Settings of `opd reproduce`."""
 
-    profile: str = setting("quick", "quick (the quick zoo, 40-step runs) or full (the full zoo, "
-                           "100-step runs).", choices=tuple(PROFILES))
+    profile: str = setting("quick", "quick (the quick zoo, 40-step runs), choice (the same in the "
+                           "world with genuine choice) or full (the full zoo, 100-step runs).",
+                           choices=tuple(PROFILES))
     only: tuple[str, ...] = setting((), "Findings to reproduce, by number or name ("
                                     + ", ".join(f"{f.number} {f.slug}" for f in FINDINGS)
                                     + "); default all.")
