@@ -9,6 +9,7 @@ from typing import Any
 
 from opd.config import settings
 from opd.config.settings import Config, setting
+from opd.errors import OPDError
 from opd.io import fmt
 from opd.lab.demo import DEMO_PROFILES, print_demo, run_demo
 from opd.lab.zoo import PROFILES
@@ -33,7 +34,11 @@ class DemoConfig(Config):
 
     quick: bool = setting(False, f"Small profile ({DEMO_PROFILES['quick'].steps} steps, quick "
                           "zoo).")
-    out: str | None = setting(None, "Run folder (default runs/demo, or runs/demo-quick).")
+    choice: bool = setting(False, f"The quick profile in the world with genuine choice "
+                           f"({DEMO_PROFILES['choice'].steps} steps, choice zoo), where the "
+                           "overlap the study tracks can rise.")
+    out: str | None = setting(None, "Run folder (default runs/demo, runs/demo-quick or "
+                              "runs/demo-choice).")
     cache: str = setting(CACHE, "Zoo cache folder.")
     seed: int = setting(0, "Seed of the OPD run.")
 
@@ -61,8 +66,10 @@ def cmd_lab_build(config: BuildConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(config: DemoConfig, args: argparse.Namespace) -> int:
-    profile = "quick" if config.quick else "full"
-    out = Path(config.out or f"runs/demo{'-quick' if config.quick else ''}")
+    if config.quick and config.choice:
+        raise OPDError("demo: choose one of --quick and --choice (--choice is already quick)")
+    profile = "choice" if config.choice else "quick" if config.quick else "full"
+    out = Path(config.out or f"runs/demo{'' if profile == 'full' else '-' + profile}")
     zoo_root = Path(config.cache) / DEMO_PROFILES[profile].zoo
     print_demo(run_demo(out, zoo_root, profile=profile, seed=config.seed), out)
     return 0

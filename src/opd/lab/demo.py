@@ -19,7 +19,6 @@ from opd.config.training import build_config
 from opd.data.prompts import PromptRecord
 from opd.evaluation.accuracy import evaluate
 from opd.io import check_output_folder, fmt, write_text_atomic
-from opd.lab.world import max_new_tokens
 from opd.lab.zoo import PROFILES as ZOO_PROFILES
 from opd.lab.zoo import build_zoo_stages, load_sets
 from opd.models.loading import load_model, load_tokenizer
@@ -45,13 +44,36 @@ class DemoProfile:
 DEMO_PROFILES = {
     "full": DemoProfile(zoo="full", steps=150, eval_every=25),
     "quick": DemoProfile(zoo="quick", steps=40, eval_every=20),
+    "choice": DemoProfile(zoo="choice", steps=40, eval_every=20),
 }
+OVERLAP_WINDOW = 5
+"""Steps averaged at each end of the run when the demo says how far the overlap moved."""
+WORLD_NOTES = {
+    "addition": "In this world nearly every step has one right token: the student's top-1 learns "
+                "the skill, the ranks below it hold near-zero probabilities that OPD never "
+                "orders, so the top-k overlap the study tracks has little room to rise "
+                "(docs/results.md). `opd demo --choice` runs OPD in a world with genuine choice "
+                "of words and order, where it can.",
+    "choice": "In this world most steps offer several words and the teacher favours other ones "
+              "than the student, so the top-k overlap starts well below 1 and OPD can raise it "
+              "as the study reports for pretrained pairs.",
+}
+"""Why the overlap moves as it does, for the demo's world."""
 
 
-def _accuracy(path: str, records: list[PromptRecord], digits: int) -> float:
+def _accuracy(path: str, records: list[PromptRecord], tokens: int) -> float:
     tokenizer = load_tokenizer(path, "model")
     model = load_model(path, "model", trainable=False)
-    return evaluate(model, tokenizer, records, max_new_tokens=max_new_tokens(digits)).accuracy
+    return evaluate(model, tokenizer, records, max_new_tokens=tokens).accuracy
+
+
+def overlap_change(records: list[dict[str, Any]], window: int = OVERLAP_WINDOW) -> dict[str, float]:
+    """The overlap ratio's mean over the first and over the last `window` steps, and the
+    change between them (a window, not one step: a step's overlap is noisy)."""
+    values = [r[M.OVERLAP_RATIO] for r in records if r.get(M.OVERLAP_RATIO) is not None]
+    first = sum(values[:window]) / len(values[:window])
+    last = sum(values[-window:]) / len(values[-window:])
+    return {"first": first, "last": last, "change": last - first, "window": window}
 
 
 def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed: int = 0,
@@ -64,14 +86,16 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
     check_output_folder(root, "cache")
     build_zoo_stages(root, spec.zoo, progress=progress, only=["student", "teacher-aligned"])
     sets = load_sets(root)
-    digits = max(ZOO_PROFILES[spec.zoo].digits)
+    zoo = ZOO_PROFILES[spec.zoo]
+    digits = max(zoo.digits)
+    tokens = zoo.world.max_new_tokens(digits)
     own, subskill = f"eval-nochain-d{digits}", f"eval-chain-d{digits}"
     student, teacher = str(root / "student"), str(root / "teacher-aligned")
     out = Path(out)
     config = build_config({
         "student": student, "teacher": teacher,
         "prompts": str(root / "data" / "teacher-train.jsonl"), "out": str(out),
-        "max_steps": spec.steps, "max_new_tokens": max_new_tokens(digits),
+        "max_steps": spec.steps, "max_new_tokens": tokens,
         "eval_prompts": str(root / "data" / f"{subskill}.jsonl"), "eval_every": spec.eval_every,
         "seed": seed, "progress": progress,
     }, profile="cpu-small")
@@ -81,9 +105,9 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
     table = {
         name: {
             "prompts": len(sets[name]),
-            "before": _accuracy(student, sets[name], digits),
-            "after": _accuracy(trained, sets[name], digits),
-            "teacher": _accuracy(teacher, sets[name], digits),
+            "before": _accuracy(student, sets[name], tokens),
+            "after": _accuracy(trained, sets[name], tokens),
+            "teacher": _accuracy(teacher, sets[name], tokens),
         }
         for name in (subskill, own)
     }
@@ -91,6 +115,8 @@ def run_demo(out: str | Path, zoo_root: str | Path, profile: str = "full", seed:
     result = {
         "profile": profile, "seed": seed, "steps": spec.steps, "accuracy": table,
         "measures": {m: {"first": records[0].get(m), "last": records[-1].get(m)} for m in SHOWN},
+        "overlap": {**overlap_change(records), "k": config.measure_k,
+                    "world": zoo.world.name},
         "seconds": round(sum(r.get(key, 0.0) for r in records for key in TIMES), 1),
     }
     write_text_atomic(out / "demo.json", json.dumps(result, indent=2))
@@ -111,9 +137,17 @@ def demo_markdown(result: dict[str, Any]) -> str:
     for name, row in result["measures"].items():
         first, last = row["first"], row["last"]
         lines.append(f"| {name} | {fmt(first, '.4g')} | {fmt(last, '.4g')} |")
+    lines += ["", overlap_sentence(result["overlap"])]
     lines += ["", f"Training time: {result['seconds']} s.", "", f"![curves]({CURVES_FIGURE})", "",
               f"![student entropy by position]({ENTROPY_FIGURE})", ""]
     return "\n".join(lines)
+
+
+def overlap_sentence(overlap: dict[str, Any]) -> str:
+    """How far the overlap the study is about moved in the demo's run, and why, in words."""
+    return (f"The overlap ratio (top-{overlap['k']}, mean of the first and of the last "
+            f"{overlap['window']} steps) went {overlap['first']:.3f} → {overlap['last']:.3f} "
+            f"({overlap['change']:+.3f}). {WORLD_NOTES[overlap['world']]}")
 
 
 def print_demo(result: dict[str, Any], out: Path) -> None:
@@ -134,4 +168,5 @@ def print_demo(result: dict[str, Any], out: Path) -> None:
     console = Console()
     console.print(table)
     console.print(measures)
+    console.print(overlap_sentence(result["overlap"]))
     console.print(f"run folder: {out} (metrics.jsonl, report.md, demo.md, curves.png)")
