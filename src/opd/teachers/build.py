@@ -97,7 +97,7 @@ class TextInputs:
                           [self.ended[i] for i in picked])
 
 
-def _decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+def text_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
     """ids → the text they stand for, special tokens left out (as the rollouts' texts)."""
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
                                         clean_up_tokenization_spaces=False)
@@ -130,7 +130,8 @@ class RetokenizingTeacher:
     @torch.no_grad()
     def logprobs(self, inputs: TextInputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs:
-        student_decode, teacher_decode = _decoder(self.student_tokenizer), _decoder(self.tokenizer)
+        student_decode = text_decoder(self.student_tokenizer)
+        teacher_decode = text_decoder(self.tokenizer)
         texts = [student_decode(ids) for ids in inputs.responses]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         teacher_rows = [[*ids, self._stop(student_ids[-1])] if ended else ids
