@@ -8,18 +8,19 @@ import json
 import math
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import opd
 from opd.cli import main
-from opd.doctor.measure import DiagnoseConfig, _measures_at, cut_at
+from opd.doctor.measure import DiagnoseConfig, _measures_at, _new_tokens, cut_at
 from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
 from opd.errors import OPDError
 from opd.step.distributions import UNKNOWN_LOGPROB
-from tests.conftest import TINY_WORDS, make_model, make_tokenizer
+from tests.conftest import TINY_WORDS, make_digit_tokenizer, make_model, make_tokenizer
 
 
 def brute_auroc(scores, labels):
@@ -391,3 +392,18 @@ def test_across_tokenizers_each_sides_share_is_of_its_top_k_among_the_paired_tok
     assert values["overlap_share_teacher@4"].item() == pytest.approx(1.0)
     assert values["overlap_mass_student@4"].item() == pytest.approx(
         float(student[0, [1, 4, 6]].exp().sum()), rel=1e-6)
+
+
+def test_across_tokenizers_the_teachers_budget_is_in_its_own_tokens():
+    student_tok, teacher_tok = make_tokenizer(), make_digit_tokenizer()
+    # 6 + 4 student tokens; the teacher writes `12` as `1 ##2`: 8 + 3 (the EOS is no text).
+    rows = [student_tok(text, add_special_tokens=False)["input_ids"] + [2]
+            for text in ("12 + 15 = 18", "3 answer 3")]
+    ctx = SimpleNamespace(config=SimpleNamespace(max_new_tokens=10),
+                          student=SimpleNamespace(tokenizer=student_tok),
+                          rollouts=SimpleNamespace(response_ids=rows))
+    across = SimpleNamespace(aligner=object(), tokenizer=teacher_tok)
+    assert _new_tokens(across, ctx) == math.ceil(10 * 11 / 10) == 11
+    assert _new_tokens(SimpleNamespace(aligner=None, tokenizer=teacher_tok), ctx) == 10
+    ctx.config.max_new_tokens = 30
+    assert _new_tokens(across, ctx) == 33

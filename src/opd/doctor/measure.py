@@ -309,7 +309,7 @@ def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], 
                                   add_special_tokens=False)["input_ids"]
     index = rollouts.prompt_index.tolist()
     inputs = [pair.prompt_rows[index[j]] + p for j, p in zip(rows, prefixes, strict=True)]
-    budget = config.max_new_tokens - min(len(p) for p in prefixes)
+    budget = _new_tokens(pair, ctx) - min(len(p) for p in prefixes)
     out = _generate(
         pair, config, inputs, ctx.meter, n=1, max_new_tokens=max(budget, 1),
         temperature=config.capability_temperature, top_p=config.top_p, seed=config.seed + 1,
@@ -320,6 +320,20 @@ def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], 
     correct = _decode_correct(pair.tokenizer, ctx.records, config.verifier, full,
                               [index[j] for j in rows])
     return correct, sum(len(r) for r in out.response_ids)
+
+
+def _new_tokens(pair: Pair, ctx: Baseline) -> int:
+    """`max_new_tokens` in `pair`'s own tokens: for a teacher with another tokenizer, scaled by
+    how many of its tokens the student's responses take per student token (a character-level
+    teacher writes several per word), never fewer."""
+    limit = ctx.config.max_new_tokens
+    if pair.aligner is None:
+        return limit
+    decode = text_decoder(ctx.student.tokenizer)
+    texts = [decode(ids) for ids in ctx.rollouts.response_ids]
+    own = sum(len(ids) for ids in pair.tokenizer(texts, add_special_tokens=False)["input_ids"])
+    student = sum(len(ids) for ids in ctx.rollouts.response_ids)
+    return max(limit, -(-limit * own // max(student, 1)))
 
 
 def _teacher_inputs(pair: Pair, ctx: Baseline, rows: slice):
@@ -347,7 +361,8 @@ ACROSS_TOKENIZERS = {
                   "of its span's teacher log-prob",
     "global_signal": "approximate: the sequence reward is the mean of reverse_kl",
     "continuation": "approximate: the teacher continues its own re-tokenization of the "
-                    "student's prefix (the same text, not the same tokens or random numbers); "
+                    "student's prefix (the same text, not the same tokens or random numbers), "
+                    "max_new_tokens scaled by its tokens per student token on the rollouts; "
                     "novelty and horizon read it",
     "accuracy_own_template": "exact: the teacher's own attempts, with its own tokenizer",
     "template": "not applicable: across tokenizers OPD shows the teacher its own rendering of "
@@ -536,7 +551,7 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
     out = _generate(pair, config, texts, ctx.meter, n=config.samples_per_prompt,
-                            max_new_tokens=config.max_new_tokens,
+                            max_new_tokens=_new_tokens(pair, ctx),
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
     ctx.cost["teacher_rollouts"] += len(out.response_ids)
