@@ -11,7 +11,7 @@ run and writes results.json.
 
     python bench/cross_tokenizer.py --zoo .opd-cache/zoo/quick --out runs/cross-tokenizer
     python bench/cross_tokenizer.py --bases teacher-foreign --tokenizers digits \
-        --no-same-tokenizer --diagnose --out runs/cross-tokenizer-foreign
+        --same-tokenizer --diagnose --out runs/cross-tokenizer-foreign
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from opd.run.loop import run_training
 from opd.run.sft import SFTConfig, train_sft
 from repairs import accuracy, print_recovery  # bench/repairs.py, beside this script
 
+SAME_TOKENIZER = ("topk", "sampled", "cross_tokenizer_kl")
+"""Objectives of the runs from teacher-aligned itself, the references."""
 OTHER_EVAL_TOKENS = {"chars": 200, "digits": 60}
 """New tokens of each other-tokenizer teacher's own evaluation: a character tokenizer writes
 about four tokens per word (its position limit is 256), a digit one a few more than words."""
@@ -113,9 +115,10 @@ def main() -> None:
     parser.add_argument("--bases", nargs="+", default=["teacher-aligned"],
                         choices=["teacher-aligned", "teacher-foreign"],
                         help="zoo teachers whose recipe the other-tokenizer teachers follow")
-    parser.add_argument("--same-tokenizer", action=argparse.BooleanOptionalAction, default=True,
-                        help="also the runs from teacher-aligned itself (topk, sampled, "
-                        "cross_tokenizer_kl)")
+    parser.add_argument("--same-tokenizer", nargs="*", default=list(SAME_TOKENIZER),
+                        choices=SAME_TOKENIZER, metavar="OBJECTIVE",
+                        help="objectives of the runs from teacher-aligned itself (none: no such "
+                        "run)")
     parser.add_argument("--objective", nargs="*", default=[], metavar="NAME=VALUE",
                         help="objective settings of every cross_tokenizer_kl run")
     parser.add_argument("--diagnose", action="store_true",
@@ -124,6 +127,7 @@ def main() -> None:
     zoo_root, out = Path(args.zoo), Path(args.out)
     build_zoo_stages(zoo_root, args.profile, progress=False,
                      only=["student", *(["teacher-aligned"] if args.same_tokenizer else [])])
+    aligned = zoo_root / "teacher-aligned"
     others = {(base, kind): other_teacher(zoo_root, args.profile, args.teacher_steps, kind, base)
               for base in args.bases for kind in args.tokenizers}
     options = dict(option.split("=", 1) for option in args.objective)
@@ -134,11 +138,8 @@ def main() -> None:
     before = accuracy(student, eval_file, tokens)
     # (name, teacher, objective, new tokens for the teacher's own evaluation: a character
     # tokenizer writes about four tokens per word)
-    same = (("aligned, topk", zoo_root / "teacher-aligned", "topk", tokens),
-            ("aligned, sampled", zoo_root / "teacher-aligned", "sampled", tokens),
-            ("aligned, cross_tokenizer_kl", zoo_root / "teacher-aligned", "cross_tokenizer_kl",
-             tokens))
-    runs = (*(same if args.same_tokenizer else ()),
+    runs = (*((f"aligned, {objective}", aligned, objective, tokens)
+              for objective in args.same_tokenizer),
             *((f"{_label(base, kind)}, cross_tokenizer_kl", teacher, "cross_tokenizer_kl",
                OTHER_EVAL_TOKENS[kind]) for (base, kind), teacher in others.items()))
     diagnoses = ([diagnose(student, teacher, _label(base, kind), zoo_root, tokens)
