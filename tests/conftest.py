@@ -13,11 +13,12 @@ import torch
 TINY_WORDS = [str(i) for i in range(20)] + ["+", "=", "answer", "a", "b", "c", "d", "e"]
 
 
-def make_tokenizer():
+def make_tokenizer(words: list[str] = TINY_WORDS):
+    """The tiny word-level tokenizer: four special tokens, then `words` in their order."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *TINY_WORDS])}
+    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<eos>", "<unk>", *words])}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(

@@ -221,3 +221,84 @@ def test_the_overlap_counts_only_tokens_of_the_shared_vocabulary():
     assert got[M.OVERLAP_MASS_STUDENT].item() == pytest.approx(float(mass), rel=1e-6)
     assert got[M.OVERLAP_MASS_TEACHER].item() == pytest.approx(
         float(teacher[0, [1, 4, 6]].exp().sum()), rel=1e-6)
+
+
+def brute_sorted_distance(logits, sorted_teacher):
+    """ULD's distance per row with plain Python ranks: the student's probabilities ordered by
+    value, each compared with the teacher's of the same rank (0 for a NaN row)."""
+    values, grads = [], []
+    for x, q in zip(logits, sorted_teacher.tolist(), strict=True):
+        x = x.detach().clone().requires_grad_(True)
+        p = x.softmax(-1)
+        order = sorted(range(len(q)), key=lambda v: -float(p[v].detach()))
+        distance = (sum(abs(p[v] - q[r]) for r, v in enumerate(order)) if not math.isnan(q[0])
+                    else x.sum() * 0)
+        distance.backward()
+        values.append(float(distance.detach()))
+        grads.append(x.grad)
+    return torch.tensor(values, dtype=torch.float64), torch.stack(grads)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_sorted_term_is_ulds_distance_at_span_starts(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n, v = 7, 9
+    logits = torch.randn(n, v, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=generator)
+    aligned = torch.tensor([True, False, False, True, False, False, True])
+    teacher = random_log_probs(seed, n, v).double()
+    teacher[~aligned] = UNKNOWN_LOGPROB
+    teacher[~aligned, targets[~aligned]] = -0.4
+    sorted_teacher = random_log_probs(seed + 10, n, v).double().exp().sort(-1, descending=True)
+    sorted_teacher = sorted_teacher.values
+    sorted_teacher[[0, 2, 3, 5, 6]] = torch.nan  # span starts: positions 1 and 4
+    weighted = ObjectiveConfig(name="cross_tokenizer_kl", sorted_weight=0.7)
+    got = distillation_loss(logits.log_softmax(-1), teacher, targets, weighted, aligned,
+                            sorted_teacher)
+    (grad,) = torch.autograd.grad(got.sum(), logits)
+    plain = distillation_loss(logits.log_softmax(-1), teacher, targets, CROSS, aligned,
+                              sorted_teacher)
+    (plain_grad,) = torch.autograd.grad(plain.sum(), logits)
+    distance, distance_grad = brute_sorted_distance(logits, sorted_teacher)
+    assert distance[[1, 4]].min() > 0 and (distance[[0, 2, 3, 5, 6]] == 0).all()
+    torch.testing.assert_close(got.detach(), plain.detach() + 0.7 * distance)
+    torch.testing.assert_close(grad, plain_grad + 0.7 * distance_grad)
+
+
+def test_the_teacher_gives_its_sorted_probabilities_at_span_starts(tiny_pair, digit_teacher):
+    student_tok = load_tokenizer(str(tiny_pair["student"]), "student")
+    teacher_tok = load_tokenizer(str(digit_teacher), "teacher")
+    model = load_model(str(digit_teacher), "teacher", trainable=False,
+                       device=torch.device("cpu"), dtype="float32")
+    teacher = RetokenizingTeacher(model, teacher_tok, student_tok, 2.0, len(student_tok),
+                                  sorted_ranks=True)
+    inputs = teacher_inputs(student_tok, ["12 + 5"])
+    got = teacher.logprobs(inputs, None, output_head(model)).chunk(slice(0, 4),
+                                                                   torch.device("cpu"))
+    prompt = teacher_tok("3 + 4 =", add_special_tokens=False)["input_ids"]
+    ids = [teacher_tok.bos_token_id, *prompt]
+    with torch.no_grad():  # before `1 ##2`, at temperature 2: the one span start
+        probs = (model(torch.tensor([ids])).logits[0, -1] / 2.0).softmax(-1)
+    ranked = probs.sort(descending=True).values
+    assert len(teacher_tok) == len(student_tok)  # same size: no rank cut or padded
+    torch.testing.assert_close(got.sorted_probs[0], ranked)
+    assert got.sorted_probs[1:].isnan().all()  # `+`, `5` and EOS align
+
+
+def test_the_sorted_term_belongs_to_cross_tokenizer_kl():
+    with pytest.raises(OPDError, match=r"objective\.sorted_weight: a term of cross_tokenizer_kl"):
+        ObjectiveConfig(name="topk", sorted_weight=0.5)
+
+
+def test_training_adds_the_sorted_term_where_spans_start(tiny_pair, digit_teacher, tmp_path):
+    losses = []
+    for weight in (0.0, 0.5):
+        config = tiny_config(tiny_pair, tmp_path / f"run-{weight}", teacher=str(digit_teacher),
+                             max_steps=1, save_every=1,
+                             **{"objective.name": "cross_tokenizer_kl",
+                                "objective.sorted_weight": weight})
+        run_training(config)
+        losses.append(M.read(tmp_path / f"run-{weight}")[0][M.LOSS])
+    # The same rollouts (same seed, first step); the distance is ≥ 0 and > 0 at any span start
+    # (the tiny student writes two-digit numbers, which the teacher cuts into digits).
+    assert losses[1] > losses[0]

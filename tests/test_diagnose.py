@@ -7,15 +7,20 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import opd
 from opd.cli import main
-from opd.doctor.measure import DiagnoseConfig, cut_at
+from opd.doctor.measure import DiagnoseConfig, _measures_at, _new_tokens, cut_at
 from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon, mean_se
 from opd.errors import OPDError
-from tests.conftest import make_model
+from opd.step.distributions import UNKNOWN_LOGPROB
+from tests.conftest import TINY_WORDS, make_digit_tokenizer, make_model, make_tokenizer
 
 
 def brute_auroc(scores, labels):
@@ -209,6 +214,7 @@ def test_tokenizer_mismatch_stops_before_measuring(tiny_pair, tmp_path, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "tokenizer mismatch" in err and "'answer' vs 'zebra'" in err
+    assert "diagnose across tokenizers with --cross-tokenizer" in err
     assert not (tmp_path / "diag").exists()
 
 
@@ -258,3 +264,146 @@ def test_a_long_estimate_says_what_shortens_it(monkeypatch, capsys):
     assert meter.estimate_seconds == pytest.approx((1_000_000 - 16 * 64) / 64 + 15)
     assert "opd diagnose: about 4.3 h (1,000,000 token passes at 64/s" in err
     assert "a shorter --max-new-tokens" in err
+
+
+SPECIAL_LOGIT = -30.0
+"""What the twin test's student gives `<pad>`, `<bos>` and `<unk>` (`_never_special`)."""
+
+
+def _never_special(model) -> None:
+    """Make a tiny tied Llama never sample `<pad>`, `<bos>` or `<unk>` (ids 0, 1, 3): its
+    residual dimension 0 is held at 1 (no layer writes to it; every other token's embedding
+    has 1 there), and those three rows have SPECIAL_LOGIT there. A special token would vanish
+    from the response's text, and the teacher's context with it."""
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding[:, 0] = 1.0
+        embedding[[0, 1, 3], 0] = SPECIAL_LOGIT
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A student, its twin (the same model behind another vocabulary of the same text: the
+    words' ids reversed, the embedding rows moved with them) and prompts whose answer is the
+    student's greedy response, so that continuing from the prompt solves every one."""
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("twins")
+    student = make_model(root / "student", seed=4)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    _never_special(model)
+    model.save_pretrained(student)
+    rows = []
+    for prompt in [f"{a} + {b} =" for a in range(3) for b in range(2)]:
+        ids = make_tokenizer()(prompt, add_special_tokens=False)["input_ids"]
+        greedy = model.generate(torch.tensor([[1, *ids]]), do_sample=False, max_new_tokens=6,
+                                eos_token_id=2, pad_token_id=0)[0, len(ids) + 1:]
+        answer = make_tokenizer().decode(greedy, skip_special_tokens=True)
+        rows.append({"prompt": prompt, "answer": answer})
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    words = make_tokenizer().get_vocab()
+    tokenizer = make_tokenizer(TINY_WORDS[::-1])
+    order = [words[tokenizer.convert_ids_to_tokens(i)] for i in range(len(tokenizer))]
+    with torch.no_grad():
+        embedding = model.get_input_embeddings().weight
+        embedding.copy_(embedding[order])
+    model.save_pretrained(root / "twin")
+    tokenizer.save_pretrained(root / "twin")
+    return student, root / "twin", root / "prompts.jsonl"
+
+
+def test_across_tokenizers_a_twin_gives_the_ideal_values_at_aligned_positions(twins, tmp_path):
+    student, twin, prompts = twins
+    out = tmp_path / "diag"
+    diagnosis = opd.diagnose(str(student), str(twin), str(prompts), out=out,
+                             cross_tokenizer=True, num_prompts=6, samples_per_prompt=2,
+                             max_new_tokens=6, temperature=0.0, progress=False)
+    across = diagnosis.teacher.across_tokenizers
+    # Every word and the EOS pair up, and one word on each side is every span.
+    assert across["shared_vocabulary"] == across["student_vocabulary"] == len(make_tokenizer())
+    assert across["aligned_share"] == 1.0
+    assert across["measures"]["pattern"].startswith("approximate")
+    for k, block in diagnosis.data["teacher"]["pattern"]["by_k"].items():
+        values = block["overall"]
+        assert values["aligned_share"] == 1.0
+        assert values["overlap_ratio"] == pytest.approx(1.0), k
+        assert values["overlap_share_student"] == pytest.approx(1.0)
+        assert values["overlap_share_teacher"] == pytest.approx(1.0)
+        assert values["overlap_mass_student"] == pytest.approx(values["overlap_mass_teacher"],
+                                                               abs=1e-5)
+        assert values["overlap_token_advantage"] == pytest.approx(0.0, abs=1e-5)
+        assert values["entropy_gap"] == pytest.approx(0.0, abs=1e-4)
+        assert values["reverse_kl"] == pytest.approx(0.0, abs=1e-5)
+    # Greedy rollouts, and greedy continuations of their text by the same model: every
+    # prompt solved at every depth (the answers are the student's own greedy responses).
+    continuation = diagnosis.data["teacher"]["continuation"]
+    assert [(p["teacher_accuracy"], p["student_accuracy"]) for p in continuation] == [(1, 1)] * 4
+    assert diagnosis.teacher.accuracy_own_template == 1.0
+    assert diagnosis.verdict == "no-novelty" and diagnosis.student_accuracy == 1.0
+    assert not diagnosis.data["teacher"]["template"]["applies"]
+    assert any("another tokenizer" in w and "100%" in w for w in diagnosis.warnings)
+    report = (out / "report.md").read_text()
+    assert "## Across tokenizers" in report and "not applicable" in report
+
+
+def test_across_tokenizers_only_aligned_positions_are_measured(tiny_pair, digit_teacher,
+                                                              tmp_path):
+    args = diagnose_args(tiny_pair, tmp_path / "diag", "--cross-tokenizer", "--depths", "0")
+    args[args.index("--teacher") + 1] = str(digit_teacher)
+    assert main(args) == 0
+    teacher = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())["teacher"]
+    across = teacher["across_tokenizers"]
+    # All but 10–19 (two tokens there), `1` (the teacher's `1` starts `1 ##2`, so holds the
+    # mass of the student's `12`) and `<bos>` (`<s>` there).
+    assert across["shared_vocabulary"] == len(make_tokenizer()) - 12
+    assert 0 < across["aligned_share"] < 1
+    for block in teacher["pattern"]["by_k"].values():
+        assert all(math.isfinite(v) for v in block["overall"].values())
+    assert all(math.isfinite(r) for r in teacher["sequence_reward"])
+    assert teacher["decision"]["verdict"] == "pattern-mismatch"  # two unrelated random models
+    assert not any("teacher_prompt: own" in a for a in teacher["decision"]["advice"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--teacher", "http://127.0.0.1:9"), "cross_tokenizer: teacher is served"),
+    (("--teacher2", "STUDENT"), "cross_tokenizer: teacher2 is compared with teacher"),
+])
+def test_across_tokenizers_what_cannot_be_measured_is_refused(tiny_pair, tmp_path, capsys,
+                                                              extra, message):
+    extra = [str(tiny_pair["student"]) if a == "STUDENT" else a for a in extra]
+    assert main([*diagnose_args(tiny_pair, tmp_path / "diag", "--cross-tokenizer"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "diag").exists()
+
+
+def test_across_tokenizers_each_sides_share_is_of_its_top_k_among_the_paired_tokens():
+    # Paired tokens 1, 4, 6 at an aligned position, k = 4: the student's most likely tokens
+    # 0, 2, 3 have no counterpart, so its top-4 mass is that of 1, 4, 6, all shared.
+    student = torch.tensor([[0.0, -9.0, 0.0, 0.0, -1.0, -9.0, -2.0, -9.0]]).log_softmax(-1)
+    teacher = torch.full((1, 8), UNKNOWN_LOGPROB)
+    teacher[0, [1, 4, 6]] = torch.tensor([-0.3, -2.0, -1.6])
+    values = _measures_at([4])(student, teacher, torch.tensor([4]),
+                              teacher_entropy=torch.ones(1), aligned=torch.tensor([True]))
+    assert values["overlap_share_student@4"].item() == pytest.approx(1.0)
+    assert values["overlap_share_teacher@4"].item() == pytest.approx(1.0)
+    assert values["overlap_mass_student@4"].item() == pytest.approx(
+        float(student[0, [1, 4, 6]].exp().sum()), rel=1e-6)
+
+
+def test_across_tokenizers_the_teachers_budget_is_in_its_own_tokens():
+    student_tok, teacher_tok = make_tokenizer(), make_digit_tokenizer()
+    # 6 + 4 student tokens; the teacher writes `12` as `1 ##2`: 8 + 3 (the EOS is no text).
+    rows = [student_tok(text, add_special_tokens=False)["input_ids"] + [2]
+            for text in ("12 + 15 = 18", "3 answer 3")]
+    ctx = SimpleNamespace(config=SimpleNamespace(max_new_tokens=10),
+                          student=SimpleNamespace(tokenizer=student_tok),
+                          rollouts=SimpleNamespace(response_ids=rows))
+    across = SimpleNamespace(aligner=object(), tokenizer=teacher_tok)
+    assert _new_tokens(across, ctx) == math.ceil(10 * 11 / 10) == 11
+    assert _new_tokens(SimpleNamespace(aligner=None, tokenizer=teacher_tok), ctx) == 10
+    ctx.config.max_new_tokens = 30
+    assert _new_tokens(across, ctx) == 33

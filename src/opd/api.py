@@ -190,6 +190,11 @@ class TeacherDiagnosis:
     """Step-0 measures on the student's rollouts at top-`thresholds.pattern_k`."""
     accuracy_own_template: float | None
     recommended_max_new_tokens: int | None
+    across_tokenizers: dict[str, Any] | None
+    """For a teacher with another tokenizer (`cross_tokenizer`): `aligned_share` (the share
+    of the student's tokens the pattern measures read), `shared_vocabulary`,
+    `student_vocabulary` and, per part of the diagnosis, whether it is exact or approximate
+    (`measures`); None with one vocabulary, where every measure is exact."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], pattern_k: int) -> TeacherDiagnosis:
@@ -199,7 +204,7 @@ class TeacherDiagnosis:
         measures = data["pattern"]["by_k"][str(pattern_k)]["overall"]
         return cls(data["path"], decision["verdict"], checks, tuple(decision["warnings"]),
                    tuple(decision["advice"]), dict(measures), data.get("accuracy_own_template"),
-                   data.get("recommended_max_new_tokens"))
+                   data.get("recommended_max_new_tokens"), data.get("across_tokenizers"))
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,17 @@ class ObjectiveConfig(Config):
                           "KL(student‖teacher).", minimum=0, maximum=1)
     teacher_temperature: float = setting(1.0, "Temperature applied to the teacher's logits "
                                          "before its log-softmax.", above=0)
+    sorted_weight: float = setting(
+        0.0, "cross_tokenizer_kl: weight of ULD's sorted-probability distance (Boizard et al. "
+        "2024) at the first token of each span that does not align, where both models predict "
+        "the text after the same characters: Σ_r |p_(r) − q_(r)| over the ranks r of each "
+        "side's probabilities. 0 = off.", minimum=0)
+
+    def check(self) -> None:
+        if self.sorted_weight and self.name != CROSS_TOKENIZER:
+            raise OPDError(f"objective.sorted_weight: a term of cross_tokenizer_kl only (the "
+                           f"objective is {self.name}); set objective.name cross_tokenizer_kl or "
+                           "objective.sorted_weight 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,6 +14,11 @@ A teacher may be served (`opd serve-teacher`, a URL): its tokenizer and chat tem
 the server, its samples from `/v1/generate`, its scores from `/v1/score` (its top-k and the
 sampled tokens, which is all the measures read, so they are exact; its entropy is exact from
 the hf backend and a top-k estimate from vllm, which the diagnosis says: `entropy`).
+
+A teacher with another tokenizer (`cross_tokenizer`) is measured as objective cross_tokenizer_kl
+trains from it: it re-tokenizes the student's response text after its own rendering of the prompt
+(`RetokenizingTeacher`), and the pattern measures are taken where the two tokenizations align one
+token to one, on the shared vocabulary; `ACROSS_TOKENIZERS` says what is exact and what is not.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,8 +55,10 @@ from opd.models.loading import (
     default_device,
     load_model,
     load_tokenizer,
+    vocabulary_difference,
 )
 from opd.runtime import timed
+from opd.step.distributions import known
 from opd.step.engines import generate, model_length_limit, require_engine, vllm_engine
 from opd.step.measures import (
     means_from_totals,
@@ -61,7 +68,8 @@ from opd.step.measures import (
     topk_mass,
 )
 from opd.step.rollout import Rollouts, check_prompts, encode_prompts, pack
-from opd.step.scoring import LocalTeacher, output_head, response_states, score
+from opd.step.scoring import LocalTeacher, output_head, response_states, score, vocab_size
+from opd.teachers.build import RetokenizingTeacher, TextInputs, text_decoder
 from opd.teachers.client import ServedTeacher, TeacherClient, check_served_vocabulary
 from opd.teachers.protocol import vocabulary_fingerprint
 
@@ -117,6 +125,10 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
                                   "4).", minimum=1)
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
     progress: bool = setting(True, "Show a progress bar.")
+    cross_tokenizer: bool = setting(
+        False, "Measure a teacher with another tokenizer as objective cross_tokenizer_kl trains "
+        "from it: the pattern measures where the two tokenizations align one token to one, on "
+        "the shared vocabulary; diagnosis.json's across_tokenizers says what is approximate.")
 
     def check(self) -> None:
         check_template(self.student_template, "student_template")
@@ -129,6 +141,18 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
             raise OPDError("teacher: comparing it with teacher2 needs its whole distribution, which "
                            "a served teacher does not send; give the first teacher as a model "
                            "folder (teacher2 may be a URL)")
+        if self.cross_tokenizer:
+            named = [("teacher", self.teacher), ("teacher2", self.teacher2),
+                     *((f"teachers.{name}", path) for name, path in self.teachers.items())]
+            served = [name for name, path in named if path and is_url(path)]
+            if served:
+                raise OPDError(f"cross_tokenizer: {served[0]} is served (a URL), and a served "
+                               "teacher scores the student's token ids only; give it as a model "
+                               "folder, or drop cross_tokenizer")
+            if self.teacher2:
+                raise OPDError("cross_tokenizer: teacher2 is compared with teacher on one "
+                               "vocabulary, which teachers of other tokenizers need not share; "
+                               "diagnose each teacher on its own (one opd diagnose each)")
         if list(self.depths) != sorted(set(self.depths)):
             raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
                            f"{','.join(f'{d:g}' for d in self.depths)}")
@@ -145,6 +169,10 @@ class Pair:
     tokenizer: Any
     prompt_rows: list[list[int]]
     served: ServedTeacher | None = None
+    aligner: RetokenizingTeacher | None = None
+    """A teacher with another vocabulary (`cross_tokenizer`): what scores the student's text."""
+    prompt_texts: list[str] = field(default_factory=list)
+    """The rendered prompts, as text (what an `aligner` re-tokenizes)."""
 
 
 @dataclass
@@ -189,11 +217,16 @@ def load_pair(path: str, role: str, config: DiagnoseConfig, student: Pair | None
     if is_url(path) and student is not None:
         return _served_pair(path, role, config, student)
     tokenizer = load_tokenizer(path, role, config.trust_remote_code)
-    if student is not None:
-        check_same_vocabulary(student.tokenizer, tokenizer, student.path, path)
+    across = (student is not None and config.cross_tokenizer
+              and vocabulary_difference(student.tokenizer, tokenizer) is not None)
+    if student is not None and not across:
+        check_same_vocabulary(student.tokenizer, tokenizer, student.path, path,
+                              across="diagnose across tokenizers with --cross-tokenizer")
     model = load_model(path, role, trainable=False, dtype=config.dtype, device=default_device(),
                        trust_remote_code=config.trust_remote_code)
-    return Pair(role, path, model, tokenizer, [])
+    aligner = (RetokenizingTeacher(model, tokenizer, student.tokenizer, 1.0,
+                                   vocab_size(student.model)) if across else None)
+    return Pair(role, path, model, tokenizer, [], aligner=aligner)
 
 
 def _served_pair(url: str, role: str, config: DiagnoseConfig, student: Pair) -> Pair:
@@ -218,7 +251,7 @@ def _render(pair: Pair, records: Sequence[PromptRecord], template: str | None) -
                   limit=context_window(pair.path), limit_name=f"the {pair.name}'s context window",
                   fix="shorten or remove the row")
     texts = [render_prompt(r.messages, pair.tokenizer, template) for r in records]
-    return replace(pair, prompt_rows=encode_prompts(pair.tokenizer, texts))
+    return replace(pair, prompt_rows=encode_prompts(pair.tokenizer, texts), prompt_texts=texts)
 
 
 def _decode_correct(tokenizer: Any, records: Sequence[PromptRecord], verifier: str,
@@ -270,9 +303,13 @@ def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], 
     if not rows:
         return [], 0
     prefixes = [rollouts.response_ids[j][: ctx.cuts[depth_index][j]] for j in rows]
+    if pair.aligner is not None:  # the prefix's text in the teacher's own tokens
+        decode = text_decoder(ctx.student.tokenizer)
+        prefixes = pair.tokenizer([decode(p) for p in prefixes],
+                                  add_special_tokens=False)["input_ids"]
     index = rollouts.prompt_index.tolist()
     inputs = [pair.prompt_rows[index[j]] + p for j, p in zip(rows, prefixes, strict=True)]
-    budget = config.max_new_tokens - min(len(p) for p in prefixes)
+    budget = _new_tokens(pair, ctx) - min(len(p) for p in prefixes)
     out = _generate(
         pair, config, inputs, ctx.meter, n=1, max_new_tokens=max(budget, 1),
         temperature=config.capability_temperature, top_p=config.top_p, seed=config.seed + 1,
@@ -285,12 +322,54 @@ def _continue(pair: Pair, ctx: Baseline, depth_index: int) -> tuple[list[bool], 
     return correct, sum(len(r) for r in out.response_ids)
 
 
+def _new_tokens(pair: Pair, ctx: Baseline) -> int:
+    """`max_new_tokens` in `pair`'s own tokens: for a teacher with another tokenizer, scaled by
+    how many of its tokens the student's responses take per student token (a character-level
+    teacher writes several per word), never fewer."""
+    limit = ctx.config.max_new_tokens
+    if pair.aligner is None:
+        return limit
+    decode = text_decoder(ctx.student.tokenizer)
+    texts = [decode(ids) for ids in ctx.rollouts.response_ids]
+    own = sum(len(ids) for ids in pair.tokenizer(texts, add_special_tokens=False)["input_ids"])
+    student = sum(len(ids) for ids in ctx.rollouts.response_ids)
+    return max(limit, -(-limit * own // max(student, 1)))
+
+
 def _teacher_inputs(pair: Pair, ctx: Baseline, rows: slice):
     """The teacher's rows for scoring: its prompt rendering around the student's responses."""
     index = ctx.rollouts.prompt_index[rows].tolist()
     return pack([pair.prompt_rows[i] for i in index], ctx.rollouts.response_ids[rows],
                 pair.tokenizer.pad_token_id)
 
+
+def _text_inputs(pair: Pair, ctx: Baseline, rows: slice) -> TextInputs:
+    """What a teacher with another vocabulary scores: its prompt texts and the student's
+    responses, which it re-tokenizes."""
+    index = ctx.rollouts.prompt_index[rows].tolist()
+    return TextInputs([pair.prompt_texts[i] for i in index], ctx.rollouts.response_ids[rows],
+                      (~ctx.rollouts.truncated[rows]).tolist())
+
+
+ACROSS_TOKENIZERS = {
+    "student": "exact: the student's rollouts, accuracy and continuations are its own",
+    "pattern": "approximate: every measure but reverse_kl is taken at the aligned positions "
+               "only (aligned_share of the student's tokens: one token on each side, of texts "
+               "the vocabulary map pairs), on the shared vocabulary (each side's top-k among "
+               "the paired tokens); at the other positions it is not taken",
+    "reverse_kl": "approximate: at a position that does not align, the sampled token's share "
+                  "of its span's teacher log-prob",
+    "global_signal": "approximate: the sequence reward is the mean of reverse_kl",
+    "continuation": "approximate: the teacher continues its own re-tokenization of the "
+                    "student's prefix (the same text, not the same tokens or random numbers), "
+                    "max_new_tokens scaled by its tokens per student token on the rollouts; "
+                    "novelty and horizon read it",
+    "accuracy_own_template": "exact: the teacher's own attempts, with its own tokenizer",
+    "template": "not applicable: across tokenizers OPD shows the teacher its own rendering of "
+                "the prompt",
+}
+"""For a teacher with another tokenizer: which parts of its diagnosis are exact, which are
+approximate and why (diagnosis.json: teacher.across_tokenizers.measures)."""
 
 SHARES = ("overlap_share_student", "overlap_share_teacher")
 """Per token, the share of each model's own top-k probability that sits on tokens both rank in
@@ -300,14 +379,17 @@ against itself whatever its entropy."""
 
 def _measures_at(ks: Sequence[int]):
     """The measures consumer of the scoring pass: every token measure and both overlap shares
-    for each k, named `measure@k`."""
+    for each k, named `measure@k`. Across tokenizers (`aligned` given) the student's top-k mass
+    is taken among the tokens the teacher's vocabulary pairs, as its top-k in `token_measures`."""
     def measure(student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
-                teacher_entropy: torch.Tensor | None = None):
+                teacher_entropy: torch.Tensor | None = None, aligned: torch.Tensor | None = None):
         values = {}
+        student_side = (student_lp if aligned is None
+                        else student_lp.masked_fill(~known(teacher_lp), -torch.inf))
         for k in ks:
-            at_k = token_measures(student_lp, teacher_lp, targets, k, teacher_entropy)
+            at_k = token_measures(student_lp, teacher_lp, targets, k, teacher_entropy, aligned)
             share_student, share_teacher = SHARES
-            at_k[share_student] = at_k[M.OVERLAP_MASS_STUDENT] / topk_mass(student_lp, k)
+            at_k[share_student] = at_k[M.OVERLAP_MASS_STUDENT] / topk_mass(student_side, k)
             at_k[share_teacher] = at_k[M.OVERLAP_MASS_TEACHER] / topk_mass(teacher_lp, k)
             values.update({f"{name}@{k}": value for name, value in at_k.items()})
         return values
@@ -329,9 +411,14 @@ def _score(left: Pair, right: Pair, ctx: Baseline, k: Sequence[int]) -> dict[str
     for start in range(0, rollouts.input_ids.shape[0], size):
         part = slice(start, start + size)
         left_states = response_states(left.model, *_teacher_inputs(left, ctx, part))
-        right_inputs = _teacher_inputs(right, ctx, part)
-        teacher = (right.served.logprobs(right_inputs, left_states, left_head) if right.served
-                   else LocalTeacher(response_states(right.model, *right_inputs), right_head))
+        if right.aligner is not None:
+            teacher = right.aligner.logprobs(_text_inputs(right, ctx, part), None, left_head)
+        elif right.served:
+            teacher = right.served.logprobs(_teacher_inputs(right, ctx, part), left_states,
+                                            left_head)
+        else:
+            teacher = LocalTeacher(response_states(right.model, *_teacher_inputs(right, ctx, part)),
+                                   right_head)
         scores = score(left_states, teacher, student_head=left_head, measures=_measures_at(k))
         for name, value in scores.measures.items():
             columns.setdefault(name, []).append(value.cpu())
@@ -347,9 +434,12 @@ def _score(left: Pair, right: Pair, ctx: Baseline, k: Sequence[int]) -> dict[str
 
 
 def _row_means(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> list[float]:
-    sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, values.double())
-    ones = torch.ones(rows.shape[0], dtype=torch.float64)
-    counts = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, ones)
+    """The mean of `values` in each of `n_rows` rows, NaN entries left out (a measure not
+    taken there, as `position_totals`)."""
+    taken = ~values.isnan()
+    sums = torch.zeros(n_rows, dtype=torch.float64).index_add_(
+        0, rows, torch.where(taken, values.double(), 0.0))
+    counts = torch.zeros(n_rows, dtype=torch.float64).index_add_(0, rows, taken.double())
     return (sums / counts.clamp(min=1)).tolist()
 
 
@@ -370,6 +460,9 @@ def _template_check(teacher: Pair, ctx: Baseline) -> dict[str, Any]:
     prompt rows) minus under the student's rendering: a mean over each rollout's tokens, then
     mean and prompt-clustered SE over rollouts. It applies when OPD shows the teacher the
     student's rendering (teacher_prompt student)."""
+    if teacher.aligner is not None:
+        return {"identical": False, "applies": False, "gap": None, "se": None,
+                "note": ACROSS_TOKENIZERS["template"]}
     asked = _as_student_rendering(teacher, ctx)
     applies = ctx.config.teacher_prompt == "student"
     if teacher.prompt_rows == asked.prompt_rows:
@@ -402,6 +495,13 @@ def _response_rows(ctx: Baseline) -> torch.Tensor:
 
 def _as_student_rendering(teacher: Pair, ctx: Baseline) -> Pair:
     return replace(teacher, prompt_rows=ctx.student.prompt_rows)
+
+
+def _asked(teacher: Pair, ctx: Baseline) -> Pair:
+    """The teacher with the prompt as OPD will show it: its own rendering under teacher_prompt
+    own, and always across tokenizers (as cross_tokenizer_kl trains); else the student's."""
+    own = ctx.config.teacher_prompt == "own" or teacher.aligner is not None
+    return teacher if own else _as_student_rendering(teacher, ctx)
 
 
 def _continuation_curve(pair: Pair, ctx: Baseline) -> tuple[list[dict[str, Any]], list[list[bool]]]:
@@ -451,7 +551,7 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
     config = ctx.config
     texts = [render_prompt(r.messages, pair.tokenizer, config.teacher_template) for r in ctx.records]
     out = _generate(pair, config, texts, ctx.meter, n=config.samples_per_prompt,
-                            max_new_tokens=config.max_new_tokens,
+                            max_new_tokens=_new_tokens(pair, ctx),
                             temperature=config.capability_temperature,
                             top_p=config.top_p, seed=config.seed + 2, batch_size=config.batch_size)
     ctx.cost["teacher_rollouts"] += len(out.response_ids)
@@ -464,7 +564,7 @@ def _accuracy_own(pair: Pair, ctx: Baseline) -> float:
 def measure_teacher(teacher: Pair, ctx: Baseline, times: dict[str, float]) -> dict[str, Any]:
     """Everything about one teacher on the student's states, with its verdict."""
     config, t = ctx.config, ctx.config.thresholds
-    asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
+    asked = _asked(teacher, ctx)
     out: dict[str, Any] = {"path": teacher.path,
                            "entropy": teacher.served.entropy if teacher.served else "exact"}
     with timed(f"{teacher.name}_scoring", times):
@@ -493,13 +593,33 @@ def measure_teacher(teacher: Pair, ctx: Baseline, times: dict[str, float]) -> di
         fraction = out["horizon"]["fraction"] if out["horizon"] else None
         out["recommended_max_new_tokens"] = _recommended_length(out["horizon"])
     shares = out["pattern"]["by_k"][str(t.pattern_k)]["overall"]
+    out["across_tokenizers"] = _across_tokenizers(teacher, shares)
     out["summary"] = {
         "overlap_share": min(shares["overlap_share_student"], shares["overlap_share_teacher"]),
         "novelty": novelty, "advantage": advantage, "horizon_fraction": fraction,
-        "template": out["template"],
+        "template": out["template"], "across_tokenizers": teacher.aligner is not None,
     }
     out["decision"] = decide(out["summary"], t).as_dict()
     return out
+
+
+def _across_tokenizers(teacher: Pair, overall: dict[str, Any]) -> dict[str, Any] | None:
+    """For a teacher with another tokenizer: the share of the student's tokens at aligned
+    positions, the size of the shared vocabulary and `ACROSS_TOKENIZERS`; None otherwise. With
+    no aligned position there is no pattern to judge: an OPDError says so."""
+    if teacher.aligner is None:
+        return None
+    vocab_map = teacher.aligner.vocab_map
+    shared, size = int((vocab_map >= 0).sum()), int(vocab_map.numel())
+    if overall[SHARES[0]] is None:
+        raise OPDError(f"cross_tokenizer: no token of the student's rollouts aligns one to one "
+                       f"with a token of {teacher.path}'s re-tokenization on their shared "
+                       f"vocabulary ({shared} of the student's {size} tokens have a "
+                       "counterpart), so the pattern check has nothing to read; a longer "
+                       "--max-new-tokens helps when every rollout is cut, else this pair can be "
+                       "judged only by training (objective cross_tokenizer_kl)")
+    return {"aligned_share": overall[M.ALIGNED_SHARE], "shared_vocabulary": shared,
+            "student_vocabulary": size, "measures": ACROSS_TOKENIZERS}
 
 
 def _recommended_length(point: dict[str, Any] | None) -> int | None:
@@ -577,7 +697,7 @@ def alignment_by_prompt(config: DiagnoseConfig, records: Sequence[PromptRecord],
     teacher = _render(teacher, records, config.teacher_template)
     shape = _shape(config, records, student, [teacher])
     ctx = _student_baseline(config, records, student, WorkMeter(0, enabled=False), shape)
-    asked = teacher if config.teacher_prompt == "own" else _as_student_rendering(teacher, ctx)
+    asked = _asked(teacher, ctx)
     scored = _score(student, asked, ctx, [k])
     values = scored["measures"][k]
     token_prompt = ctx.rollouts.prompt_index[scored["rows"]]
@@ -634,6 +754,14 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
         meter.stage("student rollouts")
         ctx = _student_baseline(config, records, student, meter, shape)
     results = [measure_teacher(teacher, ctx, times) for teacher in teachers]
+    across = results[0]["across_tokenizers"]
+    if across is not None:
+        warnings.append(
+            f"teacher: another tokenizer; the pattern measures read only the "
+            f"{across['aligned_share']:.0%} of the student's tokens that align one to one, on "
+            f"the shared vocabulary ({across['shared_vocabulary']} of the student's "
+            f"{across['student_vocabulary']} tokens have a counterpart); "
+            "teacher.across_tokenizers says what is approximate")
     diagnosis: dict[str, Any] = {
         "verdict": results[0]["decision"]["verdict"],
         "inputs": {k: v for k, v in asdict(config).items() if k not in {"thresholds", "progress"}},
@@ -665,7 +793,8 @@ def _shape(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pai
         rollouts=len(records) * config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
         depths=len(config.depths), teachers=len(teachers),
         answers=all(r.answer is not None for r in records),
-        template_checks=sum(t.prompt_rows != student.prompt_rows for t in teachers),
+        template_checks=sum(t.aligner is None and t.prompt_rows != student.prompt_rows
+                            for t in teachers),
         teacher_pairs=int(len(teachers) > 1))
 
 

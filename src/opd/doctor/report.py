@@ -59,6 +59,7 @@ def measure_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
         template = result["template"]
         rows.append((f"{name} template gap (nats/token)",
                      "same rendering" if template["identical"]
+                     else template["note"] if template["gap"] is None
                      else f"{fmt(template['gap'])} ± {fmt(template['se'])}"))
         if result.get("continuation"):
             greedy = diagnosis["inputs"]["capability_temperature"]
@@ -132,6 +133,14 @@ def _markdown(diagnosis: dict[str, Any]) -> str:
         *table(("check", "measured", "threshold", "margin", "passed"), evidence_rows(diagnosis)), "",
         "## Measures", "", *table(("measure", "value"), measure_rows(diagnosis)), "",
     ]
+    across = diagnosis["teacher"].get("across_tokenizers")
+    if across:
+        lines += ["## Across tokenizers", "",
+                  f"The teacher has another tokenizer: {fmt(across['aligned_share'])} of the "
+                  f"student's tokens align one to one, on a shared vocabulary of "
+                  f"{across['shared_vocabulary']} of the student's {across['student_vocabulary']} "
+                  "tokens.", "",
+                  *table(("part", "exact or approximate"), list(across["measures"].items())), ""]
     if diagnosis["warnings"]:
         lines += ["## Warnings", "", *[f"- {w}" for w in diagnosis["warnings"]], ""]
     advice = diagnosis["teacher"]["decision"]["advice"]

@@ -139,7 +139,9 @@ def decide(summary: dict[str, Any], thresholds: Thresholds) -> Decision:
     `summary` keys: `overlap_share` (min of both sides at pattern_k), `novelty` ({mean, se} of
     the advantage on unsolved prompts, or None without answers), `advantage` ({mean, se} on
     all prompts at the shallowest depth, or None), `horizon_fraction` (None = no horizon
-    within the measured depths), `template` ({gap, se, applies})."""
+    within the measured depths), `template` ({gap, se, applies}), `across_tokenizers` (True for
+    a teacher with another tokenizer, which OPD always shows its own rendering: no template
+    advice)."""
     t = thresholds
     checks: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
@@ -208,7 +210,7 @@ def decide(summary: dict[str, Any], thresholds: Thresholds) -> Decision:
         verdict = "pattern-mismatch"
         advice.insert(0, "off-policy cold start: fine-tune the student on the teacher's verified "
                          "responses first, then run OPD (`opd cold-start`)")
-        if not template_fires:
+        if not template_fires and not summary.get("across_tokenizers"):
             advice.append("if the teacher was post-trained with another prompt template, use it "
                           "(teacher_prompt: own)")
     elif novel is False or reverse:

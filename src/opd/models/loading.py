@@ -350,21 +350,35 @@ def original_config(changed: list[ConfigValue]) -> Iterator[None]:
             setattr(config, name, type(value)(0))
 
 
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
-    """Token-level OPD scores the student's token ids with the teacher: the two vocabularies
-    must map every id to the same token. Stop at the first id where they differ."""
+def vocabulary_difference(student_tokenizer, teacher_tokenizer) -> tuple[int, str | None,
+                                                                          str | None] | None:
+    """The first id at which two vocabularies map to different tokens, with both tokens (None
+    where a side has no such id); None when they map every id alike."""
     student_vocab = {i: t for t, i in student_tokenizer.get_vocab().items()}
     teacher_vocab = {i: t for t, i in teacher_tokenizer.get_vocab().items()}
     for token_id in range(max(len(student_vocab), len(teacher_vocab))):
         left, right = student_vocab.get(token_id), teacher_vocab.get(token_id)
         if left != right:
-            raise OPDError(
-                "tokenizer mismatch: token-level OPD needs the student and teacher to share one "
-                f"vocabulary. Student {student!r} ({len(student_vocab)} tokens) and teacher "
-                f"{teacher!r} ({len(teacher_vocab)} tokens) first differ at id {token_id}: "
-                f"{left!r} vs {right!r}. Pick a teacher from the same tokenizer family, or "
-                "distil across tokenizers with objective cross_tokenizer_kl."
-            )
+            return token_id, left, right
+    return None
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, teacher: str,
+                          across: str = "distil across tokenizers with objective "
+                                        "cross_tokenizer_kl") -> None:
+    """Token-level OPD scores the student's token ids with the teacher: the two vocabularies
+    must map every id to the same token. Stop at the first id where they differ, saying how to
+    work `across` tokenizers instead."""
+    difference = vocabulary_difference(student_tokenizer, teacher_tokenizer)
+    if difference is not None:
+        token_id, left, right = difference
+        raise OPDError(
+            "tokenizer mismatch: token-level OPD needs the student and teacher to share one "
+            f"vocabulary. Student {student!r} ({len(student_tokenizer.get_vocab())} tokens) and "
+            f"teacher {teacher!r} ({len(teacher_tokenizer.get_vocab())} tokens) first differ at "
+            f"id {token_id}: {left!r} vs {right!r}. Pick a teacher from the same tokenizer "
+            f"family, or {across}."
+        )
 
 
 @dataclass

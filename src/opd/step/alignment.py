@@ -190,6 +190,10 @@ class TokenAlignment:
     orphan: torch.Tensor
     """[M] True for student tokens of a span with no teacher token (text the teacher has
     nothing of, e.g. a response of special tokens only): they get no signal."""
+    span_start: torch.Tensor
+    """[M] at the first student token of a span that is not exact and has teacher tokens, the
+    span's first teacher token (both predict the text after the same characters); −1
+    elsewhere."""
 
     def span_logprobs(self, teacher_token_lp: torch.Tensor) -> torch.Tensor:
         """[M] each student token's share of its span's teacher log-prob, from the teacher's
@@ -212,7 +216,7 @@ def align_tokens(student_rows: Sequence[Sequence[int]], teacher_rows: Sequence[S
     """The `TokenAlignment` of a batch from each row's ids and `char_ends` on both sides; a
     one-to-one span is exact when `vocab_map` pairs its student id with its teacher id."""
     exact: list[int] = []
-    student, teacher, weight, orphan = [], [], [], []
+    student, teacher, weight, orphan, span_start = [], [], [], [], []
     student_offset = teacher_offset = 0
     for s_ids, t_ids, s_ends, t_ends in zip(student_rows, teacher_rows, student_ends,
                                             teacher_ends, strict=True):
@@ -223,6 +227,8 @@ def align_tokens(student_rows: Sequence[Sequence[int]], teacher_rows: Sequence[S
             is_exact = one_to_one and int(vocab_map[s_ids[s0]]) == t_ids[t0]
             exact.append(teacher_offset + t0 if is_exact else -1)
             exact += [-1] * (s1 - s0 - 1)
+            span_start.append(teacher_offset + t0 if not is_exact and t1 > t0 else -1)
+            span_start += [-1] * (s1 - s0 - 1)
             orphan += [t1 == t0] * (s1 - s0)
             for i in range(s0, s1):
                 for j in range(t0, t1):
@@ -235,4 +241,5 @@ def align_tokens(student_rows: Sequence[Sequence[int]], teacher_rows: Sequence[S
                           torch.tensor(student, dtype=torch.long),
                           torch.tensor(teacher, dtype=torch.long),
                           torch.tensor(weight, dtype=torch.float64),
-                          torch.tensor(orphan, dtype=torch.bool))
+                          torch.tensor(orphan, dtype=torch.bool),
+                          torch.tensor(span_start, dtype=torch.long))

@@ -139,7 +139,8 @@ REST_FLOOR = 1e-8
 puts mass there where the teacher's vocabulary is all mapped pays a large, finite price."""
 
 
-def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=None):
+def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=None,
+                            sorted_teacher=None):
     """Reverse KL across tokenizers (docs/method.md#across-tokenizers), per student position.
 
     At an exact position (`aligned` [N] True; every position for None) `teacher_lp` holds the
@@ -151,6 +152,12 @@ def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=Non
     `teacher_lp` knows only the sampled token's entry, its share of the teacher's log-prob of
     the whole span, and the loss is the sampled-token policy gradient with that reward (none
     where it is −inf: no teacher text).
+
+    With `config.sorted_weight` and `sorted_teacher` [N, V] (the teacher's probabilities in
+    decreasing order at the first token of each span that does not align, NaN rows elsewhere:
+    `TeacherChunk.sorted_probs`) it adds, there, that weight times ULD's distance between the
+    two sorted probability vectors, Σ_r |p_(r) − q_(r)|: a distribution-level term that needs
+    no vocabulary map, blind to which token holds which rank.
     """
     support = known(teacher_lp)
     student_p = student_lp.exp()
@@ -166,7 +173,15 @@ def cross_tokenizer_kl_loss(student_lp, teacher_lp, targets, config, aligned=Non
     teacher = _gather(teacher_lp, targets)
     scored = known(teacher)
     reward = torch.where(scored, teacher - student.detach(), torch.zeros_like(student)).detach()
-    return torch.where(aligned, exact, -reward * student)
+    loss = torch.where(aligned, exact, -reward * student)
+    if sorted_teacher is None or not config.sorted_weight:
+        return loss
+    starts = ~sorted_teacher[:, 0].isnan()
+    if not starts.any():
+        return loss
+    ranked = student_p.sort(-1, descending=True).values
+    distance = (ranked - sorted_teacher.nan_to_num(0.0).to(ranked)).abs().sum(-1)
+    return loss + config.sorted_weight * torch.where(starts, distance, 0.0)
 
 
 Objective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ObjectiveConfig"], torch.Tensor]
@@ -183,12 +198,15 @@ assert tuple(OBJECTIVES) == choices.OBJECTIVES
 
 
 def distillation_loss(student_lp, teacher_lp, targets, config: ObjectiveConfig,
-                      aligned: torch.Tensor | None = None) -> torch.Tensor:
+                      aligned: torch.Tensor | None = None,
+                      sorted_teacher: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position loss [N] of the configured objective; `aligned` [N] marks the exact
-    positions of a teacher with another vocabulary (given only with `cross_tokenizer_kl`)."""
+    positions of a teacher with another vocabulary, and `sorted_teacher` [N, V] gives its
+    sorted probabilities at span starts (both only with `cross_tokenizer_kl`)."""
     if aligned is None:
         return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config)
-    return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config, aligned=aligned)
+    return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config, aligned=aligned,
+                                   sorted_teacher=sorted_teacher)
 
 
 def reference_kl_penalty(student_token_lp: torch.Tensor, reference_token_lp: torch.Tensor):
@@ -263,14 +281,14 @@ class TokenLoss:
                        reference_lp=pick(self.reference_lp), behaviour_lp=pick(self.behaviour_lp))
 
     def chunk(self, student_lp: torch.Tensor, teacher_lp: torch.Tensor, targets: torch.Tensor,
-              token_lp: torch.Tensor, part: slice,
-              aligned: torch.Tensor | None = None) -> torch.Tensor:
-        """The weighted loss summed over the positions `part` of the micro-batch (`aligned`: as
-        for `distillation_loss`)."""
+              token_lp: torch.Tensor, part: slice, aligned: torch.Tensor | None = None,
+              sorted_teacher: torch.Tensor | None = None) -> torch.Tensor:
+        """The weighted loss summed over the positions `part` of the micro-batch (`aligned`,
+        `sorted_teacher`: as for `distillation_loss`)."""
         per_token = torch.zeros_like(token_lp)
         if self.distill_weight:
             per_token = per_token + self.distill_weight * distillation_loss(
-                student_lp, teacher_lp, targets, self.objective, aligned
+                student_lp, teacher_lp, targets, self.objective, aligned, sorted_teacher
             )
         if self.advantage is not None:
             per_token = per_token - self.advantage[part] * token_lp

@@ -154,6 +154,10 @@ class TeacherChunk:
     `log_probs` maps the teacher's distribution onto the student's vocabulary; elsewhere it
     knows only the sampled token's share of its span's teacher log-prob
     (`objectives.cross_tokenizer_kl_loss`)."""
+    sorted_probs: torch.Tensor | None = None
+    """[n, V] for a teacher with another vocabulary asked for them (`objective.sorted_weight`):
+    at the first token of a span that does not align, the teacher's probabilities there in
+    decreasing order (its first V ranks; zeros past its own vocabulary); NaN rows elsewhere."""
 
 
 class TeacherLogprobs(Protocol):
@@ -191,6 +195,8 @@ class AlignedTeacher:
     targets: torch.Tensor
     """[M] the student's response tokens."""
     temperature: float = 1.0
+    sorted_ranks: bool = False
+    """Also give `TeacherChunk.sorted_probs` (for `objective.sorted_weight`)."""
 
     def __post_init__(self) -> None:
         self.span_lp = self.alignment.span_logprobs(self._token_logprobs())
@@ -220,7 +226,21 @@ class AlignedTeacher:
             mapped = teacher_lp[:, vocab_map.clamp(min=0)]
             log_probs[aligned] = mapped.masked_fill(vocab_map < 0, UNKNOWN_LOGPROB)
             entropy[aligned] = -(teacher_lp.exp() * teacher_lp).sum(-1)
-        return TeacherChunk(log_probs, entropy, aligned)
+        sorted_probs = self._sorted_probs(part, device) if self.sorted_ranks else None
+        return TeacherChunk(log_probs, entropy, aligned, sorted_probs)
+
+    def _sorted_probs(self, part: slice, device: torch.device) -> torch.Tensor:
+        """`TeacherChunk.sorted_probs` of the positions `part`: [n, student V]."""
+        starts = self.alignment.span_start[part].to(device)
+        size = self.vocab_map.shape[0]
+        out = torch.full((starts.shape[0], size), torch.nan, device=device)
+        rows = starts >= 0
+        if rows.any():
+            hidden = self.states.hidden[starts[rows].to(self.states.hidden.device)].to(device)
+            probs = (self.head(hidden) / self.temperature).softmax(-1)
+            ranked = probs.topk(min(size, probs.shape[-1]), dim=-1).values
+            out[rows] = torch.nn.functional.pad(ranked, (0, size - ranked.shape[-1]))
+        return out
 
 
 @dataclass
@@ -259,7 +279,8 @@ def _score_chunk(student_hidden: torch.Tensor, teacher: TeacherChunk, targets: t
     if teacher.aligned is not None:
         exact["aligned"] = teacher.aligned
     with shared_topk():
-        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part, teacher.aligned)
+        total = (loss.chunk(student_lp, teacher_lp, targets, token_lp, part, teacher.aligned,
+                            teacher.sorted_probs)
                  if loss is not None else token_lp.new_zeros(()))
         values = measures(student_lp, teacher_lp, targets, **exact) if measures is not None else {}
     return {"loss": total, "token_lp": token_lp.detach(), "measures": values}

@@ -97,7 +97,7 @@ class TextInputs:
                           [self.ended[i] for i in picked])
 
 
-def _decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+def text_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
     """ids → the text they stand for, special tokens left out (as the rollouts' texts)."""
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True,
                                         clean_up_tokenization_spaces=False)
@@ -114,8 +114,10 @@ class RetokenizingTeacher:
     reads_text = True
 
     def __init__(self, model: torch.nn.Module, tokenizer, student_tokenizer, temperature: float,
-                 student_vocab: int, max_prompt_tokens: int | None = None) -> None:
+                 student_vocab: int, max_prompt_tokens: int | None = None,
+                 sorted_ranks: bool = False) -> None:
         self.model, self.head, self.temperature = model, output_head(model), temperature
+        self.sorted_ranks = sorted_ranks
         self.tokenizer, self.student_tokenizer = tokenizer, student_tokenizer
         self.max_prompt_tokens = max_prompt_tokens
         self.vocab_map = vocabulary_map(student_tokenizer, tokenizer, student_vocab,
@@ -130,7 +132,8 @@ class RetokenizingTeacher:
     @torch.no_grad()
     def logprobs(self, inputs: TextInputs, student: ResponseStates | None,
                  student_head: Head) -> TeacherLogprobs:
-        student_decode, teacher_decode = _decoder(self.student_tokenizer), _decoder(self.tokenizer)
+        student_decode = text_decoder(self.student_tokenizer)
+        teacher_decode = text_decoder(self.tokenizer)
         texts = [student_decode(ids) for ids in inputs.responses]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         teacher_rows = [[*ids, self._stop(student_ids[-1])] if ended else ids
@@ -147,7 +150,7 @@ class RetokenizingTeacher:
         packed = pack(prompts, teacher_rows, pad_token_id(self.tokenizer))
         targets = torch.tensor([i for ids in inputs.responses for i in ids], dtype=torch.long)
         return AlignedTeacher(response_states(self.model, *packed), self.head, alignment,
-                              self.vocab_map, targets, self.temperature)
+                              self.vocab_map, targets, self.temperature, self.sorted_ranks)
 
 
 @dataclass
@@ -230,7 +233,7 @@ def _load(path: str, role: str, config: TrainConfig, models: TrainingModels,
         if cross:
             return RetokenizingTeacher(model, tokenizer, models.tokenizer,
                                        objective.teacher_temperature, vocab_size(models.student),
-                                       config.max_prompt_tokens)
+                                       config.max_prompt_tokens, objective.sorted_weight > 0)
         return InProcessTeacher(model, objective.teacher_temperature)
     vocab = vocab_size(models.student)
     client = TeacherClient(path, timeout=config.teacher_timeout)
