@@ -12,6 +12,8 @@ from typing import Any
 from opd.config.choices import (
     AGGREGATIONS,
     CANDIDATE_SETS,
+    CONTROL_NONE,
+    CONTROLS,
     CROSS_TOKENIZER,
     ENGINES,
     FORWARD_KL_OBJECTIVES,
@@ -74,6 +76,17 @@ class ObjectiveConfig(Config):
                           "KL(student‖teacher).", minimum=0, maximum=1)
     teacher_temperature: float = setting(1.0, "Temperature applied to the teacher's logits "
                                          "before its log-softmax.", above=0)
+    control: str = setting("none", "Replace the teacher's signal by a control, to measure how "
+                           "much of a run's gain depends on the teacher: none (real OPD), "
+                           "constant (every token gets the mean sampled-token reward as its "
+                           "advantage) or shuffled (the teacher's log-probs permuted across "
+                           "positions).", choices=CONTROLS)
+
+    def check(self) -> None:
+        if self.control != CONTROL_NONE and self.name == CROSS_TOKENIZER:
+            raise OPDError("objective.control: the controls need the teacher's log-probs on the "
+                           "student's vocabulary; set objective.control=none with "
+                           "cross_tokenizer_kl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +272,11 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
         check_teacher_urls(self.teachers, teacher=self.teacher)
         if self.distill_weight and any(is_url(t) for t in (self.teacher, *self.teachers.values())):
             check_served_teacher(self.objective.name, self.teacher_prompt)
+            if self.objective.control != CONTROL_NONE:
+                raise OPDError("objective.control: a served teacher sends only some entries, "
+                               "which a control would move to positions they do not belong "
+                               "to; give the teacher as a model folder, or objective.control="
+                               "none")
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.tis_cap and self.rollout_engine == "hf" and not self.max_staleness:
