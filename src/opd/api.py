@@ -238,6 +238,13 @@ class Diagnosis:
     def advice(self) -> tuple[str, ...]:
         return self.teacher.advice
 
+    @property
+    def control(self) -> dict[str, Any] | None:
+        """Does the teacher matter (`control=True`): accuracy before and after the short run
+        with the teacher's signal (`none`) and each control, the gains, and each control's
+        `teacher_share` of the gain; None without `control`."""
+        return self.data.get("control")
+
     def table(self) -> str:
         """The evidence as text: one line per check (value, threshold, margin, passed)."""
         lines = [f"verdict: {self.verdict}"]

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from opd.config.choices import CONTROL_NONE
 from opd.io import fmt, write_text_atomic
 from opd.run.report import save_figure
 
@@ -81,6 +82,24 @@ def measure_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def control_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Does the teacher matter (`--control`): accuracy after each short run, its gain, and the
+    share of the teacher's gain each control does not reproduce; none without `--control`."""
+    control = diagnosis.get("control")
+    if not control:
+        return []
+    rows = [(f"accuracy before ({control['prompts']} prompts, greedy)",
+             fmt(control["accuracy_before"]), "", "")]
+    for signal, after in control["accuracy_after"].items():
+        label = "teacher" if signal == CONTROL_NONE else f"{signal} control"
+        rows.append((f"after {control['steps']} steps, {label}", fmt(after),
+                     fmt(control["gain"][signal]), fmt(control["teacher_share"].get(signal))))
+    return rows
+
+
+CONTROL_HEADER = ("run", "accuracy", "gain", "share of the teacher's gain that needs the teacher")
+
+
 def cost_line(diagnosis: dict[str, Any]) -> str:
     cost = diagnosis["cost"]
     run = cost["training_run"]
@@ -109,6 +128,13 @@ def print_table(diagnosis: dict[str, Any]) -> None:
     for row in measure_rows(diagnosis):
         measures.add_row(*row)
     console.print(measures)
+    if control_rows(diagnosis):
+        control = Table(title="does the teacher matter? (--control)")
+        for column in CONTROL_HEADER:
+            control.add_column(column)
+        for row in control_rows(diagnosis):
+            control.add_row(*row)
+        console.print(control)
     for line in diagnosis["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {line}")
     for line in diagnosis["teacher"]["decision"]["advice"]:
@@ -132,6 +158,11 @@ def _markdown(diagnosis: dict[str, Any]) -> str:
         *table(("check", "measured", "threshold", "margin", "passed"), evidence_rows(diagnosis)), "",
         "## Measures", "", *table(("measure", "value"), measure_rows(diagnosis)), "",
     ]
+    if control_rows(diagnosis):
+        lines += ["## Does the teacher matter?", "",
+                  "The same short OPD run with the teacher's signal and with controls that carry "
+                  "no teacher information (docs/diagnose.md#does-the-teacher-matter):", "",
+                  *table(CONTROL_HEADER, control_rows(diagnosis)), ""]
     if diagnosis["warnings"]:
         lines += ["## Warnings", "", *[f"- {w}" for w in diagnosis["warnings"]], ""]
     advice = diagnosis["teacher"]["decision"]["advice"]
