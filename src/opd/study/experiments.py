@@ -106,6 +106,8 @@ EXPERIMENTS: dict[str, Spec] = {
                                    {"strategy": "symmetric-difference"}),
     "opd-sampled": OPDRun("student", "teacher-aligned", {"name": "sampled"}),
     **{f"opd-top{k}": OPDRun("student", "teacher-aligned", {"k": k}) for k in (1, 4, 16, 64)},
+    **{f"opd-{pair}-{control}": OPDRun("student", f"teacher-{pair}", {"control": control})
+       for pair in ("aligned", "foreign") for control in ("constant", "shuffled")},
     "diagnose-aligned": DiagnoseRun("teacher-aligned"),
     "diagnose-foreign": DiagnoseRun("teacher-foreign"),
     "cold-start-foreign": ColdStart("teacher-foreign"),
