@@ -239,6 +239,13 @@ class Diagnosis:
         return self.teacher.advice
 
     @property
+    def forecast(self) -> dict[str, Any]:
+        """The forecast of the gap recovery of the planned run (docs/diagnose.md#forecast):
+        `shown`, and then `expected`, `low`, `high` (80%), the `measurement` that drove it and
+        its `value`, the calibration behind it and `notes`; or `reason` why there is none."""
+        return self.data["forecast"]
+
+    @property
     def control(self) -> dict[str, Any] | None:
         """Does the teacher matter (`control=True`): accuracy before and after the short run
         with the teacher's signal (`none`) and each control, the gains, and each control's

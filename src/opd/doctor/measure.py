@@ -41,6 +41,7 @@ from opd.config.settings import group, setting
 from opd.config.training import PROFILES as TRAIN_PROFILES
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_of
 from opd.doctor.control import measure_control
+from opd.doctor.forecast import forecast_for, load_fit
 from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
@@ -651,12 +652,17 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
         meter.stage("student rollouts")
         ctx = _student_baseline(config, records, student, meter, shape)
     results = [measure_teacher(teacher, ctx, times) for teacher in teachers]
+    fit = load_fit()
+    for result in results:
+        result["forecast"] = forecast_for(result["decision"]["checks"], fit,
+                                          {"steps": config.train_steps})
     diagnosis: dict[str, Any] = {
         "verdict": results[0]["decision"]["verdict"],
         "inputs": {k: v for k, v in asdict(config).items() if k not in {"thresholds", "progress"}},
         "thresholds": asdict(config.thresholds),
         "student": _student_summary(ctx),
         "teacher": results[0],
+        "forecast": results[0]["forecast"],
         "teacher2": None,
         "warnings": warnings + results[0]["decision"]["warnings"],
     }

@@ -97,6 +97,41 @@ def control_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def forecast_line(forecast: dict[str, Any]) -> str:
+    """The forecast in one line: expected gap recovery, 80% interval and what drove it, or
+    why there is none."""
+    if not forecast["shown"]:
+        return f"no forecast: {forecast['reason']}"
+    fitted = forecast["fitted_on"]
+    text = (f"expected gap recovery {forecast['expected']:.2f} [{forecast['low']:.2f}, "
+            f"{forecast['high']:.2f}] (80%), from {forecast['measurement']} = "
+            f"{forecast['value']:.3f}; fitted on {forecast['rows']} runs of "
+            f"{len(forecast['pairs'])} pairs ({fitted.get('world')}, {fitted.get('steps')} "
+            f"steps), held out: error {forecast['held_out_mae']:.3f} vs "
+            f"{forecast['mean_baseline_mae']:.3f} for the mean, "
+            f"{100 * forecast['held_out_coverage']:.0f}% inside the interval")
+    return "; ".join([text, *forecast["notes"]])
+
+
+def ranking_rows(diagnoses: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Teachers ranked by their forecast's expected gap recovery, interval beside (those
+    without a forecast last, in name order, with the reason)."""
+    def key(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, str]:
+        forecast = item[1]["forecast"]
+        return (not forecast["shown"], -forecast.get("expected", 0.0), item[0])
+
+    rows = []
+    for name, diagnosis in sorted(diagnoses.items(), key=key):
+        forecast = diagnosis["forecast"]
+        if forecast["shown"]:
+            rows.append((name, diagnosis["verdict"], f"{forecast['expected']:.2f}",
+                         f"[{forecast['low']:.2f}, {forecast['high']:.2f}]"))
+        else:
+            rows.append((name, diagnosis["verdict"], "–", forecast["reason"]))
+    return rows
+
+
+RANKING_HEADER = ("teacher", "verdict", "forecast gap recovery", "80% interval")
 CONTROL_HEADER = ("run", "accuracy", "gain", "share of the teacher's gain that needs the teacher")
 
 
@@ -139,7 +174,21 @@ def print_table(diagnosis: dict[str, Any]) -> None:
         console.print(f"[yellow]warning:[/yellow] {line}")
     for line in diagnosis["teacher"]["decision"]["advice"]:
         console.print(f"[green]advice:[/green] {line}")
+    console.print(f"forecast: {forecast_line(diagnosis['forecast'])}")
     console.print(cost_line(diagnosis))
+
+
+def print_ranking(diagnoses: dict[str, dict[str, Any]]) -> None:
+    """Several teachers' diagnoses, ranked by forecast (`opd diagnose --set teachers=…`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ranking = Table(title="teachers ranked by forecast")
+    for column in RANKING_HEADER:
+        ranking.add_column(column)
+    for row in ranking_rows(diagnoses):
+        ranking.add_row(*row)
+    Console().print(ranking)
 
 
 def _markdown(diagnosis: dict[str, Any]) -> str:
@@ -158,6 +207,7 @@ def _markdown(diagnosis: dict[str, Any]) -> str:
         *table(("check", "measured", "threshold", "margin", "passed"), evidence_rows(diagnosis)), "",
         "## Measures", "", *table(("measure", "value"), measure_rows(diagnosis)), "",
     ]
+    lines += ["## Forecast", "", forecast_line(diagnosis["forecast"]), ""]
     if control_rows(diagnosis):
         lines += ["## Does the teacher matter?", "",
                   "The same short OPD run with the teacher's signal and with controls that carry "
