@@ -75,11 +75,18 @@ def main() -> None:
     parser.add_argument("--out", default="runs/forecast")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--pairs", default=",".join(PAIRS),
+                        help="comma-separated pairs to run and fit (default: all of "
+                        + ", ".join(PAIRS) + ")")
     parser.add_argument("--write", type=Path, default=FORECAST_FILE,
                         help="where the fit goes (default: the package's forecast.json)")
     args = parser.parse_args()
     profile = PROFILES["quick"]
-    names = [name for pair in PAIRS.values() for name in pair]
+    unknown = [name for name in args.pairs.split(",") if name not in PAIRS]
+    if unknown:
+        parser.error(f"--pairs: unknown pair {unknown[0]!r}; choose from {', '.join(PAIRS)}")
+    pairs = {name: PAIRS[name] for name in args.pairs.split(",")}
+    names = [name for pair in pairs.values() for name in pair]
     zoo = build_zoo_stages(Path(args.zoo) / profile.zoo, profile.zoo, only=zoo_models(names))
     zoo["root"] = str(Path(args.zoo) / profile.zoo)
     ctx = JobContext(zoo, profile, args.out)
@@ -87,7 +94,7 @@ def main() -> None:
     for result in run_jobs(ctx, jobs, args.workers):
         print(f"{result['experiment']} seed {result['seed']}: {result['seconds']:.0f} s", flush=True)
     rows = [row(pair, seed, read_result(args.out, run, seed), read_result(args.out, diag, seed))
-            for pair, (run, diag) in PAIRS.items() for seed in range(args.seeds)]
+            for pair, (run, diag) in pairs.items() for seed in range(args.seeds)]
     fitted = [r for r in rows if abs(r["gap"]) >= MIN_GAP]
     conditions = {"world": "zoo (quick)", "steps": profile.opd_steps, "profile": "cpu-small",
                   "objective": "topk (k=8, student set, student_p)", "prompts": "teacher-train",
