@@ -101,6 +101,13 @@ def main() -> None:
                   "diagnosis_prompts": profile.diagnose_prompts, "seeds": args.seeds,
                   "candidates": list(MEASUREMENTS), "min_gap": MIN_GAP,
                   "not_fitted": [r for r in rows if abs(r["gap"]) < MIN_GAP]}
+    if len({r["pair"] for r in fitted}) < 3:
+        for r in rows:
+            print(f"{r['pair']} seed {r['seed']}: gap {r['gap']:.3f}, recovery {r['outcome']:.3f}, "
+                  f"measurements {r['measurements']}")
+        raise SystemExit(f"bench/forecast.py: only {len({r['pair'] for r in fitted})} pair(s) "
+                         f"with a gap of at least {MIN_GAP}: too few to calibrate (3 needed); "
+                         f"{args.write} was left as it was")
     fit = fit_forecast(fitted, conditions)
     write_text_atomic(args.write, json.dumps(fit, indent=1) + "\n")
     print(table(fit, conditions["not_fitted"]))

@@ -153,7 +153,9 @@ def forecast_for(checks: Mapping[str, Mapping[str, Any]], fit: Mapping[str, Any]
     objective), or why there is none: no fit, a fit that does not beat the mean, or no value
     of its measurement in this diagnosis."""
     if fit is None:
-        return {"shown": False, "reason": "no forecast.json: run bench/forecast.py to fit one"}
+        return {"shown": False, "reason": "no fitted forecast (forecast.json): bench/forecast.py "
+                "writes one once runs of at least 3 pairs with a gap to recover can be "
+                "calibrated (docs/diagnose.md#forecast)"}
     held = fit["calibration"]["candidates"][fit["measurement"]]
     baseline = fit["calibration"]["mean_baseline"]
     summary = {"measurement": fit["measurement"], "fitted_on": fit["conditions"],
