@@ -407,3 +407,60 @@ def test_across_tokenizers_the_teachers_budget_is_in_its_own_tokens():
     assert _new_tokens(SimpleNamespace(aligner=None, tokenizer=teacher_tok), ctx) == 10
     ctx.config.max_new_tokens = 30
     assert _new_tokens(across, ctx) == 33
+
+
+def test_teacher_share_is_the_part_of_the_gain_a_control_does_not_reproduce():
+    from opd.doctor.control import summarise, teacher_share
+
+    assert teacher_share(0.4, 0.1) == pytest.approx(0.75)
+    assert teacher_share(0.4, 0.5) == pytest.approx(-0.25)  # the control does better
+    assert teacher_share(0.0, 0.1) is None and teacher_share(-0.1, -0.3) is None
+    found = summarise(0.2, {"none": 0.6, "constant": 0.3, "shuffled": 0.2})
+    assert found["gain"] == pytest.approx({"none": 0.4, "constant": 0.1, "shuffled": 0.0})
+    assert found["teacher_share"] == pytest.approx({"constant": 0.75, "shuffled": 1.0})
+
+
+def test_control_trains_with_each_signal_and_reports_the_gains(tiny_pair, tmp_path, monkeypatch):
+    # Three real short runs on the tiny pair; each run's objective.control is recorded on its
+    # way to the trainer, and the accuracies are those of the trained checkpoints.
+    from opd import api
+    from opd.run import loop
+
+    controls, checkpoints = [], []
+    real_run = loop.run_training
+
+    def recording_run(config, **kwargs):
+        controls.append(config.objective.control)
+        summary = real_run(config, **kwargs)
+        checkpoints.append(summary["final_checkpoint"])
+        return summary
+
+    monkeypatch.setattr(loop, "run_training", recording_run)
+    monkeypatch.setattr("opd.doctor.measure.student_accuracy", lambda path, records, config: float(
+        path in checkpoints and checkpoints.index(path) + 1) / 10)
+    diagnosis = api.diagnose(str(tiny_pair["student"]), str(tiny_pair["teacher"]),
+                             str(tiny_pair["prompts"]), out=tmp_path / "diag", num_prompts=6,
+                             samples_per_prompt=2, max_new_tokens=6, progress=False,
+                             control=True, control_steps=2)
+    assert controls == ["none", "constant", "shuffled"]
+    control = diagnosis.control
+    assert control["accuracy_after"] == pytest.approx({"none": 0.1, "constant": 0.2,
+                                                       "shuffled": 0.3})
+    assert control["accuracy_before"] == 0.0 and control["steps"] == 2
+    assert control["teacher_share"] == pytest.approx({"constant": -1.0, "shuffled": -2.0})
+    saved = json.loads((tmp_path / "diag" / "diagnosis.json").read_text())
+    assert saved["control"] == control and saved["cost"]["stage_seconds"]["control"] > 0
+    assert "## Does the teacher matter?" in (tmp_path / "diag" / "report.md").read_text()
+
+
+def test_control_refuses_a_served_teacher(tiny_pair):
+    with pytest.raises(OPDError, match="control: the control runs need the teacher's whole"):
+        DiagnoseConfig(student=str(tiny_pair["student"]), teacher="http://localhost:1",
+                       prompts="p", control=True)
+
+
+def test_control_refuses_a_teacher_of_another_tokenizer(tiny_pair):
+    with pytest.raises(OPDError, match="control: the control runs train with the teacher's "
+                       "log-probs on the student's vocabulary"):
+        DiagnoseConfig(student=str(tiny_pair["student"]), teacher=str(tiny_pair["teacher"]),
+                       prompts="p", control=True, cross_tokenizer=True)

@@ -18,9 +18,11 @@ from opd.step.objectives import (
     OBJECTIVES,
     WEIGHTINGS,
     aggregation_weights,
+    constant_advantage,
     distillation_loss,
     group_advantages,
     reference_kl_penalty,
+    shuffle_positions,
 )
 from tests.support import brute_topk, random_log_probs
 
@@ -186,6 +188,7 @@ def test_reference_penalty_is_zero_at_the_reference_and_positive_elsewhere():
         ({"k": 0}, "objective.k must be at least 1, got 0"),
         ({"beta": 2.0}, r"objective.beta must lie in \[0, 1\], got 2.0"),
         ({"teacher_temperature": 0}, "objective.teacher_temperature must be positive"),
+        ({"control": "zero"}, "objective.control must be one of"),
     ],
 )
 def test_bad_objective_settings_name_the_field(values, message):
@@ -193,3 +196,51 @@ def test_bad_objective_settings_name_the_field(values, message):
 
     with pytest.raises(OPDError, match=message):
         build_config({"objective": values})
+
+
+# -- controls ---------------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), v=st.integers(2, 8))
+def test_constant_control_gives_every_token_the_mean_sampled_reward(seed, n, v):
+    # Brute force: c = mean over positions of log q(ŷ) − log p(ŷ); the loss's gradient with
+    # respect to each sampled token's log-prob is −c, and 0 for every other entry.
+    p, q = random_log_probs(seed, n, v), random_log_probs(seed + 1, n, v)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
+    c = sum(q[i, targets[i]].item() - p[i, targets[i]].item() for i in range(n)) / n
+    assert constant_advantage(p, q, targets).item() == pytest.approx(c)
+    x = p.clone().requires_grad_(True)
+    config = ObjectiveConfig(control="constant")
+    distillation_loss(x, q, targets, config).sum().backward()
+    want = torch.zeros(n, v, dtype=p.dtype)
+    for i in range(n):
+        want[i, targets[i]] = -c
+    torch.testing.assert_close(x.grad, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 9), v=st.integers(2, 8),
+       name=st.sampled_from(["sampled", "topk", "full_reverse_kl"]))
+def test_shuffled_control_is_the_objective_on_permuted_teacher_rows(seed, n, v, name):
+    p, q = random_log_probs(seed, n, v), random_log_probs(seed + 1, n, v)
+    targets = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    got = distillation_loss(p, q, targets, ObjectiveConfig(name=name, k=2, control="shuffled"))
+    torch.manual_seed(seed)
+    permutation = torch.randperm(n)
+    assert sorted(permutation.tolist()) == list(range(n))  # a permutation of the positions
+    shuffled = shuffle_positions(q, permutation)
+    for i in range(n):  # row i is the real teacher's row at position permutation[i]
+        torch.testing.assert_close(shuffled[i], q[permutation[i]])
+    want = distillation_loss(p, shuffled, targets, ObjectiveConfig(name=name, k=2))
+    torch.testing.assert_close(got, want)
+    # The multiset of teacher rows is kept: the control changes where, not what.
+    assert sorted(map(tuple, shuffled.tolist())) == sorted(map(tuple, q.tolist()))
+
+
+def test_controls_refuse_a_teacher_with_another_vocabulary_or_a_served_one():
+    from opd.config.training import build_config
+
+    with pytest.raises(OPDError, match=r"objective\.control: .*cross_tokenizer_kl"):
+        ObjectiveConfig(name="cross_tokenizer_kl", control="shuffled")
+    with pytest.raises(OPDError, match=r"objective\.control: a served teacher"):
+        build_config({"teacher": "http://localhost:8000", "objective": {"control": "constant"}})

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from opd.cli import main
 from opd.errors import OPDError
 from opd.study.experiments import EXPERIMENTS, PROBE_K, PROFILES, SERIES, OPDRun, eval_set
-from opd.study.findings import FINDINGS, judge
+from opd.study.findings import ALL_FINDINGS, FINDINGS, judge
 from opd.study.report import markdown, pairs_table, write_report
 from opd.study.run import chosen_findings
 from opd.study.stats import (
@@ -124,7 +124,7 @@ def _synthetic_results(seeds: int = 3, steps: int = 12) -> dict:
 
 def test_every_verdict_follows_from_its_numbers_and_rule():
     results, profile = _synthetic_results(), PROFILES["quick"]
-    for finding in FINDINGS:
+    for finding in ALL_FINDINGS:
         judged = judge(finding, results, profile)
         for claim, spec in zip(judged["claims"], finding.claims, strict=True):
             assert claim["per_seed"] == spec.values(results, profile)
@@ -141,9 +141,24 @@ def test_gap_recovery_of_one_teacher_decides_the_compatibility_claim():
     assert claim["value"]["mean"] == pytest.approx(0.5)
 
 
+def test_teacher_share_is_the_gain_lost_without_the_teacher_over_the_gain():
+    # Aligned recovers 0.4 per seed; the constant control 0.1, 0.2, 0.0 → shares 0.75, 0.5, 1.0;
+    # the shuffled control as much as the teacher → share 0: the claim cannot hold.
+    results, profile = _synthetic_results(), PROFILES["quick"]
+    for name, values in (("opd-aligned", (0.4, 0.4, 0.4)), ("opd-aligned-constant", (0.1, 0.2, 0.0)),
+                         ("opd-aligned-shuffled", (0.4, 0.4, 0.4))):
+        for row, recovery in zip(results[name], values, strict=True):
+            row["gap_recovery"] = recovery
+    finding = next(f for f in ALL_FINDINGS if f.slug == "teacher-dependence")
+    constant, shuffled = judge(finding, results, profile)["claims"]
+    assert constant["per_seed"] == pytest.approx([0.75, 0.5, 1.0])
+    assert shuffled["per_seed"] == pytest.approx([0.0, 0.0, 0.0])
+    assert shuffled["verdict"] == DOES_NOT
+
+
 def test_report_has_a_section_a_figure_and_the_numbers_of_every_finding(tmp_path, saved_figures):
     results, profile = _synthetic_results(), PROFILES["quick"]
-    judged = [judge(f, results, profile) for f in FINDINGS]
+    judged = [judge(f, results, profile) for f in ALL_FINDINGS]
     summary = {"profile": profile.__dict__, "seeds": 3, "workers": 2,
                "zoo": {"profile": "quick", "root": "zoo", "seconds": 0.0, "accuracy": {}},
                "seconds": {"total_this_call": 10.0, "cached_jobs": 0,
@@ -176,9 +191,10 @@ def test_report_has_a_section_a_figure_and_the_numbers_of_every_finding(tmp_path
 
 def test_findings_are_chosen_by_number_or_name():
     assert [f.number for f in chosen_findings(("dynamics", "4", "signal"))] == [3, 4, 5]
-    assert len(chosen_findings(())) == 8
-    with pytest.raises(OPDError, match="only: unknown finding '9'"):
-        chosen_findings(("9",))
+    assert chosen_findings(()) == list(FINDINGS) and len(FINDINGS) == 8  # the study's
+    assert [f.number for f in chosen_findings(("teacher-dependence", "1"))] == [1, 9]
+    with pytest.raises(OPDError, match="only: unknown finding '10'; choose numbers 1–9"):
+        chosen_findings(("10",))
 
 
 def test_a_run_is_judged_where_teacher_and_student_differ_most():

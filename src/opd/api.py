@@ -243,6 +243,20 @@ class Diagnosis:
     def advice(self) -> tuple[str, ...]:
         return self.teacher.advice
 
+    @property
+    def forecast(self) -> dict[str, Any]:
+        """The forecast of the gap recovery of the planned run (docs/diagnose.md#forecast):
+        `shown`, and then `expected`, `low`, `high` (80%), the `measurement` that drove it and
+        its `value`, the calibration behind it and `notes`; or `reason` why there is none."""
+        return self.data["forecast"]
+
+    @property
+    def control(self) -> dict[str, Any] | None:
+        """Does the teacher matter (`control=True`): accuracy before and after the short run
+        with the teacher's signal (`none`) and each control, the gains, and each control's
+        `teacher_share` of the gain; None without `control`."""
+        return self.data.get("control")
+
     def table(self) -> str:
         """The evidence as text: one line per check (value, threshold, margin, passed)."""
         lines = [f"verdict: {self.verdict}"]

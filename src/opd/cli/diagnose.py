@@ -11,7 +11,7 @@ from opd.doctor.measure import DiagnoseConfig
 
 def cmd_diagnose(config: DiagnoseConfig, args: argparse.Namespace) -> int:
     from opd import api
-    from opd.doctor.report import print_table
+    from opd.doctor.report import print_ranking, print_table
 
     if config.teachers:
         diagnoses = api.diagnose_teachers(config=config, out=config.out)
@@ -22,6 +22,8 @@ def cmd_diagnose(config: DiagnoseConfig, args: argparse.Namespace) -> int:
             print(f"teacher {name!r} ({config.teacher_field} = {name}): {diagnosis.verdict}")
         print_table(diagnosis.data)
         print(f"wrote {diagnosis.out / 'diagnosis.json'} and {diagnosis.out / 'report.md'}")
+    if config.teachers:
+        print_ranking({name: diagnosis.data for name, diagnosis in diagnoses.items()})
     return 0
 
 

@@ -13,6 +13,10 @@ CANDIDATE_SETS = ("student", "teacher", "intersection", "union", "symmetric-diff
 """Candidate sets of the top-k objectives (`objective.strategy`)."""
 WEIGHTINGS = ("student_p", "teacher_p", "none")
 """Candidate weights of `topk` (`objective.weighting`)."""
+CONTROL_NONE, CONTROL_CONSTANT, CONTROL_SHUFFLED = "none", "constant", "shuffled"
+CONTROLS = (CONTROL_NONE, CONTROL_CONSTANT, CONTROL_SHUFFLED)
+"""What replaces the teacher's signal (`objective.control`): nothing (real OPD), a constant
+advantage, or the teacher's log-probs shuffled across positions (opd.step.objectives)."""
 AGGREGATIONS = ("token-mean", "sequence-mean")
 """How per-token losses become the step's loss (`aggregation`)."""
 SCHEDULES = ("constant", "linear", "cosine")

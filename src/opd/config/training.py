@@ -12,6 +12,8 @@ from typing import Any
 from opd.config.choices import (
     AGGREGATIONS,
     CANDIDATE_SETS,
+    CONTROL_NONE,
+    CONTROLS,
     CROSS_TOKENIZER,
     ENGINES,
     FORWARD_KL_OBJECTIVES,
@@ -79,12 +81,21 @@ class ObjectiveConfig(Config):
         "2024) at the first token of each span that does not align, where both models predict "
         "the text after the same characters: Σ_r |p_(r) − q_(r)| over the ranks r of each "
         "side's probabilities. 0 = off.", minimum=0)
+    control: str = setting("none", "Replace the teacher's signal by a control, to measure how "
+                           "much of a run's gain depends on the teacher: none (real OPD), "
+                           "constant (every token gets the mean sampled-token reward as its "
+                           "advantage) or shuffled (the teacher's log-probs permuted across "
+                           "positions).", choices=CONTROLS)
 
     def check(self) -> None:
         if self.sorted_weight and self.name != CROSS_TOKENIZER:
             raise OPDError(f"objective.sorted_weight: a term of cross_tokenizer_kl only (the "
                            f"objective is {self.name}); set objective.name cross_tokenizer_kl or "
                            "objective.sorted_weight 0")
+        if self.control != CONTROL_NONE and self.name == CROSS_TOKENIZER:
+            raise OPDError("objective.control: the controls need the teacher's log-probs on the "
+                           "student's vocabulary; set objective.control=none with "
+                           "cross_tokenizer_kl")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +281,11 @@ class TrainConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLoadi
         check_teacher_urls(self.teachers, teacher=self.teacher)
         if self.distill_weight and any(is_url(t) for t in (self.teacher, *self.teachers.values())):
             check_served_teacher(self.objective.name, self.teacher_prompt)
+            if self.objective.control != CONTROL_NONE:
+                raise OPDError("objective.control: a served teacher sends only some entries, "
+                               "which a control would move to positions they do not belong "
+                               "to; give the teacher as a model folder, or objective.control="
+                               "none")
         if self.distill_weight == 0 and self.outcome_weight == 0:
             raise OPDError("config: distill_weight and outcome_weight are both 0; nothing to learn")
         if self.tis_cap and self.rollout_engine == "hf" and not self.max_staleness:

@@ -43,7 +43,10 @@ from opd.config.fields import (
     check_template,
 )
 from opd.config.settings import group, setting
+from opd.config.training import PROFILES as TRAIN_PROFILES
 from opd.data.prompts import PromptRecord, load_prompts, render_prompt, source_of
+from opd.doctor.control import measure_control
+from opd.doctor.forecast import forecast_for, load_fit
 from opd.doctor.progress import DiagnosisShape, WorkMeter, planned_passes
 from opd.doctor.rules import Thresholds, auroc, clustered_mean_se, decide, horizon
 from opd.errors import OPDError
@@ -123,6 +126,14 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
                                "share).", minimum=1)
     train_rollouts: int = setting(256, "Rollouts per step of that run (the study: 64 prompts × "
                                   "4).", minimum=1)
+    control: bool = setting(False, "Also ask whether the teacher matters: train the student "
+                            "control_steps steps with the teacher's signal and with each control "
+                            "(a constant advantage; the teacher's log-probs shuffled across "
+                            "positions) and report the share of the gain that needs the teacher. "
+                            "It trains: three short runs.")
+    control_steps: int = setting(40, "Steps of each control run.", minimum=1)
+    control_profile: str = setting("cpu-small", "Training profile of the control runs (as "
+                                   "`opd train --profile`).")
     thresholds: Thresholds = group(Thresholds, "What counts as enough for each check.")
     progress: bool = setting(True, "Show a progress bar.")
     cross_tokenizer: bool = setting(
@@ -153,6 +164,17 @@ class DiagnoseConfig(Generation, Decoding, PromptSource, TeacherOptions, ModelLo
                 raise OPDError("cross_tokenizer: teacher2 is compared with teacher on one "
                                "vocabulary, which teachers of other tokenizers need not share; "
                                "diagnose each teacher on its own (one opd diagnose each)")
+        if self.control and self.cross_tokenizer:
+            raise OPDError("control: the control runs train with the teacher's log-probs on the "
+                           "student's vocabulary, which a teacher of another tokenizer does not "
+                           "have; leave out --control or --cross-tokenizer")
+        if self.control and is_url(self.teacher):
+            raise OPDError("control: the control runs need the teacher's whole distribution, "
+                           "which a served teacher does not send; give the teacher as a model "
+                           "folder, or leave out --control")
+        if self.control_profile not in TRAIN_PROFILES:
+            raise OPDError(f"control_profile: unknown profile {self.control_profile!r}; choose "
+                           f"one of {', '.join(TRAIN_PROFILES)}")
         if list(self.depths) != sorted(set(self.depths)):
             raise OPDError(f"config: depths must be increasing, e.g. 0,0.25,0.5; got "
                            f"{','.join(f'{d:g}' for d in self.depths)}")
@@ -762,12 +784,17 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
             f"the shared vocabulary ({across['shared_vocabulary']} of the student's "
             f"{across['student_vocabulary']} tokens have a counterpart); "
             "teacher.across_tokenizers says what is approximate")
+    fit = load_fit()
+    for result in results:
+        result["forecast"] = forecast_for(result["decision"]["checks"], fit,
+                                          {"steps": config.train_steps})
     diagnosis: dict[str, Any] = {
         "verdict": results[0]["decision"]["verdict"],
         "inputs": {k: v for k, v in asdict(config).items() if k not in {"thresholds", "progress"}},
         "thresholds": asdict(config.thresholds),
         "student": _student_summary(ctx),
         "teacher": results[0],
+        "forecast": results[0]["forecast"],
         "teacher2": None,
         "warnings": warnings + results[0]["decision"]["warnings"],
     }
@@ -780,11 +807,40 @@ def run_diagnosis(config: DiagnoseConfig, *, writes: bool = True,
     for result in results:
         result.pop("continuation_correct", None)
     meter.close()
+    if config.control:
+        with timed("control", times):
+            diagnosis["control"] = _control(config, records)
     diagnosis["cost"] = _cost(ctx, times, time.perf_counter() - start)
     diagnosis["cost"]["estimated_seconds"] = (None if meter.estimate_seconds is None
                                               else round(meter.estimate_seconds, 2))
     diagnosis["cost"]["planned_token_passes"] = meter.bar.total
     return diagnosis
+
+
+def student_accuracy(path: str, records: Sequence[PromptRecord], config: DiagnoseConfig) -> float:
+    """Greedy accuracy of the student folder `path` on `records`, rendered as the student
+    sees them."""
+    from opd.evaluation.accuracy import evaluate
+
+    model = load_model(path, "student", trainable=False, dtype=config.dtype,
+                       trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(path, "student", config.trust_remote_code)
+    return evaluate(model, tokenizer, records, max_new_tokens=config.max_new_tokens,
+                    verifier=config.verifier, template=config.student_template,
+                    seed=config.seed).accuracy
+
+
+def _control(config: DiagnoseConfig, records: Sequence[PromptRecord]) -> dict[str, Any]:
+    """Does the teacher matter (`--control`): the short runs on `config.prompts`, judged on
+    the diagnosis's prompts `records`."""
+    base = {"student": config.student, "teacher": config.teacher, "prompts": config.prompts,
+            "max_steps": config.control_steps, "max_new_tokens": config.max_new_tokens,
+            "seed": config.seed, "template": config.student_template,
+            "teacher_prompt": config.teacher_prompt, "dtype": config.dtype,
+            "trust_remote_code": config.trust_remote_code}
+    found = measure_control(base, config.control_profile,
+                            lambda path: student_accuracy(path, records, config))
+    return {"prompts": len(records), **found}
 
 
 def _shape(config: DiagnoseConfig, records: Sequence[PromptRecord], student: Pair,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from opd.config.choices import CONTROL_NONE
 from opd.io import fmt, write_text_atomic
 from opd.run.report import save_figure
 
@@ -82,6 +83,59 @@ def measure_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def control_rows(diagnosis: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Does the teacher matter (`--control`): accuracy after each short run, its gain, and the
+    share of the teacher's gain each control does not reproduce; none without `--control`."""
+    control = diagnosis.get("control")
+    if not control:
+        return []
+    rows = [(f"accuracy before ({control['prompts']} prompts, greedy)",
+             fmt(control["accuracy_before"]), "", "")]
+    for signal, after in control["accuracy_after"].items():
+        label = "teacher" if signal == CONTROL_NONE else f"{signal} control"
+        rows.append((f"after {control['steps']} steps, {label}", fmt(after),
+                     fmt(control["gain"][signal]), fmt(control["teacher_share"].get(signal))))
+    return rows
+
+
+def forecast_line(forecast: dict[str, Any]) -> str:
+    """The forecast in one line: expected gap recovery, 80% interval and what drove it, or
+    why there is none."""
+    if not forecast["shown"]:
+        return f"no forecast: {forecast['reason']}"
+    fitted = forecast["fitted_on"]
+    text = (f"expected gap recovery {forecast['expected']:.2f} [{forecast['low']:.2f}, "
+            f"{forecast['high']:.2f}] (80%), from {forecast['measurement']} = "
+            f"{forecast['value']:.3f}; fitted on {forecast['rows']} runs of "
+            f"{len(forecast['pairs'])} pairs ({fitted.get('world')}, {fitted.get('steps')} "
+            f"steps), held out: error {forecast['held_out_mae']:.3f} vs "
+            f"{forecast['mean_baseline_mae']:.3f} for the mean, "
+            f"{100 * forecast['held_out_coverage']:.0f}% inside the interval")
+    return "; ".join([text, *forecast["notes"]])
+
+
+def ranking_rows(diagnoses: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
+    """Teachers ranked by their forecast's expected gap recovery, interval beside (those
+    without a forecast last, in name order, with the reason)."""
+    def key(item: tuple[str, dict[str, Any]]) -> tuple[bool, float, str]:
+        forecast = item[1]["forecast"]
+        return (not forecast["shown"], -forecast.get("expected", 0.0), item[0])
+
+    rows = []
+    for name, diagnosis in sorted(diagnoses.items(), key=key):
+        forecast = diagnosis["forecast"]
+        if forecast["shown"]:
+            rows.append((name, diagnosis["verdict"], f"{forecast['expected']:.2f}",
+                         f"[{forecast['low']:.2f}, {forecast['high']:.2f}]"))
+        else:
+            rows.append((name, diagnosis["verdict"], "–", forecast["reason"]))
+    return rows
+
+
+RANKING_HEADER = ("teacher", "verdict", "forecast gap recovery", "80% interval")
+CONTROL_HEADER = ("run", "accuracy", "gain", "share of the teacher's gain that needs the teacher")
+
+
 def cost_line(diagnosis: dict[str, Any]) -> str:
     cost = diagnosis["cost"]
     run = cost["training_run"]
@@ -110,11 +164,32 @@ def print_table(diagnosis: dict[str, Any]) -> None:
     for row in measure_rows(diagnosis):
         measures.add_row(*row)
     console.print(measures)
+    if control_rows(diagnosis):
+        control = Table(title="does the teacher matter? (--control)")
+        for column in CONTROL_HEADER:
+            control.add_column(column)
+        for row in control_rows(diagnosis):
+            control.add_row(*row)
+        console.print(control)
     for line in diagnosis["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {line}")
     for line in diagnosis["teacher"]["decision"]["advice"]:
         console.print(f"[green]advice:[/green] {line}")
+    console.print(f"forecast: {forecast_line(diagnosis['forecast'])}")
     console.print(cost_line(diagnosis))
+
+
+def print_ranking(diagnoses: dict[str, dict[str, Any]]) -> None:
+    """Several teachers' diagnoses, ranked by forecast (`opd diagnose --set teachers=…`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    ranking = Table(title="teachers ranked by forecast")
+    for column in RANKING_HEADER:
+        ranking.add_column(column)
+    for row in ranking_rows(diagnoses):
+        ranking.add_row(*row)
+    Console().print(ranking)
 
 
 def _markdown(diagnosis: dict[str, Any]) -> str:
@@ -141,6 +216,12 @@ def _markdown(diagnosis: dict[str, Any]) -> str:
                   f"{across['shared_vocabulary']} of the student's {across['student_vocabulary']} "
                   "tokens.", "",
                   *table(("part", "exact or approximate"), list(across["measures"].items())), ""]
+    lines += ["## Forecast", "", forecast_line(diagnosis["forecast"]), ""]
+    if control_rows(diagnosis):
+        lines += ["## Does the teacher matter?", "",
+                  "The same short OPD run with the teacher's signal and with controls that carry "
+                  "no teacher information (docs/diagnose.md#does-the-teacher-matter):", "",
+                  *table(CONTROL_HEADER, control_rows(diagnosis)), ""]
     if diagnosis["warnings"]:
         lines += ["## Warnings", "", *[f"- {w}" for w in diagnosis["warnings"]], ""]
     advice = diagnosis["teacher"]["decision"]["advice"]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from opd.config import choices
+from opd.config.choices import CONTROL_CONSTANT, CONTROL_SHUFFLED
 from opd.config.training import ObjectiveConfig
 from opd.step.distributions import (
     contains,
@@ -31,11 +32,15 @@ def _gather(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return log_probs.gather(-1, targets[:, None]).squeeze(-1)
 
 
+def sampled_reward(student_lp: torch.Tensor, teacher_lp: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """r = log q(ŷ) − log p(ŷ) per position [N], detached: E[−r] = KL(p‖q)."""
+    return (_gather(teacher_lp, targets) - _gather(student_lp, targets)).detach()
+
+
 def sampled_token_loss(student_lp, teacher_lp, targets, config):
-    """Policy gradient with reward r = log q(ŷ) − log p(ŷ), detached: E[−r] = KL(p‖q)."""
-    student = _gather(student_lp, targets)
-    reward = (_gather(teacher_lp, targets) - student).detach()
-    return -reward * student
+    """Policy gradient −r·log p(ŷ) with the sampled-token reward r (`sampled_reward`)."""
+    return -sampled_reward(student_lp, teacher_lp, targets) * _gather(student_lp, targets)
 
 
 Candidates = tuple[torch.Tensor, torch.Tensor]
@@ -197,12 +202,48 @@ OBJECTIVES: dict[str, Objective] = {
 assert tuple(OBJECTIVES) == choices.OBJECTIVES
 
 
+# -- controls: the signal with the teacher's information taken out ---------------------------
+# A short run can lift a student for reasons that owe nothing to what the teacher knows: the
+# reverse-KL reward is negative on average, and a negative reward on every sampled token alone
+# raises the student's entropy. Each control keeps the shape and scale of the real signal and
+# removes one kind of teacher information (docs/diagnose.md#does-the-teacher-matter).
+def constant_advantage(student_lp: torch.Tensor, teacher_lp: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor:
+    """The one advantage of the `constant` control: the mean sampled-token reward of the
+    positions scored together (a detached scalar, ≤ 0 in expectation: minus the reverse KL;
+    0 for no positions). The signal's scale, none of where the teacher agrees."""
+    reward = sampled_reward(student_lp, teacher_lp, targets)
+    return reward.mean() if reward.numel() else reward.new_zeros(())
+
+
+def constant_advantage_loss(student_lp: torch.Tensor, teacher_lp: torch.Tensor,
+                            targets: torch.Tensor) -> torch.Tensor:
+    """−c·log p(ŷ) per position [N] with c = `constant_advantage`: every sampled token is
+    pushed by the same amount, wherever the teacher agrees."""
+    return -constant_advantage(student_lp, teacher_lp, targets) * _gather(student_lp, targets)
+
+
+def shuffle_positions(teacher_lp: torch.Tensor, permutation: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probs [N, V] with row t taken from position `permutation[t]`: the
+    teacher's distributions, none of which state they belong to."""
+    return teacher_lp[permutation]
+
+
 def distillation_loss(student_lp, teacher_lp, targets, config: ObjectiveConfig,
                       aligned: torch.Tensor | None = None,
                       sorted_teacher: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position loss [N] of the configured objective; `aligned` [N] marks the exact
     positions of a teacher with another vocabulary, and `sorted_teacher` [N, V] gives its
-    sorted probabilities at span starts (both only with `cross_tokenizer_kl`)."""
+    sorted probabilities at span starts (both only with `cross_tokenizer_kl`).
+
+    `config.control` replaces the teacher's signal by a control: `constant` is
+    `constant_advantage_loss`; `shuffled` runs the objective on the teacher's log-probs
+    permuted across these positions (torch's generator, which the run's seed sets)."""
+    if config.control == CONTROL_CONSTANT:
+        return constant_advantage_loss(student_lp, teacher_lp, targets)
+    if config.control == CONTROL_SHUFFLED:
+        permutation = torch.randperm(teacher_lp.shape[0], device=teacher_lp.device)
+        teacher_lp = shuffle_positions(teacher_lp, permutation)
     if aligned is None:
         return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config)
     return OBJECTIVES[config.name](student_lp, teacher_lp, targets, config, aligned=aligned,

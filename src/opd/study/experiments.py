@@ -77,9 +77,10 @@ class OPDRun:
 
 @dataclass(frozen=True)
 class DiagnoseRun:
-    """`opd diagnose` of the zoo student against a teacher, the overlap at every k of PROBE_K."""
+    """`opd diagnose` of a zoo student against a teacher, the overlap at every k of PROBE_K."""
 
     teacher: str
+    student: str = "student"
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,15 @@ EXPERIMENTS: dict[str, Spec] = {
                                    {"strategy": "symmetric-difference"}),
     "opd-sampled": OPDRun("student", "teacher-aligned", {"name": "sampled"}),
     **{f"opd-top{k}": OPDRun("student", "teacher-aligned", {"k": k}) for k in (1, 4, 16, 64)},
+    **{f"opd-{pair}-{control}": OPDRun("student", f"teacher-{pair}", {"control": control})
+       for pair in ("aligned", "foreign") for control in ("constant", "shuffled")},
     "diagnose-aligned": DiagnoseRun("teacher-aligned"),
     "diagnose-foreign": DiagnoseRun("teacher-foreign"),
+    # The other pairs of the zoo, diagnosed and run: the rows of the forecast (bench/forecast.py).
+    "opd-template2": OPDRun("student", "teacher-aligned-template2"),
+    "diagnose-same-pipeline": DiagnoseRun("teacher-same-pipeline"),
+    "diagnose-template2": DiagnoseRun("teacher-aligned-template2"),
+    "diagnose-reverse": DiagnoseRun("student-prerl", student="student-rl"),
     "cold-start-foreign": ColdStart("teacher-foreign"),
     "select-prompts-template2": PromptSelection("teacher-aligned-template2"),
 }
@@ -222,8 +230,9 @@ def _overlap_by_k(ctx: JobContext, student_path: str, teacher: str, seed: int) -
               "teacher_accuracy": p["teacher_accuracy"], "student_accuracy": p["student_accuracy"]}
              for p in found["continuation"] or []]
     signal = found["global_signal"] or {}
+    checks = {name: check["value"] for name, check in found["decision"]["checks"].items()}
     return {"by_k": by_k, "continuation": curve, "auroc": signal.get("auroc"),
-            "verdict": found["decision"]["verdict"]}
+            "verdict": found["decision"]["verdict"], "checks": checks}
 
 
 def fired_alerts(summary: Mapping[str, Any]) -> list[str]:
@@ -246,7 +255,7 @@ def _opd_run(ctx: JobContext, spec: OPDRun, seed: int, folder: Path) -> dict[str
 
 
 def _diagnosis(ctx: JobContext, spec: DiagnoseRun, seed: int, folder: Path) -> dict[str, Any]:
-    return _overlap_by_k(ctx, _path(ctx, "student"), spec.teacher, seed)
+    return _overlap_by_k(ctx, _path(ctx, spec.student), spec.teacher, seed)
 
 
 def _cold_start(ctx: JobContext, spec: ColdStart, seed: int, folder: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The study's eight findings, each as claims about measured quantities with a rule fixed
+"""The study's eight findings, and opd's own control of whether the teacher matters (finding 9,
+run when named),
 before anything is run (docs/method.md#reproduce). Pure functions of the experiments' results.
 
 A claim's quantity is computed once per seed (seeds pair across experiments: seed k of one run
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opd import metrics as M
+from opd.doctor.control import teacher_share
 from opd.study.experiments import ReproduceProfile
 from opd.study.stats import Rule, combine, interval
 
@@ -89,6 +91,17 @@ def run_mean(name: str, metric: str) -> PerSeed:
     """Mean of a per-step series over the whole run, per seed."""
     def values(r: Results, p: ReproduceProfile) -> list[float]:
         return [statistics.fmean(_values(x["series"][metric])) for x in r[name]]
+    return values
+
+
+def teacher_dependence(name: str, control: str) -> PerSeed:
+    """Share of a run's gain that depends on the teacher (`control.teacher_share` of the gap
+    recoveries: the gap is the same), per seed (seeds pair: the same prompt order and
+    rollouts' seed); 0 for a run with no gain, of which no share can need the teacher."""
+    def values(r: Results, p: ReproduceProfile) -> list[float]:
+        shares = [teacher_share(x["gap_recovery"], y["gap_recovery"])
+                  for x, y in zip(r[name], r[f"{name}-{control}"], strict=True)]
+        return [0.0 if share is None else share for share in shares]
     return values
 
 
@@ -254,7 +267,30 @@ FINDINGS: tuple[Finding, ...] = (
          "advantage decay, teacher-foreign": advantage_decay("diagnose-foreign")},
     ),
 )
-BY_SLUG = {f.slug: f for f in FINDINGS}
+"""The study's findings: what `opd reproduce` runs by default."""
+OWN_FINDINGS: tuple[Finding, ...] = (
+    Finding(
+        9, "teacher-dependence", "Does the teacher matter? (opd's control, not the study's)",
+        "Not a claim of the study: the same run with a signal that carries no teacher information "
+        "(a constant advantage, or the teacher's log-probs shuffled across positions) recovers "
+        "much less of the gap, so the gain comes from what the teacher knows.",
+        ("opd-aligned", "opd-aligned-constant", "opd-aligned-shuffled", "opd-foreign",
+         "opd-foreign-constant", "opd-foreign-shuffled"),
+        tuple(Claim(f"most of the aligned teacher's gain needs its signal ({control} control)",
+                    f"(recovery − recovery, {control}) / recovery, teacher-aligned",
+                    Rule("above", 0.5), teacher_dependence("opd-aligned", control))
+              for control in ("constant", "shuffled")),
+        {**{f"recovery, {name.removeprefix('opd-')}": recovery(name)
+            for name in ("opd-aligned", "opd-aligned-constant", "opd-aligned-shuffled", "opd-foreign",
+                         "opd-foreign-constant", "opd-foreign-shuffled")},
+         **{f"recovery − recovery under the {control} control, teacher-foreign":
+            minus(recovery("opd-foreign"), recovery(f"opd-foreign-{control}"))
+            for control in ("constant", "shuffled")}},
+    ),
+)
+"""opd's own questions of the zoo, beyond the study's: run when named (`--only`)."""
+ALL_FINDINGS = (*FINDINGS, *OWN_FINDINGS)
+BY_SLUG = {f.slug: f for f in ALL_FINDINGS}
 
 
 def judge(finding: Finding, results: Results, profile: ReproduceProfile) -> dict[str, Any]:

@@ -159,6 +159,9 @@ FIGURES: dict[str, Callable[[Results, ReproduceProfile], Any]] = {
         r, ["opd-sampled", "opd-top1", "opd-top4", "opd-top16", "opd-top64"], "granularity"),
     "recipes": _recipes_figure,
     "horizons": _horizons_figure,
+    "teacher-dependence": lambda r, p: _recovery_figure(
+        r, ["opd-aligned", "opd-aligned-constant", "opd-aligned-shuffled", "opd-foreign",
+            "opd-foreign-constant", "opd-foreign-shuffled"], "does the teacher matter"),
 }
 
 

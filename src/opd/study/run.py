@@ -16,7 +16,7 @@ from opd.config.settings import Config, setting
 from opd.errors import OPDError
 from opd.io import check_output_folder, write_text_atomic
 from opd.study.experiments import PROFILES, JobContext, read_result, run_jobs, zoo_models
-from opd.study.findings import BY_SLUG, FINDINGS, Finding, judge
+from opd.study.findings import ALL_FINDINGS, BY_SLUG, FINDINGS, Finding, judge
 
 MANIFEST = "reproduce.json"
 RESULTS = "results.json"
@@ -32,8 +32,8 @@ class ReproduceConfig(Config):
                            "world with genuine choice) or full (the full zoo, 100-step runs).",
                            choices=tuple(PROFILES))
     only: tuple[str, ...] = setting((), "Findings to reproduce, by number or name ("
-                                    + ", ".join(f"{f.number} {f.slug}" for f in FINDINGS)
-                                    + "); default all.")
+                                    + ", ".join(f"{f.number} {f.slug}" for f in ALL_FINDINGS)
+                                    + "); default the study's eight (1–8).")
     seeds: int = setting(3, "Seeds of every experiment (the intervals need at least 2; the "
                          "verdicts are meant for 3 or more).", minimum=1)
     out: str = setting("runs/reproduce", "Output folder: report.md, results.json, figures, and "
@@ -45,16 +45,16 @@ class ReproduceConfig(Config):
 
 
 def chosen_findings(only: tuple[str, ...]) -> list[Finding]:
-    """The findings named in `only` (all when empty), in the study's order."""
+    """The findings named in `only` (the study's eight when empty), in number order."""
     if not only:
         return list(FINDINGS)
-    by_name = {**BY_SLUG, **{str(f.number): f for f in FINDINGS}}
+    by_name = {**BY_SLUG, **{str(f.number): f for f in ALL_FINDINGS}}
     unknown = [name for name in only if name not in by_name]
     if unknown:
-        raise OPDError(f"only: unknown finding {unknown[0]!r}; choose numbers 1–8 or names "
-                       f"{', '.join(BY_SLUG)}")
+        raise OPDError(f"only: unknown finding {unknown[0]!r}; choose numbers "
+                       f"1–{len(ALL_FINDINGS)} or names {', '.join(BY_SLUG)}")
     wanted = {by_name[name].number for name in only}
-    return [f for f in FINDINGS if f.number in wanted]
+    return [f for f in ALL_FINDINGS if f.number in wanted]
 
 
 def _check_manifest(out: Path, manifest: dict[str, Any]) -> None:
