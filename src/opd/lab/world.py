@@ -55,11 +55,11 @@ Slot = str | tuple[str, ...] | Either
 or two runs of slots in a free order."""
 
 
-def leaves(slots: Iterable[Slot]) -> list[str | tuple[str, ...]]:
+def written_slots(slots: Iterable[Slot]) -> list[str | tuple[str, ...]]:
     """The slots a column writes one word for, with every `Either` opened in its own order."""
     out: list[str | tuple[str, ...]] = []
     for slot in slots:
-        out += leaves((*slot.first, *slot.second)) if isinstance(slot, Either) else [slot]
+        out += written_slots((*slot.first, *slot.second)) if isinstance(slot, Either) else [slot]
     return out
 
 
@@ -81,7 +81,7 @@ class Dialect:
     @property
     def words(self) -> tuple[str, ...]:
         """Every word the dialect can write besides numbers, in order of first appearance."""
-        found = [w for slot in (*leaves(self.column), self.filler)
+        found = [w for slot in (*written_slots(self.column), self.filler)
                  for w in ((slot,) if isinstance(slot, str) else slot)
                  if not isinstance(slot, str) or slot not in FIELDS]
         return tuple(dict.fromkeys(found))
@@ -148,7 +148,7 @@ class World:
         """A generation budget that fits any solution of a `digits`-digit problem in any of
         the dialects (the longest column with its filler, then `answer` and up to `digits + 1`
         digits), with slack."""
-        column = max(len(leaves(d.column)) + 1 for d in self.dialects)
+        column = max(len(written_slots(d.column)) + 1 for d in self.dialects)
         return column * digits + digits + 10
 
 
