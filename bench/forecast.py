@@ -1,12 +1,14 @@
 """Refresh the forecast of `opd diagnose` (docs/diagnose.md#forecast): diagnose and run OPD for
-every pair of the quick zoo and seed, fit the forecast on the rows, calibrate it leave one pair
-out, and write src/opd/doctor/forecast.json and the calibration table for docs/results.md.
+every pair of each world's zoo and seed, fit the forecast on the rows, calibrate it leave one
+pair out and leave one world out, and write src/opd/doctor/forecast.json and the calibration
+table for docs/results.md.
 
 The runs are `opd reproduce`'s experiments (40-step OPD of the `cpu-small` profile on
-`teacher-train`, diagnoses of 32 prompts), kept in --out as they finish, so running it again
-resumes. Only the zoo exists as a world today: no leave-one-world-out.
+`teacher-train`, diagnoses of 32 prompts), kept in --out/<world> as they finish, so running it
+again resumes (a world's zoo is built only when some of its runs are missing). The worlds are
+`opd reproduce`'s profiles: `quick` (the zoo's addition) and `choice` (genuine choice of words).
 
-    python bench/forecast.py --zoo .opd-cache/zoo --out runs/forecast --seeds 2
+    python bench/forecast.py --zoo .opd-cache/zoo --out runs/forecast --seeds 2 --worlds quick,choice
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from opd.doctor.forecast import FORECAST_FILE, MEASUREMENTS, fit_forecast
+from opd.doctor.forecast import (
+    FORECAST_FILE,
+    MEASUREMENTS,
+    calibration,
+    fit_forecast,
+    fit_line,
+    fit_mean,
+    leave_one_pair_out,
+)
 from opd.io import fmt, write_text_atomic
 from opd.lab.zoo import build_zoo_stages
 from opd.study.experiments import PROFILES, JobContext, read_result, run_jobs, zoo_models
@@ -29,16 +39,21 @@ PAIRS = {
     "reverse": ("opd-reverse", "diagnose-reverse"),
 }
 """Pair → (its OPD run, its diagnosis), experiments of opd.study.experiments."""
+WORLDS = ("quick", "choice")
+"""The worlds a fit can draw on: `opd reproduce` profiles of 40-step runs."""
 MIN_GAP = 0.1
 """Smallest |teacher − student| accuracy on the judged set for a row to enter the fit: below
 it gap recovery is a ratio of noise (the same-pipeline teacher leads by 0.03 on its set, one
 problem in thirty, and recovers −2)."""
 
 
-def row(pair: str, seed: int, run: dict[str, Any], diagnosis: dict[str, Any]) -> dict[str, Any]:
-    """One row: the pair's diagnosis measurements and the run's gap recovery."""
+def row(pair: str, seed: int, run: dict[str, Any], diagnosis: dict[str, Any],
+        world: str) -> dict[str, Any]:
+    """One row: the pair's diagnosis measurements and the run's gap recovery (the pair named
+    with its world, so that leaving a pair out leaves out that world's pair only)."""
     checks = diagnosis["checks"]
-    return {"pair": pair, "seed": seed, "outcome": run["gap_recovery"],
+    return {"pair": f"{world}/{pair}", "world": world, "seed": seed,
+            "outcome": run["gap_recovery"],
             "gap": run["teacher"] - run["before"], "eval_set": run["eval_set"],
             "measurements": {"overlap_share": checks["pattern"], "novelty": checks.get("novelty")},
             "verdict": diagnosis["verdict"]}
@@ -78,25 +93,36 @@ def main() -> None:
     parser.add_argument("--pairs", default=",".join(PAIRS),
                         help="comma-separated pairs to run and fit (default: all of "
                         + ", ".join(PAIRS) + ")")
+    parser.add_argument("--worlds", default="quick",
+                        help="comma-separated worlds (opd reproduce profiles): "
+                        + ", ".join(WORLDS))
     parser.add_argument("--write", type=Path, default=FORECAST_FILE,
                         help="where the fit goes (default: the package's forecast.json)")
     args = parser.parse_args()
-    profile = PROFILES["quick"]
+    worlds = args.worlds.split(",")
     unknown = [name for name in args.pairs.split(",") if name not in PAIRS]
     if unknown:
         parser.error(f"--pairs: unknown pair {unknown[0]!r}; choose from {', '.join(PAIRS)}")
+    if [w for w in worlds if w not in WORLDS]:
+        parser.error(f"--worlds: choose from {', '.join(WORLDS)}")
     pairs = {name: PAIRS[name] for name in args.pairs.split(",")}
     names = [name for pair in pairs.values() for name in pair]
-    zoo = build_zoo_stages(Path(args.zoo) / profile.zoo, profile.zoo, only=zoo_models(names))
-    zoo["root"] = str(Path(args.zoo) / profile.zoo)
-    ctx = JobContext(zoo, profile, args.out)
-    jobs = [(n, s) for n in names for s in range(args.seeds) if read_result(args.out, n, s) is None]
-    for result in run_jobs(ctx, jobs, args.workers):
-        print(f"{result['experiment']} seed {result['seed']}: {result['seconds']:.0f} s", flush=True)
-    rows = [row(pair, seed, read_result(args.out, run, seed), read_result(args.out, diag, seed))
-            for pair, (run, diag) in pairs.items() for seed in range(args.seeds)]
+    rows = []
+    for world in worlds:
+        profile, out = PROFILES[world], Path(args.out) / world
+        jobs = [(n, s) for n in names for s in range(args.seeds) if read_result(out, n, s) is None]
+        if jobs:
+            zoo = build_zoo_stages(Path(args.zoo) / profile.zoo, profile.zoo,
+                                   only=zoo_models(names))
+            zoo["root"] = str(Path(args.zoo) / profile.zoo)
+            for result in run_jobs(JobContext(zoo, profile, str(out)), jobs, args.workers):
+                print(f"{world}: {result['experiment']} seed {result['seed']}: "
+                      f"{result['seconds']:.0f} s", flush=True)
+        rows += [row(pair, seed, read_result(out, run, seed), read_result(out, diag, seed), world)
+                 for pair, (run, diag) in pairs.items() for seed in range(args.seeds)]
     fitted = [r for r in rows if abs(r["gap"]) >= MIN_GAP]
-    conditions = {"world": "zoo (quick)", "steps": profile.opd_steps, "profile": "cpu-small",
+    profile = PROFILES[worlds[0]]
+    conditions = {"worlds": worlds, "steps": profile.opd_steps, "profile": "cpu-small",
                   "objective": "topk (k=8, student set, student_p)", "prompts": "teacher-train",
                   "diagnosis_prompts": profile.diagnose_prompts, "seeds": args.seeds,
                   "candidates": list(MEASUREMENTS), "min_gap": MIN_GAP,
@@ -111,6 +137,20 @@ def main() -> None:
     fit = fit_forecast(fitted, conditions)
     write_text_atomic(args.write, json.dumps(fit, indent=1) + "\n")
     print(table(fit, conditions["not_fitted"]))
+    if len({r["world"] for r in fitted}) > 1:
+        print_world_calibration(fitted, fit["measurement"])
+
+
+def print_world_calibration(rows: list[dict[str, Any]], measurement: str) -> None:
+    """Leave one world out: the line fitted on the other worlds' rows, judged on the world left
+    out, beside the mean of the other worlds' outcomes (the pairs renamed by their world, so
+    that leaving a 'pair' out leaves out the whole world)."""
+    by_world = [{**r, "pair": r["world"]} for r in rows]
+    line = calibration(leave_one_pair_out(by_world, measurement, fit_line))
+    mean = calibration(leave_one_pair_out(by_world, measurement, fit_mean))
+    print(f"\nleave one world out ({measurement}): line MAE {line['mae']:.3f}, coverage "
+          f"{line['coverage']:.2f}; mean of the other world MAE {mean['mae']:.3f}, coverage "
+          f"{mean['coverage']:.2f}")
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_diagnose_forecasts_from_the_fit_and_its_measurement(tiny_pair, tmp_path
     from opd import api
 
     rows = _rows({"a": 0.1, "b": 0.4, "c": 0.7, "d": 0.9}, {"a": 0.1, "b": 0.4, "c": 0.7, "d": 0.9})
-    fit = fit_forecast(rows, {"steps": 40, "world": "test"})
+    fit = fit_forecast(rows, {"steps": 40, "worlds": ["test"]})
     monkeypatch.setattr("opd.doctor.measure.load_fit", lambda: fit)
     diagnosis = api.diagnose(str(tiny_pair["student"]), str(tiny_pair["teacher"]),
                              str(tiny_pair["prompts"]), out=tmp_path / "diag", num_prompts=4,

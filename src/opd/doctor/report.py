@@ -107,8 +107,8 @@ def forecast_line(forecast: dict[str, Any]) -> str:
     text = (f"expected gap recovery {forecast['expected']:.2f} [{forecast['low']:.2f}, "
             f"{forecast['high']:.2f}] (80%), from {forecast['measurement']} = "
             f"{forecast['value']:.3f}; fitted on {forecast['rows']} runs of "
-            f"{len(forecast['pairs'])} pairs ({fitted.get('world')}, {fitted.get('steps')} "
-            f"steps), held out: error {forecast['held_out_mae']:.3f} vs "
+            f"{len(forecast['pairs'])} pairs ({', '.join(fitted.get('worlds', []))}, "
+            f"{fitted.get('steps')} steps), held out: error {forecast['held_out_mae']:.3f} vs "
             f"{forecast['mean_baseline_mae']:.3f} for the mean, "
             f"{100 * forecast['held_out_coverage']:.0f}% inside the interval")
     return "; ".join([text, *forecast["notes"]])

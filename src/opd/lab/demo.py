@@ -55,8 +55,9 @@ WORLD_NOTES = {
                 "(docs/results.md). `opd demo --choice` runs OPD in a world with genuine choice "
                 "of words and order, where it can.",
     "choice": "In this world most steps offer several words and the teacher favours other ones "
-              "than the student, so the top-k overlap starts well below 1 and OPD can raise it "
-              "as the study reports for pretrained pairs.",
+              "than the student, so the top-k overlap starts well below 1 and OPD raises it, as "
+              "the study reports for pretrained pairs; but the student first takes up the "
+              "teacher's wording, not its skill (docs/results.md, the world with choice).",
 }
 """Why the overlap moves as it does, for the demo's world."""
 
