@@ -21,7 +21,9 @@ def test_monitor_stops_the_foreign_run_and_lets_the_aligned_one_go(quick_zoo, tm
     foreign = run_training(opd_config(root, "teacher-foreign", tmp_path / "foreign",
                                       max_steps=30, on_failure="stop"))
     assert foreign["stopped_early_at"] == 16  # the first step it judges (two windows of 8)
-    assert [a["rule"] for a in foreign["alerts"]] == ["pattern-mismatch"]
+    # The stop is for the pattern; whether the tail's entropy has also risen by step 16 moves
+    # with the CPU's kernels (it had on the 2026-12-02 machine), and it does not stop alone.
+    assert "pattern-mismatch" in [a["rule"] for a in foreign["alerts"]]
     aligned = run_training(opd_config(root, "teacher-aligned", tmp_path / "aligned",
                                       max_steps=24, on_failure="stop"))
     assert aligned["stopped_early_at"] is None and aligned["alerts"] == []

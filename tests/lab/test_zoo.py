@@ -115,7 +115,7 @@ def test_interrupted_stage_leaves_no_complete_folder(tmp_path: Path) -> None:
 
 
 def test_unknown_profile_is_an_error(tmp_path: Path) -> None:
-    assert set(PROFILES) == {"full", "quick"}
+    assert set(PROFILES) == {"full", "quick", "choice"}
     with pytest.raises(OPDError, match="unknown profile"):
         build_zoo_stages(tmp_path, profile="huge")
 
